@@ -1,0 +1,5 @@
+"""Allow ``python -m smtp_proxy``."""
+
+from smtp_proxy.cli import main
+
+main()

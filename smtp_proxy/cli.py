@@ -1,0 +1,396 @@
+"""The ``smtp-proxy`` command: admin work and the listeners, on Flask's click CLI.
+
+Every operator mistake ends in one line on stderr and a non-zero exit: 2 for
+a configuration problem, 1 for anything else. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from flask import Flask
+from flask.cli import FlaskGroup, NoAppException, ScriptInfo
+
+from smtp_proxy import __version__, crypto
+from smtp_proxy.config import Config, load_config
+from smtp_proxy.db.session import Database, safe_url
+from smtp_proxy.errors import ConfigError, Conflict, DatabaseUnavailable, NotFound, ValidationError
+from smtp_proxy.logs import apply_level, configure_logging
+from smtp_proxy.reload import ConfigWatcher
+from smtp_proxy.storage import accounts as account_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ConfigProblem(click.ClickException):
+    """A configuration error: one line naming the key, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"smtp-proxy: config error: {self.message}", err=True)
+
+
+class Failure(click.ClickException):
+    def show(self, file: Any = None) -> None:
+        click.echo(f"smtp-proxy: error: {self.message}", err=True)
+
+
+_RUNTIME = "smtp_proxy.runtime"
+
+
+class Runtime:
+    """What a command needs, built on first use from ``--config``."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._config: Config | None = None
+        self._database: Database | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except ConfigError as exc:
+                raise ConfigProblem(str(exc)) from None
+        return self._config
+
+    @property
+    def database(self) -> Database:
+        if self._database is None:
+            self._database = Database(self.config.database)
+        return self._database
+
+    def close(self) -> None:
+        if self._database is not None:
+            self._database.dispose()
+
+
+def handle_errors(func: F) -> F:
+    """Turn the project's exceptions into one-line CLI errors."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            raise ConfigProblem(str(exc)) from None
+        except ValidationError as exc:
+            raise Failure(str(exc)) from None
+        except (Conflict, NotFound) as exc:
+            raise Failure(str(exc)) from None
+        except DatabaseUnavailable:
+            runtime = click.get_current_context().meta.get(_RUNTIME)
+            where = safe_url(runtime.database.engine) if runtime else "the database"
+            raise Failure(f"database unavailable: cannot reach {where}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _create_app(info: ScriptInfo | None = None) -> Flask:
+    from smtp_proxy.api import create_app
+
+    runtime = click.get_current_context().meta.get(_RUNTIME)
+    try:
+        config = runtime.config if runtime else load_config(None)
+    except ConfigProblem as exc:
+        raise NoAppException(f"config error: {exc.message}") from None
+    return create_app(config, runtime.database if runtime else None)
+
+
+class SmtpProxyGroup(FlaskGroup):
+    """FlaskGroup without the options that only make sense for ``flask run``."""
+
+    def __init__(self, **extra: Any) -> None:
+        super().__init__(
+            create_app=_create_app,
+            add_default_commands=False,
+            add_version_option=False,
+            load_dotenv=False,
+            set_debug_flag=False,
+            **extra,
+        )
+        self.params = [p for p in self.params if p.name not in ("app", "env_file", "debug")]
+
+    # FlaskGroup would build the app to look for app-provided commands, even for
+    # --help; there are none, and a broken config must not print a traceback here.
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return click.Group.list_commands(self, ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return click.Group.get_command(self, ctx, name)
+
+
+@click.group(cls=SmtpProxyGroup)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="SMTP_PROXY_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="YAML configuration file (env SMTP_PROXY_CONFIG). Without it, defaults and the environment.",
+)
+@click.version_option(__version__, prog_name="smtp-proxy")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """Multi-tenant SMTP submission relay: admin commands and listeners."""
+    runtime = Runtime(config_path)
+    ctx.meta[_RUNTIME] = runtime
+    ctx.call_on_close(runtime.close)
+    # Admin commands print JSON on stdout; their log lines, if any, go to stderr.
+    # `serve` commands replace this with the configured handler.
+    logging.basicConfig(stream=sys.stderr, level=logging.CRITICAL)
+
+
+def runtime_of(ctx: click.Context) -> Runtime:
+    return ctx.meta[_RUNTIME]
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+# --- db -------------------------------------------------------------------------------------------
+
+
+@main.group(cls=click.Group)
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.pass_context
+@handle_errors
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply pending migrations (safe to run again, and from several hosts at once)."""
+    from smtp_proxy.db.migrate import upgrade
+
+    before, after = upgrade(runtime_of(ctx).database.engine)
+    if before == after:
+        click.echo(f"database is up to date at revision {after}")
+    else:
+        click.echo(f"database upgraded from {before or 'empty'} to {after}")
+
+
+@db.command("current")
+@click.pass_context
+@handle_errors
+def db_current(ctx: click.Context) -> None:
+    """Show the schema revision of the database and of this code."""
+    from smtp_proxy.db.migrate import current_revision, head_revision
+
+    current = current_revision(runtime_of(ctx).database.engine)
+    click.echo(f"database: {current or 'empty'}; code: {head_revision()}")
+
+
+# --- accounts -------------------------------------------------------------------------------------
+
+
+@main.group(cls=click.Group)
+def accounts() -> None:
+    """Tenant accounts."""
+
+
+def _account_json(account: Any) -> dict[str, Any]:
+    return {
+        "id": str(account.id),
+        "name": account.name,
+        "email": account.email,
+        "allowed_domains": account.allowed_domains,
+        "is_admin": account.is_admin,
+        "active": account.active,
+        "created_at": account.created_at.isoformat(),
+    }
+
+
+def _read_password_stdin() -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise ValidationError("password", "nothing was read from standard input")
+    return line.rstrip("\r\n")
+
+
+@accounts.command("create")
+@click.option("--name", required=True, help="Account name; also the SMTP AUTH user name.")
+@click.option("--email", required=True, help="Contact address of the tenant.")
+@click.option("--domain", "domains", multiple=True, required=True, help="Allowed sender domain (repeat).")
+@click.option("--admin", is_flag=True, help="May manage all accounts through the API.")
+@click.option("--password-stdin", is_flag=True, help="Read the SMTP password from stdin (else generated).")
+@click.pass_context
+@handle_errors
+def accounts_create(
+    ctx: click.Context, name: str, email: str, domains: tuple[str, ...], admin: bool, password_stdin: bool
+) -> None:
+    """Create an account and print its credentials once, as JSON."""
+    runtime = runtime_of(ctx)
+    password = _read_password_stdin() if password_stdin else None
+    with runtime.database.transaction() as session:
+        created = account_store.create_account(
+            session,
+            name=name,
+            email=email,
+            allowed_domains=list(domains),
+            password=password,
+            is_admin=admin,
+            bcrypt_cost=runtime.config.security.bcrypt_cost,
+        )
+    _emit(
+        {
+            "id": str(created.account.id),
+            "name": created.account.name,
+            "api_key": created.api_key,
+            "password": created.password,
+        }
+    )
+
+
+@accounts.command("list")
+@click.pass_context
+@handle_errors
+def accounts_list(ctx: click.Context) -> None:
+    """List every account as a JSON array."""
+    with runtime_of(ctx).database.transaction() as session:
+        _emit([_account_json(a) for a in account_store.list_accounts(session)])
+
+
+@accounts.command("set-password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the new password from stdin (else generated).")
+@click.pass_context
+@handle_errors
+def accounts_set_password(ctx: click.Context, name: str, password_stdin: bool) -> None:
+    """Set a new SMTP password and print it once, as JSON."""
+    runtime = runtime_of(ctx)
+    password = _read_password_stdin() if password_stdin else None
+    with runtime.database.transaction() as session:
+        account = account_store.get_account_by_name(session, name)
+        password = account_store.set_password(session, account, runtime.config.security.bcrypt_cost, password)
+    _emit({"name": name, "password": password})
+
+
+@accounts.command("rotate-key")
+@click.argument("name")
+@click.pass_context
+@handle_errors
+def accounts_rotate_key(ctx: click.Context, name: str) -> None:
+    """Issue a new API key (the old one stops working) and print it once."""
+    with runtime_of(ctx).database.transaction() as session:
+        account = account_store.get_account_by_name(session, name)
+        api_key = account_store.rotate_api_key(session, account)
+    _emit({"name": name, "api_key": api_key})
+
+
+@accounts.command("deactivate")
+@click.argument("name")
+@click.pass_context
+@handle_errors
+def accounts_deactivate(ctx: click.Context, name: str) -> None:
+    """Stop an account's SMTP AUTH and API access; its data is kept."""
+    with runtime_of(ctx).database.transaction() as session:
+        account = account_store.get_account_by_name(session, name)
+        account_store.deactivate_account(session, account)
+    click.echo(f"account {name} deactivated")
+
+
+# --- keys and TLS ---------------------------------------------------------------------------------
+
+
+@main.group(cls=click.Group)
+def keys() -> None:
+    """Encryption keys."""
+
+
+@keys.command("generate")
+def keys_generate() -> None:
+    """Print a new key for security.encryption_key (SMTP_PROXY_ENCRYPTION_KEY)."""
+    click.echo(crypto.generate_encryption_key())
+
+
+@main.group(cls=click.Group)
+def tls() -> None:
+    """TLS certificates."""
+
+
+@tls.command("dev-cert")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--hostname", default="localhost", show_default=True)
+@handle_errors
+def tls_dev_cert(out_dir: str, hostname: str) -> None:
+    """Write a self-signed certificate and key for development (cert.pem, key.pem)."""
+    from smtp_proxy.devcert import write_self_signed
+
+    cert, key = write_self_signed(Path(out_dir), hostname)
+    click.echo(f"wrote {cert} and {key}")
+
+
+# --- serve ----------------------------------------------------------------------------------------
+
+
+@main.group(cls=click.Group)
+def serve() -> None:
+    """Run a listener in the foreground."""
+
+
+@serve.command("api")
+@click.pass_context
+@handle_errors
+def serve_api(ctx: click.Context) -> None:
+    """The JSON management API, served by waitress."""
+    import waitress
+
+    from smtp_proxy.api import create_app
+
+    runtime = runtime_of(ctx)
+    config = runtime.config
+    configure_logging(config.logging)
+    watcher = _start_watcher(config)
+    app = create_app(config, runtime.database)
+    server = waitress.create_server(
+        app,
+        host=config.api.host,
+        port=config.api.port,
+        threads=config.api.threads,
+        channel_timeout=int(max(config.api.read_timeout, 1)),
+        ident="smtp-proxy",
+    )
+    stopping = threading.Event()
+
+    def stop(_sig: int, _frame: Any) -> None:
+        stopping.set()
+        server.close()
+
+    signal.signal(signal.SIGTERM, stop)
+    logging.getLogger("smtp_proxy.api").info(
+        "api listening",
+        extra={"event": "api.listening", "host": config.api.host, "port": server.effective_port},
+    )
+    try:
+        server.run()
+    except (KeyboardInterrupt, OSError):
+        if not stopping.is_set() and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            raise
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
+def _start_watcher(config: Config) -> ConfigWatcher | None:
+    if config.source is None:
+        return None
+    watcher = ConfigWatcher(config)
+    watcher.subscribe(lambda new, _old: apply_level(new.logging))
+    watcher.start()
+    return watcher
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

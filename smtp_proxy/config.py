@@ -1,0 +1,326 @@
+"""The configuration: YAML in, a frozen and fully validated ``Config`` out.
+
+Values may reference the environment as ``${VAR}`` or ``${VAR:-default}``; the
+expansion happens on parsed scalars, so an environment value is never re-read
+as YAML. ``DATABASE_URL`` overrides ``database.url``, and an empty database URL
+means the embedded SQLite file ``var/smtp-proxy.db``. Durations are written as
+``500ms``, ``30s``, ``5m``, ``1h`` or ``2d`` (a bare number means seconds) and
+are held as float seconds; sizes are plain byte counts. Relative paths are
+relative to the working directory.
+
+Every problem raises ``ConfigError(key, problem)`` naming the dotted key, so
+that the CLI can stop with one line. Only yaml and the standard library are
+imported here.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smtp_proxy.errors import ConfigError
+
+DEFAULT_SQLITE_PATH = Path("var") / "smtp-proxy.db"
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_RATE_LIMIT = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _opt(default: Any, kind: str, **rules: Any) -> Any:
+    """A dataclass field with its YAML kind and validation rules in metadata."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"kind": kind, **rules})
+    return field(default=default, metadata={"kind": kind, **rules})
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str = _opt("0.0.0.0", "str")
+    port: int = _opt(587, "port")
+    implicit_tls_port: int | None = _opt(None, "port", nullable=True)
+    hostname: str = _opt("smtp.example.com", "hostname")
+    max_connections: int = _opt(1000, "int", min=1)
+    max_connections_per_account: int = _opt(100, "int", min=1)
+    read_timeout: float = _opt(30.0, "duration", min=0.1)
+    write_timeout: float = _opt(30.0, "duration", min=0.1)
+    max_message_size: int = _opt(26_214_400, "int", min=1024)
+    max_recipients: int = _opt(100, "int", min=1)
+    metrics_port: int | None = _opt(9101, "port", nullable=True)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = _opt("0.0.0.0", "str")
+    port: int = _opt(8080, "port")
+    threads: int = _opt(8, "int", min=1, max=512)
+    read_timeout: float = _opt(10.0, "duration", min=0.1)
+    write_timeout: float = _opt(10.0, "duration", min=0.1)
+    rate_limit: str = _opt("100/minute", "rate_limit")
+    rate_limit_storage: str = _opt("memory://", "str")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = _opt("", "str")
+    pool_min: int = _opt(20, "int", min=1)
+    pool_max: int = _opt(100, "int", min=1)
+    connect_timeout: float = _opt(5.0, "duration", min=0.1)
+
+    @property
+    def effective_url(self) -> str:
+        """The URL to connect to: the configured one, else the embedded SQLite file."""
+        return self.url or f"sqlite:///{DEFAULT_SQLITE_PATH}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_url.startswith("sqlite")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _opt("info", "choice", choices=LOG_LEVELS)
+    format: str = _opt("json", "choice", choices=("json", "text"))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = _opt("/etc/smtp-proxy/tls/cert.pem", "str")
+    key_file: str = _opt("/etc/smtp-proxy/tls/key.pem", "str")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    encryption_key: str = _opt("", "key")
+    encryption_key_file: str = _opt("", "str")
+    # Keys that still decrypt data written before a rotation; never used to encrypt.
+    previous_encryption_keys: tuple[str, ...] = _opt((), "key_list")
+    bcrypt_cost: int = _opt(12, "int", min=4, max=16)
+
+
+@dataclass(frozen=True)
+class Config:
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    source: str | None = field(default=None, compare=False)
+
+    def changed_keys(self, other: Config) -> list[str]:
+        """Dotted keys whose values differ between two configs."""
+        changed = []
+        for section in dataclasses.fields(self):
+            if section.name == "source":
+                continue
+            mine, theirs = getattr(self, section.name), getattr(other, section.name)
+            for f in dataclasses.fields(mine):
+                if getattr(mine, f.name) != getattr(theirs, f.name):
+                    changed.append(f"{section.name}.{f.name}")
+        return changed
+
+
+_SECTIONS: dict[str, type] = {
+    "smtp": SmtpConfig,
+    "api": ApiConfig,
+    "database": DatabaseConfig,
+    "logging": LoggingConfig,
+    "tls": TlsConfig,
+    "security": SecurityConfig,
+}
+
+
+def expand_env(value: str, env: Mapping[str, str], key: str) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset ``${VAR}`` becomes ''."""
+
+    def repl(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        current = env.get(name, "")
+        if current == "" and default is not None:
+            return default
+        return current
+
+    if "${" in value and not _ENV_REF.search(value):
+        raise ConfigError(key, "malformed ${...} reference (use ${VAR} or ${VAR:-default})")
+    return _ENV_REF.sub(repl, value)
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """``30s`` -> 30.0; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration such as 30s or 5m, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ConfigError(key, f"expected a duration such as 30s or 5m, got {value!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def decode_key(value: str, key: str) -> bytes:
+    """An AES-256 key is 32 bytes written as URL-safe base64 (``smtp-proxy keys generate``)."""
+    try:
+        raw = base64.urlsafe_b64decode(value.strip().encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise ConfigError(key, "not valid base64; generate one with `smtp-proxy keys generate`") from None
+    if len(raw) != 32:
+        raise ConfigError(key, f"must decode to 32 bytes, got {len(raw)}")
+    return raw
+
+
+def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
+    kind = meta["kind"]
+    if value is None or (isinstance(value, str) and value == "" and meta.get("nullable")):
+        if meta.get("nullable"):
+            return None
+        if kind in ("str", "key"):
+            return ""
+        raise ConfigError(key, "must not be empty")
+    if kind in ("int", "port"):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(key, f"expected an integer, got {value!r}") from None
+        low, high = (1, 65535) if kind == "port" else (meta.get("min"), meta.get("max"))
+        if (low is not None and number < low) or (high is not None and number > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(key, f"must be {bounds}, got {number}")
+        return number
+    if kind == "duration":
+        seconds = parse_duration(value, key)
+        if seconds < meta.get("min", 0):
+            raise ConfigError(key, f"must be at least {meta['min']}s")
+        return seconds
+    if not isinstance(value, str):
+        if kind == "key_list":
+            if not isinstance(value, list):
+                raise ConfigError(key, "expected a list of keys")
+            return tuple(_coerce(v, {"kind": "key"}, f"{key}[{i}]") for i, v in enumerate(value))
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    if kind == "choice":
+        lowered = value.lower()
+        if lowered not in meta["choices"]:
+            raise ConfigError(key, f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+        return lowered
+    if kind == "hostname" and not _HOSTNAME.match(value):
+        raise ConfigError(key, f"not a valid host name: {value!r}")
+    if kind == "rate_limit" and not _RATE_LIMIT.match(value):
+        raise ConfigError(key, f"expected a rate such as 100/minute, got {value!r}")
+    if kind == "key" and value:
+        decode_key(value, key)
+    if kind == "key_list":
+        return (_coerce(value, {"kind": "key"}, key),) if value else ()
+    return value
+
+
+def _expand_tree(node: Any, env: Mapping[str, str], key: str) -> Any:
+    if isinstance(node, str):
+        return expand_env(node, env, key)
+    if isinstance(node, list):
+        return [_expand_tree(v, env, f"{key}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, env, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    return node
+
+
+def _build_section(cls: type, raw: Any, name: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(name, "expected a mapping of keys")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(fields)})")
+    values = {k: _coerce(v, fields[k].metadata, f"{name}.{k}") for k, v in raw.items()}
+    return cls(**values)
+
+
+def config_from_dict(raw: Any, env: Mapping[str, str] | None = None, source: str | None = None) -> Config:
+    """Validate a parsed YAML document; ``env`` defaults to ``os.environ``."""
+    env = os.environ if env is None else env
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", "expected a mapping of sections")
+    raw = _expand_tree(raw, env, "")
+    for name in raw:
+        if name not in _SECTIONS:
+            raise ConfigError(str(name), f"unknown section (known: {', '.join(_SECTIONS)})")
+    sections = {name: _build_section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
+    if env.get("DATABASE_URL"):
+        sections["database"] = dataclasses.replace(sections["database"], url=env["DATABASE_URL"])
+    config = Config(**sections, source=source)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    db = config.database
+    if db.pool_max < db.pool_min:
+        raise ConfigError("database.pool_max", f"must be at least pool_min ({db.pool_min})")
+    url = db.effective_url
+    if not re.match(r"^(postgresql(\+psycopg2)?|sqlite)://", url):
+        raise ConfigError("database.url", "must start with postgresql:// or sqlite://")
+    smtp = config.smtp
+    if smtp.implicit_tls_port is not None and smtp.implicit_tls_port == smtp.port:
+        raise ConfigError("smtp.implicit_tls_port", "must differ from smtp.port")
+    sec = config.security
+    if sec.encryption_key and sec.encryption_key_file:
+        raise ConfigError("security.encryption_key_file", "set either encryption_key or encryption_key_file")
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML file; ``None`` gives the defaults (plus the environment)."""
+    if path is None:
+        return config_from_dict({}, env)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError("--config", f"{path}: {problem}{where}") from None
+    return config_from_dict(raw, env, source=str(path))
+
+
+def encryption_keys(config: SecurityConfig) -> tuple[bytes, tuple[bytes, ...]]:
+    """The current key and the decrypt-only previous keys; a missing key is an error."""
+    value, key = config.encryption_key, "security.encryption_key"
+    if not value and config.encryption_key_file:
+        key = "security.encryption_key_file"
+        try:
+            value = Path(config.encryption_key_file).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            detail = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(key, f"cannot read {config.encryption_key_file}: {detail}") from None
+    if not value:
+        raise ConfigError(
+            "security.encryption_key",
+            "is required (set SMTP_PROXY_ENCRYPTION_KEY; `smtp-proxy keys generate` makes one)",
+        )
+    previous = tuple(
+        decode_key(k, f"security.previous_encryption_keys[{i}]")
+        for i, k in enumerate(config.previous_encryption_keys)
+    )
+    return decode_key(value, key), previous

@@ -1,0 +1,1 @@
+"""The database layer: column types, models, engine and sessions, migrations."""

@@ -1,0 +1,79 @@
+"""Schema migrations with Alembic, driven from code.
+
+``upgrade`` holds a PostgreSQL advisory lock while it runs, so several
+instances started together (or an operator and a deploy script) can all run
+``smtp-proxy db upgrade`` safely; the second one finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from alembic import command
+from smtp_proxy.db.session import translate
+
+# The project root holds alembic.ini and alembic/; the package sits beside them.
+_ROOT = Path(__file__).resolve().parents[2]
+# An arbitrary constant that names "the smtp-proxy migration" in pg_advisory_lock.
+_ADVISORY_LOCK_ID = 0x5357_5850
+
+
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    cfg = AlembicConfig(str(_ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(_ROOT / "alembic"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """Raises DatabaseUnavailable when the database does not answer."""
+    with _translated(), engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except SQLAlchemyError as error:
+        translated = translate(error)
+        if translated is error:
+            raise
+        raise translated from error
+
+
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
+    """Migrate to ``revision``; returns (before, after). Idempotent.
+
+    Raises DatabaseUnavailable when the database does not answer.
+    """
+    with _translated(), engine.connect() as connection:
+        postgres = connection.dialect.name == "postgresql"
+        if postgres:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _ADVISORY_LOCK_ID})
+            connection.commit()
+        try:
+            before = MigrationContext.configure(connection).get_current_revision()
+            command.upgrade(alembic_config(connection), revision)
+            connection.commit()
+            after = MigrationContext.configure(connection).get_current_revision()
+        finally:
+            if postgres:
+                connection.rollback()
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _ADVISORY_LOCK_ID})
+                connection.commit()
+    return before, after

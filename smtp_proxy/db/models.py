@@ -1,0 +1,215 @@
+"""Declarative models for every table.
+
+Secrets never sit here in the clear: passwords are bcrypt hashes, API keys
+SHA-256 digests, and provider secrets and message bodies AES-GCM ciphertexts
+(see ``smtp_proxy.crypto``). Alembic's initial migration produces exactly
+this metadata; a test holds the two together.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from smtp_proxy.db.types import JsonDocument, UtcDateTime, utcnow
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UtcDateTime, dict[str, Any]: JsonDocument, list[Any]: JsonDocument}
+
+
+class ProviderType(enum.StrEnum):
+    SENDGRID = "sendgrid"
+    MAILGUN = "mailgun"
+    SES = "ses"
+    SMTP = "smtp"
+
+
+class MessageStatus(enum.StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class DeliveryStatus(enum.StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Store the lowercase values, not the member names; a native type on PostgreSQL.
+    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e], validate_strings=True)
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+
+
+def _created() -> Mapped[datetime]:
+    return mapped_column(default=utcnow, nullable=False)
+
+
+def _updated() -> Mapped[datetime]:
+    return mapped_column(default=utcnow, onupdate=utcnow, nullable=False)
+
+
+class Account(Base):
+    """A tenant: SMTP AUTH user (``name``) and API key holder."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    email: Mapped[str] = mapped_column(String(254))
+    password_hash: Mapped[str] = mapped_column(String(60))
+    api_key_digest: Mapped[str] = mapped_column(String(64), unique=True)
+    # Sender domains this account may use: "example.com" or "*.example.com".
+    allowed_domains: Mapped[list[Any]] = mapped_column(default=list)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class EspProvider(Base):
+    """An email service provider a tenant delivers through."""
+
+    __tablename__ = "esp_providers"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    provider_type: Mapped[ProviderType] = mapped_column(_enum(ProviderType, "provider_type"))
+    api_key_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # host, port, tls and username; the password is kept apart, encrypted.
+    smtp_config: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
+    smtp_password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class RoutingRule(Base):
+    """Picks a provider for a tenant's messages; lower priority is tried first."""
+
+    __tablename__ = "routing_rules"
+    __table_args__ = (
+        Index(None, "account_id", "priority"),
+        CheckConstraint("priority >= 0", name="priority_not_negative"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    provider_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("esp_providers.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(100))
+    priority: Mapped[int] = mapped_column(Integer)
+    conditions: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class Message(Base):
+    """One accepted submission, from the 250 reply until delivery or failure."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index(None, "account_id", "status"),
+        Index(None, "account_id", "created_at"),
+        # The worker's claim query: due messages of one status, oldest first.
+        Index(None, "status", "next_attempt_at"),
+        CheckConstraint("size >= 0", name="size_not_negative"),
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    sender: Mapped[str] = mapped_column(String(256))
+    recipients: Mapped[list[Any]] = mapped_column()
+    subject: Mapped[str | None] = mapped_column(Text)
+    # The header fields as [name, value] pairs, in order; the body is not here.
+    headers: Mapped[list[Any]] = mapped_column(default=list)
+    # AES-GCM of the whole message as received; NULL once retention purged it.
+    body_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[MessageStatus] = mapped_column(
+        _enum(MessageStatus, "message_status"), default=MessageStatus.QUEUED
+    )
+    provider_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("esp_providers.id", ondelete="SET NULL"), index=True
+    )
+    correlation_id: Mapped[str] = mapped_column(String(64), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class DeliveryLog(Base):
+    """One delivery attempt of one message."""
+
+    __tablename__ = "delivery_logs"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    message_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    provider_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("esp_providers.id", ondelete="SET NULL"), index=True
+    )
+    status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus, "delivery_status"))
+    # SMTP reply code or HTTP status of the provider's answer; NULL for network errors.
+    response_code: Mapped[int | None] = mapped_column(Integer)
+    response_text: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = _created()
+
+
+class AuditLog(Base):
+    """Who changed what. ``changes`` lists field names and never holds a secret."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index(None, "account_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    # The tenant the entity belongs to, so a tenant can read its own entries.
+    account_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    # The account that acted; NULL with actor "cli" for operator commands.
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("accounts.id", ondelete="SET NULL"))
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(32))
+    entity: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    changes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = _created()

@@ -1,0 +1,145 @@
+"""Engine, thread-local sessions, and the one place driver errors are translated.
+
+The threaded servers share one ``Database``: its ``scoped_session`` gives each
+thread its own session, which ``transaction()`` commits on a clean exit and
+rolls back on any exception. A lost or refused connection becomes
+``DatabaseUnavailable`` (SMTP 451, HTTP 503), a unique violation ``Conflict``;
+callers never see a driver exception. ``hide_parameters`` keeps bound values
+(password hashes, ciphertexts, addresses) out of every exception text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, exc
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+from smtp_proxy.config import DatabaseConfig
+from smtp_proxy.errors import Conflict, DatabaseUnavailable
+
+log = logging.getLogger("smtp_proxy.db")
+
+# How long SQLite waits on a lock held by another connection before failing.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def make_engine(config: DatabaseConfig) -> Engine:
+    """An engine with the configured pool; SQLite in WAL mode with a busy timeout."""
+    url = make_url(config.effective_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            hide_parameters=True,
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    return create_engine(
+        url,
+        pool_size=config.pool_min,
+        max_overflow=max(config.pool_max - config.pool_min, 0),
+        pool_pre_ping=True,
+        pool_timeout=config.connect_timeout,
+        connect_args={"connect_timeout": max(int(round(config.connect_timeout)), 1)},
+        hide_parameters=True,
+    )
+
+
+def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def safe_url(engine: Engine) -> str:
+    """The engine's URL without its password, for messages and logs."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def translate(error: exc.DBAPIError | exc.SQLAlchemyError) -> Exception:
+    """Map a SQLAlchemy/driver error onto the project's own exceptions."""
+    if isinstance(error, exc.IntegrityError):
+        text = str(error.orig).lower()
+        if "unique" in text or "duplicate key" in text:
+            return Conflict("already exists")
+        return error
+    if isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)):
+        return DatabaseUnavailable("the database is unavailable")
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return DatabaseUnavailable("the database connection was lost")
+    return error
+
+
+class Database:
+    """An engine plus the thread-local session registry built on it."""
+
+    def __init__(self, config: DatabaseConfig) -> None:
+        self.config = config
+        self.engine = make_engine(config)
+        self.sessions = scoped_session(sessionmaker(bind=self.engine, expire_on_commit=False))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """The calling thread's session inside one transaction.
+
+        Commits on a clean exit; rolls back and re-raises (translated) on any
+        error, the commit included, so nothing is ever half-stored.
+        """
+        session = self.sessions()
+        try:
+            yield session
+            session.commit()
+        except exc.SQLAlchemyError as error:
+            _rollback_quietly(session)
+            translated = translate(error)
+            if translated is error:
+                raise
+            if isinstance(translated, DatabaseUnavailable):
+                log.warning(
+                    "database unavailable",
+                    extra={
+                        "event": "db.unavailable",
+                        "error_class": type(getattr(error, "orig", None) or error).__name__,
+                    },
+                )
+            raise translated from error
+        except BaseException:
+            _rollback_quietly(session)
+            raise
+
+    def ping(self) -> bool:
+        """True when the database answers a trivial query now."""
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+            return True
+        except exc.SQLAlchemyError:
+            return False
+
+    def remove_session(self) -> None:
+        """End the calling thread's session (at the end of a request or SMTP session)."""
+        self.sessions.remove()
+
+    def dispose(self) -> None:
+        self.sessions.remove()
+        self.engine.dispose()
+
+
+def _rollback_quietly(session: Session) -> None:
+    try:
+        session.rollback()
+    except exc.SQLAlchemyError:
+        # The connection is gone; the pool invalidates it and the next checkout reconnects.
+        session.close()

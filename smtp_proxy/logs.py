@@ -1,0 +1,158 @@
+"""Logging: one JSON object per line on stdout, a correlation id, and redaction.
+
+The correlation id lives in a contextvar, set per SMTP connection, per API
+request and per worker delivery, so every line written while serving one of
+them carries it without being passed around. The redaction filter is a last
+line of defence: code must not log secrets in the first place, but an event
+field whose name says it holds one (password, api_key, body, ...) is replaced
+before it is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from pythonjsonlogger.json import JsonFormatter
+
+from smtp_proxy.config import LoggingConfig
+
+_correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
+
+# Event fields that must never reach a log line. Matched on the lowercased name.
+SECRET_FIELDS = frozenset(
+    {
+        "password",
+        "passwd",
+        "secret",
+        "api_key",
+        "apikey",
+        "token",
+        "authorization",
+        "auth_payload",
+        "credentials",
+        "body",
+        "data",
+        "content",
+        "attachment",
+        "attachments",
+        "smtp_password",
+        "encryption_key",
+    }
+)
+# Fields that may keep a short prefix so an operator can tell keys apart.
+PREFIX_FIELDS = frozenset({"api_key", "apikey", "token"})
+PREFIX_LENGTH = 6
+REDACTED = "[redacted]"
+
+# Attributes every LogRecord has; anything else was passed as an event field.
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+def get_correlation_id() -> str | None:
+    return _correlation_id.get()
+
+
+def set_correlation_id(correlation_id: str | None) -> None:
+    """For a thread that serves one request after another (waitress, SMTP sessions)."""
+    _correlation_id.set(correlation_id)
+
+
+def new_correlation_id() -> str:
+    return uuid.uuid4().hex
+
+
+@contextlib.contextmanager
+def correlation(correlation_id: str | None = None) -> Iterator[str]:
+    """Run a block under a correlation id (a new one unless given)."""
+    cid = correlation_id or new_correlation_id()
+    token = _correlation_id.set(cid)
+    try:
+        yield cid
+    finally:
+        _correlation_id.reset(token)
+
+
+def redact_value(name: str, value: Any) -> Any:
+    """The loggable form of an event field."""
+    lowered = name.lower()
+    if lowered in PREFIX_FIELDS and isinstance(value, str) and value:
+        return value[:PREFIX_LENGTH] + "…"
+    if lowered in SECRET_FIELDS:
+        return REDACTED
+    return value
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``correlation_id`` and redacts secret-named event fields."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "correlation_id"):
+            record.correlation_id = _correlation_id.get()
+        for name in list(vars(record)):
+            if name not in _RECORD_ATTRS:
+                setattr(record, name, redact_value(name, getattr(record, name)))
+        return True
+
+
+class _Formatter(JsonFormatter):
+    def __init__(self) -> None:
+        super().__init__(
+            "%(timestamp)s %(level)s %(name)s %(message)s %(correlation_id)s",
+            rename_fields={"name": "logger"},
+            timestamp=False,
+        )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        super().add_fields(log_data, record, message_dict)
+        log_data["timestamp"] = (
+            datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
+        log_data["level"] = record.levelname.lower()
+
+
+class _TextFormatter(logging.Formatter):
+    """Human-readable lines for a terminal: time, level, logger, message, fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS and k != "correlation_id"}
+        if record.__dict__.get("correlation_id"):
+            extras = {"cid": record.correlation_id, **extras}
+        if extras:
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return line
+
+
+def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> logging.Handler:
+    """Send every logger to one stdout handler in the configured format and level."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    if config.format == "json":
+        handler.setFormatter(_Formatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    apply_level(config)
+    # waitress logs every queue warning at WARNING; SQLAlchemy must not echo SQL.
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    return handler
+
+
+def apply_level(config: LoggingConfig) -> None:
+    """Hot-reload hook: change the level of the running process."""
+    logging.getLogger().setLevel(config.level.upper())

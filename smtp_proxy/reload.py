@@ -1,0 +1,132 @@
+"""Hot reload: a watchdog observer on the config file, and SIGHUP, feed subscribers.
+
+The directory is watched rather than the file, because editors and config
+management replace a file by renaming a new one over it. Events are debounced
+so that a write in several chunks is read once. A file that no longer
+validates is logged and ignored: the running config stays in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from smtp_proxy.config import Config, load_config
+from smtp_proxy.errors import ConfigError
+
+log = logging.getLogger("smtp_proxy.config")
+
+Subscriber = Callable[[Config, Config], None]
+
+# Keys that a running process cannot take over without a restart.
+RESTART_KEYS = (
+    "smtp.host",
+    "smtp.port",
+    "smtp.implicit_tls_port",
+    "smtp.metrics_port",
+    "api.host",
+    "api.port",
+    "api.threads",
+    "api.rate_limit_storage",
+    "database.url",
+    "database.pool_min",
+    "database.pool_max",
+    "security.encryption_key",
+    "security.encryption_key_file",
+    "security.previous_encryption_keys",
+)
+
+
+class ConfigWatcher:
+    """Holds the current config and tells subscribers when the file changes."""
+
+    def __init__(self, config: Config, debounce: float = 0.2) -> None:
+        if config.source is None:
+            raise ValueError("a config without a file cannot be watched")
+        self._config = config
+        self._path = Path(config.source).resolve()
+        self._debounce = debounce
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._observer: Observer | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """``callback(new, old)`` runs after every accepted change."""
+        self._subscribers.append(callback)
+
+    def reload(self) -> bool:
+        """Re-read the file now; True when a new config was applied."""
+        with self._lock:
+            try:
+                new = load_config(self._config.source)
+            except ConfigError as exc:
+                log.error(
+                    "config reload rejected; keeping the running config",
+                    extra={"event": "config.reload_rejected", "key": exc.key, "problem": exc.problem},
+                )
+                return False
+            old = self._config
+            changed = new.changed_keys(old)
+            if not changed:
+                return False
+            self._config = new
+            pending = [key for key in changed if key in RESTART_KEYS]
+            log.info(
+                "config reloaded",
+                extra={"event": "config.reloaded", "changed": changed, "restart_required": pending},
+            )
+            for callback in self._subscribers:
+                try:
+                    callback(new, old)
+                except Exception:
+                    log.exception("config subscriber failed", extra={"event": "config.subscriber_failed"})
+            return True
+
+    def _schedule(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self._debounce, self.reload)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def start(self) -> None:
+        """Start watching; also installs a SIGHUP handler when called from the main thread."""
+        watcher = self
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                paths = [event.src_path, getattr(event, "dest_path", "")]
+                if any(p and Path(str(p)).resolve() == watcher._path for p in paths):
+                    watcher._schedule()
+
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(_Handler(), str(self._path.parent), recursive=False)
+        self._observer.start()
+        if threading.current_thread() is threading.main_thread():
+            # A signal handler must not take a lock the interrupted code may hold.
+            signal.signal(
+                signal.SIGHUP,
+                lambda _sig, _frame: threading.Thread(target=self.reload, daemon=True).start(),
+            )
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None

@@ -1,0 +1,101 @@
+"""Messages: the durable enqueue behind the SMTP 250 reply, and reading them back.
+
+``enqueue_message`` only adds rows; the caller commits inside
+``Database.transaction()`` and replies 250 after the commit returns. The
+whole message is sealed with AES-GCM, bound to its own id; the header fields
+are kept in the clear for search and display, the body never is.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.parser
+import email.policy
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.models import Message, MessageStatus
+from smtp_proxy.errors import NotFound
+
+MAX_HEADER_FIELDS = 200
+MAX_HEADER_VALUE = 2000
+MAX_SUBJECT = 1000
+
+
+def body_aad(message_id: uuid.UUID) -> bytes:
+    return b"messages.body_encrypted:" + message_id.bytes
+
+
+def _clean(text: str, limit: int) -> str:
+    """Text a JSON column accepts: valid UTF-8 (undecodable bytes replaced), no NUL."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text.replace("\x00", "\ufffd")[:limit]
+
+
+def parse_headers(data: bytes) -> tuple[list[list[str]], str | None]:
+    """The header fields as [name, value] pairs and the decoded Subject, if any."""
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+    headers = [
+        [_clean(name, 200), _clean(str(value), MAX_HEADER_VALUE)]
+        for name, value in parsed.items()[:MAX_HEADER_FIELDS]
+    ]
+    raw_subject = parsed.get("Subject")
+    if raw_subject is None:
+        return headers, None
+    try:
+        subject = str(email.header.make_header(email.header.decode_header(str(raw_subject))))
+    except (email.errors.HeaderParseError, UnicodeError, LookupError, ValueError):
+        subject = str(raw_subject)
+    return headers, _clean(" ".join(subject.split()), MAX_SUBJECT)
+
+
+def enqueue_message(
+    session: Session,
+    cipher: Cipher,
+    *,
+    account_id: uuid.UUID,
+    sender: str,
+    recipients: list[str],
+    data: bytes,
+    correlation_id: str,
+) -> Message:
+    """Add a queued message (body encrypted); committed by the caller."""
+    headers, subject = parse_headers(data)
+    message_id = uuid.uuid4()
+    message = Message(
+        id=message_id,
+        account_id=account_id,
+        sender=sender,
+        recipients=list(recipients),
+        subject=subject,
+        headers=headers,
+        body_encrypted=cipher.encrypt(data, body_aad(message_id)),
+        size=len(data),
+        status=MessageStatus.QUEUED,
+        correlation_id=correlation_id,
+        attempts=0,
+    )
+    session.add(message)
+    session.flush()
+    return message
+
+
+def get_message(session: Session, message_id: uuid.UUID, account_id: uuid.UUID | None = None) -> Message:
+    """One message; another tenant's message is NotFound when ``account_id`` is given."""
+    query = select(Message).where(Message.id == message_id)
+    if account_id is not None:
+        query = query.where(Message.account_id == account_id)
+    message = session.scalar(query)
+    if message is None:
+        raise NotFound("no such message")
+    return message
+
+
+def message_body(cipher: Cipher, message: Message) -> bytes:
+    """The message as received. Raises NotFound once retention dropped it."""
+    if message.body_encrypted is None:
+        raise NotFound("the message body was purged")
+    return cipher.decrypt(message.body_encrypted, body_aad(message.id))

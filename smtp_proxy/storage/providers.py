@@ -1,0 +1,182 @@
+"""ESP providers of one tenant; their secrets are sealed and never read back by the API."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.models import EspProvider, ProviderType
+from smtp_proxy.errors import Conflict, NotFound
+from smtp_proxy.storage import audit
+from smtp_proxy.storage.audit import CLI, Actor
+
+ENTITY = "provider"
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class ProviderSecrets:
+    """What the worker needs to authenticate at the provider."""
+
+    api_key: str | None
+    smtp_password: str | None
+
+
+def _aad(provider_id: uuid.UUID, column: str) -> bytes:
+    return f"esp_providers.{column}:".encode() + provider_id.bytes
+
+
+def _seal(cipher: Cipher, provider_id: uuid.UUID, column: str, value: str | None) -> bytes | None:
+    return None if value is None else cipher.encrypt(value.encode("utf-8"), _aad(provider_id, column))
+
+
+def create_provider(
+    session: Session,
+    cipher: Cipher,
+    *,
+    account_id: uuid.UUID,
+    name: str,
+    provider_type: ProviderType | str,
+    api_key: str | None = None,
+    settings: dict[str, Any] | None = None,
+    smtp_config: dict[str, Any] | None = None,
+    enabled: bool = True,
+    actor: Actor = CLI,
+) -> EspProvider:
+    """Add a provider; ``smtp_config["password"]`` is split off and sealed."""
+    _check_unique_name(session, account_id, name)
+    provider_id = uuid.uuid4()
+    public_smtp, smtp_password = _split_smtp_config(smtp_config)
+    provider = EspProvider(
+        id=provider_id,
+        account_id=account_id,
+        name=name,
+        provider_type=ProviderType(provider_type),
+        api_key_encrypted=_seal(cipher, provider_id, "api_key", api_key),
+        settings=dict(settings or {}),
+        smtp_config=public_smtp,
+        smtp_password_encrypted=_seal(cipher, provider_id, "smtp_password", smtp_password),
+        enabled=enabled,
+    )
+    session.add(provider)
+    fields = ["name", "provider_type", "settings", "smtp_config", "enabled"]
+    fields += ["api_key"] if api_key is not None else []
+    audit.record(
+        session,
+        actor=actor,
+        action="create",
+        entity=ENTITY,
+        entity_id=provider_id,
+        account_id=account_id,
+        fields=fields,
+    )
+    session.flush()
+    return provider
+
+
+def update_provider(
+    session: Session,
+    cipher: Cipher,
+    provider: EspProvider,
+    *,
+    name: str = _UNSET,
+    api_key: str | None = _UNSET,
+    settings: dict[str, Any] = _UNSET,
+    smtp_config: dict[str, Any] | None = _UNSET,
+    enabled: bool = _UNSET,
+    actor: Actor = CLI,
+) -> EspProvider:
+    """Change the given fields only; a secret left out keeps its stored value."""
+    changed: list[str] = []
+    if name is not _UNSET and name != provider.name:
+        _check_unique_name(session, provider.account_id, name)
+        provider.name = name
+        changed.append("name")
+    if api_key is not _UNSET:
+        provider.api_key_encrypted = _seal(cipher, provider.id, "api_key", api_key)
+        changed.append("api_key")
+    if settings is not _UNSET:
+        provider.settings = dict(settings)
+        changed.append("settings")
+    if smtp_config is not _UNSET:
+        public_smtp, smtp_password = _split_smtp_config(smtp_config)
+        provider.smtp_config = public_smtp
+        if smtp_config is None or "password" in smtp_config:
+            provider.smtp_password_encrypted = _seal(cipher, provider.id, "smtp_password", smtp_password)
+            changed.append("smtp_password")
+        changed.append("smtp_config")
+    if enabled is not _UNSET:
+        provider.enabled = enabled
+        changed.append("enabled")
+    audit.record(
+        session,
+        actor=actor,
+        action="update",
+        entity=ENTITY,
+        entity_id=provider.id,
+        account_id=provider.account_id,
+        fields=changed,
+    )
+    session.flush()
+    return provider
+
+
+def delete_provider(session: Session, provider: EspProvider, actor: Actor = CLI) -> None:
+    """Delete a provider and, through the foreign key, the rules that point at it."""
+    audit.record(
+        session,
+        actor=actor,
+        action="delete",
+        entity=ENTITY,
+        entity_id=provider.id,
+        account_id=provider.account_id,
+    )
+    session.delete(provider)
+    session.flush()
+
+
+def get_provider(session: Session, account_id: uuid.UUID, provider_id: uuid.UUID) -> EspProvider:
+    """A tenant's own provider; another tenant's id is NotFound."""
+    provider = session.scalar(
+        select(EspProvider).where(EspProvider.id == provider_id, EspProvider.account_id == account_id)
+    )
+    if provider is None:
+        raise NotFound("no such provider")
+    return provider
+
+
+def list_providers(session: Session, account_id: uuid.UUID) -> list[EspProvider]:
+    query = select(EspProvider).where(EspProvider.account_id == account_id).order_by(EspProvider.name)
+    return list(session.scalars(query))
+
+
+def provider_secrets(cipher: Cipher, provider: EspProvider) -> ProviderSecrets:
+    """Open the sealed secrets; for the worker only, never for an API response."""
+
+    def open_(blob: bytes | None, column: str) -> str | None:
+        if blob is None:
+            return None
+        return cipher.decrypt(blob, _aad(provider.id, column)).decode("utf-8")
+
+    return ProviderSecrets(
+        api_key=open_(provider.api_key_encrypted, "api_key"),
+        smtp_password=open_(provider.smtp_password_encrypted, "smtp_password"),
+    )
+
+
+def _split_smtp_config(smtp_config: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    if smtp_config is None:
+        return None, None
+    public = {k: v for k, v in smtp_config.items() if k != "password"}
+    return public, smtp_config.get("password")
+
+
+def _check_unique_name(session: Session, account_id: uuid.UUID, name: str) -> None:
+    clash = select(EspProvider.id).where(EspProvider.account_id == account_id, EspProvider.name == name)
+    if session.scalar(clash) is not None:
+        raise Conflict(f"a provider named {name!r} already exists")
