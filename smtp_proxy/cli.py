@@ -371,7 +371,7 @@ def serve_api(ctx: click.Context) -> None:
     signal.signal(signal.SIGTERM, stop)
     logging.getLogger("smtp_proxy.api").info(
         "api listening",
-        extra={"event": "api.listening", "host": config.api.host, "port": server.effective_port},
+        extra={"event": "api.listening", "host": config.api.host, "port": int(server.effective_port)},
     )
     try:
         server.run()

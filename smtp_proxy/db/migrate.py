@@ -8,6 +8,7 @@ instances started together (or an operator and a deploy script) can all run
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from alembic import command
 from smtp_proxy.db.session import translate
 
-# The project root holds alembic.ini and alembic/; the package sits beside them.
-_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _migrations_root() -> Path:
+    """Where alembic.ini and alembic/ are: the source checkout, else the installed data files."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "alembic.ini").is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "smtp-proxy"
+
+
+_ROOT = _migrations_root()
 # An arbitrary constant that names "the smtp-proxy migration" in pg_advisory_lock.
 _ADVISORY_LOCK_ID = 0x5357_5850
 
