@@ -52,9 +52,11 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing smtp-proxy${extra:+ [$extra]} into $VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-      -e "$ROOT${extra:+[$extra]}" 2> >(grep -v "^WARNING: Location" >&2) ||
-      die "pip install failed"
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check \
+        -e "$ROOT${extra:+[$extra]}" > "$VENV/pip-install.log" 2>&1; then
+      tail -n 30 "$VENV/pip-install.log" >&2
+      die "pip install failed (full log: $VENV/pip-install.log)"
+    fi
     printf '%s' "$want" > "$stamp"
   fi
 }
