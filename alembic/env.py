@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from smtp_proxy.db.models import Base
 
 target_metadata = Base.metadata

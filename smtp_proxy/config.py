@@ -3,7 +3,8 @@
 Values may reference the environment as ``${VAR}`` or ``${VAR:-default}``; the
 expansion happens on parsed scalars, so an environment value is never re-read
 as YAML. ``DATABASE_URL`` overrides ``database.url``, and an empty database URL
-means the embedded SQLite file ``var/smtp-proxy.db``. Durations are written as
+means the embedded SQLite file ``var/smtp-proxy.db``; ``SMTP_PROXY_ENCRYPTION_KEY``
+supplies the encryption key when the file names neither a key nor a key file. Durations are written as
 ``500ms``, ``30s``, ``5m``, ``1h`` or ``2d`` (a bare number means seconds) and
 are held as float seconds; sizes are plain byte counts. Relative paths are
 relative to the working directory.
@@ -29,6 +30,7 @@ import yaml
 from smtp_proxy.errors import ConfigError
 
 DEFAULT_SQLITE_PATH = Path("var") / "smtp-proxy.db"
+KEY_ENV = "SMTP_PROXY_ENCRYPTION_KEY"
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -264,6 +266,12 @@ def config_from_dict(raw: Any, env: Mapping[str, str] | None = None, source: str
     sections = {name: _build_section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
     if env.get("DATABASE_URL"):
         sections["database"] = dataclasses.replace(sections["database"], url=env["DATABASE_URL"])
+    security = sections["security"]
+    if not security.encryption_key and not security.encryption_key_file and env.get(KEY_ENV):
+        # The key's conventional home, also when the file does not mention it.
+        sections["security"] = dataclasses.replace(
+            security, encryption_key=_coerce(env[KEY_ENV], {"kind": "key"}, KEY_ENV)
+        )
     config = Config(**sections, source=source)
     _check_consistency(config)
     return config

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import os
 import secrets
+import unicodedata
 
 import bcrypt
 from cryptography.exceptions import InvalidTag
@@ -52,7 +53,7 @@ def check_password_policy(password: str) -> None:
         raise ValidationError("password", f"must be at least {MIN_PASSWORD_LENGTH} characters")
     if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
         raise ValidationError("password", f"must be at most {MAX_PASSWORD_BYTES} bytes in UTF-8")
-    if any(ord(c) < 32 or ord(c) == 127 for c in password):
+    if any(unicodedata.category(c) == "Cc" for c in password):
         raise ValidationError("password", "must not contain control characters")
 
 

@@ -25,27 +25,12 @@ from smtp_proxy.config import LoggingConfig
 
 _correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
 
-# Event fields that must never reach a log line. Matched on the lowercased name.
+# Event fields that must never reach a log line, matched on the lowercased name:
+# exactly one of these, or containing one of the fragments (``new_password``).
 SECRET_FIELDS = frozenset(
-    {
-        "password",
-        "passwd",
-        "secret",
-        "api_key",
-        "apikey",
-        "token",
-        "authorization",
-        "auth_payload",
-        "credentials",
-        "body",
-        "data",
-        "content",
-        "attachment",
-        "attachments",
-        "smtp_password",
-        "encryption_key",
-    }
+    {"body", "data", "content", "attachment", "attachments", "authorization", "auth_payload", "credentials"}
 )
+SECRET_FRAGMENTS = ("password", "passwd", "secret", "api_key", "apikey", "token", "encryption_key")
 # Fields that may keep a short prefix so an operator can tell keys apart.
 PREFIX_FIELDS = frozenset({"api_key", "apikey", "token"})
 PREFIX_LENGTH = 6
@@ -79,13 +64,20 @@ def correlation(correlation_id: str | None = None) -> Iterator[str]:
         _correlation_id.reset(token)
 
 
-def redact_value(name: str, value: Any) -> Any:
-    """The loggable form of an event field."""
+def _is_secret(name: str) -> bool:
     lowered = name.lower()
-    if lowered in PREFIX_FIELDS and isinstance(value, str) and value:
-        return value[:PREFIX_LENGTH] + "…"
-    if lowered in SECRET_FIELDS:
+    return lowered in SECRET_FIELDS or any(fragment in lowered for fragment in SECRET_FRAGMENTS)
+
+
+def redact_value(name: str, value: Any) -> Any:
+    """The loggable form of an event field; nested mappings are redacted too."""
+    if _is_secret(name) and value is not None and not isinstance(value, bool):
+        # A prefix only of a long key: a short one would be given away whole.
+        if name.lower() in PREFIX_FIELDS and isinstance(value, str) and len(value) >= 4 * PREFIX_LENGTH:
+            return value[:PREFIX_LENGTH] + "…"
         return REDACTED
+    if isinstance(value, dict):
+        return {k: redact_value(str(k), v) for k, v in value.items()}
     return value
 
 

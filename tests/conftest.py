@@ -39,9 +39,7 @@ def _pg_bindir() -> Path:
     explicit = os.environ.get("SMTP_PROXY_TEST_PG_BINDIR")
     if explicit:
         return Path(explicit)
-    candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3])
-    )
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]))
     candidates = [c for c in candidates if int(Path(c).parts[-3]) >= 15]
     if not candidates:
         pytest.exit("PostgreSQL 15+ server binaries not found; ./scripts/test installs them", returncode=3)
@@ -74,9 +72,7 @@ def postgresql_server() -> Iterator[PostgreSQLExecutor]:
         os.chown(base, user.pw_uid, user.pw_gid)
         wrapper = base / "pg_ctl-as-user"
         wrapper.write_text(
-            "#!/bin/sh\n"
-            f'cd "{base}" || exit 1\n'
-            f'exec runuser -u {user.pw_name} -- "{pg_ctl}" "$@"\n'
+            f'#!/bin/sh\ncd "{base}" || exit 1\nexec runuser -u {user.pw_name} -- "{pg_ctl}" "$@"\n'
         )
         wrapper.chmod(stat.S_IRWXU)
         pg_ctl = wrapper
@@ -129,9 +125,7 @@ def _url(executor: PostgreSQLExecutor, dbname: str) -> str:
 
 
 def _admin(executor: PostgreSQLExecutor, *statements: str) -> None:
-    connection = psycopg2.connect(
-        host="127.0.0.1", port=executor.port, user="postgres", dbname="postgres"
-    )
+    connection = psycopg2.connect(host="127.0.0.1", port=executor.port, user="postgres", dbname="postgres")
     connection.autocommit = True
     try:
         with connection.cursor() as cursor:

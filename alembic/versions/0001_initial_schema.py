@@ -11,9 +11,8 @@ delivery_logs and audit_log. Must produce exactly smtp_proxy.db.models.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
-
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision = "0001"
 down_revision = None

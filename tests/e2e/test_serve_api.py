@@ -180,7 +180,9 @@ def test_sigterm_stops_the_server_with_exit_code_zero_and_json_logs(api: ApiProc
         assert {"timestamp", "level", "logger", "message", "correlation_id"} <= line.keys()
 
 
-def test_log_level_follows_the_config_file_without_restart(api: ApiProcess, pg_url: str, encryption_key: str) -> None:
+def test_log_level_follows_the_config_file_without_restart(
+    api: ApiProcess, pg_url: str, encryption_key: str
+) -> None:
     port = int(api.base.rsplit(":", 1)[1])
     _write_config(api.config_path, port, pg_url, encryption_key, level="debug")
     reloaded = api.wait_for_event("config.reloaded")

@@ -27,7 +27,12 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
         head = head_revision()
         assert upgrade(engine) == (head, head)
         assert set(inspect(engine).get_table_names()) >= {
-            "accounts", "esp_providers", "routing_rules", "messages", "delivery_logs", "audit_log",
+            "accounts",
+            "esp_providers",
+            "routing_rules",
+            "messages",
+            "delivery_logs",
+            "audit_log",
         }
     finally:
         engine.dispose()
