@@ -1,0 +1,113 @@
+"""The engine and session layer: pool settings, SQLite pragmas, error translation."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import select, text
+
+from smtp_proxy.config import Config
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.models import Account, EspProvider
+from smtp_proxy.db.session import Database
+from smtp_proxy.errors import Conflict
+from smtp_proxy.storage import accounts, providers
+
+HOSTILE = "x'); DROP TABLE accounts; -- \" \\ %s %(name)s ${HOME} \u202e"
+
+
+@pytest.fixture
+def database(db_url: str, make_config) -> Database:
+    db = Database(make_config(db_url).database)
+    yield db
+    db.dispose()
+
+
+def test_postgres_pool_follows_pool_min_and_pool_max(pg_url: str, make_config) -> None:
+    config: Config = make_config(pg_url, database={"pool_min": 3, "pool_max": 7})
+    db = Database(config.database)
+    try:
+        assert db.engine.pool.size() == 3
+        assert db.engine.pool._max_overflow == 4
+        assert db.engine.pool._pre_ping is True
+        assert db.engine.hide_parameters is True
+    finally:
+        db.dispose()
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_busy_timeout(sqlite_url: str, make_config) -> None:
+    db = Database(make_config(sqlite_url).database)
+    try:
+        with db.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+    finally:
+        db.dispose()
+
+
+def test_hostile_strings_are_stored_and_returned_literally(database: Database, make_config) -> None:
+    cipher = Cipher.from_config(make_config().security)
+    with database.transaction() as session:
+        owner = accounts.create_account(
+            session, name="tenant", email="t@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+        ).account
+        provider = providers.create_provider(
+            session,
+            cipher,
+            account_id=owner.id,
+            name=HOSTILE,
+            provider_type="smtp",
+            settings={"note": HOSTILE},
+            smtp_config={"host": HOSTILE, "port": 25, "tls": "none", "password": HOSTILE},
+        )
+        provider_id = provider.id
+    database.remove_session()
+    with database.transaction() as session:
+        stored = session.get(EspProvider, provider_id)
+        assert stored.name == HOSTILE
+        assert stored.settings == {"note": HOSTILE}
+        assert stored.smtp_config["host"] == HOSTILE
+        assert providers.provider_secrets(cipher, stored).smtp_password == HOSTILE
+        assert session.scalar(select(Account.name)) == "tenant"
+        assert session.execute(text("SELECT count(*) FROM accounts")).scalar() == 1
+
+
+def test_unique_violation_becomes_conflict_and_rolls_back(database: Database) -> None:
+    with database.transaction() as session:
+        accounts.create_account(
+            session, name="dup", email="d@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+        )
+    # Bypass the friendly pre-check: two rows with one name hit the unique constraint itself.
+    with pytest.raises(Conflict):
+        with database.transaction() as session:
+            session.add(
+                Account(
+                    id=uuid.uuid4(),
+                    name="dup",
+                    email="e@example.com",
+                    password_hash="x",
+                    api_key_digest="0" * 64,
+                    allowed_domains=["example.com"],
+                )
+            )
+    with database.transaction() as session:
+        assert session.execute(text("SELECT count(*) FROM accounts")).scalar() == 1
+
+
+def test_each_thread_gets_its_own_session(database: Database) -> None:
+    seen: dict[str, object] = {}
+
+    def grab(name: str) -> None:
+        seen[name] = database.sessions()
+        database.remove_session()
+
+    threads = [threading.Thread(target=grab, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["a"] is not seen["b"]
+    assert database.sessions() is database.sessions()
