@@ -23,7 +23,14 @@ from flask.cli import FlaskGroup, NoAppException, ScriptInfo
 from smtp_proxy import __version__, crypto
 from smtp_proxy.config import Config, load_config
 from smtp_proxy.db.session import Database, safe_url
-from smtp_proxy.errors import ConfigError, Conflict, DatabaseUnavailable, NotFound, ValidationError
+from smtp_proxy.errors import (
+    ConfigError,
+    Conflict,
+    DatabaseUnavailable,
+    DecryptionError,
+    NotFound,
+    ValidationError,
+)
 from smtp_proxy.logs import apply_level, configure_logging
 from smtp_proxy.reload import ConfigWatcher
 from smtp_proxy.storage import accounts as account_store
@@ -89,6 +96,10 @@ def handle_errors(func: F) -> F:
             raise Failure(str(exc)) from None
         except (Conflict, NotFound) as exc:
             raise Failure(str(exc)) from None
+        except DecryptionError as exc:
+            raise Failure(
+                f"cannot decrypt stored data: {exc} (is the old key in previous_encryption_keys?)"
+            ) from None
         except DatabaseUnavailable:
             runtime = click.get_current_context().meta.get(_RUNTIME)
             where = safe_url(runtime.database.engine) if runtime else "the database"
@@ -313,6 +324,32 @@ def keys() -> None:
 def keys_generate() -> None:
     """Print a new key for security.encryption_key (SMTP_PROXY_ENCRYPTION_KEY)."""
     click.echo(crypto.generate_encryption_key())
+
+
+@keys.command("reencrypt")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 10_000))
+@click.pass_context
+@handle_errors
+def keys_reencrypt(ctx: click.Context, batch_size: int) -> None:
+    """Re-seal data written under previous_encryption_keys with the current key.
+
+    Run after a key rotation; once it reports nothing left, the old key can be
+    removed from security.previous_encryption_keys. Safe to interrupt and rerun.
+    """
+    from smtp_proxy.storage import messages, providers
+
+    runtime = runtime_of(ctx)
+    cipher = crypto.Cipher.from_config(runtime.config.security)
+    with runtime.database.transaction() as session:
+        secrets_done = providers.reseal_secrets(session, cipher)
+    bodies_done, after = 0, None
+    while True:
+        with runtime.database.transaction() as session:
+            count, after = messages.reseal_bodies(session, cipher, after, batch_size)
+        bodies_done += count
+        if after is None:
+            break
+    _emit({"provider_secrets": secrets_done, "message_bodies": bodies_done, "key_id": cipher.current_key_id})
 
 
 @main.group(cls=click.Group)

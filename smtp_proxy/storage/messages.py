@@ -99,3 +99,25 @@ def message_body(cipher: Cipher, message: Message) -> bytes:
     if message.body_encrypted is None:
         raise NotFound("the message body was purged")
     return cipher.decrypt(message.body_encrypted, body_aad(message.id))
+
+
+def reseal_bodies(
+    session: Session, cipher: Cipher, after: uuid.UUID | None, batch_size: int = 500
+) -> tuple[int, uuid.UUID | None]:
+    """Re-encrypt, under the current key, one batch of bodies sealed with an older key.
+
+    Walks the table by id; returns (rows re-sealed, last id seen), or a None id at the end.
+    """
+    query = select(Message).where(Message.body_encrypted.is_not(None)).order_by(Message.id).limit(batch_size)
+    if after is not None:
+        query = query.where(Message.id > after)
+    rows = list(session.scalars(query))
+    resealed = 0
+    for message in rows:
+        assert message.body_encrypted is not None
+        if cipher.needs_rotation(message.body_encrypted):
+            plain = cipher.decrypt(message.body_encrypted, body_aad(message.id))
+            message.body_encrypted = cipher.encrypt(plain, body_aad(message.id))
+            resealed += 1
+    session.flush()
+    return resealed, (rows[-1].id if len(rows) == batch_size else None)

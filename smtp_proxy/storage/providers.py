@@ -169,6 +169,20 @@ def provider_secrets(cipher: Cipher, provider: EspProvider) -> ProviderSecrets:
     )
 
 
+def reseal_secrets(session: Session, cipher: Cipher) -> int:
+    """Re-encrypt, under the current key, every provider secret sealed with an older key."""
+    resealed = 0
+    for provider in session.scalars(select(EspProvider)):
+        for column in ("api_key", "smtp_password"):
+            blob = getattr(provider, f"{column}_encrypted")
+            if blob is not None and cipher.needs_rotation(blob):
+                plain = cipher.decrypt(blob, _aad(provider.id, column))
+                setattr(provider, f"{column}_encrypted", cipher.encrypt(plain, _aad(provider.id, column)))
+                resealed += 1
+    session.flush()
+    return resealed
+
+
 def _split_smtp_config(smtp_config: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
     if smtp_config is None:
         return None, None
