@@ -1,8 +1,10 @@
-"""Field rules shared by the CLI, the API and the storage layer; standard library only."""
+"""Field rules shared by the CLI, the API and the storage layer."""
 
 from __future__ import annotations
 
 import re
+
+import idna
 
 from smtp_proxy.errors import ValidationError
 
@@ -13,7 +15,7 @@ _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
 
 
 def account_name(value: object) -> str:
-    if not isinstance(value, str) or not _ACCOUNT_NAME.match(value):
+    if not isinstance(value, str) or not _ACCOUNT_NAME.fullmatch(value):
         raise ValidationError(
             "name",
             "must be 1-64 characters of letters, digits and . _ @ + -, starting with a letter or digit",
@@ -26,12 +28,14 @@ def domain(value: object, field: str = "domain") -> str:
     if not isinstance(value, str):
         raise ValidationError(field, "must be a string")
     text = value.strip().lower().rstrip(".")
-    try:
-        text = text.encode("idna").decode("ascii") if not text.isascii() else text
-    except UnicodeError:
-        raise ValidationError(field, f"not a valid domain: {value!r}") from None
+    if not text.isascii():
+        # IDNA 2008 with UTS 46 mapping: "faß.de" is xn--fa-hia.de, not fass.de.
+        try:
+            text = idna.encode(text, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            raise ValidationError(field, f"not a valid domain: {value!r}") from None
     labels = text.split(".")
-    if len(text) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+    if len(text) > 253 or len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
         raise ValidationError(field, f"not a valid domain: {value!r}")
     if labels[-1].isdigit():
         raise ValidationError(field, f"not a valid domain: {value!r}")
@@ -61,6 +65,6 @@ def email(value: object, field: str = "email") -> str:
     if not isinstance(value, str) or value.count("@") != 1 or len(value) > 254:
         raise ValidationError(field, f"not a valid email address: {value!r}")
     local, _, host = value.strip().partition("@")
-    if not _LOCAL_PART.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+    if not _LOCAL_PART.fullmatch(local) or local.startswith(".") or local.endswith(".") or ".." in local:
         raise ValidationError(field, f"not a valid email address: {value!r}")
     return f"{local}@{domain(host, field)}"

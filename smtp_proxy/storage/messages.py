@@ -8,9 +8,11 @@ are kept in the clear for search and display, the body never is.
 
 from __future__ import annotations
 
+import email.errors
 import email.header
 import email.parser
 import email.policy
+import re
 import uuid
 
 from sqlalchemy import select
@@ -35,20 +37,28 @@ def _clean(text: str, limit: int) -> str:
     return text.replace("\x00", "\ufffd")[:limit]
 
 
+def _unfold(value: str) -> str:
+    return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+
+
 def parse_headers(data: bytes) -> tuple[list[list[str]], str | None]:
-    """The header fields as [name, value] pairs and the decoded Subject, if any."""
+    """The header fields as [name, value] pairs and the decoded Subject, if any.
+
+    Raw values are used so that UTF-8 header text (RFC 6532) survives; only
+    bytes that are not UTF-8 are replaced.
+    """
     parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
     headers = [
-        [_clean(name, 200), _clean(str(value), MAX_HEADER_VALUE)]
-        for name, value in parsed.items()[:MAX_HEADER_FIELDS]
+        [_clean(name, 200), _clean(_unfold(value), MAX_HEADER_VALUE)]
+        for name, value in list(parsed.raw_items())[:MAX_HEADER_FIELDS]
     ]
-    raw_subject = parsed.get("Subject")
+    raw_subject = next((value for name, value in headers if name.lower() == "subject"), None)
     if raw_subject is None:
         return headers, None
     try:
-        subject = str(email.header.make_header(email.header.decode_header(str(raw_subject))))
+        subject = str(email.header.make_header(email.header.decode_header(raw_subject)))
     except (email.errors.HeaderParseError, UnicodeError, LookupError, ValueError):
-        subject = str(raw_subject)
+        subject = raw_subject
     return headers, _clean(" ".join(subject.split()), MAX_SUBJECT)
 
 
