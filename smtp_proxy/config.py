@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -154,7 +155,7 @@ def expand_env(value: str, env: Mapping[str, str], key: str) -> str:
             return default
         return current
 
-    if "${" in value and not _ENV_REF.search(value):
+    if "${" in _ENV_REF.sub("", value):
         raise ConfigError(key, "malformed ${...} reference (use ${VAR} or ${VAR:-default})")
     return _ENV_REF.sub(repl, value)
 
@@ -164,8 +165,10 @@ def parse_duration(value: Any, key: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(key, f"expected a duration such as 30s or 5m, got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a duration such as 30s or 5m, got {value!r}")
         return float(value)
-    match = _DURATION.match(str(value))
+    match = _DURATION.fullmatch(str(value))
     if not match:
         raise ConfigError(key, f"expected a duration such as 30s or 5m, got {value!r}")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
@@ -189,6 +192,8 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
             return None
         if kind in ("str", "key"):
             return ""
+        if kind == "key_list":
+            return ()
         raise ConfigError(key, "must not be empty")
     if kind in ("int", "port"):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -218,7 +223,7 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
         if lowered not in meta["choices"]:
             raise ConfigError(key, f"must be one of {', '.join(meta['choices'])}, got {value!r}")
         return lowered
-    if kind == "hostname" and not _HOSTNAME.match(value):
+    if kind == "hostname" and not _HOSTNAME.fullmatch(value):
         raise ConfigError(key, f"not a valid host name: {value!r}")
     if kind == "rate_limit" and not _RATE_LIMIT.match(value):
         raise ConfigError(key, f"expected a rate such as 100/minute, got {value!r}")
@@ -270,7 +275,10 @@ def config_from_dict(raw: Any, env: Mapping[str, str] | None = None, source: str
     if not security.encryption_key and not security.encryption_key_file and env.get(KEY_ENV):
         # The key's conventional home, also when the file does not mention it.
         sections["security"] = dataclasses.replace(
-            security, encryption_key=_coerce(env[KEY_ENV], {"kind": "key"}, KEY_ENV)
+            security,
+            encryption_key=_coerce(
+                env[KEY_ENV], {"kind": "key"}, f"security.encryption_key (from {KEY_ENV})"
+            ),
         )
     config = Config(**sections, source=source)
     _check_consistency(config)
@@ -322,6 +330,8 @@ def encryption_keys(config: SecurityConfig) -> tuple[bytes, tuple[bytes, ...]]:
         except (OSError, UnicodeDecodeError) as exc:
             detail = getattr(exc, "strerror", None) or str(exc)
             raise ConfigError(key, f"cannot read {config.encryption_key_file}: {detail}") from None
+        if not value:
+            raise ConfigError(key, f"{config.encryption_key_file} is empty")
     if not value:
         raise ConfigError(
             "security.encryption_key",

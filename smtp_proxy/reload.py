@@ -13,6 +13,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -23,6 +24,8 @@ from smtp_proxy.errors import ConfigError
 log = logging.getLogger("smtp_proxy.config")
 
 Subscriber = Callable[[Config, Config], None]
+
+_WRITE_EVENTS = frozenset({"modified", "created", "moved", "closed", "deleted"})
 
 # Keys that a running process cannot take over without a restart.
 RESTART_KEYS = (
@@ -56,6 +59,8 @@ class ConfigWatcher:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._observer: Observer | None = None
+        self._stopped = False
+        self._previous_sighup: Any = None
 
     @property
     def config(self) -> Config:
@@ -68,6 +73,8 @@ class ConfigWatcher:
     def reload(self) -> bool:
         """Re-read the file now; True when a new config was applied."""
         with self._lock:
+            if self._stopped:
+                return False
             try:
                 new = load_config(self._config.source)
             except ConfigError as exc:
@@ -95,6 +102,8 @@ class ConfigWatcher:
 
     def _schedule(self) -> None:
         with self._lock:
+            if self._stopped:
+                return
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = threading.Timer(self._debounce, self.reload)
@@ -107,6 +116,10 @@ class ConfigWatcher:
 
         class _Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                # Our own reads raise opened/closed_no_write events: reacting to
+                # those would re-read the file forever.
+                if event.event_type not in _WRITE_EVENTS:
+                    return
                 paths = [event.src_path, getattr(event, "dest_path", "")]
                 if any(p and Path(str(p)).resolve() == watcher._path for p in paths):
                     watcher._schedule()
@@ -116,6 +129,7 @@ class ConfigWatcher:
         self._observer.schedule(_Handler(), str(self._path.parent), recursive=False)
         self._observer.start()
         if threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.getsignal(signal.SIGHUP)
             # A signal handler must not take a lock the interrupted code may hold.
             signal.signal(
                 signal.SIGHUP,
@@ -123,10 +137,15 @@ class ConfigWatcher:
             )
 
     def stop(self) -> None:
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
+        """Stop watching; once this returns, no reload runs and no subscriber is called."""
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+        with self._lock:  # waits for a reload in progress
+            self._stopped = True
+            if self._timer is not None:
+                self._timer.cancel()
+        if self._previous_sighup is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None

@@ -1,0 +1,461 @@
+"""Behaviour of smtp_proxy.reload.ConfigWatcher with a real file and the real watchdog observer.
+
+Asynchronous effects are awaited by polling with a bounded deadline; the only
+fixed sleeps are short quiet periods used to show that something does NOT happen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from smtp_proxy.config import Config, config_from_dict, load_config
+from smtp_proxy.logs import apply_level
+from smtp_proxy.reload import ConfigWatcher
+
+DEADLINE = 5.0
+DEBOUNCE = 0.05
+# Long enough for several debounce periods, to show that nothing (more) happens.
+QUIET = 0.5
+# For the SIGHUP test: slow enough that the file observer cannot be the one that reloads.
+SIGHUP_DEBOUNCE = 2.0
+
+BASE = "smtp:\n  hostname: mx1.example.com\nlogging:\n  level: warning\n  format: json\n"
+DEBUG = "smtp:\n  hostname: mx1.example.com\nlogging:\n  level: debug\n  format: json\n"
+ERROR = "smtp:\n  hostname: mx1.example.com\nlogging:\n  level: error\n  format: json\n"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def write_in_place(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def write_and_replace(path: Path, text: str) -> None:
+    """What editors and config management do: a new file renamed over the old one."""
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+class Recorder:
+    """A subscriber that remembers its calls and signals each one."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Config, Config]] = []
+        self.called = threading.Event()
+
+    def __call__(self, new: Config, old: Config) -> None:
+        self.calls.append((new, old))
+        self.called.set()
+
+
+def rejections(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == "config.reload_rejected"]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    # The watcher reads the file with os.environ; keep the test run's overrides out.
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("SMTP_PROXY_ENCRYPTION_KEY", raising=False)
+    path = tmp_path / "smtp-proxy.yaml"
+    path.write_text(BASE, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_watcher(config_file: Path) -> Iterator[Callable[..., ConfigWatcher]]:
+    """Build watchers on ``config_file``; every one is stopped, and SIGHUP restored, afterwards."""
+    watchers: list[ConfigWatcher] = []
+    previous_sighup = signal.getsignal(signal.SIGHUP)
+
+    def make(debounce: float = DEBOUNCE) -> ConfigWatcher:
+        watcher = ConfigWatcher(load_config(config_file), debounce=debounce)
+        watchers.append(watcher)
+        return watcher
+
+    try:
+        yield make
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+        # stop() does not wait for a debounce timer that is already running (or that
+        # the observer armed while stopping); let it finish so that its reload cannot
+        # log into, or call subscribers during, the next test.
+        wait_for(
+            lambda: not any(isinstance(t, threading.Timer) and t.is_alive() for t in threading.enumerate())
+        )
+        signal.signal(signal.SIGHUP, previous_sighup)
+
+
+@pytest.fixture
+def root_level() -> Iterator[None]:
+    """Restore the root logger's level after a test that lets the watcher change it."""
+    root = logging.getLogger()
+    saved = root.level
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
+
+
+# --- file changes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("write", [write_in_place, write_and_replace], ids=["in_place", "replace"])
+def test_subscriber_receives_new_and_old_when_file_changes(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher], write: Callable[[Path, str], None]
+) -> None:
+    watcher = make_watcher()
+    old = watcher.config
+    recorder = Recorder()
+    watcher.subscribe(recorder)
+    watcher.start()
+
+    write(config_file, DEBUG)
+
+    assert recorder.called.wait(DEADLINE), "subscriber not called after the file changed"
+    new, passed_old = recorder.calls[0]
+    assert passed_old is old
+    assert new.logging.level == "debug"
+    assert new.changed_keys(old) == ["logging.level"]
+    assert new.source == old.source
+    assert wait_for(lambda: watcher.config is new)
+
+
+@pytest.mark.parametrize("write", [write_in_place, write_and_replace], ids=["in_place", "replace"])
+def test_log_level_applied_when_logging_level_changes(
+    root_level: None,
+    config_file: Path,
+    make_watcher: Callable[..., ConfigWatcher],
+    write: Callable[[Path, str], None],
+) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    watcher = make_watcher()
+    watcher.subscribe(lambda new, old: apply_level(new.logging))
+    watcher.start()
+
+    write(config_file, DEBUG)
+    assert wait_for(lambda: root.level == logging.DEBUG), f"root level is {root.level}"
+
+    write(config_file, ERROR)
+    assert wait_for(lambda: root.level == logging.ERROR), f"root level is {root.level}"
+
+
+def test_every_change_reaches_subscribers_when_file_changes_repeatedly(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher]
+) -> None:
+    watcher = make_watcher()
+    levels: list[str] = []
+    watcher.subscribe(lambda new, old: levels.append(new.logging.level))
+    watcher.start()
+
+    for text, level in ((DEBUG, "debug"), (ERROR, "error"), (BASE, "warning")):
+        write_and_replace(config_file, text)
+        assert wait_for(lambda level=level: watcher.config.logging.level == level), level
+
+    assert levels == ["debug", "error", "warning"]
+
+
+def test_reloaded_logged_with_changed_and_restart_keys(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="smtp_proxy.config")
+    watcher = make_watcher()
+    watcher.start()
+
+    write_and_replace(config_file, DEBUG.replace("smtp:\n", "smtp:\n  port: 2525\n"))
+
+    def reloaded() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", None) == "config.reloaded"]
+
+    assert wait_for(lambda: bool(reloaded()))
+    record = reloaded()[0]
+    assert record.levelno == logging.INFO
+    assert record.changed == ["smtp.port", "logging.level"]
+    assert record.restart_required == ["smtp.port"]
+
+
+# --- rejected files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("logging:\n  level: [debug\n", "--config"),
+        ("logging:\n  levle: debug\n", "logging.levle"),
+        ("logging:\n  level: loud\n", "logging.level"),
+        ("smtp:\n  port: 0\n", "smtp.port"),
+    ],
+    ids=["bad_yaml", "unknown_key", "bad_choice", "bad_port"],
+)
+def test_invalid_file_logged_and_ignored(
+    config_file: Path,
+    make_watcher: Callable[..., ConfigWatcher],
+    caplog: pytest.LogCaptureFixture,
+    text: str,
+    key: str,
+) -> None:
+    watcher = make_watcher()
+    old = watcher.config
+    recorder = Recorder()
+    watcher.subscribe(recorder)
+    watcher.start()
+
+    write_and_replace(config_file, text)
+
+    def matching() -> list[logging.LogRecord]:
+        return [r for r in rejections(caplog) if r.key == key]
+
+    assert wait_for(lambda: bool(matching())), f"no config.reload_rejected record for {key}"
+    record = matching()[0]
+    assert record.levelno == logging.ERROR
+    assert record.name == "smtp_proxy.config"
+    assert record.problem
+    assert watcher.config is old
+    assert recorder.calls == []
+
+
+def test_invalid_file_rejected_once_when_written_once(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    # One bad write is one rejection. The watcher must not keep re-reading (and
+    # re-logging) the file on its own: reading it is not a change to it.
+    watcher = make_watcher()
+    watcher.start()
+
+    write_and_replace(config_file, "logging:\n  level: loud\n")
+    assert wait_for(lambda: bool(rejections(caplog)))
+    time.sleep(QUIET)
+
+    assert len(rejections(caplog)) == 1, f"{len(rejections(caplog))} rejections for one write"
+
+
+def test_valid_file_applied_when_written_after_invalid_one(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = make_watcher()
+    old = watcher.config
+    recorder = Recorder()
+    watcher.subscribe(recorder)
+    watcher.start()
+
+    write_and_replace(config_file, "logging:\n  level: [debug\n")
+    assert wait_for(lambda: bool(rejections(caplog)))
+    assert watcher.config is old
+
+    write_and_replace(config_file, DEBUG)
+
+    assert recorder.called.wait(DEADLINE), "valid file not applied after an invalid one"
+    new, passed_old = recorder.calls[0]
+    assert passed_old is old
+    assert new.logging.level == "debug"
+    assert len(recorder.calls) == 1
+
+
+def test_nobody_called_when_file_rewritten_with_identical_content(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher]
+) -> None:
+    watcher = make_watcher()
+    old = watcher.config
+    recorder = Recorder()
+    watcher.subscribe(recorder)
+    watcher.start()
+
+    write_in_place(config_file, BASE)
+    write_and_replace(config_file, BASE)
+    time.sleep(QUIET)
+
+    assert recorder.calls == []
+    assert watcher.config is old
+
+
+def test_nobody_called_when_file_rewritten_with_equivalent_content(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher]
+) -> None:
+    watcher = make_watcher()
+    recorder = Recorder()
+    watcher.subscribe(recorder)
+    watcher.start()
+
+    # Different text, same values: comments, quoting, key order, case of a choice.
+    write_and_replace(
+        config_file,
+        "# edited\nlogging:\n  format: 'json'\n  level: WARNING\nsmtp:\n  hostname: \"mx1.example.com\"\n",
+    )
+    time.sleep(QUIET)
+
+    assert recorder.calls == []
+
+
+def test_other_subscribers_called_when_one_raises(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = make_watcher()
+    before, after = Recorder(), Recorder()
+
+    def broken(new: Config, old: Config) -> None:
+        raise RuntimeError("subscriber bug")
+
+    watcher.subscribe(before)
+    watcher.subscribe(broken)
+    watcher.subscribe(after)
+    watcher.start()
+
+    write_and_replace(config_file, DEBUG)
+
+    assert after.called.wait(DEADLINE), "subscriber after the failing one not called"
+    assert before.called.is_set()
+    assert after.calls[0][0].logging.level == "debug"
+    assert watcher.config.logging.level == "debug"
+    failures = [r for r in caplog.records if getattr(r, "event", None) == "config.subscriber_failed"]
+    assert len(failures) == 1
+    assert failures[0].levelno == logging.ERROR
+    assert failures[0].exc_info is not None
+    assert isinstance(failures[0].exc_info[1], RuntimeError)
+
+
+# --- reload() called directly ------------------------------------------------------------------------
+
+
+def test_reload_returns_true_when_file_changed(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher]
+) -> None:
+    watcher = make_watcher()
+    old = watcher.config
+    recorder = Recorder()
+    watcher.subscribe(recorder)
+    write_and_replace(config_file, DEBUG)
+
+    assert watcher.reload() is True
+
+    assert watcher.config.logging.level == "debug"
+    assert recorder.calls == [(watcher.config, old)]
+
+
+def test_reload_returns_false_when_file_unchanged(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher]
+) -> None:
+    watcher = make_watcher()
+    old = watcher.config
+    recorder = Recorder()
+    watcher.subscribe(recorder)
+
+    assert watcher.reload() is False
+    write_in_place(config_file, BASE + "# a comment\n")
+    assert watcher.reload() is False
+
+    assert watcher.config is old
+    assert recorder.calls == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda path: path.write_text("logging:\n  level: loud\n", encoding="utf-8"),
+        lambda path: path.write_text("logging: [\n", encoding="utf-8"),
+        lambda path: path.unlink(),
+    ],
+    ids=["invalid_value", "invalid_yaml", "file_deleted"],
+)
+def test_reload_returns_false_when_file_invalid(
+    config_file: Path,
+    make_watcher: Callable[..., ConfigWatcher],
+    caplog: pytest.LogCaptureFixture,
+    change: Callable[[Path], None],
+) -> None:
+    watcher = make_watcher()
+    old = watcher.config
+    recorder = Recorder()
+    watcher.subscribe(recorder)
+    change(config_file)
+
+    assert watcher.reload() is False
+
+    assert watcher.config is old
+    assert recorder.calls == []
+    assert len(rejections(caplog)) == 1
+
+
+def test_reload_returns_true_again_after_invalid_file_fixed(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher]
+) -> None:
+    watcher = make_watcher()
+    write_in_place(config_file, "logging:\n  level: loud\n")
+    assert watcher.reload() is False
+
+    write_in_place(config_file, ERROR)
+
+    assert watcher.reload() is True
+    assert watcher.config.logging.level == "error"
+    assert watcher.reload() is False
+
+
+def test_watcher_rejects_config_without_file() -> None:
+    with pytest.raises(ValueError, match="without a file"):
+        ConfigWatcher(config_from_dict({}, env={}))
+
+
+# --- SIGHUP ------------------------------------------------------------------------------------------
+
+
+def test_sighup_reloads_config_when_signalled(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher]
+) -> None:
+    assert threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGHUP)
+    # Should start() fail to install its handler, SIGHUP must not kill the test run.
+    signal.signal(signal.SIGHUP, lambda _sig, _frame: None)
+    try:
+        # A debounce longer than the wait below: the file observer alone cannot apply
+        # the change in time, so only the signal can.
+        watcher = make_watcher(debounce=SIGHUP_DEBOUNCE)
+        recorder = Recorder()
+        watcher.subscribe(recorder)
+        watcher.start()
+        assert signal.getsignal(signal.SIGHUP) is not previous
+
+        write_and_replace(config_file, DEBUG)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+        applied = wait_for(lambda: watcher.config.logging.level == "debug", timeout=SIGHUP_DEBOUNCE * 0.75)
+        assert applied, "SIGHUP did not reload"
+        assert recorder.called.wait(DEADLINE)
+        assert recorder.calls[0][0].logging.level == "debug"
+        assert recorder.calls[0][1].logging.level == "warning"
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_sighup_reloads_config_when_watcher_uses_short_debounce(
+    config_file: Path, make_watcher: Callable[..., ConfigWatcher]
+) -> None:
+    previous = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, lambda _sig, _frame: None)
+    try:
+        watcher = make_watcher()
+        watcher.start()
+
+        write_and_replace(config_file, ERROR)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+        assert wait_for(lambda: watcher.config.logging.level == "error")
+    finally:
+        signal.signal(signal.SIGHUP, previous)
