@@ -1067,3 +1067,35 @@ def test_cli_exits_2_with_one_line_when_config_invalid(tmp_path: Path, text: str
     assert f"{key}: " in lines[0]
     assert result.stdout == ""
     assert not (tmp_path / DEFAULT_SQLITE_PATH).exists()
+
+
+def test_encryption_key_taken_from_env_when_file_names_no_key() -> None:
+    key = base64.urlsafe_b64encode(b"k" * 32).decode()
+    config = config_from_dict({}, env={"SMTP_PROXY_ENCRYPTION_KEY": key})
+    assert config.security.encryption_key == key
+
+
+def test_encryption_key_from_env_rejected_when_malformed() -> None:
+    error = config_error({}, env={"SMTP_PROXY_ENCRYPTION_KEY": "short"})
+    assert "SMTP_PROXY_ENCRYPTION_KEY" in error.key
+
+
+def test_encryption_key_file_wins_over_env(tmp_path: Path) -> None:
+    raw = {"security": {"encryption_key_file": str(tmp_path / "k")}}
+    config = config_from_dict(
+        raw, env={"SMTP_PROXY_ENCRYPTION_KEY": base64.urlsafe_b64encode(b"k" * 32).decode()}
+    )
+    assert config.security.encryption_key == ""
+
+
+def test_encryption_keys_rejected_when_key_file_is_empty(tmp_path: Path) -> None:
+    (tmp_path / "k").write_text("\n")
+    config = config_from_dict({"security": {"encryption_key_file": str(tmp_path / "k")}}, env={})
+    with pytest.raises(ConfigError) as raised:
+        encryption_keys(config.security)
+    assert raised.value.key == "security.encryption_key_file" and "empty" in raised.value.problem
+
+
+def test_previous_encryption_keys_empty_when_null() -> None:
+    config = config_from_dict({"security": {"previous_encryption_keys": None}}, env={})
+    assert config.security.previous_encryption_keys == ()
