@@ -11,14 +11,13 @@ import json
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from flask import Flask
-from flask.cli import FlaskGroup, NoAppException, ScriptInfo
+from flask.cli import FlaskGroup, ScriptInfo
 
 from smtp_proxy import __version__, crypto
 from smtp_proxy.config import Config, load_config
@@ -92,9 +91,7 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except ConfigError as exc:
             raise ConfigProblem(str(exc)) from None
-        except ValidationError as exc:
-            raise Failure(str(exc)) from None
-        except (Conflict, NotFound) as exc:
+        except (ValidationError, Conflict, NotFound) as exc:
             raise Failure(str(exc)) from None
         except DecryptionError as exc:
             raise Failure(
@@ -108,15 +105,12 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _create_app(info: ScriptInfo | None = None) -> Flask:
+def _create_app() -> Flask:
+    """Flask's ScriptInfo calls this: the API app for the command's config and database."""
     from smtp_proxy.api import create_app
 
-    runtime = click.get_current_context().meta.get(_RUNTIME)
-    try:
-        config = runtime.config if runtime else load_config(None)
-    except ConfigProblem as exc:
-        raise NoAppException(f"config error: {exc.message}") from None
-    return create_app(config, runtime.database if runtime else None)
+    runtime = runtime_of(click.get_current_context())
+    return create_app(runtime.config, runtime.database)
 
 
 class SmtpProxyGroup(FlaskGroup):
@@ -384,13 +378,10 @@ def serve_api(ctx: click.Context) -> None:
     """The JSON management API, served by waitress."""
     import waitress
 
-    from smtp_proxy.api import create_app
-
-    runtime = runtime_of(ctx)
-    config = runtime.config
+    config = runtime_of(ctx).config
     configure_logging(config.logging)
     watcher = _start_watcher(config)
-    app = create_app(config, runtime.database)
+    app = ctx.ensure_object(ScriptInfo).load_app()
     server = waitress.create_server(
         app,
         host=config.api.host,
@@ -399,10 +390,8 @@ def serve_api(ctx: click.Context) -> None:
         channel_timeout=int(max(config.api.read_timeout, 1)),
         ident="smtp-proxy",
     )
-    stopping = threading.Event()
 
     def stop(_sig: int, _frame: Any) -> None:
-        stopping.set()
         server.close()
 
     signal.signal(signal.SIGTERM, stop)
@@ -412,9 +401,8 @@ def serve_api(ctx: click.Context) -> None:
     )
     try:
         server.run()
-    except (KeyboardInterrupt, OSError):
-        if not stopping.is_set() and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-            raise
+    except KeyboardInterrupt:
+        pass
     finally:
         if watcher is not None:
             watcher.stop()
