@@ -391,21 +391,27 @@ def serve_api(ctx: click.Context) -> None:
         ident="smtp-proxy",
     )
 
-    def stop(_sig: int, _frame: Any) -> None:
-        server.close()
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
     logging.getLogger("smtp_proxy.api").info(
         "api listening",
         extra={"event": "api.listening", "host": config.api.host, "port": int(server.effective_port)},
     )
     try:
         server.run()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop):
         pass
     finally:
+        server.close()
         if watcher is not None:
             watcher.stop()
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM to leave the server loop."""
+
+
+def _raise_stop(_sig: int, _frame: Any) -> None:
+    raise _Stop
 
 
 def _start_watcher(config: Config) -> ConfigWatcher | None:
