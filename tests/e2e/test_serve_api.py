@@ -205,3 +205,34 @@ def test_broken_config_file_on_reload_keeps_the_server_running(api: ApiProcess) 
     assert status == 200
     returncode, _output = api.stop()
     assert returncode == 0
+
+
+def test_request_log_line_carries_the_clients_request_id(api: ApiProcess) -> None:
+    _get(api.base + "/readyz", {"X-Request-ID": "trace-42"})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [line for line in _log_lines("".join(api.lines)) if line.get("event") == "api.request"]
+        if any(line["correlation_id"] == "trace-42" for line in lines):
+            break
+        time.sleep(0.05)
+    line = next(line for line in lines if line["correlation_id"] == "trace-42")
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/readyz", 200)
+    assert line["duration_ms"] >= 0
+
+
+def test_serve_api_refuses_to_start_without_an_encryption_key(
+    tmp_path: Path, pg_url: str, clean_env: dict[str, str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"api:\n  host: 127.0.0.1\n  port: {free_port()}\ndatabase:\n  url: {pg_url}\n")
+    result = subprocess.run(
+        [SMTP_PROXY, "--config", str(config), "serve", "api"],
+        env=clean_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "security.encryption_key" in result.stderr
+    assert "Traceback" not in result.stderr
