@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import logging
 import os
 import pwd
 import shutil
@@ -30,6 +31,7 @@ from sqlalchemy import create_engine
 from smtp_proxy.config import Config, config_from_dict
 from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.migrate import upgrade
+from smtp_proxy.logs import set_correlation_id
 
 TEMPLATE_DB = "smtp_proxy_template"
 _db_counter = itertools.count()
@@ -159,6 +161,24 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """Run the test once on PostgreSQL and once on SQLite."""
     fixture = "pg_url" if request.param == "postgresql" else "sqlite_url"
     return request.getfixturevalue(fixture)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure_logging rewires the root logger; put everything back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    others = {name: logging.getLogger(name).level for name in ("sqlalchemy", "watchdog")}
+    set_correlation_id(None)
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name, other_level in others.items():
+        logging.getLogger(name).setLevel(other_level)
+    set_correlation_id(None)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ from smtp_proxy.config import LoggingConfig
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import Conflict, DatabaseUnavailable
-from smtp_proxy.logs import PREFIX_LENGTH, configure_logging, correlation, set_correlation_id
+from smtp_proxy.logs import PREFIX_LENGTH, configure_logging, correlation
 from smtp_proxy.storage import accounts, messages, providers
 
 BAD_DB_URL = "postgresql://user:pw@127.0.0.1:1/x"
@@ -71,26 +71,14 @@ class Captured:
 
 
 @pytest.fixture
-def captured_logs() -> Iterator[Captured]:
+def captured_logs(restore_logging: None) -> Iterator[Captured]:
     """Root at DEBUG into a StringIO, plus a raw handler that runs ahead of the redaction."""
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    others = {name: logging.getLogger(name).level for name in ("sqlalchemy", "watchdog")}
     stream = io.StringIO()
     configure_logging(LoggingConfig(level="debug", format="json"), stream=stream)
     raw = RawRecords()
     root.handlers.insert(0, raw)
-    try:
-        yield Captured(stream, raw)
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
-        for name, other_level in others.items():
-            logging.getLogger(name).setLevel(other_level)
-        set_correlation_id(None)
+    yield Captured(stream, raw)
 
 
 @dataclass

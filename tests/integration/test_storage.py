@@ -31,6 +31,7 @@ from smtp_proxy.errors import Conflict, DatabaseUnavailable, DecryptionError, No
 from smtp_proxy.storage import accounts, audit, messages, providers, routing_rules
 from smtp_proxy.storage.accounts import NewAccount
 from smtp_proxy.storage.audit import Actor
+from tests.conftest import wait_until_accepting
 
 BCRYPT_COST = 4
 ACCOUNT_CREATE_FIELDS = ["allowed_domains", "api_key", "email", "is_admin", "name", "password"]
@@ -936,21 +937,6 @@ def test_unreachable_database_is_database_unavailable(make_config) -> None:
         assert time.monotonic() - started < 30
     finally:
         db.dispose()
-
-
-def wait_until_accepting(executor, timeout: float = 60.0) -> None:
-    """As in conftest: the port opens before the server accepts sessions."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            psycopg2.connect(
-                host="127.0.0.1", port=executor.port, user="postgres", dbname="postgres", connect_timeout=2
-            ).close()
-            return
-        except psycopg2.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def test_postgresql_outage_then_recovery_without_a_new_database_object(

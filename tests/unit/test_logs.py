@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,22 +25,7 @@ from smtp_proxy.logs import (
 LOGGER = "smtp_proxy.tests.logs"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """configure_logging rewires the root logger; put everything back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    others = {name: logging.getLogger(name).level for name in ("sqlalchemy", "watchdog")}
-    set_correlation_id(None)
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    for name, other_level in others.items():
-        logging.getLogger(name).setLevel(other_level)
-    set_correlation_id(None)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def json_stream(level: str = "debug") -> io.StringIO:
