@@ -382,14 +382,20 @@ def serve_api(ctx: click.Context) -> None:
     configure_logging(config.logging)
     watcher = _start_watcher(config)
     app = ctx.ensure_object(ScriptInfo).load_app()
-    server = waitress.create_server(
-        app,
-        host=config.api.host,
-        port=config.api.port,
-        threads=config.api.threads,
-        channel_timeout=int(max(config.api.read_timeout, 1)),
-        ident="smtp-proxy",
-    )
+    try:
+        server = waitress.create_server(
+            app,
+            host=config.api.host,
+            port=config.api.port,
+            threads=config.api.threads,
+            channel_timeout=int(max(config.api.read_timeout, 1)),
+            ident="smtp-proxy",
+        )
+    except OSError as exc:
+        if watcher is not None:
+            watcher.stop()
+        where = f"{config.api.host}:{config.api.port}"
+        raise Failure(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
     signal.signal(signal.SIGTERM, _raise_stop)
     logging.getLogger("smtp_proxy.api").info(

@@ -236,3 +236,18 @@ def test_serve_api_refuses_to_start_without_an_encryption_key(
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "security.encryption_key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_second_server_on_a_busy_port_fails_in_one_line(api: ApiProcess, clean_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [SMTP_PROXY, "--config", str(api.config_path), "serve", "api"],
+        env=clean_env,
+        cwd=api.config_path.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
+    status, _headers, _body = _get(api.base + "/healthz")
+    assert status == 200
