@@ -30,8 +30,8 @@ from smtp_proxy.errors import (
     NotFound,
     ValidationError,
 )
-from smtp_proxy.logs import apply_level, configure_logging
-from smtp_proxy.reload import ConfigWatcher
+from smtp_proxy.logs import configure_logging
+from smtp_proxy.reload import start_watcher
 from smtp_proxy.storage import accounts as account_store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -380,7 +380,7 @@ def serve_api(ctx: click.Context) -> None:
 
     config = runtime_of(ctx).config
     configure_logging(config.logging)
-    watcher = _start_watcher(config)
+    watcher = start_watcher(config)
     app = ctx.ensure_object(ScriptInfo).load_app()
     try:
         server = waitress.create_server(
@@ -412,21 +412,32 @@ def serve_api(ctx: click.Context) -> None:
             watcher.stop()
 
 
+@serve.command("smtp")
+@click.pass_context
+@handle_errors
+def serve_smtp(ctx: click.Context) -> None:
+    """The SMTP submission listener (STARTTLS on smtp.port, implicit TLS on implicit_tls_port)."""
+    from smtp_proxy.lifecycle import serve_smtp as run
+
+    runtime = runtime_of(ctx)
+    config = runtime.config
+    configure_logging(config.logging)
+    watcher = start_watcher(config)
+    try:
+        run(config, runtime.database, watcher)
+    except OSError as exc:
+        raise Failure(f"cannot listen on {config.smtp.host}: {exc.strerror or exc}") from None
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
 class _Stop(Exception):
     """Raised in the main thread by SIGTERM to leave the server loop."""
 
 
 def _raise_stop(_sig: int, _frame: Any) -> None:
     raise _Stop
-
-
-def _start_watcher(config: Config) -> ConfigWatcher | None:
-    if config.source is None:
-        return None
-    watcher = ConfigWatcher(config)
-    watcher.subscribe(lambda new, _old: apply_level(new.logging))
-    watcher.start()
-    return watcher
 
 
 if __name__ == "__main__":  # pragma: no cover

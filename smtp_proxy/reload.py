@@ -20,6 +20,7 @@ from watchdog.observers import Observer
 
 from smtp_proxy.config import Config, load_config
 from smtp_proxy.errors import ConfigError
+from smtp_proxy.logs import apply_level
 
 log = logging.getLogger("smtp_proxy.config")
 
@@ -70,8 +71,12 @@ class ConfigWatcher:
         """``callback(new, old)`` runs after every accepted change."""
         self._subscribers.append(callback)
 
-    def reload(self) -> bool:
-        """Re-read the file now; True when a new config was applied."""
+    def reload(self, force: bool = False) -> bool:
+        """Re-read the file now; True when subscribers were called.
+
+        ``force`` (SIGHUP) calls them even when the file is unchanged, so that
+        files the config points at, such as a renewed TLS certificate, are re-read.
+        """
         with self._lock:
             if self._stopped:
                 return False
@@ -85,7 +90,7 @@ class ConfigWatcher:
                 return False
             old = self._config
             changed = new.changed_keys(old)
-            if not changed:
+            if not changed and not force:
                 return False
             self._config = new
             pending = [key for key in changed if key in RESTART_KEYS]
@@ -133,7 +138,7 @@ class ConfigWatcher:
             # A signal handler must not take a lock the interrupted code may hold.
             signal.signal(
                 signal.SIGHUP,
-                lambda _sig, _frame: threading.Thread(target=self.reload, daemon=True).start(),
+                lambda _sig, _frame: threading.Thread(target=self.reload, args=(True,), daemon=True).start(),
             )
 
     def stop(self) -> None:
@@ -149,3 +154,13 @@ class ConfigWatcher:
         if self._previous_sighup is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
+
+
+def start_watcher(config: Config) -> ConfigWatcher | None:
+    """Watch the config file, if there is one; the log level follows it."""
+    if config.source is None:
+        return None
+    watcher = ConfigWatcher(config)
+    watcher.subscribe(lambda new, _old: apply_level(new.logging))
+    watcher.start()
+    return watcher

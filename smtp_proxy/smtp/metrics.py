@@ -1,0 +1,25 @@
+"""Prometheus collectors of the submission listener (prefix ``smtp_proxy_smtp_``).
+
+Defined once at import on the default registry, so that ``serve all`` can
+expose every listener's metrics on one endpoint.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ACTIVE_CONNECTIONS = Gauge("smtp_proxy_smtp_active_connections", "Open SMTP sessions")
+SESSIONS = Counter("smtp_proxy_smtp_sessions_total", "Ended SMTP sessions by outcome", ["outcome"])
+MESSAGES = Counter(
+    "smtp_proxy_smtp_messages_total", "Messages at the end of DATA by result and reason", ["result", "reason"]
+)
+RECEIVED_BYTES = Counter("smtp_proxy_smtp_received_bytes_total", "Bytes read from SMTP clients")
+AUTH_FAILURES = Counter(
+    "smtp_proxy_smtp_auth_failures_total", "Failed SMTP AUTH attempts by reason", ["reason"]
+)
+TLS_FAILURES = Counter("smtp_proxy_smtp_tls_handshake_failures_total", "Failed TLS handshakes")
+COMMIT_SECONDS = Histogram(
+    "smtp_proxy_smtp_commit_seconds",
+    "From the end of DATA to the committed message",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)

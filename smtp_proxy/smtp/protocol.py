@@ -1,0 +1,662 @@
+"""The SMTP submission protocol as a pure state machine: bytes in, replies and events out.
+
+Rules of this module (after h11's ``_state.py``):
+
+1. No I/O. It never touches a socket, ``ssl``, the database, the config loader
+   or a clock; it imports only the standard library and its sibling modules
+   ``replies``, ``addresses`` and ``sasl``. Every RFC corner can therefore be
+   tested with plain strings.
+2. The caller feeds bytes with ``receive()`` and gets back a list of outputs:
+   ``Reply`` objects to send in order, events that need an outside answer
+   (``TlsRequested``, ``CredentialsOffered``, ``MessageReceived``), and
+   ``MessageRejected`` notices that need none. While an
+   event is unanswered the session is paused: further input is only buffered,
+   so pipelined commands wait their turn (RFC 2920). The caller answers with
+   ``tls_started()``, ``credentials_checked()``, ``message_queued()`` or
+   ``message_deferred()``, each of which returns the next outputs.
+3. Connection state (``Connection``) and transaction state (``Envelope``) are
+   separate objects. RSET, EHLO, STARTTLS and the end of DATA replace the
+   envelope, so nothing leaks from one message into the next.
+
+Security properties that live here:
+
+- AUTH is refused before TLS and never advertised before it (RFC 4954 4,
+  RFC 8314); MAIL needs TLS and AUTH.
+- At STARTTLS all buffered input is dropped (CVE-2011-0411, RFC 3207 4.2),
+  and the session starts over after the handshake.
+- The end of DATA is CRLF "." CRLF and nothing else: no ``<LF>.<LF>``,
+  ``<CR>.<CR>`` or mixed form ends a message (SMTP smuggling). Lines ending in
+  a bare LF are normalised to CRLF; a bare CR rejects the message, since it
+  could end a message at a less careful next hop.
+- Command lines are capped at 512 octets (RFC 5321 4.5.3.1.4), AUTH lines at
+  ``MAX_AUTH_LINE``; an overlong line costs bounded memory, and the verdict
+  on an oversize or malformed message waits until the real terminator
+  (RFC 5321 4.2.5), so the session stays in step with the client.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from smtp_proxy.smtp import replies as R
+from smtp_proxy.smtp.addresses import Path, PathError, domain_allowed, parse_mail_from, parse_rcpt_to
+from smtp_proxy.smtp.replies import Reply
+from smtp_proxy.smtp.sasl import (
+    PASSWORD_CHALLENGE,
+    USERNAME_CHALLENGE,
+    SaslError,
+    decode_response,
+    decode_text,
+    parse_plain,
+)
+
+MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 4.5.3.1.4
+MAX_AUTH_LINE = 4096  # AUTH with an initial response, and SASL responses (RFC 4954 4)
+# Data lines are not limited (RFC 5321 allows 1000, real mail breaks it); a
+# line longer than this is passed on in pieces so memory stays bounded.
+MAX_PENDING_DATA = 65536
+_HTTP_REQUEST = re.compile(rb"^(GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) \S+ HTTP/\d")
+_EHLO_ARG = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+class State(enum.Enum):
+    GREETED = enum.auto()  # before EHLO/HELO
+    READY = enum.auto()  # after EHLO/HELO, no transaction
+    AUTH_PLAIN = enum.auto()  # waiting for the PLAIN response
+    AUTH_LOGIN_USER = enum.auto()
+    AUTH_LOGIN_SECRET = enum.auto()
+    MAIL = enum.auto()  # MAIL FROM accepted
+    RCPT = enum.auto()  # at least one RCPT TO accepted
+    DATA = enum.auto()  # reading message data
+    CLOSED = enum.auto()
+
+
+class AuthOutcome(enum.Enum):
+    OK = "ok"
+    INVALID = "invalid"  # 535 5.7.8
+    TEMPORARY = "temporary"  # 454 4.7.0, e.g. the database is down
+    THROTTLED = "throttled"  # 454 4.7.0, too many failures from this client
+    TOO_MANY_SESSIONS = "too_many_sessions"  # 421 4.7.0 and close
+
+
+class Account(Protocol):
+    """What the core needs to know of an authenticated account."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def allowed_domains(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """The limits a session runs under, built by the adapter from the config."""
+
+    hostname: str
+    max_message_size: int
+    max_recipients: int
+    tls_available: bool = True
+    tls_active: bool = False  # implicit TLS (RFC 8314): TLS from the first byte
+    max_errors: int = 10
+
+
+@dataclass(frozen=True)
+class TlsRequested:
+    """STARTTLS accepted: send the 220, then run the handshake and call ``tls_started()``."""
+
+
+@dataclass(frozen=True)
+class CredentialsOffered:
+    """Check these and answer with ``credentials_checked()``."""
+
+    mechanism: str
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """A complete message: store it, then answer ``message_queued()`` or ``message_deferred()``."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MessageRejected:
+    """A notice, needing no answer: a message was refused at the end of DATA (logs, metrics)."""
+
+    sender: str
+    recipients: int
+    size: int
+    reason: str  # "too_big" or "bare_cr"
+    reply: Reply
+
+
+Event = TlsRequested | CredentialsOffered | MessageReceived
+Output = Reply | Event | MessageRejected
+
+
+@dataclass
+class Envelope:
+    """One mail transaction, from MAIL FROM to the end of DATA."""
+
+    sender: Path | None = None
+    recipients: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _DataReader:
+    """Framing of DATA: finds CRLF.CRLF, unstuffs dots, defers the verdict to the end."""
+
+    limit: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    too_big: bool = False
+    bare_cr: bool = False
+    # True when the last line given ended with a real CRLF (so a "." line may end the data).
+    after_crlf: bool = True
+    # True when the bytes so far end in the middle of a line (a long line passed on in pieces).
+    mid_line: bool = False
+
+    def _keep(self, content: bytes) -> None:
+        self.size += len(content)
+        if self.size > self.limit:
+            self.too_big = True
+            self.chunks.clear()
+        elif not self.too_big:
+            self.chunks.append(content)
+
+    def feed(self, buffer: bytearray) -> bool:
+        """Consume complete lines from ``buffer``; True once the terminator was read."""
+        end = buffer.rfind(b"\n") + 1
+        if end == 0:
+            if len(buffer) > MAX_PENDING_DATA:
+                # A very long line: pass it on without its last byte, which may be a CR of a CRLF.
+                piece = bytes(buffer[: len(buffer) - 1])
+                del buffer[: len(piece)]
+                self._content_piece(piece)
+            return False
+        region = bytes(buffer[:end])
+        if not self.mid_line and self.after_crlf and _clean(region):
+            return self._fast(region, buffer)
+        return self._lines(region, buffer)
+
+    def _content_piece(self, piece: bytes) -> None:
+        if b"\r" in piece:
+            self.bare_cr = True
+        if not self.mid_line and piece.startswith(b"."):
+            piece = piece[1:]
+        self.mid_line = True
+        self.after_crlf = False
+        self._keep(piece)
+
+    def _fast(self, region: bytes, buffer: bytearray) -> bool:
+        """All lines end in CRLF and we are at a line start: let C do the scanning."""
+        text = b"\r\n" + region
+        stop = text.find(b"\r\n.\r\n")
+        if stop < 0:
+            self._keep(text.replace(b"\r\n.", b"\r\n")[2:])
+            del buffer[: len(region)]
+            return False
+        self._keep(text[: stop + 2].replace(b"\r\n.", b"\r\n")[2:])
+        del buffer[: stop + 3]  # the content, then ".\r\n" (stop counts the two prefix bytes)
+        return True
+
+    def _lines(self, region: bytes, buffer: bytearray) -> bool:
+        """The careful path: one line at a time, for bare CR/LF and long lines."""
+        consumed = 0
+        for line in region.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                # A bare CR inside a line: splitlines() cut at it; glue happens by carrying on.
+                self.bare_cr = True
+                consumed += len(line)
+                self._content_piece(line)
+                continue
+            consumed += len(line)
+            crlf = line.endswith(b"\r\n")
+            body = line[:-2] if crlf else line[:-1]
+            at_line_start = not self.mid_line
+            if crlf and at_line_start and self.after_crlf and body == b".":
+                del buffer[:consumed]
+                return True
+            if at_line_start and body.startswith(b".") and body != b".":
+                body = body[1:]  # RFC 5321 4.5.2 transparency
+            self._keep(body + b"\r\n")  # a bare LF line ending is normalised to CRLF
+            self.mid_line = False
+            self.after_crlf = crlf
+        del buffer[:consumed]
+        return False
+
+    def message(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def _clean(region: bytes) -> bool:
+    """True when every CR and LF in the region belongs to a CRLF pair."""
+    pairs = region.count(b"\r\n")
+    return region.count(b"\r") == pairs and region.count(b"\n") == pairs
+
+
+class Connection:
+    """State that lives as long as the connection."""
+
+    def __init__(self, policy: SessionPolicy) -> None:
+        self.tls_active = policy.tls_active
+        self.helo_name: str | None = None
+        self.esmtp = False
+        self.account: Account | None = None
+        self.errors = 0
+        self.commands = 0
+        self.messages_accepted = 0
+        self.messages_rejected = 0
+
+
+class SmtpSession:
+    """One SMTP session. See the module docstring for the contract."""
+
+    def __init__(self, policy: SessionPolicy) -> None:
+        self.policy = policy
+        self.state = State.GREETED
+        self.connection = Connection(policy)
+        self.envelope = Envelope()
+        self._buffer = bytearray()
+        self._paused = False
+        self._discarding = False  # inside an overlong command line
+        self._login_username = ""
+        self._data: _DataReader | None = None
+        self._verbs = {
+            "EHLO": self._on_ehlo,
+            "HELO": self._on_helo,
+            "STARTTLS": self._on_starttls,
+            "AUTH": self._on_auth,
+            "MAIL": self._on_mail,
+            "RCPT": self._on_rcpt,
+            "DATA": self._on_data,
+            "RSET": self._on_rset,
+            "NOOP": self._on_noop,
+            "QUIT": self._on_quit,
+            "VRFY": self._on_vrfy,
+            "HELP": self._on_help,
+            "EXPN": self._on_not_implemented,
+            "ETRN": self._on_not_implemented,
+            "TURN": self._on_not_implemented,
+        }
+
+    # --- the caller's side -------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def greeting(self) -> list[Output]:
+        return [R.greeting(self.policy.hostname)]
+
+    def receive(self, data: bytes) -> list[Output]:
+        """Feed bytes from the client; returns what to send and what to resolve, in order."""
+        if self.closed:
+            return []
+        self._buffer += data
+        return self._process()
+
+    def tls_started(self) -> list[Output]:
+        """The handshake succeeded: RFC 3207 4.2, the client must start over with EHLO."""
+        self._resume()
+        self.connection.tls_active = True
+        self.connection.helo_name = None
+        self.connection.esmtp = False
+        self.envelope = Envelope()
+        self.state = State.GREETED
+        return self._process()
+
+    def credentials_checked(self, outcome: AuthOutcome, account: Account | None = None) -> list[Output]:
+        self._resume()
+        self.state = State.READY
+        if outcome is AuthOutcome.OK and account is not None:
+            self.connection.account = account
+            return [R.R235_AUTH_OK, *self._process()]
+        if outcome is AuthOutcome.TOO_MANY_SESSIONS:
+            return [self._close(R.R421_ACCOUNT_SESSIONS)]
+        if outcome in (AuthOutcome.TEMPORARY, AuthOutcome.THROTTLED):
+            reply = R.R454_AUTH_TEMPORARY if outcome is AuthOutcome.TEMPORARY else R.R454_AUTH_THROTTLED
+            return [reply, *self._process()]
+        return [self._error(R.R535_AUTH_INVALID), *self._process()]
+
+    def message_queued(self, message_id: str) -> list[Output]:
+        """The message is committed: only now the 250 (RFC 5321 6.1)."""
+        self._resume()
+        self.connection.messages_accepted += 1
+        return [R.queued(message_id), *self._process()]
+
+    def message_deferred(self) -> list[Output]:
+        """Storing failed: 451, nothing was kept; the client may retry."""
+        self._resume()
+        self.connection.messages_rejected += 1
+        return [R.R451_STORAGE_DOWN, *self._process()]
+
+    def timed_out(self) -> list[Output]:
+        return [self._close(R.R421_IDLE_TIMEOUT)]
+
+    def shutting_down(self) -> list[Output]:
+        return [self._close(R.R421_SHUTTING_DOWN)]
+
+    # --- input framing -----------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        if not self._paused:
+            raise RuntimeError("no event is waiting for an answer")
+        self._paused = False
+
+    def _pause(self) -> None:
+        self._paused = True
+
+    def _close(self, reply: Reply) -> Reply:
+        self.state = State.CLOSED
+        self._buffer.clear()
+        return reply
+
+    def _process(self) -> list[Output]:
+        out: list[Output] = []
+        while not self._paused and not self.closed:
+            if self.state is State.DATA:
+                if not self._feed_data(out):
+                    break
+                continue
+            line = self._next_line(out)
+            if line is None:
+                break
+            out.extend(self._dispatch(line))
+        return out
+
+    def _next_line(self, out: list[Output]) -> bytes | None:
+        """The next complete command line without its line ending, or None for more input."""
+        while True:
+            newline = self._buffer.find(b"\n")
+            if self._discarding:
+                if newline < 0:
+                    self._buffer.clear()
+                    return None
+                del self._buffer[: newline + 1]
+                self._discarding = False
+                out.append(self._error(R.R500_LINE_TOO_LONG))
+                if self.closed:
+                    return None
+                continue
+            if newline < 0:
+                if len(self._buffer) > MAX_AUTH_LINE:
+                    self._buffer.clear()
+                    self._discarding = True
+                return None
+            line = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) + 2 > self._line_limit(line):
+                out.append(self._error(R.R500_LINE_TOO_LONG))
+                if self.closed:
+                    return None
+                continue
+            return line
+
+    def _line_limit(self, line: bytes) -> int:
+        if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_SECRET):
+            return MAX_AUTH_LINE
+        if line[:5].upper() == b"AUTH ":
+            return MAX_AUTH_LINE
+        return MAX_COMMAND_LINE
+
+    def _feed_data(self, out: list[Output]) -> bool:
+        assert self._data is not None
+        if not self._data.feed(self._buffer):
+            return False
+        reader, self._data = self._data, None
+        envelope, self.envelope = self.envelope, Envelope()
+        self.state = State.READY
+        assert envelope.sender is not None
+        if reader.too_big or reader.bare_cr:
+            reason, reply = ("too_big", R.R552_TOO_BIG) if reader.too_big else ("bare_cr", R.R554_BARE_CR)
+            self.connection.messages_rejected += 1
+            out.append(
+                MessageRejected(envelope.sender.address, len(envelope.recipients), reader.size, reason, reply)
+            )
+            out.append(reply)
+        else:
+            out.append(MessageReceived(envelope.sender.address, tuple(envelope.recipients), reader.message()))
+            self._pause()
+        return True
+
+    # --- commands ----------------------------------------------------------------------------------
+
+    def _dispatch(self, raw: bytes) -> list[Output]:
+        self.connection.commands += 1
+        if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_SECRET):
+            return self._on_sasl_response(raw)
+        if self.connection.commands == 1 and _HTTP_REQUEST.match(raw):
+            return [self._close(R.R500_HTTP)]
+        try:
+            line = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return [self._error(R.R500_UNRECOGNIZED)]
+        verb, _, argument = line.partition(" ")
+        handler = self._verbs.get(verb.upper())
+        if handler is None:
+            return [self._error(R.R500_UNRECOGNIZED)]
+        return handler(argument.strip())
+
+    def _error(self, reply: Reply) -> Reply:
+        """A client error; too many of them end the session (a confused or hostile client)."""
+        self.connection.errors += 1
+        if self.connection.errors >= self.policy.max_errors:
+            return self._close(R.R421_TOO_MANY_ERRORS)
+        return reply
+
+    def _extensions(self) -> list[str]:
+        extensions = [f"SIZE {self.policy.max_message_size}", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.connection.tls_active:
+            extensions.append("AUTH PLAIN LOGIN")  # RFC 4954: only once the channel is encrypted
+        elif self.policy.tls_available:
+            extensions.append("STARTTLS")
+        return extensions
+
+    def _on_ehlo(self, argument: str) -> list[Output]:
+        if not _EHLO_ARG.match(argument):
+            return [self._error(R.R501_EHLO_SYNTAX)]
+        self._greeted(argument, esmtp=True)
+        return [R.ehlo(self.policy.hostname, self._extensions())]
+
+    def _on_helo(self, argument: str) -> list[Output]:
+        if not _EHLO_ARG.match(argument):
+            return [self._error(R.R501_EHLO_SYNTAX)]
+        self._greeted(argument, esmtp=False)
+        return [R.helo(self.policy.hostname)]
+
+    def _greeted(self, name: str, esmtp: bool) -> None:
+        # RFC 5321 4.1.4: EHLO/HELO in the middle of a transaction resets it.
+        self.connection.helo_name = name
+        self.connection.esmtp = esmtp
+        self.envelope = Envelope()
+        self.state = State.READY
+
+    def _on_starttls(self, argument: str) -> list[Output]:
+        if argument:
+            return [self._error(R.R501_SYNTAX)]
+        if self.connection.tls_active:
+            return [self._error(R.R503_TLS_ACTIVE)]
+        if not self.policy.tls_available:
+            return [R.R454_TLS_UNAVAILABLE]
+        if not self.connection.esmtp:
+            return [self._error(R.R503_EHLO_FIRST)]
+        # CVE-2011-0411: whatever the client pipelined behind STARTTLS is discarded.
+        self._buffer.clear()
+        self._pause()
+        return [R.R220_TLS_READY, TlsRequested()]
+
+    def _on_auth(self, argument: str) -> list[Output]:
+        if not self.connection.esmtp:
+            return [self._error(R.R503_EHLO_FIRST)]
+        if not self.connection.tls_active:
+            return [self._error(R.R530_STARTTLS_FIRST)]
+        if self.connection.account is not None:
+            return [self._error(R.R503_ALREADY_AUTHENTICATED)]
+        if self.state is not State.READY:
+            return [self._error(R.R503_AUTH_IN_TRANSACTION)]
+        mechanism, _, initial = argument.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism == "PLAIN":
+            if not initial:
+                self.state = State.AUTH_PLAIN
+                return [R.challenge("")]
+            return self._auth_plain(initial)
+        if mechanism == "LOGIN":
+            if not initial:
+                self.state = State.AUTH_LOGIN_USER
+                return [R.challenge(USERNAME_CHALLENGE)]
+            return self._auth_login_user(initial)
+        if not mechanism:
+            return [self._error(R.R501_SYNTAX)]
+        return [self._error(R.R504_UNKNOWN_MECHANISM)]
+
+    def _on_sasl_response(self, raw: bytes) -> list[Output]:
+        state, self.state = self.state, State.READY
+        try:
+            text = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return [self._error(R.R501_BAD_BASE64)]
+        if text == "*":
+            return [self._error(R.R501_AUTH_CANCELLED)]  # RFC 4954 4
+        if state is State.AUTH_PLAIN:
+            return self._auth_plain(text)
+        if state is State.AUTH_LOGIN_USER:
+            return self._auth_login_user(text)
+        return self._auth_login_password(text)
+
+    def _sasl_failure(self, error: SaslError) -> list[Output]:
+        self.state = State.READY
+        return [self._error(R.R501_BAD_BASE64 if error.kind == "base64" else R.R535_AUTH_INVALID)]
+
+    def _auth_plain(self, response: str) -> list[Output]:
+        try:
+            username, password = parse_plain(decode_response(response))
+        except SaslError as error:
+            return self._sasl_failure(error)
+        return self._offer("PLAIN", username, password)
+
+    def _auth_login_user(self, response: str) -> list[Output]:
+        try:
+            self._login_username = decode_text(decode_response(response))
+        except SaslError as error:
+            return self._sasl_failure(error)
+        self.state = State.AUTH_LOGIN_SECRET
+        return [R.challenge(PASSWORD_CHALLENGE)]
+
+    def _auth_login_password(self, response: str) -> list[Output]:
+        try:
+            password = decode_text(decode_response(response))
+        except SaslError as error:
+            return self._sasl_failure(error)
+        username, self._login_username = self._login_username, ""
+        if not username or not password:
+            return [self._error(R.R535_AUTH_INVALID)]
+        return self._offer("LOGIN", username, password)
+
+    def _offer(self, mechanism: str, username: str, password: str) -> list[Output]:
+        self.state = State.READY
+        self._pause()
+        return [CredentialsOffered(mechanism, username, password)]
+
+    def _ready_for_mail(self) -> Reply | None:
+        """Why a transaction cannot start now, or None."""
+        if self.connection.helo_name is None:
+            return self._error(R.R503_EHLO_FIRST)
+        if not self.connection.tls_active:
+            return self._error(R.R530_STARTTLS_FIRST)
+        if self.connection.account is None:
+            return self._error(R.R530_AUTH_REQUIRED)
+        return None
+
+    def _on_mail(self, argument: str) -> list[Output]:
+        refusal = self._ready_for_mail()
+        if refusal is not None:
+            return [refusal]
+        if self.state is not State.READY:
+            return [self._error(R.R503_NESTED_MAIL)]
+        try:
+            path = parse_mail_from(argument)
+        except PathError as error:
+            return [self._error(R.R555_PARAMETERS if error.kind == "param" else R.R501_BAD_SENDER)]
+        declared = path.params.get("SIZE")
+        if declared is not None and int(declared) > self.policy.max_message_size:
+            return [R.R552_TOO_BIG]  # RFC 1870 6.1
+        account = self.connection.account
+        assert account is not None
+        if not domain_allowed(path.domain, account.allowed_domains):
+            return [self._error(R.R553_SENDER_NOT_ALLOWED)]
+        self.envelope = Envelope(sender=path)
+        self.state = State.MAIL
+        return [R.R250_SENDER_OK]
+
+    def _on_rcpt(self, argument: str) -> list[Output]:
+        refusal = self._ready_for_mail()
+        if refusal is not None:
+            return [refusal]
+        if self.state not in (State.MAIL, State.RCPT):
+            return [self._error(R.R503_NEED_MAIL)]
+        try:
+            path = parse_rcpt_to(argument)
+        except PathError as error:
+            return [self._error(R.R555_PARAMETERS if error.kind == "param" else R.R501_BAD_RECIPIENT)]
+        if path.address in self.envelope.recipients:
+            return [R.R250_RECIPIENT_OK]
+        if len(self.envelope.recipients) >= self.policy.max_recipients:
+            return [R.R452_TOO_MANY_RECIPIENTS]  # RFC 5321 4.5.3.1.10
+        self.envelope.recipients.append(path.address)
+        self.state = State.RCPT
+        return [R.R250_RECIPIENT_OK]
+
+    def _on_data(self, argument: str) -> list[Output]:
+        refusal = self._ready_for_mail()
+        if refusal is not None:
+            return [refusal]
+        if argument:
+            return [self._error(R.R501_SYNTAX)]
+        if self.state is State.READY:
+            return [self._error(R.R503_NEED_MAIL)]
+        if self.state is not State.RCPT:
+            return [self._error(R.R503_NEED_RCPT)]
+        self.state = State.DATA
+        self._data = _DataReader(limit=self.policy.max_message_size)
+        return [R.R354_START_DATA]
+
+    def _on_rset(self, argument: str) -> list[Output]:
+        if argument:
+            return [self._error(R.R501_SYNTAX)]
+        self.envelope = Envelope()
+        if self.state is not State.GREETED:
+            self.state = State.READY
+        return [R.R250_OK]
+
+    def _on_noop(self, argument: str) -> list[Output]:
+        return [R.R250_OK]
+
+    def _on_quit(self, argument: str) -> list[Output]:
+        return [self._close(R.R221_BYE)]
+
+    def _on_vrfy(self, argument: str) -> list[Output]:
+        if not argument:
+            return [self._error(R.R501_SYNTAX)]
+        return [R.R252_VRFY]
+
+    def _on_help(self, argument: str) -> list[Output]:
+        return [R.R214_HELP]
+
+    def _on_not_implemented(self, argument: str) -> list[Output]:
+        return [self._error(R.R502_NOT_IMPLEMENTED)]

@@ -1,0 +1,523 @@
+"""The socket adapter around the protocol core: one thread per connection.
+
+This is the only module of the listener that touches sockets. It turns the
+core's events into I/O: the TLS handshake, the credential check, and the
+durable enqueue, whose commit happens before ``message_queued`` produces the
+250 reply. It reads with raw ``recv`` (``BaseRequestHandler``, not the
+buffered ``StreamRequestHandler``), so no hidden buffer can carry plaintext
+across STARTTLS.
+
+Limits follow the live config (hot reload): every check reads
+``server.config``. Over ``smtp.max_connections`` a connection is answered
+421 in ``verify_request`` on the accept thread and closed, so it never costs
+a session thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import socketserver
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from smtp_proxy.config import Config
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.session import Database
+from smtp_proxy.errors import DatabaseUnavailable
+from smtp_proxy.logs import correlation
+from smtp_proxy.smtp import metrics
+from smtp_proxy.smtp import replies as R
+from smtp_proxy.smtp.credentials import (
+    AuthenticatedAccount,
+    AuthThrottle,
+    CredentialVerifier,
+    log_auth_failure,
+)
+from smtp_proxy.smtp.protocol import (
+    AuthOutcome,
+    CredentialsOffered,
+    MessageReceived,
+    MessageRejected,
+    Output,
+    SessionPolicy,
+    SmtpSession,
+    State,
+    TlsRequested,
+)
+from smtp_proxy.smtp.replies import Reply
+from smtp_proxy.smtp.tls import TlsContextHolder
+from smtp_proxy.storage.messages import enqueue_message
+
+log = logging.getLogger("smtp_proxy.smtp")
+
+# Session threads do little but wait in recv(); a small stack lets thousands fit.
+SESSION_THREAD_STACK = 512 * 1024
+RECV_SIZE = 65536
+DRAIN_SECONDS = 30.0
+
+
+class AccountSessions:
+    """Concurrent authenticated sessions per account, for max_connections_per_account."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[uuid.UUID, int] = {}
+
+    def acquire(self, account_id: uuid.UUID, limit: int) -> bool:
+        with self._lock:
+            count = self._counts.get(account_id, 0)
+            if count >= limit:
+                return False
+            self._counts[account_id] = count + 1
+            return True
+
+    def release(self, account_id: uuid.UUID) -> None:
+        with self._lock:
+            count = self._counts.get(account_id, 0) - 1
+            if count > 0:
+                self._counts[account_id] = count
+            else:
+                self._counts.pop(account_id, None)
+
+
+class SmtpServer(socketserver.ThreadingTCPServer):
+    """``socketserver`` with a connection cap, live config and a graceful drain."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = 1024
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        config: Callable[[], Config],
+        database: Database,
+        cipher: Cipher,
+        verifier: CredentialVerifier,
+        throttle: AuthThrottle,
+        tls: TlsContextHolder | None,
+        implicit_tls: bool = False,
+    ) -> None:
+        self._config = config
+        self.database = database
+        self.cipher = cipher
+        self.verifier = verifier
+        self.throttle = throttle
+        self.tls = tls
+        self.implicit_tls = implicit_tls
+        self.account_sessions = AccountSessions()
+        self.draining = threading.Event()
+        self._lock = threading.Lock()
+        self._active: set[SessionHandler] = set()
+        self._pending = 0  # accepted, thread not yet registered
+        super().__init__(address, SessionHandler)
+
+    @property
+    def config(self) -> Config:
+        return self._config()
+
+    @property
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._active) + self._pending
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """On the accept thread: over the limit, 421 at once and no session thread."""
+        with self._lock:
+            over = len(self._active) + self._pending >= self.config.smtp.max_connections
+            if not over and not self.draining.is_set():
+                self._pending += 1
+                return True
+        reply = R.R421_SHUTTING_DOWN if self.draining.is_set() else R.R421_TOO_MANY_CONNECTIONS
+        if not self.implicit_tls:  # a TLS client would not understand plaintext
+            try:
+                request.setblocking(False)
+                request.send(reply.to_bytes())
+            except OSError:
+                pass
+        metrics.SESSIONS.labels("refused_limit" if not self.draining.is_set() else "refused_draining").inc()
+        log.warning(
+            "connection refused",
+            extra={"event": "smtp.connection_refused", "client_ip": client_address[0], "code": reply.code},
+        )
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread could be started: give the slot back
+            with self._lock:
+                self._pending -= 1
+            raise
+
+    def register(self, handler: SessionHandler) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._active.add(handler)
+
+    def unregister(self, handler: SessionHandler) -> None:
+        with self._lock:
+            self._active.discard(handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("unhandled error in SMTP session", extra={"event": "smtp.session_error"})
+
+    def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Stop accepting; idle sessions get 421 now, busy ones up to ``timeout`` seconds."""
+        self.draining.set()
+        self.shutdown()
+        self.server_close()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                handlers = list(self._active)
+            if not handlers:
+                return
+            force = time.monotonic() >= deadline
+            for handler in handlers:
+                if force or handler.idle:
+                    handler.interrupt()
+            if force:
+                break
+            time.sleep(0.05)
+        end = time.monotonic() + 2.0
+        while self.active_count and time.monotonic() < end:
+            time.sleep(0.05)
+
+
+class SessionHandler(socketserver.BaseRequestHandler):
+    """Runs one SMTP session: recv, feed the core, send its replies, resolve its events."""
+
+    server: SmtpServer
+
+    def setup(self) -> None:
+        self.sock: socket.socket = self.request
+        self.client_ip = str(self.client_address[0])
+        self.session: SmtpSession | None = None
+        self.account: AuthenticatedAccount | None = None
+        self.tls_version: str | None = None
+        self.tls_cipher: str | None = None
+        self.outcome = "closed_by_client"
+        self.busy = False
+        self.started = time.monotonic()
+        self._interrupted = False
+        self.server.register(self)
+        metrics.ACTIVE_CONNECTIONS.inc()
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a command outside a transaction: safe to close while draining."""
+        session = self.session
+        return not self.busy and (session is None or session.state in (State.GREETED, State.READY))
+
+    def interrupt(self) -> None:
+        """Wake the session thread from recv(); it then answers 421 and closes."""
+        self._interrupted = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def handle(self) -> None:
+        with correlation() as cid:
+            self.correlation_id = cid
+            log.info("connection opened", extra={"event": "smtp.connect", "client_ip": self.client_ip})
+            try:
+                self._run()
+            except Exception:
+                self.outcome = "error"
+                log.exception("SMTP session failed", extra={"event": "smtp.session_error"})
+                self._send_quietly(R.R421_INTERNAL_ERROR)
+            finally:
+                self._log_close()
+
+    def finish(self) -> None:
+        if self.sock is not self.request:  # the TLS socket took over the descriptor
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        if self.account is not None:
+            self.server.account_sessions.release(self.account.id)
+        self.server.database.remove_session()
+        self.server.unregister(self)
+        metrics.ACTIVE_CONNECTIONS.dec()
+        metrics.SESSIONS.labels(self.outcome).inc()
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def _policy(self, tls_active: bool) -> SessionPolicy:
+        smtp = self.server.config.smtp
+        return SessionPolicy(
+            hostname=smtp.hostname,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            tls_available=self.server.tls is not None,
+            tls_active=tls_active,
+        )
+
+    def _run(self) -> None:
+        if self.server.implicit_tls:
+            if not self._handshake():
+                return
+        elif self._talked_first():
+            self.outcome = "early_talker"
+            self._send_quietly(R.R554_EARLY_TALKER)
+            return
+        self.session = SmtpSession(self._policy(tls_active=self.server.implicit_tls))
+        if not self._send(self.session.greeting()):
+            return
+        while not self.session.closed:
+            if self.server.draining.is_set() and self.idle:
+                self.outcome = "shutdown"
+                self._send(self.session.shutting_down())
+                return
+            data = self._recv()
+            if data is None:
+                return
+            self.busy = True
+            try:
+                if not self._send(self.session.receive(data)):
+                    return
+            finally:
+                self.busy = False
+        if self.outcome == "closed_by_client":
+            self.outcome = "quit"
+
+    def _talked_first(self) -> bool:
+        """A client that sends before our greeting is broken or a bot (RFC 5321 3.1)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
+
+    def _recv(self) -> bytes | None:
+        """The next bytes, or None when the session is over (EOF, timeout, drain)."""
+        assert self.session is not None
+        self.sock.settimeout(self.server.config.smtp.read_timeout)
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except TimeoutError:
+            self.outcome = "timeout"
+            self._send(self.session.timed_out())
+            return None
+        except (ssl.SSLError, OSError):
+            data = b""
+        if not data:
+            if self._interrupted or self.server.draining.is_set():
+                self.outcome = "shutdown"
+                self._send(self.session.shutting_down())
+            return None
+        metrics.RECEIVED_BYTES.inc(len(data))
+        return data
+
+    def _send(self, outputs: list[Output]) -> bool:
+        """Send replies in order and resolve events as they come; False once the session ends."""
+        assert self.session is not None
+        pending = list(outputs)
+        batch: list[bytes] = []
+        while pending:
+            item = pending.pop(0)
+            if isinstance(item, Reply):
+                batch.append(item.to_bytes())
+                if item.close:
+                    if item.code == 221:
+                        self.outcome = "quit"
+                    elif self.outcome == "closed_by_client":
+                        self.outcome = f"closed_{item.code}"
+                    self._write(b"".join(batch))
+                    return False
+                continue
+            if isinstance(item, MessageRejected):
+                self._log_rejected(item)
+                continue
+            # Everything before an event goes out first (the 220 before the handshake).
+            if batch and not self._write(b"".join(batch)):
+                return False
+            batch = []
+            more = self._resolve(item)
+            if more is None:
+                return False
+            pending[:0] = more
+        return self._write(b"".join(batch)) if batch else True
+
+    def _write(self, data: bytes) -> bool:
+        self.sock.settimeout(self.server.config.smtp.write_timeout)
+        try:
+            self.sock.sendall(data)
+            return True
+        except (OSError, ssl.SSLError):
+            self.outcome = "write_failed"
+            return False
+
+    def _send_quietly(self, reply: Reply) -> None:
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(reply.to_bytes())
+        except (OSError, ssl.SSLError):
+            pass
+
+    # --- events -------------------------------------------------------------------------------------
+
+    def _resolve(self, event: Output) -> list[Output] | None:
+        assert self.session is not None
+        if isinstance(event, TlsRequested):
+            return self.session.tls_started() if self._handshake() else None
+        if isinstance(event, CredentialsOffered):
+            return self._authenticate(event)
+        if isinstance(event, MessageReceived):
+            return self._enqueue(event)
+        raise TypeError(f"unknown event {event!r}")
+
+    def _handshake(self) -> bool:
+        holder = self.server.tls
+        assert holder is not None
+        try:
+            tls_sock = holder.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            tls_sock.settimeout(self.server.config.smtp.read_timeout)
+            tls_sock.do_handshake()
+        except (ssl.SSLError, OSError) as error:
+            self.outcome = "tls_failed"
+            metrics.TLS_FAILURES.inc()
+            log.info(
+                "TLS handshake failed",
+                extra={
+                    "event": "smtp.tls_failed",
+                    "client_ip": self.client_ip,
+                    "error": type(error).__name__,
+                },
+            )
+            return False
+        self.sock = tls_sock
+        self.tls_version = tls_sock.version()
+        cipher = tls_sock.cipher()
+        self.tls_cipher = cipher[0] if cipher else None
+        return True
+
+    def _authenticate(self, offered: CredentialsOffered) -> list[Output]:
+        assert self.session is not None
+        server, ip = self.server, self.client_ip
+        if server.throttle.refused(ip):
+            metrics.AUTH_FAILURES.labels("throttled").inc()
+            log_auth_failure(
+                log, client_ip=ip, username=offered.username, mechanism=offered.mechanism, reason="throttled"
+            )
+            return self.session.credentials_checked(AuthOutcome.THROTTLED)
+        delay = server.throttle.delay_for(ip)
+        if delay:
+            time.sleep(delay)
+        try:
+            account = server.verifier.verify(offered.username, offered.password)
+        except DatabaseUnavailable:
+            metrics.AUTH_FAILURES.labels("database_unavailable").inc()
+            return self.session.credentials_checked(AuthOutcome.TEMPORARY)
+        if account is None:
+            server.throttle.failure(ip)
+            metrics.AUTH_FAILURES.labels("invalid_credentials").inc()
+            log_auth_failure(
+                log,
+                client_ip=ip,
+                username=offered.username,
+                mechanism=offered.mechanism,
+                reason="invalid_credentials",
+            )
+            return self.session.credentials_checked(AuthOutcome.INVALID)
+        server.throttle.success(ip)
+        if not server.account_sessions.acquire(account.id, server.config.smtp.max_connections_per_account):
+            self.outcome = "account_limit"
+            log.warning(
+                "too many sessions for account",
+                extra={"event": "smtp.account_limit", "client_ip": ip, "account": account.name},
+            )
+            return self.session.credentials_checked(AuthOutcome.TOO_MANY_SESSIONS)
+        self.account = account
+        log.info("authenticated", extra={"event": "smtp.auth_ok", "client_ip": ip, "account": account.name})
+        return self.session.credentials_checked(AuthOutcome.OK, account)
+
+    def _enqueue(self, message: MessageReceived) -> list[Output]:
+        assert self.session is not None and self.account is not None
+        started = time.perf_counter()
+        try:
+            with self.server.database.transaction() as session:
+                row = enqueue_message(
+                    session,
+                    self.server.cipher,
+                    account_id=self.account.id,
+                    sender=message.sender,
+                    recipients=list(message.recipients),
+                    data=message.data,
+                    correlation_id=self.correlation_id,
+                )
+                message_id = str(row.id)
+        except (DatabaseUnavailable, SQLAlchemyError) as error:
+            metrics.MESSAGES.labels("rejected", "storage_unavailable").inc()
+            log.warning(
+                "message deferred: storage failed",
+                extra={
+                    "event": "smtp.message_deferred",
+                    "sender": message.sender,
+                    "recipients": len(message.recipients),
+                    "size": len(message.data),
+                    "code": 451,
+                    "error_class": type(error).__name__,
+                },
+            )
+            return self.session.message_deferred()
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.MESSAGES.labels("accepted", "").inc()
+        log.info(
+            "message accepted",
+            extra={
+                "event": "smtp.message_accepted",
+                "message_id": message_id,
+                "account": self.account.name,
+                "sender": message.sender,
+                "recipients": len(message.recipients),
+                "size": len(message.data),
+                "code": 250,
+            },
+        )
+        return self.session.message_queued(message_id)
+
+    def _log_rejected(self, rejected: MessageRejected) -> None:
+        metrics.MESSAGES.labels("rejected", rejected.reason).inc()
+        log.info(
+            "message rejected",
+            extra={
+                "event": "smtp.message_rejected",
+                "reason": rejected.reason,
+                "sender": rejected.sender,
+                "recipients": rejected.recipients,
+                "size": rejected.size,
+                "code": rejected.reply.code,
+            },
+        )
+
+    def _log_close(self) -> None:
+        session = self.session
+        log.info(
+            "connection closed",
+            extra={
+                "event": "smtp.disconnect",
+                "client_ip": self.client_ip,
+                "tls_version": self.tls_version,
+                "tls_cipher": self.tls_cipher,
+                "account": self.account.name if self.account else None,
+                "commands": session.connection.commands if session else 0,
+                "messages_accepted": session.connection.messages_accepted if session else 0,
+                "messages_rejected": session.connection.messages_rejected if session else 0,
+                "outcome": self.outcome,
+                "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+            },
+        )
