@@ -1,0 +1,1 @@
+"""The SMTP submission listener: a pure protocol core and its socket adapter."""
