@@ -1,0 +1,44 @@
+"""The one lookup SMTP AUTH needs: an account's login columns by name.
+
+It runs on every AUTH attempt, cache hit or not, so that a password change or a
+deactivation takes effect at once; it therefore reads five columns and nothing
+else.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import NamedTuple
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from smtp_proxy import validation
+from smtp_proxy.db.models import Account
+from smtp_proxy.errors import ValidationError
+
+
+class Login(NamedTuple):
+    id: uuid.UUID
+    name: str
+    password_hash: str
+    allowed_domains: list[str]
+    active: bool
+
+
+def find_login(session: Session, name: str) -> Login | None:
+    """The login columns of the account called ``name``, or None when there is none.
+
+    A name no account could have (wrong characters, too long, a NUL byte) is
+    answered without a query: PostgreSQL rejects NUL in a text parameter, and
+    the client chose the name.
+    """
+    try:
+        validation.account_name(name)
+    except ValidationError:
+        return None
+    columns = (Account.id, Account.name, Account.password_hash, Account.allowed_domains, Account.active)
+    row = session.execute(select(*columns).where(Account.name == name)).one_or_none()
+    if row is None:
+        return None
+    return Login(row.id, row.name, row.password_hash, list(row.allowed_domains or ()), bool(row.active))

@@ -1,0 +1,221 @@
+"""A real SMTP listener on 127.0.0.1, a tenant, and TLS-speaking clients."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from smtp_proxy.config import Config
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.models import Message
+from smtp_proxy.db.session import Database
+from smtp_proxy.devcert import write_self_signed
+from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier
+from smtp_proxy.smtp.server import SmtpServer
+from smtp_proxy.smtp.tls import TlsContextHolder
+from smtp_proxy.storage import accounts, messages
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_self_signed(tmp_path_factory.mktemp("tls"), "localhost")
+
+
+@pytest.fixture
+def client_tls(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
+    """A client context that trusts the test certificate."""
+    context = ssl.create_default_context(cafile=str(tls_files[0]))
+    return context
+
+
+@dataclass
+class Listener:
+    server: SmtpServer
+    database: Database
+    cipher: Cipher
+    config: Config
+    host: str
+    port: int
+    tenant: str = "tenant"
+    password: str = PASSWORD
+
+    def stored(self) -> list[Message]:
+        with self.database.transaction() as session:
+            rows = list(session.scalars(select(Message).order_by(Message.created_at)))
+        self.database.remove_session()
+        return rows
+
+    def body(self, message: Message) -> bytes:
+        return messages.message_body(self.cipher, message)
+
+    def wait_idle(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.server.active_count and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def start_listener(pg_url: str, make_config, tls_files) -> Iterator[Callable[..., Listener]]:
+    """Start SmtpServer in this process on a free port; ``smtp`` overrides config keys."""
+    started: list[tuple[SmtpServer, threading.Thread, Database]] = []
+
+    def start(implicit_tls: bool = False, **smtp: object) -> Listener:
+        cert, key = tls_files
+        config = make_config(
+            pg_url,
+            smtp={"host": "127.0.0.1", "hostname": "mx.test", "metrics_port": None, **smtp},
+            tls={"cert_file": str(cert), "key_file": str(key)},
+        )
+        database = Database(config.database)
+        cipher = Cipher.from_config(config.security)
+        with database.transaction() as session:
+            if not accounts.list_accounts(session):
+                accounts.create_account(
+                    session,
+                    name="tenant",
+                    email="ops@example.com",
+                    allowed_domains=["example.com", "*.example.org"],
+                    password=PASSWORD,
+                    bcrypt_cost=4,
+                )
+        database.remove_session()
+        server = SmtpServer(
+            ("127.0.0.1", 0),
+            config=lambda: config,
+            database=database,
+            cipher=cipher,
+            verifier=CredentialVerifier(database, dummy_cost=4),
+            throttle=AuthThrottle(base_delay=0.05, max_delay=0.2, refuse_after=5),
+            tls=TlsContextHolder(config.tls),
+            implicit_tls=implicit_tls,
+        )
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        started.append((server, thread, database))
+        host, port = server.server_address[:2]
+        return Listener(server, database, cipher, config, host, port)
+
+    yield start
+    for server, thread, database in started:
+        server.drain(timeout=2)
+        thread.join(timeout=5)
+        database.dispose()
+
+
+@pytest.fixture
+def listener(start_listener) -> Listener:
+    return start_listener()
+
+
+@pytest.fixture
+def smtp_client(listener: Listener, client_tls: ssl.SSLContext) -> Iterator[Callable[..., smtplib.SMTP]]:
+    """smtplib clients to the listener; ``login=True`` does STARTTLS and AUTH."""
+    clients: list[smtplib.SMTP] = []
+
+    def connect(login: bool = True, starttls: bool = True) -> smtplib.SMTP:
+        client = smtplib.SMTP(listener.host, listener.port, local_hostname="client.test", timeout=10)
+        clients.append(client)
+        if starttls:
+            client.starttls(context=client_tls)
+        if login:
+            client.login(listener.tenant, listener.password)
+        return client
+
+    yield connect
+    for client in clients:
+        try:
+            client.close()
+        except OSError:
+            pass
+
+
+class RawClient:
+    """A byte-level client for what smtplib will not send: pipelining, smuggling, junk."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> bytes:
+        """One complete (possibly multi-line) reply."""
+        lines = []
+        while True:
+            line = self._line()
+            lines.append(line)
+            if len(line) < 4 or line[3:4] != b"-":
+                return b"".join(lines)
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed; pending {self._buffer!r}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """True when the server closes the connection (nothing more, or only a reset)."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(65536) == b"" and not self._buffer
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        assert not self._buffer, f"plaintext left over before TLS: {self._buffer!r}"
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+
+    def login(self, listener: Listener, context: ssl.SSLContext) -> None:
+        """Greeting, EHLO, STARTTLS, EHLO, AUTH PLAIN: ready for MAIL."""
+        assert self.auth(listener, context).startswith(b"235 2.7.0")
+
+    def auth(self, listener: Listener, context: ssl.SSLContext) -> bytes:
+        """Greeting, EHLO, STARTTLS, EHLO, AUTH PLAIN; returns the reply to AUTH."""
+        import base64
+
+        assert self.reply().startswith(b"220 ")
+        self.send(b"EHLO client.test\r\n")
+        assert b"STARTTLS" in self.reply()
+        self.send(b"STARTTLS\r\n")
+        assert self.reply().startswith(b"220 2.0.0")
+        self.starttls(context)
+        self.send(b"EHLO client.test\r\n")
+        assert b"AUTH PLAIN LOGIN" in self.reply()
+        token = base64.b64encode(f"\0{listener.tenant}\0{listener.password}".encode()).decode()
+        self.send(f"AUTH PLAIN {token}\r\n".encode())
+        return self.reply()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def raw_client(listener: Listener) -> Iterator[Callable[[], RawClient]]:
+    clients: list[RawClient] = []
+
+    def connect() -> RawClient:
+        client = RawClient(listener.host, listener.port)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()

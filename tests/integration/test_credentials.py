@@ -1,0 +1,362 @@
+"""SMTP AUTH verification against a real database, with real bcrypt at cost 4.
+
+Nothing is mocked: bcrypt calls are counted and timed through a subclass that
+wraps the ``_check_hash`` seam.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from smtp_proxy.config import Config
+from smtp_proxy.db.session import Database
+from smtp_proxy.errors import DatabaseUnavailable
+from smtp_proxy.smtp.credentials import AuthenticatedAccount, CredentialVerifier
+from smtp_proxy.storage import accounts
+
+BCRYPT_COST = 4
+PASSWORD = "correct horse battery staple"
+DOMAINS = ["example.com", "*.example.org"]
+
+
+class CountingVerifier(CredentialVerifier):
+    """Counts bcrypt checks and the most that ran at once; can hold or slow each check."""
+
+    def __init__(self, *args, hold: float = 0.0, **kwargs) -> None:
+        self.checks = 0
+        self.running = 0
+        self.max_running = 0
+        self.hold = hold
+        self.release: threading.Event | None = None
+        self._count_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def _check_hash(self, password: str, password_hash: str) -> bool:
+        with self._count_lock:
+            self.checks += 1
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            if self.release is not None:
+                assert self.release.wait(10)
+            time.sleep(self.hold)
+            return super()._check_hash(password, password_hash)
+        finally:
+            with self._count_lock:
+                self.running -= 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def config(db_url: str, make_config) -> Config:
+    return make_config(db_url)
+
+
+@pytest.fixture
+def database(config: Config) -> Iterator[Database]:
+    db = Database(config.database)
+    yield db
+    db.dispose()
+
+
+def make_verifier(database: Database, **kwargs) -> CountingVerifier:
+    return CountingVerifier(database, dummy_cost=BCRYPT_COST, **kwargs)
+
+
+def create(database: Database, name: str = "alice", password: str = PASSWORD) -> AuthenticatedAccount:
+    with database.transaction() as session:
+        created = accounts.create_account(
+            session,
+            name=name,
+            email=f"{name}@example.com",
+            allowed_domains=DOMAINS,
+            bcrypt_cost=BCRYPT_COST,
+            password=password,
+        )
+        account = created.account
+        return AuthenticatedAccount(account.id, account.name, tuple(account.allowed_domains))
+
+
+def run_threads(count: int, target) -> list:
+    """Start ``count`` threads on ``target(i)`` at once and return their results in order."""
+    results: list = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = target(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+    return results
+
+
+def test_verify_right_password_returns_the_account(database: Database) -> None:
+    expected = create(database)
+    verifier = make_verifier(database)
+    account = verifier.verify("alice", PASSWORD)
+    assert account == expected
+    assert account.allowed_domains == ("example.com", "*.example.org")
+    assert verifier.checks == 1
+
+
+def test_verify_wrong_password_returns_none(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", "wrong horse battery staple") is None
+    assert verifier.verify("alice", "") is None
+    assert verifier.verify("alice", PASSWORD + "x" * 100) is None
+
+
+def test_verify_unknown_user_returns_none_after_one_bcrypt_check(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("bob", PASSWORD) is None
+    assert verifier.checks == 1
+
+
+@pytest.mark.parametrize("username", ["", "bad\x00name", "a" * 65, "-dash", "caf\udce9", "x' OR '1'='1"])
+def test_verify_impossible_user_name_returns_none_after_one_bcrypt_check(
+    database: Database, username: str
+) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify(username, PASSWORD) is None
+    assert verifier.checks == 1
+
+
+def test_verify_password_with_lone_surrogate_returns_none(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", "caf\udce9-password") is None
+
+
+def test_verify_user_name_is_case_sensitive(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("ALICE", PASSWORD) is None
+
+
+def test_verify_deactivated_account_returns_none_after_one_bcrypt_check(database: Database) -> None:
+    create(database)
+    with database.transaction() as session:
+        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"))
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", PASSWORD) is None
+    assert verifier.checks == 1
+
+
+def test_verify_second_time_is_answered_from_the_cache(database: Database) -> None:
+    expected = create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", PASSWORD) == expected
+    assert verifier.verify("alice", PASSWORD) == expected
+    assert verifier.checks == 1
+
+
+def test_verify_wrong_password_is_not_answered_from_the_cache(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", PASSWORD) is not None
+    assert verifier.verify("alice", "wrong horse battery staple") is None
+    assert verifier.checks == 2
+
+
+def test_verify_failures_are_not_cached(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", "wrong horse battery staple") is None
+    assert verifier.verify("alice", "wrong horse battery staple") is None
+    assert verifier.checks == 2
+
+
+def test_verify_after_password_change_rejects_the_cached_password_at_once(database: Database) -> None:
+    expected = create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", PASSWORD) == expected
+    with database.transaction() as session:
+        accounts.set_password(
+            session, accounts.get_account_by_name(session, "alice"), BCRYPT_COST, "a brand new password"
+        )
+    assert verifier.verify("alice", PASSWORD) is None
+    assert verifier.verify("alice", "a brand new password") == expected
+    assert verifier.checks == 3
+
+
+def test_verify_after_deactivation_rejects_a_cached_login_at_once(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", PASSWORD) is not None
+    with database.transaction() as session:
+        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"))
+    assert verifier.verify("alice", PASSWORD) is None
+
+
+def test_verify_cache_hit_returns_current_allowed_domains(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    verifier.verify("alice", PASSWORD)
+    with database.transaction() as session:
+        accounts.get_account_by_name(session, "alice").allowed_domains = ["example.net"]
+    account = verifier.verify("alice", PASSWORD)
+    assert account is not None and account.allowed_domains == ("example.net",)
+    assert verifier.checks == 1
+
+
+def test_verify_cache_entry_expires_after_ttl(database: Database) -> None:
+    create(database)
+    clock = FakeClock()
+    verifier = make_verifier(database, cache_ttl=300.0, clock=clock)
+    verifier.verify("alice", PASSWORD)
+    clock.now += 299.0
+    assert verifier.verify("alice", PASSWORD) is not None
+    assert verifier.checks == 1
+    clock.now += 1.0
+    assert verifier.verify("alice", PASSWORD) is not None
+    assert verifier.checks == 2
+    assert verifier.verify("alice", PASSWORD) is not None
+    assert verifier.checks == 2
+
+
+def test_verify_cache_ttl_zero_disables_the_cache(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database, cache_ttl=0)
+    verifier.verify("alice", PASSWORD)
+    verifier.verify("alice", PASSWORD)
+    assert verifier.checks == 2
+
+
+def test_verify_cache_is_bounded_and_evicts_the_oldest(database: Database) -> None:
+    for name in ("alice", "bob", "carol"):
+        create(database, name)
+    verifier = make_verifier(database, cache_size=2)
+    for name in ("alice", "bob", "carol"):
+        verifier.verify(name, PASSWORD)
+    assert verifier.checks == 3
+    verifier.verify("carol", PASSWORD)
+    verifier.verify("bob", PASSWORD)
+    assert verifier.checks == 3
+    verifier.verify("alice", PASSWORD)
+    assert verifier.checks == 4
+
+
+def test_verify_cache_holds_no_password(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    verifier.verify("alice", PASSWORD)
+    [(name, mac)] = verifier._cache
+    assert name == "alice" and len(mac) == 32 and PASSWORD.encode() not in mac
+    assert PASSWORD not in repr(verifier._cache)
+
+
+def test_verify_concurrent_same_credentials_run_bcrypt_once(database: Database) -> None:
+    expected = create(database)
+    # No cache, so a thread that arrived after the check would run bcrypt again:
+    # only single-flight can keep the count at one.
+    verifier = make_verifier(database, cache_ttl=0, bcrypt_slots=8)
+    verifier.release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def attempt(_i: int) -> AuthenticatedAccount | None:
+        try:
+            entered.release()
+            return verifier.verify("alice", PASSWORD)
+        finally:
+            database.remove_session()
+
+    def open_gate() -> None:
+        for _ in range(8):
+            assert entered.acquire(timeout=10)
+        deadline = time.monotonic() + 10
+        while verifier.checks == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # the last lookups finish and join the flight
+        verifier.release.set()
+
+    gate = threading.Thread(target=open_gate)
+    gate.start()
+    results = run_threads(8, attempt)
+    gate.join(15)
+    assert results == [expected] * 8
+    assert verifier.checks == 1
+
+
+def test_verify_concurrent_wrong_passwords_share_one_failed_check(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database, cache_ttl=0, hold=0.5)
+
+    def attempt(_i: int) -> AuthenticatedAccount | None:
+        try:
+            return verifier.verify("alice", "wrong horse battery staple")
+        finally:
+            database.remove_session()
+
+    assert run_threads(4, attempt) == [None] * 4
+    assert verifier.checks == 1
+
+
+def test_verify_bcrypt_pool_of_one_never_overlaps_checks(database: Database) -> None:
+    names = [f"user{i}" for i in range(4)]
+    for name in names:
+        create(database, name)
+    verifier = make_verifier(database, bcrypt_slots=1, hold=0.05)
+
+    def attempt(i: int) -> AuthenticatedAccount | None:
+        try:
+            return verifier.verify(names[i], PASSWORD)
+        finally:
+            database.remove_session()
+
+    results = run_threads(4, attempt)
+    assert all(result is not None for result in results)
+    assert verifier.checks == 4
+    assert verifier.max_running == 1
+
+
+def test_verify_bcrypt_pool_of_four_lets_checks_overlap(database: Database) -> None:
+    """The control for the test above: the measurement does see overlap when allowed."""
+    names = [f"user{i}" for i in range(4)]
+    for name in names:
+        create(database, name)
+    verifier = make_verifier(database, bcrypt_slots=4, hold=0.3)
+
+    def attempt(i: int) -> AuthenticatedAccount | None:
+        try:
+            return verifier.verify(names[i], PASSWORD)
+        finally:
+            database.remove_session()
+
+    run_threads(4, attempt)
+    assert verifier.max_running > 1
+
+
+def test_verify_database_down_raises_database_unavailable(make_config) -> None:
+    config = make_config("postgresql://u:p@127.0.0.1:1/x", database={"connect_timeout": "1s"})
+    db = Database(config.database)
+    try:
+        verifier = make_verifier(db)
+        with pytest.raises(DatabaseUnavailable):
+            verifier.verify("alice", PASSWORD)
+        assert verifier.checks == 0
+    finally:
+        db.dispose()
+
+
+def test_verifier_rejects_zero_bcrypt_slots(database: Database) -> None:
+    with pytest.raises(ValueError, match="bcrypt_slots"):
+        CredentialVerifier(database, bcrypt_slots=0, dummy_cost=BCRYPT_COST)
