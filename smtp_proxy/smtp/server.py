@@ -16,6 +16,7 @@ a session thread.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import socketserver
@@ -120,6 +121,10 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._active: set[SessionHandler] = set()
         self._pending = 0  # accepted, thread not yet registered
+        # Session threads wait in poll() on their socket and these pipes, so a drain can
+        # wake them without touching a TLS connection from another thread.
+        self.drain_fd, self._drain_w = os.pipe()
+        self.force_fd, self._force_w = os.pipe()
         super().__init__(address, SessionHandler)
 
     @property
@@ -177,22 +182,17 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self.draining.set()
         self.shutdown()
         self.server_close()
+        os.write(self._drain_w, b"x")
         deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                handlers = list(self._active)
-            if not handlers:
-                return
-            force = time.monotonic() >= deadline
-            for handler in handlers:
-                if force or handler.idle:
-                    handler.interrupt()
-            if force:
-                break
+        while self.active_count and time.monotonic() < deadline:
             time.sleep(0.05)
-        end = time.monotonic() + 2.0
-        while self.active_count and time.monotonic() < end:
-            time.sleep(0.05)
+        if self.active_count:
+            os.write(self._force_w, b"x")
+            end = time.monotonic() + 2.0
+            while self.active_count and time.monotonic() < end:
+                time.sleep(0.05)
+        for fd in (self.drain_fd, self._drain_w, self.force_fd, self._force_w):
+            os.close(fd)
 
 
 class SessionHandler(socketserver.BaseRequestHandler):
@@ -210,7 +210,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.outcome = "closed_by_client"
         self.busy = False
         self.started = time.monotonic()
-        self._interrupted = False
+        self._poller = select.poll()
+        self._poller.register(self.sock.fileno(), select.POLLIN)
+        self._poller.register(self.server.drain_fd, select.POLLIN)
+        self._poller.register(self.server.force_fd, select.POLLIN)
         self.server.register(self)
         metrics.ACTIVE_CONNECTIONS.inc()
 
@@ -219,14 +222,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         """Waiting for a command outside a transaction: safe to close while draining."""
         session = self.session
         return not self.busy and (session is None or session.state in (State.GREETED, State.READY))
-
-    def interrupt(self) -> None:
-        """Wake the session thread from recv(); it then answers 421 and closes."""
-        self._interrupted = True
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
 
     def handle(self) -> None:
         with correlation() as cid:
@@ -305,7 +300,23 @@ class SessionHandler(socketserver.BaseRequestHandler):
     def _recv(self) -> bytes | None:
         """The next bytes, or None when the session is over (EOF, timeout, drain)."""
         assert self.session is not None
-        self.sock.settimeout(self.server.config.smtp.read_timeout)
+        timeout = self.server.config.smtp.read_timeout
+        while not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+            ready = {fd for fd, _mask in self._poller.poll(timeout * 1000)}
+            if not ready:
+                self.outcome = "timeout"
+                self._send(self.session.timed_out())
+                return None
+            if self.server.force_fd in ready or (self.server.drain_fd in ready and self.idle):
+                self.outcome = "shutdown"
+                self._send(self.session.shutting_down())
+                return None
+            if self.server.drain_fd in ready:
+                # Busy: finish this transaction; the loop in _run closes it afterwards.
+                self._poller.unregister(self.server.drain_fd)
+            if self.sock.fileno() in ready:
+                break
+        self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(RECV_SIZE)
         except TimeoutError:
@@ -315,9 +326,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         except (ssl.SSLError, OSError):
             data = b""
         if not data:
-            if self._interrupted or self.server.draining.is_set():
-                self.outcome = "shutdown"
-                self._send(self.session.shutting_down())
             return None
         metrics.RECEIVED_BYTES.inc(len(data))
         return data
@@ -399,7 +407,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 },
             )
             return False
-        self.sock = tls_sock
+        self.sock = tls_sock  # same descriptor, so the poller needs no change
         self.tls_version = tls_sock.version()
         cipher = tls_sock.cipher()
         self.tls_cipher = cipher[0] if cipher else None

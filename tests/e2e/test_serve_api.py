@@ -66,7 +66,7 @@ class ApiProcess:
         for line in self.process.stdout:
             self.lines.append(line)
 
-    def wait_for_event(self, event: str, timeout: float = 10.0) -> dict:
+    def wait_for_event(self, event: str, timeout: float = 20.0) -> dict:
         """The first JSON log line with this event, waiting for it to be written."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

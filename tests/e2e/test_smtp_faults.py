@@ -1,0 +1,231 @@
+"""Faults: the database going away mid-send, SIGTERM drain, kill -9 under load."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import free_port, wait_until_accepting
+from tests.e2e.conftest import PASSWORD, Listener, RawClient
+
+SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
+MESSAGE = b"Subject: fault test\r\n\r\nbody\r\n"
+
+
+def test_database_down_gives_451_and_stores_nothing_then_recovers(
+    listener: Listener, smtp_client, postgresql_server
+) -> None:
+    client = smtp_client()
+    client.sendmail("app@example.com", ["a@example.net"], MESSAGE)  # warm: AUTH cached, pool open
+    client.mail("app@example.com")
+    client.rcpt("a@example.net")
+    postgresql_server.stop()
+    try:
+        code, reply = client.data(MESSAGE)
+        assert (code, reply[:5]) == (451, b"4.3.0")
+        client.rset()
+    finally:
+        postgresql_server.start()
+        wait_until_accepting(postgresql_server)
+    # Same connection, same server process: it recovers by itself.
+    deadline = time.monotonic() + 20
+    while True:
+        code, _ = client.mail("app@example.com")
+        client.rcpt("a@example.net")
+        code, reply = client.data(MESSAGE)
+        if code == 250 or time.monotonic() > deadline:
+            break
+        client.rset()
+        time.sleep(0.2)
+    assert code == 250, reply
+    assert len(listener.stored()) == 2
+
+
+class ListenerProcess:
+    """`smtp-proxy serve smtp` as a child process on free ports."""
+
+    def __init__(self, tmp_path: Path, pg_url: str, encryption_key: str, tls_files) -> None:
+        self.port = free_port()
+        cert, key = tls_files
+        self.config = tmp_path / "config.yaml"
+        self.config.write_text(
+            f"""
+smtp:
+  host: 127.0.0.1
+  port: {self.port}
+  hostname: mx.test
+  metrics_port: {free_port()}
+  max_connections: 500
+  max_connections_per_account: 500
+database:
+  url: {pg_url}
+  pool_min: 5
+  pool_max: 40
+  connect_timeout: 2s
+logging:
+  level: info
+tls:
+  cert_file: {cert}
+  key_file: {key}
+security:
+  encryption_key: {encryption_key}
+  bcrypt_cost: 4
+"""
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+        self.log = (tmp_path / "listener.log").open("w+")
+        self.process = subprocess.Popen(
+            [SMTP_PROXY, "--config", str(self.config), "serve", "smtp"],
+            env=env,
+            cwd=tmp_path,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"listener did not start: {self.output()}") from None
+                time.sleep(0.05)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def listener_process(
+    tmp_path: Path, pg_url: str, encryption_key: str, tls_files
+) -> Iterator[ListenerProcess]:
+    process = ListenerProcess(tmp_path, pg_url, encryption_key, tls_files)
+    yield process
+    process.stop()
+
+
+def _as_listener(process: ListenerProcess) -> Listener:
+    return Listener(server=None, database=None, cipher=None, config=None, host="127.0.0.1", port=process.port)  # type: ignore[arg-type]
+
+
+def test_sigterm_drains_idle_now_busy_after_their_message_then_exits_0(
+    listener_process: ListenerProcess, client_tls: ssl.SSLContext
+) -> None:
+    target = _as_listener(listener_process)
+    busy, idle = RawClient("127.0.0.1", listener_process.port), RawClient("127.0.0.1", listener_process.port)
+    try:
+        busy.login(target, client_tls)
+        idle.login(target, client_tls)
+        busy.send(b"MAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n")
+        assert [busy.reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        busy.send(b"Subject: in flight\r\n\r\npart one\r\n")
+        listener_process.process.send_signal(signal.SIGTERM)
+        assert idle.reply().startswith(b"421 4.3.2")
+        # New connections are no longer accepted.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", listener_process.port), timeout=1).close()
+                time.sleep(0.05)
+            except OSError:
+                break
+        else:
+            raise AssertionError("still accepting connections after SIGTERM")
+        busy.send(b"part two\r\n.\r\n")
+        assert busy.reply().startswith(b"250 2.0.0 Ok: queued as")
+        assert busy.reply().startswith(b"421 4.3.2")
+        assert listener_process.process.wait(timeout=35) == 0
+    finally:
+        busy.close()
+        idle.close()
+
+
+def test_kill_9_under_load_loses_no_acknowledged_message(
+    listener_process: ListenerProcess, client_tls: ssl.SSLContext, pg_url: str
+) -> None:
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 20
+
+    def sender() -> None:
+        try:
+            client = smtplib.SMTP("127.0.0.1", listener_process.port, timeout=10)
+            client.starttls(context=client_tls)
+            client.login("tenant", PASSWORD)
+            for _ in range(30):
+                if time.monotonic() > stop_at:
+                    return
+                client.mail("app@example.com")
+                client.rcpt("a@example.net")
+                code, reply = client.data(MESSAGE)
+                match = re.search(rb"queued as ([0-9a-f-]{36})", reply)
+                if code == 250 and match:
+                    with lock:
+                        acknowledged.append(match.group(1).decode())
+        except (smtplib.SMTPException, OSError):
+            return
+
+    _create_tenant(pg_url)
+    threads = [threading.Thread(target=sender) for _ in range(100)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(listener_process.process.pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(acknowledged) >= 200
+    engine = create_engine(pg_url)
+    with engine.connect() as connection:
+        stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM messages"))}
+    engine.dispose()
+    missing = {uuid.UUID(a) for a in acknowledged} - {uuid.UUID(s) for s in stored}
+    assert not missing, f"{len(missing)} acknowledged messages lost"
+
+
+def _create_tenant(pg_url: str) -> None:
+    from smtp_proxy.config import config_from_dict
+    from smtp_proxy.db.session import Database
+    from smtp_proxy.storage import accounts
+
+    database = Database(config_from_dict({"database": {"url": pg_url}}, env={}).database)
+    with database.transaction() as session:
+        if not accounts.list_accounts(session):
+            accounts.create_account(
+                session,
+                name="tenant",
+                email="ops@example.com",
+                allowed_domains=["example.com"],
+                password=PASSWORD,
+                bcrypt_cost=4,
+            )
+    database.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _tenant_for_processes(request: pytest.FixtureRequest) -> None:
+    if "listener_process" in request.fixturenames:
+        _create_tenant(request.getfixturevalue("pg_url"))
