@@ -60,7 +60,11 @@ class ListenerProcess:
 
     def __init__(self, tmp_path: Path, pg_url: str, encryption_key: str, tls_files) -> None:
         self.port = free_port()
-        cert, key = tls_files
+        # Its own copies: a test may overwrite them to simulate a renewal.
+        (tmp_path / "tls").mkdir()
+        cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
+        cert.write_bytes(tls_files[0].read_bytes())
+        key.write_bytes(tls_files[1].read_bytes())
         self.config = tmp_path / "config.yaml"
         self.config.write_text(
             f"""
@@ -229,3 +233,112 @@ def _create_tenant(pg_url: str) -> None:
 def _tenant_for_processes(request: pytest.FixtureRequest) -> None:
     if "listener_process" in request.fixturenames:
         _create_tenant(request.getfixturevalue("pg_url"))
+
+
+def _log_lines(process: ListenerProcess) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in process.output().splitlines() if line.startswith("{")]
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_logs_one_line_per_connection_and_message_without_secrets(
+    listener_process: ListenerProcess, client_tls: ssl.SSLContext
+) -> None:
+    client = smtplib.SMTP("127.0.0.1", listener_process.port, timeout=10)
+    client.starttls(context=client_tls)
+    client.login("tenant", PASSWORD)
+    client.sendmail(
+        "app@example.com", ["a@example.net", "b@example.net"], b"Subject: s\r\n\r\nTOPSECRETBODY\r\n"
+    )
+    client.quit()
+
+    def closes() -> list[dict]:
+        # The start-up probe's connection closes too; ours is the authenticated one.
+        lines = _log_lines(listener_process)
+        return [line for line in lines if line.get("event") == "smtp.disconnect" and line["account"]]
+
+    _wait_for(closes)
+    lines = _log_lines(listener_process)
+    [accepted] = [line for line in lines if line.get("event") == "smtp.message_accepted"]
+    assert accepted["recipients"] == 2 and accepted["code"] == 250 and accepted["sender"] == "app@example.com"
+    [closed] = closes()
+    assert closed["client_ip"] == "127.0.0.1" and closed["account"] == "tenant"
+    assert closed["tls_version"] in ("TLSv1.2", "TLSv1.3") and closed["tls_cipher"]
+    assert closed["outcome"] == "quit" and closed["commands"] >= 6
+    assert closed["correlation_id"] == accepted["correlation_id"]
+    output = listener_process.output()
+    assert "TOPSECRETBODY" not in output and PASSWORD not in output
+
+
+def test_metrics_endpoint_counts_sessions_and_messages(
+    listener_process: ListenerProcess, client_tls: ssl.SSLContext
+) -> None:
+    import urllib.request
+
+    import yaml
+
+    client = smtplib.SMTP("127.0.0.1", listener_process.port, timeout=10)
+    client.starttls(context=client_tls)
+    client.login("tenant", PASSWORD)
+    client.sendmail("app@example.com", ["a@example.net"], MESSAGE)
+    client.quit()
+    port = yaml.safe_load(listener_process.config.read_text())["smtp"]["metrics_port"]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'smtp_proxy_smtp_messages_total{reason="",result="accepted"} 1.0' in body
+    assert "smtp_proxy_smtp_active_connections" in body
+    assert "smtp_proxy_smtp_commit_seconds_count 1.0" in body
+    assert "smtp_proxy_smtp_received_bytes_total" in body
+
+
+def test_limits_follow_the_config_file_without_restart(listener_process: ListenerProcess) -> None:
+    import yaml
+
+    raw = yaml.safe_load(listener_process.config.read_text())
+    raw["smtp"]["max_connections"] = 2
+    listener_process.config.write_text(yaml.safe_dump(raw))
+    _wait_for(lambda: any(line.get("event") == "config.reloaded" for line in _log_lines(listener_process)))
+    held = [RawClient("127.0.0.1", listener_process.port) for _ in range(2)]
+    try:
+        for client in held:
+            assert client.reply().startswith(b"220 ")
+        extra = RawClient("127.0.0.1", listener_process.port)
+        assert extra.reply().startswith(b"421 4.7.0")
+        extra.close()
+    finally:
+        for client in held:
+            client.close()
+
+
+def test_sighup_picks_up_a_renewed_certificate(
+    listener_process: ListenerProcess, tls_files, tmp_path: Path
+) -> None:
+    from smtp_proxy.devcert import write_self_signed
+
+    def served_certificate() -> bytes:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        client = smtplib.SMTP("127.0.0.1", listener_process.port, timeout=10)
+        client.starttls(context=context)
+        der = client.sock.getpeercert(binary_form=True)
+        client.quit()
+        return der
+
+    import yaml
+
+    before = served_certificate()
+    renewed_cert, renewed_key = write_self_signed(tmp_path / "renewed", "localhost")
+    raw = yaml.safe_load(listener_process.config.read_text())
+    # Same paths as an ACME client would use: overwrite the files the config names.
+    Path(raw["tls"]["cert_file"]).write_bytes(renewed_cert.read_bytes())
+    Path(raw["tls"]["key_file"]).write_bytes(renewed_key.read_bytes())
+    listener_process.process.send_signal(signal.SIGHUP)
+    _wait_for(lambda: served_certificate() != before)
