@@ -10,20 +10,12 @@ asks for ``pg_url`` gets a fresh copy of it.
 
 from __future__ import annotations
 
-import glob
 import itertools
 import logging
 import os
-import pwd
-import shutil
-import socket
-import stat
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
 from pytest_postgresql.executors import PostgreSQLExecutor
 from sqlalchemy import create_engine
@@ -32,94 +24,29 @@ from smtp_proxy.config import Config, config_from_dict
 from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.migrate import upgrade
 from smtp_proxy.logs import set_correlation_id
+from tests.pgcluster import PgCluster, PgClusterError, admin_sql, free_port, wait_until_accepting
+
+__all__ = ["free_port", "wait_until_accepting"]
 
 TEMPLATE_DB = "smtp_proxy_template"
 _db_counter = itertools.count()
 
 
-def _pg_bindir() -> Path:
-    explicit = os.environ.get("SMTP_PROXY_TEST_PG_BINDIR")
-    if explicit:
-        return Path(explicit)
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]))
-    candidates = [c for c in candidates if int(Path(c).parts[-3]) >= 15]
-    if not candidates:
-        pytest.exit("PostgreSQL 15+ server binaries not found; ./scripts/test installs them", returncode=3)
-    return Path(candidates[-1]).parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _unprivileged_user() -> pwd.struct_passwd:
-    for name in ("postgres", "nobody"):
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            continue
-    pytest.exit("running as root, but there is no postgres or nobody user for initdb", returncode=3)
-
-
 @pytest.fixture(scope="session")
 def postgresql_server() -> Iterator[PostgreSQLExecutor]:
-    """A PostgreSQL cluster of our own for the whole test session."""
-    bindir = _pg_bindir()
-    base = Path(tempfile.mkdtemp(prefix="smtp-proxy-pg-"))
-    pg_ctl = bindir / "pg_ctl"
-    if os.geteuid() == 0:
-        user = _unprivileged_user()
-        os.chown(base, user.pw_uid, user.pw_gid)
-        wrapper = base / "pg_ctl-as-user"
-        wrapper.write_text(
-            f'#!/bin/sh\ncd "{base}" || exit 1\nexec runuser -u {user.pw_name} -- "{pg_ctl}" "$@"\n'
-        )
-        wrapper.chmod(stat.S_IRWXU)
-        pg_ctl = wrapper
-    executor = PostgreSQLExecutor(
-        executable=str(pg_ctl),
-        host="127.0.0.1",
-        port=free_port(),
-        datadir=str(base / "data"),
-        unixsocketdir=str(base),
-        logfile=str(base / "postgresql.log"),
-        startparams="-w",
-        dbname=TEMPLATE_DB,
-        user="postgres",
-        # Durability is not under test here: a faster cluster keeps the suite short.
-        postgres_options=(
-            "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-            "-c full_page_writes=off -c max_connections=300"
-        ),
-    )
-    executor.start()
+    """A PostgreSQL cluster of our own for the whole test session, with the template migrated."""
     try:
-        wait_until_accepting(executor)
-        _admin(executor, f'CREATE DATABASE "{TEMPLATE_DB}"')
-        engine = create_engine(_url(executor, TEMPLATE_DB))
+        cluster = PgCluster.start(durable=False)
+    except PgClusterError as error:
+        pytest.exit(str(error), returncode=3)
+    try:
+        cluster.admin(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        engine = create_engine(cluster.url(TEMPLATE_DB))
         upgrade(engine)
         engine.dispose()
-        yield executor
+        yield cluster.executor
     finally:
-        executor.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def wait_until_accepting(executor: PostgreSQLExecutor, timeout: float = 30.0) -> None:
-    """The port opens before the server accepts sessions ("the database system is starting up")."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            psycopg2.connect(
-                host="127.0.0.1", port=executor.port, user="postgres", dbname="postgres", connect_timeout=2
-            ).close()
-            return
-        except psycopg2.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+        cluster.stop()
 
 
 def _url(executor: PostgreSQLExecutor, dbname: str) -> str:
@@ -127,14 +54,7 @@ def _url(executor: PostgreSQLExecutor, dbname: str) -> str:
 
 
 def _admin(executor: PostgreSQLExecutor, *statements: str) -> None:
-    connection = psycopg2.connect(host="127.0.0.1", port=executor.port, user="postgres", dbname="postgres")
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            for statement in statements:
-                cursor.execute(statement)
-    finally:
-        connection.close()
+    admin_sql(executor.port, *statements)
 
 
 @pytest.fixture
