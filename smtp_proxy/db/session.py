@@ -33,6 +33,9 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 def make_engine(config: DatabaseConfig) -> Engine:
     """An engine with the configured pool; SQLite in WAL mode with a busy timeout."""
     url = make_url(config.effective_url)
+    if url.drivername == "postgresql":
+        # SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URL; we ship psycopg2.
+        url = url.set(drivername="postgresql+psycopg2")
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)

@@ -266,7 +266,7 @@ class SmtpSession:
         self.connection = Connection(policy)
         self.envelope = Envelope()
         self._buffer = bytearray()
-        self._paused = False
+        self._waiting_for: type | None = None  # the event whose answer is awaited
         self._discarding = False  # inside an overlong command line
         self._login_username = ""
         self._data: _DataReader | None = None
@@ -296,7 +296,7 @@ class SmtpSession:
 
     @property
     def paused(self) -> bool:
-        return self._paused
+        return self._waiting_for is not None
 
     def greeting(self) -> list[Output]:
         return [R.greeting(self.policy.hostname)]
@@ -310,7 +310,8 @@ class SmtpSession:
 
     def tls_started(self) -> list[Output]:
         """The handshake succeeded: RFC 3207 4.2, the client must start over with EHLO."""
-        self._resume()
+        self._resume(TlsRequested)
+        self._buffer.clear()  # nothing received before the handshake may run inside TLS
         self.connection.tls_active = True
         self.connection.helo_name = None
         self.connection.esmtp = False
@@ -319,7 +320,7 @@ class SmtpSession:
         return self._process()
 
     def credentials_checked(self, outcome: AuthOutcome, account: Account | None = None) -> list[Output]:
-        self._resume()
+        self._resume(CredentialsOffered)
         self.state = State.READY
         if outcome is AuthOutcome.OK and account is not None:
             self.connection.account = account
@@ -333,13 +334,13 @@ class SmtpSession:
 
     def message_queued(self, message_id: str) -> list[Output]:
         """The message is committed: only now the 250 (RFC 5321 6.1)."""
-        self._resume()
+        self._resume(MessageReceived)
         self.connection.messages_accepted += 1
         return [R.queued(message_id), *self._process()]
 
     def message_deferred(self) -> list[Output]:
         """Storing failed: 451, nothing was kept; the client may retry."""
-        self._resume()
+        self._resume(MessageReceived)
         self.connection.messages_rejected += 1
         return [R.R451_STORAGE_DOWN, *self._process()]
 
@@ -351,13 +352,13 @@ class SmtpSession:
 
     # --- input framing -----------------------------------------------------------------------------
 
-    def _resume(self) -> None:
-        if not self._paused:
-            raise RuntimeError("no event is waiting for an answer")
-        self._paused = False
+    def _resume(self, event: type) -> None:
+        if self._waiting_for is not event:
+            raise RuntimeError(f"no {event.__name__} is waiting for an answer")
+        self._waiting_for = None
 
-    def _pause(self) -> None:
-        self._paused = True
+    def _pause(self, event: type) -> None:
+        self._waiting_for = event
 
     def _close(self, reply: Reply) -> Reply:
         self.state = State.CLOSED
@@ -366,7 +367,7 @@ class SmtpSession:
 
     def _process(self) -> list[Output]:
         out: list[Output] = []
-        while not self._paused and not self.closed:
+        while self._waiting_for is None and not self.closed:
             if self.state is State.DATA:
                 if not self._feed_data(out):
                     break
@@ -431,7 +432,7 @@ class SmtpSession:
             out.append(reply)
         else:
             out.append(MessageReceived(envelope.sender.address, tuple(envelope.recipients), reader.message()))
-            self._pause()
+            self._pause(MessageReceived)
         return True
 
     # --- commands ----------------------------------------------------------------------------------
@@ -497,7 +498,7 @@ class SmtpSession:
             return [self._error(R.R503_EHLO_FIRST)]
         # CVE-2011-0411: whatever the client pipelined behind STARTTLS is discarded.
         self._buffer.clear()
-        self._pause()
+        self._pause(TlsRequested)
         return [R.R220_TLS_READY, TlsRequested()]
 
     def _on_auth(self, argument: str) -> list[Output]:
@@ -570,7 +571,7 @@ class SmtpSession:
 
     def _offer(self, mechanism: str, username: str, password: str) -> list[Output]:
         self.state = State.READY
-        self._pause()
+        self._pause(CredentialsOffered)
         return [CredentialsOffered(mechanism, username, password)]
 
     def _ready_for_mail(self) -> Reply | None:

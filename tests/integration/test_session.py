@@ -111,3 +111,13 @@ def test_each_thread_gets_its_own_session(database: Database) -> None:
         t.join()
     assert seen["a"] is not seen["b"]
     assert database.sessions() is database.sessions()
+
+
+def test_bare_postgresql_url_uses_psycopg2(pg_url: str, make_config) -> None:
+    """SQLAlchemy 2.1 would pick psycopg 3, which is not a dependency."""
+    db = Database(make_config(pg_url).database)
+    try:
+        assert db.engine.dialect.driver == "psycopg2"
+        assert db.ping()
+    finally:
+        db.dispose()

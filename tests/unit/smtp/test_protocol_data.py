@@ -239,8 +239,15 @@ def test_data_only_bare_lf_lines_are_normalised(authed_driver) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"a\rb\r\n", b"\rstart\r\n", b"end\r\r\n", b"a\r\n\r\r\n", b"x" * 70000 + b"\ry\r\n"],
-    ids=["middle", "line-start", "before-crlf", "alone", "inside-long-line"],
+    [
+        b"a\rb\r\n",
+        b"\rstart\r\n",
+        b"end\r\r\n",
+        b"a\r\n\r\r\n",
+        b"x" * 70000 + b"\ry\r\n",
+        b"x\r" + b"x" * 70000 + b"\r\n",
+    ],
+    ids=["middle", "line-start", "before-crlf", "alone", "end-of-long-line", "start-of-long-line"],
 )
 def test_data_bare_cr_is_rejected_with_554(authed_driver, body: bytes) -> None:
     driver = authed_driver
@@ -351,6 +358,34 @@ def test_data_long_line_ending_in_dot_line_does_not_terminate_early(authed_drive
     assert driver.send(b".\r\n") == []
     message = only_message(driver, driver.send(b".\r\n"))
     assert message.data == b"E" * 100_000 + b".\r\n"
+
+
+def test_data_long_line_of_dots_keeps_all_but_the_first(authed_driver) -> None:
+    driver = authed_driver
+    driver.open_data(SENDER, [RECIPIENT])
+    # Every piece passed on (and the byte kept back) starts with a dot; only the line's first goes.
+    for size in (70_000, 3, 66_000, 1, 50_000):
+        assert driver.send(b"." * size) == []
+    message = only_message(driver, driver.send(b"\r\n.\r\n"))
+    assert message.data == b"." * (70_000 + 3 + 66_000 + 1 + 50_000 - 1) + b"\r\n"
+
+
+def test_data_long_line_split_between_cr_and_lf_is_accepted(authed_driver) -> None:
+    driver = authed_driver
+    driver.open_data(SENDER, [RECIPIENT])
+    # The first receive ends in the CR of the line's CRLF: that CR is not a bare CR.
+    assert driver.send(b"F" * 70_000 + b"\r") == []
+    message = only_message(driver, driver.send(b"\n.\r\n"))
+    assert message.data == b"F" * 70_000 + b"\r\n"
+
+
+def test_data_long_line_split_before_dot_line_end_keeps_dot(authed_driver) -> None:
+    driver = authed_driver
+    driver.open_data(SENDER, [RECIPIENT])
+    assert driver.send(b"G" * 70_000 + b".") == []
+    # The "." kept back is inside the long line, not the start of a line.
+    message = only_message(driver, driver.send(b"x\r\n.\r\n"))
+    assert message.data == b"G" * 70_000 + b".x\r\n"
 
 
 # --- differential check against a line-by-line reference ----------------------------------------

@@ -411,3 +411,20 @@ def test_shutting_down_replies_421_and_closes(driver) -> None:
     assert out[0].close
     assert driver.session.closed
     assert driver.send(b"NOOP\r\n") == []
+
+
+def test_input_received_while_starttls_is_pending_never_runs_inside_tls(driver) -> None:
+    driver.send("EHLO client.test\r\n")
+    driver.send("STARTTLS\r\n")
+    # Plaintext that arrives between the 220 and the handshake (CVE-2011-0411).
+    assert driver.send("MAIL FROM:<a@example.com>\r\n") == []
+    assert driver.session.tls_started() == []
+    assert driver.codes(driver.send("NOOP\r\n")) == [250]
+
+
+def test_answering_the_wrong_event_is_a_caller_error(driver) -> None:
+    driver.send("EHLO client.test\r\n")
+    driver.send("STARTTLS\r\n")
+    with pytest.raises(RuntimeError):
+        driver.session.message_queued("id")
+    assert driver.session.tls_started() == []

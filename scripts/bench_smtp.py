@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""Benchmark of the SMTP submission listener; prints its figures.
+
+Run from the repository root after ./scripts/test has made the venv:
+
+    .venv/bin/python scripts/bench_smtp.py [--seconds 10] [--clients 50] [--idle 5000]
+
+It starts a throwaway PostgreSQL cluster (fsync on: commits are durable, as in
+production) and `smtp-proxy serve smtp` on 127.0.0.1, then drives it with its
+own load generator: several processes of client threads, each session
+STARTTLS + AUTH PLAIN + messages of 10 KB, for a bounded time. Measured:
+
+1. sessions/s and p50/p99 session latency, one message per session;
+2. messages/s with ten messages per session;
+3. the listener's RSS while it holds --idle idle connections, and the latency
+   of new full sessions meanwhile; then the same with 2 x --idle (10,000 by
+   default) held, counting errors.
+
+Everything listens on 127.0.0.1 only, every loop is bounded in count and time,
+and everything started is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import multiprocessing
+import os
+import resource
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import create_engine  # noqa: E402
+
+from smtp_proxy.config import config_from_dict  # noqa: E402
+from smtp_proxy.crypto import generate_encryption_key  # noqa: E402
+from smtp_proxy.db.migrate import upgrade  # noqa: E402
+from smtp_proxy.db.session import Database  # noqa: E402
+from smtp_proxy.devcert import write_self_signed  # noqa: E402
+from smtp_proxy.storage import accounts  # noqa: E402
+from tests.pgcluster import PgCluster, free_port  # noqa: E402
+
+PASSWORD = "bench password 123"
+BODY = (
+    b"From: bench@example.com\r\nTo: sink@example.net\r\nSubject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 130
+)  # about 10 KB
+
+
+class Client:
+    """A lean SMTP client: the commands a mailer sends, with PIPELINING for the envelope."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.buffer = b""
+        self.expect(b"220")
+        self.send(b"EHLO bench.test\r\n")
+        self.expect(b"250")
+        self.send(b"STARTTLS\r\n")
+        self.expect(b"220")
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+        self.send(b"EHLO bench.test\r\n")
+        self.expect(b"250")
+        token = base64.b64encode(f"\0bench\0{PASSWORD}".encode())
+        self.send(b"AUTH PLAIN " + token + b"\r\n")
+        self.expect(b"235")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def expect(self, code: bytes) -> None:
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed")
+                self.buffer += chunk
+            line, _, self.buffer = self.buffer.partition(b"\r\n")
+            if line[3:4] != b"-":
+                if not line.startswith(code):
+                    raise RuntimeError(f"expected {code!r}, got {line!r}")
+                return
+
+    def message(self) -> None:
+        self.send(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")
+        self.expect(b"250")
+        self.expect(b"250")
+        self.expect(b"354")
+        self.send(BODY + b".\r\n")
+        self.expect(b"250")
+
+    def quit(self) -> None:
+        self.send(b"QUIT\r\n")
+        self.expect(b"221")
+        self.sock.close()
+
+
+def _client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _worker(port: int, threads: int, per_session: int, deadline: float, queue: multiprocessing.Queue) -> None:
+    """One load process: `threads` clients in a loop until the deadline; reports latencies."""
+    context = _client_context()
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def loop() -> None:
+        while time.time() < deadline:
+            started = time.perf_counter()
+            try:
+                client = Client(port, context)
+                for _ in range(per_session):
+                    client.message()
+                client.quit()
+            except (OSError, RuntimeError, ConnectionError):
+                with lock:
+                    errors[0] += 1
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    pool = [threading.Thread(target=loop) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    queue.put((latencies, errors[0]))
+
+
+def run_load(port: int, clients: int, per_session: int, seconds: float) -> dict[str, float]:
+    processes = min(4, clients)
+    per_process = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    deadline = time.time() + seconds
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    started = time.perf_counter()
+    workers = [
+        multiprocessing.Process(target=_worker, args=(port, n, per_session, deadline, queue))
+        for n in per_process
+    ]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    elapsed = time.perf_counter() - started
+    latencies = sorted(x for lats, _ in results for x in lats)
+    errors = sum(e for _, e in results)
+    return {
+        "sessions": len(latencies),
+        "sessions_per_s": len(latencies) / elapsed,
+        "messages_per_s": len(latencies) * per_session / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan"),
+        "errors": errors,
+    }
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hold_idle(port: int, count: int, seconds: float = 60) -> tuple[list[socket.socket], int]:
+    """Open `count` connections that read the greeting and then say nothing."""
+    held, errors = [], 0
+    deadline = time.time() + seconds
+    for _ in range(count):
+        if time.time() > deadline:
+            break
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if not sock.recv(256).startswith(b"220"):
+                errors += 1
+            held.append(sock)
+        except OSError:
+            errors += 1
+    return held, errors
+
+
+def sessions_meanwhile(port: int, count: int) -> dict[str, float]:
+    context = _client_context()
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        client = Client(port, context)
+        client.message()
+        client.quit()
+        latencies.append(time.perf_counter() - started)
+    latencies.sort()
+    return {
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each load phase")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients")
+    parser.add_argument("--idle", type=int, default=5000, help="idle connections to hold")
+    args = parser.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the listener too
+    if hard < 2 * args.idle + 1000:
+        print(f"note: open-file limit {hard} caps the idle test", file=sys.stderr)
+
+    cluster = PgCluster.start(durable=True)
+    listener = None
+    workdir = Path(tempfile.mkdtemp(prefix="smtp-proxy-bench-"))
+    try:
+        cluster.admin('CREATE DATABASE "bench"')
+        url = cluster.url("bench")
+        engine = create_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        database = Database(config_from_dict({"database": {"url": url}}, env={}).database)
+        with database.transaction() as session:
+            accounts.create_account(
+                session,
+                name="bench",
+                email="bench@example.com",
+                allowed_domains=["example.com"],
+                password=PASSWORD,
+                bcrypt_cost=12,
+            )
+        database.dispose()
+        cert, key = write_self_signed(workdir / "tls", "localhost")
+        port = free_port()
+        config = workdir / "config.yaml"
+        config.write_text(
+            f"""
+smtp:
+  host: 127.0.0.1
+  port: {port}
+  hostname: bench.test
+  max_connections: {2 * args.idle + 500}
+  max_connections_per_account: {2 * args.idle + 500}
+  read_timeout: 5m
+  metrics_port: null
+database:
+  url: {url}
+  pool_min: 10
+  pool_max: 60
+logging:
+  level: info
+tls:
+  cert_file: {cert}
+  key_file: {key}
+security:
+  encryption_key: {generate_encryption_key()}
+  bcrypt_cost: 12
+"""
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+        listener = subprocess.Popen(
+            [str(Path(sys.executable).parent / "smtp-proxy"), "--config", str(config), "serve", "smtp"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or listener.poll() is not None:
+                    raise SystemExit("the listener did not start") from None
+                time.sleep(0.1)
+        # Warm the credential cache: one bcrypt check, as a legacy mailer's first login would pay.
+        Client(port, _client_context()).quit()
+
+        print(
+            f"smtp-proxy SMTP benchmark: {os.cpu_count()} cores, {args.clients} clients, {args.seconds:.0f} s phases"
+        )
+        one = run_load(port, args.clients, 1, args.seconds)
+        print(
+            f"1 message/session : {one['sessions_per_s']:7.1f} sessions/s   p50 {one['p50_ms']:6.1f} ms   "
+            f"p99 {one['p99_ms']:6.1f} ms   ({one['sessions']} sessions, {one['errors']} errors)"
+        )
+        ten = run_load(port, args.clients, 10, args.seconds)
+        print(
+            f"10 messages/session: {ten['messages_per_s']:7.1f} messages/s  p50 {ten['p50_ms']:6.1f} ms   "
+            f"p99 {ten['p99_ms']:6.1f} ms   ({ten['sessions']} sessions, {ten['errors']} errors)"
+        )
+        base_rss = rss_mib(listener.pid)
+        for count in (args.idle, 2 * args.idle):
+            held, errors = hold_idle(port, count)
+            time.sleep(1)
+            rss = rss_mib(listener.pid)
+            meanwhile = sessions_meanwhile(port, 100)
+            print(
+                f"{len(held):5d} idle held  : RSS {rss:6.1f} MiB (was {base_rss:.1f})   new session meanwhile "
+                f"p50 {meanwhile['p50_ms']:5.1f} ms  p99 {meanwhile['p99_ms']:5.1f} ms   ({errors} errors)"
+            )
+            for sock in held:
+                sock.close()
+            time.sleep(2)
+    finally:
+        if listener is not None and listener.poll() is None:
+            listener.send_signal(signal.SIGTERM)
+            try:
+                listener.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                listener.kill()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
