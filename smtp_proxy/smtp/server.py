@@ -226,7 +226,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         with correlation() as cid:
             self.correlation_id = cid
-            log.info("connection opened", extra={"event": "smtp.connect", "client_ip": self.client_ip})
+            # The close line carries the whole story; this one only helps to debug a hang.
+            log.debug("connection opened", extra={"event": "smtp.connect", "client_ip": self.client_ip})
             try:
                 self._run()
             except Exception:
@@ -450,7 +451,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             )
             return self.session.credentials_checked(AuthOutcome.TOO_MANY_SESSIONS)
         self.account = account
-        log.info("authenticated", extra={"event": "smtp.auth_ok", "client_ip": ip, "account": account.name})
+        log.debug("authenticated", extra={"event": "smtp.auth_ok", "client_ip": ip, "account": account.name})
         return self.session.credentials_checked(AuthOutcome.OK, account)
 
     def _enqueue(self, message: MessageReceived) -> list[Output]:

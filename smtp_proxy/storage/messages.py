@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import email.errors
 import email.header
-import email.parser
-import email.policy
 import re
 import uuid
+from typing import NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import Message, MessageStatus
+from smtp_proxy.db.types import utcnow
 from smtp_proxy.errors import NotFound
 
 MAX_HEADER_FIELDS = 200
@@ -31,26 +32,48 @@ def body_aad(message_id: uuid.UUID) -> bytes:
     return b"messages.body_encrypted:" + message_id.bytes
 
 
-def _clean(text: str, limit: int) -> str:
-    """Text a JSON column accepts: valid UTF-8 (undecodable bytes replaced), no NUL."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return text.replace("\x00", "\ufffd")[:limit]
+def _text(raw: bytes, limit: int) -> str:
+    """Text a JSON column accepts: valid UTF-8 (other bytes replaced), no NUL."""
+    return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")[:limit]
 
 
-def _unfold(value: str) -> str:
-    return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+# A header field name: printable ASCII but for the colon (RFC 5322 2.2).
+_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+):")
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
 def parse_headers(data: bytes) -> tuple[list[list[str]], str | None]:
-    """The header fields as [name, value] pairs and the decoded Subject, if any.
+    """The header fields as [name, value] pairs (unfolded) and the decoded Subject, if any.
 
-    Raw values are used so that UTF-8 header text (RFC 6532) survives; only
-    bytes that are not UTF-8 are replaced.
+    Runs once per accepted message, so it reads only the header block, by hand,
+    rather than through the email package's full parser. Raw values are kept so
+    that UTF-8 header text (RFC 6532) survives; only bytes that are not UTF-8
+    are replaced. The first line that is not a field ends the header block.
     """
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+    fields: list[tuple[bytes, bytes]] = []
+    if data.startswith((b"\r\n", b"\n")):
+        return [], None
+    blank = _BLANK_LINE.search(data)
+    head = data[: blank.start() + 1] if blank else data
+    for number, line in enumerate(head.split(b"\n")):
+        line = line[:-1] if line.endswith(b"\r") else line
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                break
+            name, value = fields[-1]
+            fields[-1] = (name, value + line)  # unfolding keeps the leading white space
+            continue
+        match = _FIELD.match(line)
+        if match is None:
+            if number == 0 and line.startswith(b"From "):
+                continue  # an mbox "From " line, not a field
+            break
+        fields.append((match.group(1), line[match.end() :]))
     headers = [
-        [_clean(name, 200), _clean(_unfold(value), MAX_HEADER_VALUE)]
-        for name, value in list(parsed.raw_items())[:MAX_HEADER_FIELDS]
+        [_text(name, 200), _text(value.strip(), MAX_HEADER_VALUE)]
+        for name, value in fields[:MAX_HEADER_FIELDS]
     ]
     raw_subject = next((value for name, value in headers if name.lower() == "subject"), None)
     if raw_subject is None:
@@ -59,11 +82,16 @@ def parse_headers(data: bytes) -> tuple[list[list[str]], str | None]:
         subject = str(email.header.make_header(email.header.decode_header(raw_subject)))
     except (email.errors.HeaderParseError, UnicodeError, LookupError, ValueError):
         subject = raw_subject
-    return headers, _clean(" ".join(subject.split()), MAX_SUBJECT)
+    return headers, " ".join(subject.split())[:MAX_SUBJECT]
+
+
+class EnqueuedMessage(NamedTuple):
+    id: uuid.UUID
+    size: int
 
 
 def enqueue_message(
-    session: Session,
+    session: Session | Connection,
     cipher: Cipher,
     *,
     account_id: uuid.UUID,
@@ -71,26 +99,34 @@ def enqueue_message(
     recipients: list[str],
     data: bytes,
     correlation_id: str,
-) -> Message:
-    """Add a queued message (body encrypted); committed by the caller."""
+) -> EnqueuedMessage:
+    """Insert a queued message (body encrypted); committed by the caller.
+
+    A single Core INSERT rather than the ORM's unit of work: this runs once per
+    accepted message, between the end of DATA and the 250.
+    """
     headers, subject = parse_headers(data)
     message_id = uuid.uuid4()
-    message = Message(
-        id=message_id,
-        account_id=account_id,
-        sender=sender,
-        recipients=list(recipients),
-        subject=subject,
-        headers=headers,
-        body_encrypted=cipher.encrypt(data, body_aad(message_id)),
-        size=len(data),
-        status=MessageStatus.QUEUED,
-        correlation_id=correlation_id,
-        attempts=0,
+    now = utcnow()
+    session.execute(
+        insert(Message).values(
+            id=message_id,
+            account_id=account_id,
+            sender=sender,
+            recipients=list(recipients),
+            subject=subject,
+            headers=headers,
+            body_encrypted=cipher.encrypt(data, body_aad(message_id)),
+            size=len(data),
+            status=MessageStatus.QUEUED,
+            correlation_id=correlation_id,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+        )
     )
-    session.add(message)
-    session.flush()
-    return message
+    return EnqueuedMessage(message_id, len(data))
 
 
 def get_message(session: Session, message_id: uuid.UUID, account_id: uuid.UUID | None = None) -> Message:

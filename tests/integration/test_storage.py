@@ -813,9 +813,8 @@ def test_message_body_is_bound_to_its_message(database: Database, cipher: Cipher
     first = enqueue(database, cipher, owner.id)
     second = enqueue(database, cipher, owner.id, b"Subject: other\r\n\r\nother\r\n")
     with database.transaction() as session:
-        session.execute(
-            update(Message).where(Message.id == second.id).values(body_encrypted=first.body_encrypted)
-        )
+        first_blob = session.scalar(select(Message.body_encrypted).where(Message.id == first.id))
+        session.execute(update(Message).where(Message.id == second.id).values(body_encrypted=first_blob))
     with fresh(database) as session:
         with pytest.raises(DecryptionError):
             messages.message_body(cipher, messages.get_message(session, second.id))
