@@ -270,23 +270,6 @@ class SmtpSession:
         self._discarding = False  # inside an overlong command line
         self._login_username = ""
         self._data: _DataReader | None = None
-        self._verbs = {
-            "EHLO": self._on_ehlo,
-            "HELO": self._on_helo,
-            "STARTTLS": self._on_starttls,
-            "AUTH": self._on_auth,
-            "MAIL": self._on_mail,
-            "RCPT": self._on_rcpt,
-            "DATA": self._on_data,
-            "RSET": self._on_rset,
-            "NOOP": self._on_noop,
-            "QUIT": self._on_quit,
-            "VRFY": self._on_vrfy,
-            "HELP": self._on_help,
-            "EXPN": self._on_not_implemented,
-            "ETRN": self._on_not_implemented,
-            "TURN": self._on_not_implemented,
-        }
 
     # --- the caller's side -------------------------------------------------------------------------
 
@@ -448,10 +431,10 @@ class SmtpSession:
         except UnicodeDecodeError:
             return [self._error(R.R500_UNRECOGNIZED)]
         verb, _, argument = line.partition(" ")
-        handler = self._verbs.get(verb.upper())
+        handler = _VERBS.get(verb.upper())
         if handler is None:
             return [self._error(R.R500_UNRECOGNIZED)]
-        return handler(argument.strip())
+        return handler(self, argument.strip())
 
     def _error(self, reply: Reply) -> Reply:
         """A client error; too many of them end the session (a confused or hostile client)."""
@@ -661,3 +644,23 @@ class SmtpSession:
 
     def _on_not_implemented(self, argument: str) -> list[Output]:
         return [self._error(R.R502_NOT_IMPLEMENTED)]
+
+
+# The command set in one place; a class-level table, so a session costs no bound methods.
+_VERBS = {
+    "EHLO": SmtpSession._on_ehlo,
+    "HELO": SmtpSession._on_helo,
+    "STARTTLS": SmtpSession._on_starttls,
+    "AUTH": SmtpSession._on_auth,
+    "MAIL": SmtpSession._on_mail,
+    "RCPT": SmtpSession._on_rcpt,
+    "DATA": SmtpSession._on_data,
+    "RSET": SmtpSession._on_rset,
+    "NOOP": SmtpSession._on_noop,
+    "QUIT": SmtpSession._on_quit,
+    "VRFY": SmtpSession._on_vrfy,
+    "HELP": SmtpSession._on_help,
+    "EXPN": SmtpSession._on_not_implemented,
+    "ETRN": SmtpSession._on_not_implemented,
+    "TURN": SmtpSession._on_not_implemented,
+}

@@ -202,6 +202,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def setup(self) -> None:
         self.sock: socket.socket = self.request
+        # Replies are written whole; Nagle would only hold them back for the client's ACK.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client_ip = str(self.client_address[0])
         self.session: SmtpSession | None = None
         self.account: AuthenticatedAccount | None = None
