@@ -7,9 +7,7 @@ instances started together (or an operator and a deploy script) can all run
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -18,9 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
 
-from smtp_proxy.db.session import translate
+from smtp_proxy.db.session import translated_errors
 
 
 def _migrations_root() -> Path:
@@ -50,19 +47,8 @@ def head_revision() -> str | None:
 
 def current_revision(engine: Engine) -> str | None:
     """Raises DatabaseUnavailable when the database does not answer."""
-    with _translated(), engine.connect() as connection:
+    with translated_errors(), engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
-
-
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except SQLAlchemyError as error:
-        translated = translate(error)
-        if translated is error:
-            raise
-        raise translated from error
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
@@ -70,7 +56,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
 
     Raises DatabaseUnavailable when the database does not answer.
     """
-    with _translated(), engine.connect() as connection:
+    with translated_errors(), engine.connect() as connection:
         postgres = connection.dialect.name == "postgresql"
         if postgres:
             connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _ADVISORY_LOCK_ID})

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from smtp_proxy.config import DatabaseConfig
@@ -102,25 +102,23 @@ class Database:
         """
         session = self.sessions()
         try:
-            yield session
-            session.commit()
-        except exc.SQLAlchemyError as error:
-            _rollback_quietly(session)
-            translated = translate(error)
-            if translated is error:
-                raise
-            if isinstance(translated, DatabaseUnavailable):
-                log.warning(
-                    "database unavailable",
-                    extra={
-                        "event": "db.unavailable",
-                        "error_class": type(getattr(error, "orig", None) or error).__name__,
-                    },
-                )
-            raise translated from error
+            with translated_errors():
+                yield session
+                session.commit()
         except BaseException:
             _rollback_quietly(session)
             raise
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A Core connection inside one transaction, for the listeners' hot paths.
+
+        The same contract as ``transaction()`` without the ORM session's unit of
+        work: used for the one INSERT behind each 250 and the one SELECT behind
+        each AUTH.
+        """
+        with translated_errors(), self.engine.begin() as connection:
+            yield connection
 
     def ping(self) -> bool:
         """True when the database answers a trivial query now."""
@@ -138,6 +136,26 @@ class Database:
     def dispose(self) -> None:
         self.sessions.remove()
         self.engine.dispose()
+
+
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """Re-raise driver errors as DatabaseUnavailable or Conflict (others unchanged)."""
+    try:
+        yield
+    except exc.SQLAlchemyError as error:
+        translated = translate(error)
+        if translated is error:
+            raise
+        if isinstance(translated, DatabaseUnavailable):
+            log.warning(
+                "database unavailable",
+                extra={
+                    "event": "db.unavailable",
+                    "error_class": type(getattr(error, "orig", None) or error).__name__,
+                },
+            )
+        raise translated from error
 
 
 def _rollback_quietly(session: Session) -> None:

@@ -460,9 +460,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
         assert self.session is not None and self.account is not None
         started = time.perf_counter()
         try:
-            with self.server.database.transaction() as session:
+            with self.server.database.begin() as connection:
                 row = enqueue_message(
-                    session,
+                    connection,
                     self.server.cipher,
                     account_id=self.account.id,
                     sender=message.sender,

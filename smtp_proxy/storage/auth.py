@@ -10,7 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from smtp_proxy import validation
@@ -26,7 +27,13 @@ class Login(NamedTuple):
     active: bool
 
 
-def find_login(session: Session, name: str) -> Login | None:
+_accounts = Account.__table__.c
+_LOGIN = select(
+    _accounts.id, _accounts.name, _accounts.password_hash, _accounts.allowed_domains, _accounts.active
+).where(_accounts.name == bindparam("name"))
+
+
+def find_login(session: Session | Connection, name: str) -> Login | None:
     """The login columns of the account called ``name``, or None when there is none.
 
     A name no account could have (wrong characters, too long, a NUL byte) is
@@ -37,8 +44,7 @@ def find_login(session: Session, name: str) -> Login | None:
         validation.account_name(name)
     except ValidationError:
         return None
-    columns = (Account.id, Account.name, Account.password_hash, Account.allowed_domains, Account.active)
-    row = session.execute(select(*columns).where(Account.name == name)).one_or_none()
+    row = session.execute(_LOGIN, {"name": name}).one_or_none()
     if row is None:
         return None
     return Login(row.id, row.name, row.password_hash, list(row.allowed_domains or ()), bool(row.active))

@@ -85,6 +85,10 @@ def parse_headers(data: bytes) -> tuple[list[list[str]], str | None]:
     return headers, " ".join(subject.split())[:MAX_SUBJECT]
 
 
+# A plain Core statement, compiled once and cached; the values travel as parameters.
+_INSERT = insert(Message.__table__)
+
+
 class EnqueuedMessage(NamedTuple):
     id: uuid.UUID
     size: int
@@ -109,7 +113,8 @@ def enqueue_message(
     message_id = uuid.uuid4()
     now = utcnow()
     session.execute(
-        insert(Message).values(
+        _INSERT,
+        dict(
             id=message_id,
             account_id=account_id,
             sender=sender,
@@ -124,7 +129,7 @@ def enqueue_message(
             next_attempt_at=now,
             created_at=now,
             updated_at=now,
-        )
+        ),
     )
     return EnqueuedMessage(message_id, len(data))
 
