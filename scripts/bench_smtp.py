@@ -171,6 +171,12 @@ def run_load(port: int, clients: int, per_session: int, seconds: float) -> dict[
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -293,15 +299,20 @@ security:
 
         cores, phase = os.cpu_count(), f"{args.seconds:.0f} s"
         print(f"smtp-proxy SMTP benchmark: {cores} cores, {args.clients} clients, {phase} phases")
+        cpu = cpu_seconds(listener.pid)
         one = run_load(port, args.clients, 1, args.seconds)
+        cpu, used = cpu_seconds(listener.pid), cpu_seconds(listener.pid) - cpu
         print(
             f"1 message/session : {one['sessions_per_s']:7.1f} sessions/s   p50 {one['p50_ms']:6.1f} ms   "
-            f"p99 {one['p99_ms']:6.1f} ms   ({one['sessions']} sessions, {one['errors']} errors)"
+            f"p99 {one['p99_ms']:6.1f} ms   ({one['sessions']} sessions, {one['errors']} errors; "
+            f"listener CPU {used * 1000 / max(one['sessions'], 1):.2f} ms/session)"
         )
         ten = run_load(port, args.clients, 10, args.seconds)
+        used = cpu_seconds(listener.pid) - cpu
         print(
             f"10 messages/session: {ten['messages_per_s']:7.1f} messages/s  p50 {ten['p50_ms']:6.1f} ms   "
-            f"p99 {ten['p99_ms']:6.1f} ms   ({ten['sessions']} sessions, {ten['errors']} errors)"
+            f"p99 {ten['p99_ms']:6.1f} ms   ({ten['sessions']} sessions, {ten['errors']} errors; "
+            f"listener CPU {used * 1000 / max(ten['sessions'] * 10, 1):.2f} ms/message)"
         )
         base_rss = rss_mib(listener.pid)
         for count in (args.idle, 2 * args.idle):
