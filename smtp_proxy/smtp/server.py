@@ -201,9 +201,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
     server: SmtpServer
 
     def setup(self) -> None:
+        # Nothing here may fail before register(): finish() only runs once setup() returned.
+        self.server.register(self)
+        metrics.ACTIVE_CONNECTIONS.inc()
         self.sock: socket.socket = self.request
-        # Replies are written whole; Nagle would only hold them back for the client's ACK.
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client_ip = str(self.client_address[0])
         self.session: SmtpSession | None = None
         self.account: AuthenticatedAccount | None = None
@@ -213,11 +214,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.busy = False
         self.started = time.monotonic()
         self._poller = select.poll()
-        self._poller.register(self.sock.fileno(), select.POLLIN)
-        self._poller.register(self.server.drain_fd, select.POLLIN)
-        self._poller.register(self.server.force_fd, select.POLLIN)
-        self.server.register(self)
-        metrics.ACTIVE_CONNECTIONS.inc()
 
     @property
     def idle(self) -> bool:
@@ -265,6 +261,11 @@ class SessionHandler(socketserver.BaseRequestHandler):
         )
 
     def _run(self) -> None:
+        # Replies are written whole; Nagle would only hold them back for the client's ACK.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._poller.register(self.sock.fileno(), select.POLLIN)
+        self._poller.register(self.server.drain_fd, select.POLLIN)
+        self._poller.register(self.server.force_fd, select.POLLIN)
         if self.server.implicit_tls:
             if not self._handshake():
                 return
@@ -294,11 +295,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def _talked_first(self) -> bool:
         """A client that sends before our greeting is broken or a bot (RFC 5321 3.1)."""
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return bool(readable)
+        probe = select.poll()  # not select(): descriptors beyond 1024 are normal here
+        probe.register(self.sock.fileno(), select.POLLIN)
+        return bool(probe.poll(0))
 
     def _recv(self) -> bytes | None:
         """The next bytes, or None when the session is over (EOF, timeout, drain)."""
