@@ -12,7 +12,9 @@ STARTTLS + AUTH PLAIN + messages of 10 KB, for a bounded time. Measured:
 
 1. sessions/s and p50/p99 session latency, one message per session;
 2. messages/s with ten messages per session;
-3. the listener's RSS while it holds --idle idle connections, and the latency
+3. AUTH with a cold credential cache (bcrypt cost 12 each time), and the
+   latency of an already-verified account's sessions meanwhile;
+4. the listener's RSS while it holds --idle idle connections, and the latency
    of new full sessions meanwhile; then the same with 2 x --idle (10,000 by
    default) held, counting errors.
 
@@ -41,11 +43,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import create_engine  # noqa: E402
+import uuid  # noqa: E402
+
+from sqlalchemy import create_engine, insert, select  # noqa: E402
 
 from smtp_proxy.config import config_from_dict  # noqa: E402
 from smtp_proxy.crypto import generate_encryption_key  # noqa: E402
 from smtp_proxy.db.migrate import upgrade  # noqa: E402
+from smtp_proxy.db.models import Account  # noqa: E402
 from smtp_proxy.db.session import Database  # noqa: E402
 from smtp_proxy.devcert import write_self_signed  # noqa: E402
 from smtp_proxy.storage import accounts  # noqa: E402
@@ -60,7 +65,7 @@ BODY = (
 class Client:
     """A lean SMTP client: the commands a mailer sends, with PIPELINING for the envelope."""
 
-    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+    def __init__(self, port: int, context: ssl.SSLContext, user: str = "bench") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
@@ -72,7 +77,7 @@ class Client:
         self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
         self.send(b"EHLO bench.test\r\n")
         self.expect(b"250")
-        token = base64.b64encode(f"\0bench\0{PASSWORD}".encode())
+        token = base64.b64encode(f"\0{user}\0{PASSWORD}".encode())
         self.send(b"AUTH PLAIN " + token + b"\r\n")
         self.expect(b"235")
 
@@ -217,6 +222,60 @@ def sessions_meanwhile(port: int, count: int) -> dict[str, float]:
     }
 
 
+def add_cold_accounts(url: str, count: int) -> None:
+    """Accounts sharing the bench password hash: each one's first AUTH pays a bcrypt check."""
+    engine = create_engine(url)
+    table = Account.__table__
+    with engine.begin() as connection:
+        row = connection.execute(select(table).where(table.c.name == "bench")).one()._asdict()
+        rows = [
+            {**row, "id": uuid.uuid4(), "name": f"cold-{n}", "api_key_digest": uuid.uuid4().hex * 2}
+            for n in range(count)
+        ]
+        connection.execute(insert(table), rows)
+    engine.dispose()
+
+
+def cold_auth(port: int, accounts: int, seconds: float) -> dict[str, float]:
+    """Logins with a cold cache (each account once, 10 at a time) beside a verified account's sessions."""
+    context = _client_context()
+    names = iter(f"cold-{n}" for n in range(accounts))
+    lock = threading.Lock()
+    done, warm = [0], []
+    deadline = time.time() + seconds
+
+    def cold() -> None:
+        while time.time() < deadline:
+            with lock:
+                name = next(names, None)
+            if name is None:
+                return
+            Client(port, context, user=name).quit()
+            with lock:
+                done[0] += 1
+
+    def verified() -> None:
+        while time.time() < deadline:
+            started = time.perf_counter()
+            client = Client(port, context)
+            client.message()
+            client.quit()
+            warm.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=cold) for _ in range(10)] + [threading.Thread(target=verified)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    warm.sort()
+    return {
+        "auth_per_s": done[0] / (time.perf_counter() - started),
+        "warm_p50_ms": statistics.median(warm) * 1000,
+        "warm_p99_ms": warm[int(len(warm) * 0.99) - 1] * 1000,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,6 +310,7 @@ def main() -> None:
                 bcrypt_cost=12,
             )
         database.dispose()
+        add_cold_accounts(url, 2000)
         cert, key = write_self_signed(workdir / "tls", "localhost")
         port = free_port()
         config = workdir / "config.yaml"
@@ -313,6 +373,11 @@ security:
             f"10 messages/session: {ten['messages_per_s']:7.1f} messages/s  p50 {ten['p50_ms']:6.1f} ms   "
             f"p99 {ten['p99_ms']:6.1f} ms   ({ten['sessions']} sessions, {ten['errors']} errors; "
             f"listener CPU {used * 1000 / max(ten['sessions'] * 10, 1):.2f} ms/message)"
+        )
+        cold = cold_auth(port, 2000, args.seconds)
+        print(
+            f"cold-cache AUTH    : {cold['auth_per_s']:7.1f} logins/s (bcrypt cost 12); a verified account's "
+            f"sessions meanwhile p50 {cold['warm_p50_ms']:.1f} ms  p99 {cold['warm_p99_ms']:.1f} ms"
         )
         base_rss = rss_mib(listener.pid)
         for count in (args.idle, 2 * args.idle):
