@@ -33,6 +33,9 @@ def make_server_context(config: TlsConfig) -> ssl.SSLContext:
     context.options |= ssl.OP_SINGLE_ECDH_USE
     # Client-initiated renegotiation is a CPU sink for a TLS 1.2 client; absent on old OpenSSL.
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    # TLS 1.3 sends session tickets after every handshake (two by default), each
+    # a cost most mailers never redeem; one keeps resumption for those that do.
+    context.num_tickets = 1
     _load_cert_chain(context, config)
     return context
 
