@@ -397,14 +397,17 @@ def serve_api(ctx: click.Context) -> None:
         where = f"{config.api.host}:{config.api.port}"
         raise Failure(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
-    signal.signal(signal.SIGTERM, _raise_stop)
+    # waitress re-raises SystemExit from any callback and then closes itself
+    # cleanly; another exception raised by a signal handler could be swallowed
+    # by the dispatcher that happened to be running.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     logging.getLogger("smtp_proxy.api").info(
         "api listening",
         extra={"event": "api.listening", "host": config.api.host, "port": int(server.effective_port)},
     )
     try:
         server.run()
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:
         pass
     finally:
         server.close()
@@ -432,12 +435,8 @@ def serve_smtp(ctx: click.Context) -> None:
             watcher.stop()
 
 
-class _Stop(Exception):
-    """Raised in the main thread by SIGTERM to leave the server loop."""
-
-
-def _raise_stop(_sig: int, _frame: Any) -> None:
-    raise _Stop
+def _exit_cleanly(_sig: int, _frame: Any) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

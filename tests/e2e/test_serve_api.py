@@ -251,3 +251,35 @@ def test_second_server_on_a_busy_port_fails_in_one_line(api: ApiProcess, clean_e
     assert "cannot listen on 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
     status, _headers, _body = _get(api.base + "/healthz")
     assert status == 200
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigterm_during_requests_always_exits_0(
+    tmp_path: Path, pg_url: str, encryption_key: str, clean_env: dict[str, str], attempt: int
+) -> None:
+    """A stop signal that lands inside a request handler must not be swallowed."""
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    _write_config(config, port, pg_url, encryption_key)
+    server = ApiProcess(config, port, clean_env)
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                urllib.request.urlopen(server.base + "/readyz", timeout=2).close()
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3 + attempt * 0.1)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=5)
+        server.stop()
