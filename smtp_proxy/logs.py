@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import sys
 import uuid
@@ -64,7 +65,9 @@ def correlation(correlation_id: str | None = None) -> Iterator[str]:
         _correlation_id.reset(token)
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_secret(name: str) -> bool:
+    """Field names are few and repeat on every line: decide each one once."""
     lowered = name.lower()
     return lowered in SECRET_FIELDS or any(fragment in lowered for fragment in SECRET_FRAGMENTS)
 

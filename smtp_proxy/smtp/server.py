@@ -266,6 +266,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
     def _run(self) -> None:
         # Replies are written whole; Nagle would only hold them back for the client's ACK.
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Set once: reads wait in poll() with read_timeout, so the socket timeout
+        # bounds writes (and the tail of a TLS record), not idle clients.
+        self.sock.settimeout(self.server.config.smtp.write_timeout)
         self._poller.register(self.sock.fileno(), select.POLLIN)
         self._poller.register(self.server.drain_fd, select.POLLIN)
         self._poller.register(self.server.force_fd, select.POLLIN)
@@ -321,8 +324,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 self._poller.unregister(self.server.drain_fd)
             if self.sock.fileno() in ready:
                 break
-        self.sock.settimeout(timeout)
-        try:
+        try:  # readable now; the socket's own timeout only bounds the rest of a TLS record
             data = self.sock.recv(RECV_SIZE)
         except TimeoutError:
             self.outcome = "timeout"
@@ -366,7 +368,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         return self._write(b"".join(batch)) if batch else True
 
     def _write(self, data: bytes) -> bool:
-        self.sock.settimeout(self.server.config.smtp.write_timeout)
         try:
             self.sock.sendall(data)
             return True
@@ -400,6 +401,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             tls_sock = holder.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             tls_sock.settimeout(self.server.config.smtp.read_timeout)
             tls_sock.do_handshake()
+            tls_sock.settimeout(self.server.config.smtp.write_timeout)
         except (ssl.SSLError, OSError) as error:
             self.outcome = "tls_failed"
             metrics.TLS_FAILURES.inc()
