@@ -81,6 +81,10 @@ class ConfigWatcher:
             if self._stopped:
                 return False
             try:
+                if self._path.exists() and self._path.stat().st_size == 0:
+                    # Editors truncate, then write: an empty file here is a write in
+                    # progress, not a wish for the defaults (the next event brings the rest).
+                    raise ConfigError("--config", f"{self._path} is empty; waiting for its contents")
                 new = load_config(self._config.source)
             except ConfigError as exc:
                 log.error(

@@ -203,8 +203,9 @@ def test_reloaded_logged_with_changed_and_restart_keys(
         ("logging:\n  levle: debug\n", "logging.levle"),
         ("logging:\n  level: loud\n", "logging.level"),
         ("smtp:\n  port: 0\n", "smtp.port"),
+        ("", "--config"),
     ],
-    ids=["bad_yaml", "unknown_key", "bad_choice", "bad_port"],
+    ids=["bad_yaml", "unknown_key", "bad_choice", "bad_port", "empty_mid_write"],
 )
 def test_invalid_file_logged_and_ignored(
     config_file: Path,
