@@ -1,0 +1,67 @@
+"""The layering rules of the package, checked on the source (STYLE: a pure core, thin adapters)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "smtp_proxy"
+CORE = ["smtp/protocol.py", "smtp/replies.py", "smtp/addresses.py", "smtp/sasl.py"]
+CORE_ALLOWED = {
+    "__future__",
+    "binascii",
+    "base64",
+    "collections.abc",
+    "dataclasses",
+    "enum",
+    "ipaddress",
+    "re",
+    "typing",
+    "smtp_proxy.smtp",
+    "smtp_proxy.smtp.replies",
+    "smtp_proxy.smtp.addresses",
+    "smtp_proxy.smtp.sasl",
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_protocol_core_imports_only_the_standard_library_it_needs(module: str) -> None:
+    """No socket, ssl, threading, database or config in the core: every RFC corner stays unit-testable."""
+    assert imports_of(PACKAGE / module) <= CORE_ALLOWED
+
+
+def test_nothing_imports_the_cli() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        if path.name not in ("cli.py", "__main__.py"):
+            assert "smtp_proxy.cli" not in imports_of(path), path
+
+
+@pytest.mark.parametrize(("layer", "forbidden"), [("api", "smtp_proxy.smtp"), ("smtp", "smtp_proxy.api")])
+def test_listeners_do_not_import_each_other(layer: str, forbidden: str) -> None:
+    for path in (PACKAGE / layer).rglob("*.py"):
+        assert not any(name.startswith(forbidden) for name in imports_of(path)), path
+
+
+def test_only_storage_and_db_build_queries() -> None:
+    """Adapters call the storage layer; they do not import SQL constructors themselves."""
+    for layer in ("smtp", "api"):
+        for path in (PACKAGE / layer).rglob("*.py"):
+            assert "sqlalchemy.sql" not in imports_of(path), path
+            assert not any(
+                isinstance(node, ast.ImportFrom)
+                and node.module == "sqlalchemy"
+                and {a.name for a in node.names} & {"select", "insert", "update", "delete", "text"}
+                for node in ast.walk(ast.parse(path.read_text()))
+            ), path
