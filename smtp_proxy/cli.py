@@ -382,6 +382,7 @@ def serve_api(ctx: click.Context) -> None:
     configure_logging(config.logging)
     watcher = start_watcher(config)
     app = ctx.ensure_object(ScriptInfo).load_app()
+    runtime_of(ctx).database.warm()
     try:
         server = waitress.create_server(
             app,
@@ -426,6 +427,7 @@ def serve_smtp(ctx: click.Context) -> None:
     config = runtime.config
     configure_logging(config.logging)
     watcher = start_watcher(config)
+    runtime.database.warm()
     try:
         run(config, runtime.database, watcher)
     except OSError as exc:

@@ -98,7 +98,10 @@ class PgCluster:
             wrapper.chmod(stat.S_IRWXU)
             pg_ctl = wrapper
         options = f"-c listen_addresses=127.0.0.1 -c max_connections={max_connections}"
-        if not durable:
+        if durable:
+            # pytest-postgresql's executor always passes -F (fsync off); a later -c wins.
+            options += " -c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+        else:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         executor = PostgreSQLExecutor(
             executable=str(pg_ctl),

@@ -46,10 +46,13 @@ def make_engine(config: DatabaseConfig) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
+    # Every connection the pool opens stays in it for reuse (no overflow): a
+    # connection closed on return would cost a new PostgreSQL backend (a fork
+    # and a cold catalog cache) at the next burst, on every burst.
     return create_engine(
         url,
-        pool_size=config.pool_min,
-        max_overflow=max(config.pool_max - config.pool_min, 0),
+        pool_size=config.pool_max,
+        max_overflow=0,
         pool_pre_ping=True,
         pool_timeout=config.connect_timeout,
         connect_args={"connect_timeout": max(int(round(config.connect_timeout)), 1)},
@@ -119,6 +122,23 @@ class Database:
         """
         with translated_errors(), self.engine.begin() as connection:
             yield connection
+
+    def warm(self) -> None:
+        """Open ``pool_min`` connections now, so a listener's first burst finds them ready.
+
+        Best effort: a database that is down now is reconnected on demand later.
+        """
+        if self.engine.dialect.name == "sqlite":
+            return
+        connections = []
+        try:
+            for _ in range(self.config.pool_min):
+                connections.append(self.engine.connect())
+        except exc.SQLAlchemyError:
+            log.warning("database unavailable at start", extra={"event": "db.unavailable"})
+        finally:
+            for connection in connections:
+                connection.close()
 
     def ping(self) -> bool:
         """True when the database answers a trivial query now."""

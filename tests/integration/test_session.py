@@ -29,10 +29,30 @@ def test_postgres_pool_follows_pool_min_and_pool_max(pg_url: str, make_config) -
     config: Config = make_config(pg_url, database={"pool_min": 3, "pool_max": 7})
     db = Database(config.database)
     try:
-        assert db.engine.pool.size() == 3
-        assert db.engine.pool._max_overflow == 4
+        # Up to pool_max connections, every one kept for reuse (no overflow to churn).
+        assert db.engine.pool.size() == 7
+        assert db.engine.pool._max_overflow == 0
         assert db.engine.pool._pre_ping is True
         assert db.engine.hide_parameters is True
+        assert db.engine.pool.checkedin() == 0
+        db.warm()  # a listener opens pool_min at start
+        assert db.engine.pool.checkedin() == 3
+        held = [db.engine.connect() for _ in range(7)]
+        for connection in held:
+            connection.close()
+        assert db.engine.pool.checkedin() == 7  # nothing closed on return
+    finally:
+        db.dispose()
+
+
+def test_warm_survives_a_database_that_is_down(make_config) -> None:
+    config: Config = make_config(
+        "postgresql://nobody@127.0.0.1:1/none", database={"pool_min": 2, "pool_max": 4, "connect_timeout": 1}
+    )
+    db = Database(config.database)
+    try:
+        db.warm()
+        assert db.engine.pool.checkedin() == 0
     finally:
         db.dispose()
 
