@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
+from smtp_proxy.memory import FreeMemoryReleaser, limit_arenas
 from smtp_proxy.reload import ConfigWatcher
 from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.server import DRAIN_SECONDS, SESSION_THREAD_STACK, SmtpServer
@@ -34,6 +35,11 @@ def wait_for_stop_signal() -> None:
         pass
 
 
+# Session threads spend their time in poll(); malloc traffic is light and mostly
+# under the GIL, so two arenas cost no contention and keep bursts from spreading.
+SESSION_MALLOC_ARENAS = 2
+
+
 def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None) -> None:
     """Run the submission listener (and the implicit-TLS one, if configured) until SIGTERM.
 
@@ -47,6 +53,8 @@ def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None
         # Also on SIGHUP with an unchanged file: the certificate files may have been renewed.
         watcher.subscribe(lambda new, _old: tls.reload(new.tls))
     threading.stack_size(SESSION_THREAD_STACK)
+    limit_arenas(SESSION_MALLOC_ARENAS)
+    release_memory = FreeMemoryReleaser()
     verifier = CredentialVerifier(database, dummy_cost=config.security.bcrypt_cost)
     throttle = AuthThrottle()
     smtp = config.smtp
@@ -64,6 +72,7 @@ def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None
                     throttle=throttle,
                     tls=tls,
                     implicit_tls=implicit,
+                    on_quiet=release_memory,
                 )
             )
     except OSError:

@@ -137,6 +137,9 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> lo
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(ContextFilter())
+    # No line carries a thread name; looking one up would make ``threading``
+    # register a dummy Thread object for each SMTP session thread (server.py).
+    logging.logThreads = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

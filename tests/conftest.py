@@ -87,10 +87,11 @@ def db_url(request: pytest.FixtureRequest) -> str:
 def restore_logging() -> Iterator[None]:
     """configure_logging rewires the root logger; put everything back afterwards."""
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    handlers, level, log_threads = list(root.handlers), root.level, logging.logThreads
     others = {name: logging.getLogger(name).level for name in ("sqlalchemy", "watchdog")}
     set_correlation_id(None)
     yield
+    logging.logThreads = log_threads
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:

@@ -119,7 +119,7 @@ class CredentialVerifier:
         Blocks for up to one bcrypt check plus one query. Raises
         ``DatabaseUnavailable`` when the database does not answer.
         """
-        with self._database.begin() as session:
+        with self._database.autocommit() as session:
             login = find_login(session, username)
         if login is None or not login.active:
             self._bcrypt(password, self._dummy_hash)

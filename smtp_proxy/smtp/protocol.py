@@ -142,7 +142,7 @@ Event = TlsRequested | CredentialsOffered | MessageReceived
 Output = Reply | Event | MessageRejected
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     """One mail transaction, from MAIL FROM to the end of DATA."""
 
@@ -150,7 +150,7 @@ class Envelope:
     recipients: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class _DataReader:
     """Framing of DATA: finds CRLF.CRLF, unstuffs dots, defers the verdict to the end."""
 
@@ -246,6 +246,18 @@ def _clean(region: bytes) -> bool:
 class Connection:
     """State that lives as long as the connection."""
 
+    # Slots: a listener holds thousands of idle sessions.
+    __slots__ = (
+        "tls_active",
+        "helo_name",
+        "esmtp",
+        "account",
+        "errors",
+        "commands",
+        "messages_accepted",
+        "messages_rejected",
+    )
+
     def __init__(self, policy: SessionPolicy) -> None:
         self.tls_active = policy.tls_active
         self.helo_name: str | None = None
@@ -259,6 +271,18 @@ class Connection:
 
 class SmtpSession:
     """One SMTP session. See the module docstring for the contract."""
+
+    __slots__ = (
+        "policy",
+        "state",
+        "connection",
+        "envelope",
+        "_buffer",
+        "_waiting_for",
+        "_discarding",
+        "_login_username",
+        "_data",
+    )
 
     def __init__(self, policy: SessionPolicy) -> None:
         self.policy = policy

@@ -15,6 +15,7 @@ a session thread.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import select
@@ -108,8 +109,10 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         throttle: AuthThrottle,
         tls: TlsContextHolder | None,
         implicit_tls: bool = False,
+        on_quiet: Callable[[], object] | None = None,
     ) -> None:
         self._config = config
+        self._on_quiet = on_quiet
         self.database = database
         self.cipher = cipher
         self.verifier = verifier
@@ -121,6 +124,7 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._active: set[SessionHandler] = set()
         self._pending = 0  # accepted, thread not yet registered
+        self._policies: tuple[Config, dict[bool, SessionPolicy]] | None = None
         # Session threads wait in poll() on their socket and these pipes, so a drain can
         # wake them without touching a TLS connection from another thread.
         self.drain_fd, self._drain_w = os.pipe()
@@ -158,8 +162,15 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the session thread with ``_thread``, not ``threading.Thread``.
+
+        A ``Thread`` object (its Event, Condition and excepthook closure) costs
+        every idle connection another 2.5 KB, and ``Thread.start()`` blocks the
+        accept loop until the new thread runs. Session threads are daemonic
+        either way and are counted in ``_active``, never joined.
+        """
         try:
-            super().process_request(request, client_address)
+            _thread.start_new_thread(self.process_request_thread, (request, client_address))
         except RuntimeError:  # no thread could be started: give the slot back
             with self._lock:
                 self._pending -= 1
@@ -173,6 +184,30 @@ class SmtpServer(socketserver.ThreadingTCPServer):
     def unregister(self, handler: SessionHandler) -> None:
         with self._lock:
             self._active.discard(handler)
+            quiet = not self._active and not self._pending
+        if quiet and self._on_quiet is not None:
+            self._on_quiet()  # e.g. hand the memory a burst freed back to the kernel
+
+    def policy(self, tls_active: bool) -> SessionPolicy:
+        """The session policy under the live config, shared by all sessions until it changes."""
+        config = self.config
+        cached = self._policies
+        if cached is None or cached[0] is not config:
+            smtp = config.smtp
+            cached = self._policies = (
+                config,
+                {
+                    active: SessionPolicy(
+                        hostname=smtp.hostname,
+                        max_message_size=smtp.max_message_size,
+                        max_recipients=smtp.max_recipients,
+                        tls_available=self.tls is not None,
+                        tls_active=active,
+                    )
+                    for active in (False, True)
+                },
+            )
+        return cached[1][tls_active]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unhandled error in SMTP session", extra={"event": "smtp.session_error"})
@@ -222,21 +257,33 @@ class SessionHandler(socketserver.BaseRequestHandler):
         return not self.busy and (session is None or session.state in (State.GREETED, State.READY))
 
     def handle(self) -> None:
-        # Set directly rather than through the correlation() context manager: its
-        # generator frame costs every idle session thread another page of stack.
-        self.correlation_id = new_correlation_id()
-        set_correlation_id(self.correlation_id)
-        # The close line carries the whole story; this one only helps to debug a hang.
-        log.debug("connection opened", extra={"event": "smtp.connect", "client_ip": self.client_ip})
+        self.correlation_id: str | None = None
+        if log.isEnabledFor(logging.DEBUG):
+            # The close line carries the whole story; this one only helps to debug a hang.
+            self._correlate()
+            log.debug("connection opened", extra={"event": "smtp.connect", "client_ip": self.client_ip})
         try:
             self._run()
         except Exception:
             self.outcome = "error"
+            self._correlate()
             log.exception("SMTP session failed", extra={"event": "smtp.session_error"})
             self._send_quietly(R.R421_INTERNAL_ERROR)
         finally:
             self._log_close()
-            set_correlation_id(None)
+
+    def _correlate(self) -> str:
+        """The session's correlation id, made when first needed.
+
+        Set directly rather than through the correlation() context manager (its
+        generator frame would cost a page of stack), and only once the client
+        has sent something: a connection that never does costs no context.
+        The thread ends with the session, so nothing needs resetting.
+        """
+        if self.correlation_id is None:
+            self.correlation_id = new_correlation_id()
+            set_correlation_id(self.correlation_id)
+        return self.correlation_id
 
     def finish(self) -> None:
         if self.sock is not self.request:  # the TLS socket took over the descriptor
@@ -252,16 +299,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         metrics.SESSIONS.labels(self.outcome).inc()
 
     # --- the loop -----------------------------------------------------------------------------------
-
-    def _policy(self, tls_active: bool) -> SessionPolicy:
-        smtp = self.server.config.smtp
-        return SessionPolicy(
-            hostname=smtp.hostname,
-            max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients,
-            tls_available=self.server.tls is not None,
-            tls_active=tls_active,
-        )
 
     def _run(self) -> None:
         # Replies are written whole; Nagle would only hold them back for the client's ACK.
@@ -279,7 +316,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.outcome = "early_talker"
             self._send_quietly(R.R554_EARLY_TALKER)
             return
-        self.session = SmtpSession(self._policy(tls_active=self.server.implicit_tls))
+        self.session = SmtpSession(self.server.policy(tls_active=self.server.implicit_tls))
         if not self._send(self.session.greeting()):
             return
         while not self.session.closed:
@@ -310,7 +347,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
         assert self.session is not None
         timeout = self.server.config.smtp.read_timeout
         while not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
-            ready = {fd for fd, _mask in self._poller.poll(timeout * 1000)}
+            # poll() on a line of its own: inside a comprehension, the comprehension's
+            # function object would live on in every idle session while it waits.
+            events = self._poller.poll(timeout * 1000)
+            ready = [fd for fd, _mask in events]
             if not ready:
                 self.outcome = "timeout"
                 self._send(self.session.timed_out())
@@ -334,6 +374,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             data = b""
         if not data:
             return None
+        self._correlate()
         metrics.RECEIVED_BYTES.inc(len(data))
         return data
 
@@ -395,6 +436,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         raise TypeError(f"unknown event {event!r}")
 
     def _handshake(self) -> bool:
+        self._correlate()
         holder = self.server.tls
         assert holder is not None
         try:
@@ -464,7 +506,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         assert self.session is not None and self.account is not None
         started = time.perf_counter()
         try:
-            with self.server.database.begin() as connection:
+            with self.server.database.autocommit() as connection:
                 row = enqueue_message(
                     connection,
                     self.server.cipher,
@@ -472,7 +514,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                     sender=message.sender,
                     recipients=list(message.recipients),
                     data=message.data,
-                    correlation_id=self.correlation_id,
+                    correlation_id=self._correlate(),
                 )
                 message_id = str(row.id)
         except (DatabaseUnavailable, SQLAlchemyError) as error:
@@ -520,6 +562,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         )
 
     def _log_close(self) -> None:
+        self._correlate()
         session = self.session
         log.info(
             "connection closed",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select, text
@@ -11,8 +12,9 @@ from sqlalchemy import select, text
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import Account, EspProvider
+from smtp_proxy.db import session as session_module
 from smtp_proxy.db.session import Database
-from smtp_proxy.errors import Conflict
+from smtp_proxy.errors import Conflict, DatabaseUnavailable
 from smtp_proxy.storage import accounts, providers
 
 HOSTILE = "x'); DROP TABLE accounts; -- \" \\ %s %(name)s ${HOME} \u202e"
@@ -32,7 +34,6 @@ def test_postgres_pool_follows_pool_min_and_pool_max(pg_url: str, make_config) -
         # Up to pool_max connections, every one kept for reuse (no overflow to churn).
         assert db.engine.pool.size() == 7
         assert db.engine.pool._max_overflow == 0
-        assert db.engine.pool._pre_ping is True
         assert db.engine.hide_parameters is True
         assert db.engine.pool.checkedin() == 0
         db.warm()  # a listener opens pool_min at start
@@ -55,6 +56,76 @@ def test_warm_survives_a_database_that_is_down(make_config) -> None:
         assert db.engine.pool.checkedin() == 0
     finally:
         db.dispose()
+
+
+def _backend_pid(db: Database) -> int:
+    with db.autocommit() as connection:
+        return connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+
+def _terminate(pg_url: str, make_config, pid: int) -> None:
+    admin = Database(make_config(pg_url).database)
+    try:
+        with admin.autocommit() as connection:
+            assert connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+    finally:
+        admin.dispose()
+
+
+def test_a_pooled_connection_that_died_while_idle_is_replaced_before_use(
+    pg_url: str, make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_module, "PING_IDLE_AFTER_SECONDS", 0.0)
+    db = Database(make_config(pg_url, database={"pool_min": 1, "pool_max": 1}).database)
+    try:
+        first = _backend_pid(db)
+        _terminate(pg_url, make_config, first)
+        assert _backend_pid(db) != first  # pinged, found dead, replaced: no error reached us
+    finally:
+        db.dispose()
+
+
+def test_a_connection_lost_between_quick_uses_fails_once_then_the_pool_recovers(
+    pg_url: str, make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_module, "PING_IDLE_AFTER_SECONDS", 3600.0)
+    db = Database(make_config(pg_url, database={"pool_min": 2, "pool_max": 2}).database)
+    try:
+        held = [db.engine.connect() for _ in range(2)]
+        pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in held]
+        for connection in held:
+            connection.close()
+        for pid in pids:
+            _terminate(pg_url, make_config, pid)
+        with pytest.raises(DatabaseUnavailable):
+            _backend_pid(db)
+        # The failure invalidated the whole pool: the other dead connection is not handed out.
+        assert _backend_pid(db) not in pids
+        assert _backend_pid(db) not in pids
+    finally:
+        db.dispose()
+
+
+def test_an_autocommit_statement_is_committed_when_it_returns(database: Database) -> None:
+    table = Account.__table__
+    row = {
+        "id": uuid.uuid4(),
+        "name": "autocommitted",
+        "email": "a@example.com",
+        "password_hash": "x",
+        "api_key_digest": uuid.uuid4().hex * 2,
+        "allowed_domains": ["example.com"],
+        "active": True,
+        "created_at": datetime.now(UTC),
+        "updated_at": datetime.now(UTC),
+    }
+    with database.autocommit() as connection:
+        connection.execute(table.insert(), row)
+        # Another connection sees the row while this one is still open: it is committed.
+        with database.engine.connect() as other:
+            assert other.execute(select(table.c.name).where(table.c.id == row["id"])).scalar_one() == "autocommitted"
+    with pytest.raises(Conflict), database.autocommit() as connection:
+        connection.execute(table.insert(), {**row, "id": uuid.uuid4()})
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_busy_timeout(sqlite_url: str, make_config) -> None:

@@ -26,6 +26,7 @@ from smtp_proxy import crypto
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import Account, AuditLog, EspProvider, Message, MessageStatus, ProviderType
+from smtp_proxy.db import session as session_module
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import Conflict, DatabaseUnavailable, DecryptionError, NotFound, ValidationError
 from smtp_proxy.storage import accounts, audit, messages, providers, routing_rules
@@ -939,7 +940,7 @@ def test_unreachable_database_is_database_unavailable(make_config) -> None:
 
 
 def test_postgresql_outage_then_recovery_without_a_new_database_object(
-    pg_url: str, make_config, postgresql_server
+    pg_url: str, make_config, postgresql_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Keep this test last: it stops the session's cluster and starts it again."""
     db = Database(make_config(pg_url, database={"connect_timeout": "1s"}).database)
@@ -977,7 +978,10 @@ def test_postgresql_outage_then_recovery_without_a_new_database_object(
         new_account(db, "after")
 
         # A restart while the pool sits idle: its connections are stale, and the very
-        # first transaction afterwards must still succeed (pool pre-ping replaces them).
+        # first transaction afterwards must still succeed (a connection idle past the
+        # threshold is pinged at checkout and replaced). The threshold is made zero
+        # here so that "idle" does not depend on how fast the cluster restarts.
+        monkeypatch.setattr(session_module, "PING_IDLE_AFTER_SECONDS", 0.0)
         stopped = True
         postgresql_server.stop()
         postgresql_server.start()
