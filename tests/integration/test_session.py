@@ -11,8 +11,8 @@ from sqlalchemy import select, text
 
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import Account, EspProvider
 from smtp_proxy.db import session as session_module
+from smtp_proxy.db.models import Account, EspProvider
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import Conflict, DatabaseUnavailable
 from smtp_proxy.storage import accounts, providers
@@ -123,7 +123,8 @@ def test_an_autocommit_statement_is_committed_when_it_returns(database: Database
         connection.execute(table.insert(), row)
         # Another connection sees the row while this one is still open: it is committed.
         with database.engine.connect() as other:
-            assert other.execute(select(table.c.name).where(table.c.id == row["id"])).scalar_one() == "autocommitted"
+            name = other.execute(select(table.c.name).where(table.c.id == row["id"])).scalar_one()
+            assert name == "autocommitted"
     with pytest.raises(Conflict), database.autocommit() as connection:
         connection.execute(table.insert(), {**row, "id": uuid.uuid4()})
 

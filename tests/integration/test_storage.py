@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 from smtp_proxy import crypto
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import Account, AuditLog, EspProvider, Message, MessageStatus, ProviderType
 from smtp_proxy.db import session as session_module
+from smtp_proxy.db.models import Account, AuditLog, EspProvider, Message, MessageStatus, ProviderType
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import Conflict, DatabaseUnavailable, DecryptionError, NotFound, ValidationError
 from smtp_proxy.storage import accounts, audit, messages, providers, routing_rules
