@@ -334,8 +334,8 @@ smtp:
   metrics_port: null
 database:
   url: {url}
-  pool_min: 10
-  pool_max: 60
+  pool_min: 20
+  pool_max: 100
 logging:
   level: info
 tls:

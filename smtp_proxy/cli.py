@@ -427,7 +427,7 @@ def serve_smtp(ctx: click.Context) -> None:
     config = runtime.config
     configure_logging(config.logging)
     watcher = start_watcher(config)
-    runtime.database.warm()
+    runtime.database.warm(autocommit=True)  # the listener's statements all run there
     try:
         run(config, runtime.database, watcher)
     except OSError as exc:

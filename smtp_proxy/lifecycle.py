@@ -7,6 +7,7 @@ and edits of the config file re-read it (``reload.ConfigWatcher``).
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -82,6 +83,11 @@ def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None
     metrics_server = None
     if smtp.metrics_port:
         metrics_server, _thread = start_http_server(smtp.metrics_port, addr=smtp.host)
+    # Everything made so far (modules, config, the engine) lives as long as the
+    # process: keep it out of the collector's full passes, which would
+    # otherwise walk it while every session waits for the GIL.
+    gc.collect()
+    gc.freeze()
     threads = [threading.Thread(target=s.serve_forever, name="smtp-accept") for s in servers]
     for thread in threads:
         thread.start()

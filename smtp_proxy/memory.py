@@ -11,6 +11,7 @@ quiet. Both do nothing on a C library without these calls (musl, macOS).
 from __future__ import annotations
 
 import ctypes
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -38,16 +39,17 @@ def limit_arenas(count: int) -> bool:
 
 
 def release_free_memory() -> bool:
-    """Return free heap pages to the kernel now; True when some were."""
+    """Collect cyclic garbage, then return free heap pages to the kernel; True when some were."""
+    gc.collect()
     return bool(_malloc_trim and _malloc_trim(0) == 1)
 
 
 class FreeMemoryReleaser:
     """Calls ``release_free_memory`` when asked, at most once per ``interval`` seconds.
 
-    ``malloc_trim`` walks every arena under its lock (a few milliseconds for a
-    large heap), so it runs when the listener has gone quiet, not per session.
-    ctypes drops the GIL for the call: other sessions keep running meanwhile.
+    A full collection and ``malloc_trim`` (which walks every arena under its
+    lock) take a few milliseconds, so they run when the listener has gone
+    quiet, not per session. ctypes drops the GIL for the trim.
     """
 
     def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +35,15 @@ log = logging.getLogger("smtp_proxy.db")
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
 
-def make_engine(config: DatabaseConfig) -> Engine:
-    """An engine with the configured pool; SQLite in WAL mode with a busy timeout."""
+def make_engine(config: DatabaseConfig, *, autocommit: bool = False) -> Engine:
+    """An engine with the configured pool; SQLite in WAL mode with a busy timeout.
+
+    ``autocommit`` makes every connection of the pool run each statement as its
+    own transaction, set once when the connection is made rather than switched
+    on and off at each checkout.
+    """
     url = make_url(config.effective_url)
+    options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     if url.drivername == "postgresql":
         # SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URL; we ship psycopg2.
         url = url.set(drivername="postgresql+psycopg2")
@@ -47,6 +54,7 @@ def make_engine(config: DatabaseConfig) -> Engine:
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
             hide_parameters=True,
+            **options,
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
@@ -60,6 +68,7 @@ def make_engine(config: DatabaseConfig) -> Engine:
         pool_timeout=config.connect_timeout,
         connect_args={"connect_timeout": max(int(round(config.connect_timeout)), 1)},
         hide_parameters=True,
+        **options,
     )
     event.listen(engine, "checkin", _stamp_checkin)
     event.listen(engine, "checkout", functools.partial(_ping_if_idle, engine.dialect))
@@ -68,11 +77,12 @@ def make_engine(config: DatabaseConfig) -> Engine:
 
 # A connection that sat in the pool longer than this is pinged before use, so
 # one that died meanwhile (database restart, idle cut by a firewall) is
-# replaced instead of failing a transaction. One returned more recently is
-# used as is: under load that saves a round trip per transaction, and if the
-# database went away in that instant the transaction fails (451 / 503),
-# SQLAlchemy invalidates the pool, and the next checkout reconnects.
-PING_IDLE_AFTER_SECONDS = 1.0
+# replaced instead of failing a transaction. A restart takes longer than this,
+# so every connection last used before it is pinged after it. One returned
+# more recently is used as is: under load that saves a round trip per
+# statement; if the database went away in that instant, the statement fails
+# (451 / 503), SQLAlchemy invalidates the pool and the next checkout reconnects.
+PING_IDLE_AFTER_SECONDS = 0.25
 
 
 def _stamp_checkin(_dbapi_connection: Any, record: Any) -> None:
@@ -124,6 +134,8 @@ class Database:
     def __init__(self, config: DatabaseConfig) -> None:
         self.config = config
         self.engine = make_engine(config)
+        self._autocommit_engine: Engine | None = None
+        self._lock = threading.Lock()
         self.sessions = scoped_session(sessionmaker(bind=self.engine, expire_on_commit=False))
 
     @contextlib.contextmanager
@@ -151,20 +163,38 @@ class Database:
         commits each before it answers, one round trip instead of three
         (BEGIN, the statement, COMMIT). Never run two dependent statements here.
         """
-        with translated_errors(), self.engine.connect() as connection:
-            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+        with translated_errors(), self.autocommit_engine.connect() as connection:
+            yield connection
 
-    def warm(self) -> None:
+    @property
+    def autocommit_engine(self) -> Engine:
+        """The engine behind ``autocommit()``: a pool of its own, made on first use.
+
+        A process that only runs single statements (the SMTP listener) opens
+        connections in this pool alone; one that never does, none at all.
+        """
+        engine = self._autocommit_engine
+        if engine is None:
+            with self._lock:
+                if self._autocommit_engine is None:
+                    self._autocommit_engine = make_engine(self.config, autocommit=True)
+                engine = self._autocommit_engine
+        return engine
+
+    def warm(self, *, autocommit: bool = False) -> None:
         """Open ``pool_min`` connections now, so a listener's first burst finds them ready.
 
-        Best effort: a database that is down now is reconnected on demand later.
+        ``autocommit`` warms the pool behind ``autocommit()`` instead of the
+        transactional one. Best effort: a database that is down now is
+        reconnected on demand later.
         """
-        if self.engine.dialect.name == "sqlite":
+        engine = self.autocommit_engine if autocommit else self.engine
+        if engine.dialect.name == "sqlite":
             return
         connections = []
         try:
             for _ in range(self.config.pool_min):
-                connections.append(self.engine.connect())
+                connections.append(engine.connect())
         except exc.SQLAlchemyError:
             log.warning("database unavailable at start", extra={"event": "db.unavailable"})
         finally:
@@ -187,6 +217,8 @@ class Database:
     def dispose(self) -> None:
         self.sessions.remove()
         self.engine.dispose()
+        if self._autocommit_engine is not None:
+            self._autocommit_engine.dispose()
 
 
 @contextlib.contextmanager

@@ -316,25 +316,36 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.outcome = "early_talker"
             self._send_quietly(R.R554_EARLY_TALKER)
             return
-        self.session = SmtpSession(self.server.policy(tls_active=self.server.implicit_tls))
-        if not self._send(self.session.greeting()):
+        # The core is made when the client first sends: until then an idle
+        # connection needs nothing but its greeting (see _core).
+        if not self._write(R.greeting(self.server.policy(self.server.implicit_tls).hostname).to_bytes()):
             return
-        while not self.session.closed:
+        while self.session is None or not self.session.closed:
             if self.server.draining.is_set() and self.idle:
                 self.outcome = "shutdown"
-                self._send(self.session.shutting_down())
+                self._send(self._core().shutting_down())
                 return
             data = self._recv()
             if data is None:
                 return
             self.busy = True
             try:
-                if not self._send(self.session.receive(data)):
+                if not self._send(self._core().receive(data)):
                     return
             finally:
                 self.busy = False
         if self.outcome == "closed_by_client":
             self.outcome = "quit"
+
+    def _core(self) -> SmtpSession:
+        """The protocol core of this session, made on first need, after the greeting.
+
+        A listener holds thousands of connections that have sent nothing yet;
+        each is spared the core's objects until it does (or must be closed).
+        """
+        if self.session is None:
+            self.session = SmtpSession(self.server.policy(self.server.implicit_tls))
+        return self.session
 
     def _talked_first(self) -> bool:
         """A client that sends before our greeting is broken or a bot (RFC 5321 3.1)."""
@@ -344,7 +355,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def _recv(self) -> bytes | None:
         """The next bytes, or None when the session is over (EOF, timeout, drain)."""
-        assert self.session is not None
         timeout = self.server.config.smtp.read_timeout
         while not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
             # poll() on a line of its own: inside a comprehension, the comprehension's
@@ -353,11 +363,11 @@ class SessionHandler(socketserver.BaseRequestHandler):
             ready = [fd for fd, _mask in events]
             if not ready:
                 self.outcome = "timeout"
-                self._send(self.session.timed_out())
+                self._send(self._core().timed_out())
                 return None
             if self.server.force_fd in ready or (self.server.drain_fd in ready and self.idle):
                 self.outcome = "shutdown"
-                self._send(self.session.shutting_down())
+                self._send(self._core().shutting_down())
                 return None
             if self.server.drain_fd in ready:
                 # Busy: finish this transaction; the loop in _run closes it afterwards.
@@ -368,7 +378,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             data = self.sock.recv(RECV_SIZE)
         except TimeoutError:
             self.outcome = "timeout"
-            self._send(self.session.timed_out())
+            self._send(self._core().timed_out())
             return None
         except (ssl.SSLError, OSError):
             data = b""

@@ -42,6 +42,15 @@ def test_postgres_pool_follows_pool_min_and_pool_max(pg_url: str, make_config) -
         for connection in held:
             connection.close()
         assert db.engine.pool.checkedin() == 7  # nothing closed on return
+        # The single-statement path has a pool of its own, the same size, made on first use.
+        assert db._autocommit_engine is None
+        db.warm(autocommit=True)
+        assert db.autocommit_engine.pool.size() == 7
+        assert db.autocommit_engine.pool.checkedin() == 3
+        with db.autocommit() as connection:
+            assert connection.connection.dbapi_connection.autocommit is True
+        with db.engine.connect() as connection:
+            assert connection.connection.dbapi_connection.autocommit is False
     finally:
         db.dispose()
 
@@ -91,7 +100,7 @@ def test_a_connection_lost_between_quick_uses_fails_once_then_the_pool_recovers(
     monkeypatch.setattr(session_module, "PING_IDLE_AFTER_SECONDS", 3600.0)
     db = Database(make_config(pg_url, database={"pool_min": 2, "pool_max": 2}).database)
     try:
-        held = [db.engine.connect() for _ in range(2)]
+        held = [db.autocommit_engine.connect() for _ in range(2)]
         pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in held]
         for connection in held:
             connection.close()
