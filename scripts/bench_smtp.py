@@ -406,8 +406,6 @@ security:
                     f"meanwhile p50 {meanwhile['p50_ms']:5.1f} ms  p99 {meanwhile['p99_ms']:5.1f} ms"
                     f"   ({errors} errors)"
                 )
-                if os.environ.get("BENCH_HOLD_PAUSE"):  # look at the listener from outside meanwhile
-                    time.sleep(float(os.environ["BENCH_HOLD_PAUSE"]))
                 for sock in held:
                     sock.close()
                 time.sleep(2)

@@ -70,7 +70,9 @@ def start_listener(pg_url: str, make_config, tls_files) -> Iterator[Callable[...
     """Start SmtpServer in this process on a free port; ``smtp`` overrides config keys."""
     started: list[tuple[SmtpServer, threading.Thread, Database]] = []
 
-    def start(implicit_tls: bool = False, **smtp: object) -> Listener:
+    def start(
+        implicit_tls: bool = False, on_quiet: Callable[[], object] | None = None, **smtp: object
+    ) -> Listener:
         cert, key = tls_files
         config = make_config(
             pg_url,
@@ -99,6 +101,7 @@ def start_listener(pg_url: str, make_config, tls_files) -> Iterator[Callable[...
             throttle=AuthThrottle(base_delay=0.05, max_delay=0.2, refuse_after=5),
             tls=TlsContextHolder(config.tls),
             implicit_tls=implicit_tls,
+            on_quiet=on_quiet,
         )
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
