@@ -147,7 +147,8 @@ class Message(Base):
 
     __tablename__ = "messages"
     __table_args__ = (
-        Index(None, "account_id", "status"),
+        # A page of one status, newest first (GET /api/v1/messages?status=...).
+        Index(None, "account_id", "status", "created_at", "id"),
         Index(None, "account_id", "created_at"),
         # The worker's claim query: due messages of one status, oldest first.
         Index(None, "status", "next_attempt_at"),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from smtp_proxy.db.models import AuditLog
@@ -47,9 +48,19 @@ def record(
     return row
 
 
-def list_entries(session: Session, account_id: uuid.UUID | None = None, limit: int = 100) -> list[AuditLog]:
-    """Newest first; only one tenant's entries when ``account_id`` is given."""
-    query = select(AuditLog).order_by(AuditLog.created_at.desc(), AuditLog.id).limit(limit)
+def list_entries(
+    session: Session,
+    account_id: uuid.UUID | None = None,
+    limit: int = 100,
+    before: tuple[datetime, uuid.UUID] | None = None,
+) -> list[AuditLog]:
+    """Newest first; only one tenant's entries when ``account_id`` is given.
+
+    ``before`` is the (created_at, id) of the last entry of the previous page.
+    """
+    query = select(AuditLog).order_by(AuditLog.created_at.desc(), AuditLog.id.desc()).limit(limit)
     if account_id is not None:
         query = query.where(AuditLog.account_id == account_id)
+    if before is not None:
+        query = query.where(tuple_(AuditLog.created_at, AuditLog.id) < tuple_(*before))
     return list(session.scalars(query))

@@ -12,14 +12,15 @@ import email.errors
 import email.header
 import re
 import uuid
-from typing import NamedTuple
+from datetime import datetime
+from typing import Any, NamedTuple
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import Message, MessageStatus
+from smtp_proxy.db.models import DeliveryLog, Message, MessageStatus
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.errors import NotFound
 
@@ -143,6 +144,62 @@ def get_message(session: Session, message_id: uuid.UUID, account_id: uuid.UUID |
     if message is None:
         raise NotFound("no such message")
     return message
+
+
+# Every column but the body: pages and details never need (or show) it.
+_METADATA = [column for column in Message.__table__.c if column.name != "body_encrypted"]
+
+
+class Page(NamedTuple):
+    rows: list[Any]
+    more: bool
+
+
+def list_messages(
+    session: Session,
+    account_id: uuid.UUID,
+    *,
+    status: MessageStatus | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before: tuple[datetime, uuid.UUID] | None = None,
+    limit: int = 50,
+) -> Page:
+    """One page of a tenant's messages, newest first, without bodies.
+
+    ``before`` is the (created_at, id) of the last row of the previous page
+    (a keyset cursor: pages stay stable while new messages arrive).
+    """
+    table = Message.__table__
+    query = select(*_METADATA).where(table.c.account_id == account_id)
+    if status is not None:
+        query = query.where(table.c.status == status)
+    if since is not None:
+        query = query.where(table.c.created_at >= since)
+    if until is not None:
+        query = query.where(table.c.created_at < until)
+    if before is not None:
+        query = query.where(tuple_(table.c.created_at, table.c.id) < tuple_(*before))
+    query = query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit + 1)
+    rows = list(session.execute(query))
+    return Page(rows[:limit], len(rows) > limit)
+
+
+def message_metadata(session: Session, account_id: uuid.UUID, message_id: uuid.UUID) -> Any:
+    """One message's columns but the body; another tenant's is NotFound."""
+    table = Message.__table__
+    row = session.execute(
+        select(*_METADATA).where(table.c.id == message_id, table.c.account_id == account_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound("no such message")
+    return row
+
+
+def deliveries(session: Session, message_id: uuid.UUID) -> list[DeliveryLog]:
+    """The delivery attempts of one message, oldest first."""
+    query = select(DeliveryLog).where(DeliveryLog.message_id == message_id)
+    return list(session.scalars(query.order_by(DeliveryLog.created_at, DeliveryLog.id)))
 
 
 def message_body(cipher: Cipher, message: Message) -> bytes:

@@ -1,0 +1,94 @@
+"""/api/v1/messages: a tenant's messages, their status and delivery log; never a body."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from flask.typing import ResponseReturnValue
+
+from smtp_proxy.api import pages
+from smtp_proxy.api.auth import principal
+from smtp_proxy.api.errors import invalid
+from smtp_proxy.db.models import MessageStatus
+from smtp_proxy.storage import messages as store
+
+bp = Blueprint("messages", __name__, url_prefix="/messages")
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def render(row: Any) -> dict[str, Any]:
+    return {
+        "id": str(row.id),
+        "sender": row.sender,
+        "recipients": list(row.recipients or []),
+        "subject": row.subject,
+        "size": row.size,
+        "status": MessageStatus(row.status).value,
+        "attempts": row.attempts,
+        "provider_id": str(row.provider_id) if row.provider_id else None,
+        "correlation_id": row.correlation_id,
+        "next_attempt_at": _iso(row.next_attempt_at),
+        "processed_at": _iso(row.processed_at),
+        "created_at": _iso(row.created_at),
+        "updated_at": _iso(row.updated_at),
+    }
+
+
+def _database():
+    return current_app.extensions["smtp_proxy.db"]
+
+
+def _status() -> MessageStatus | None:
+    value = request.args.get("status")
+    if value is None:
+        return None
+    try:
+        return MessageStatus(value)
+    except ValueError:
+        choices = ", ".join(status.value for status in MessageStatus)
+        raise invalid({"status": f"must be one of {choices}"}) from None
+
+
+@bp.get("")
+def list_() -> ResponseReturnValue:
+    query = pages.gather(
+        status=_status,
+        since=lambda: pages.timestamp("since"),
+        until=lambda: pages.timestamp("until"),
+        limit=pages.limit,
+        before=pages.cursor,
+    )
+    with _database().transaction() as session:
+        page = store.list_messages(session, principal().id, **query)
+    last = page.rows[-1] if page.rows else None
+    return {
+        "items": [render(row) for row in page.rows],
+        "next_cursor": pages.encode_cursor(last.created_at, last.id) if page.more and last else None,
+    }
+
+
+@bp.get("/<uuid:message_id>")
+def get(message_id: uuid.UUID) -> ResponseReturnValue:
+    with _database().transaction() as session:
+        row = store.message_metadata(session, principal().id, message_id)
+        attempts = store.deliveries(session, message_id)
+        return {
+            **render(row),
+            "headers": [list(pair) for pair in row.headers or []],
+            "deliveries": [
+                {
+                    "id": str(attempt.id),
+                    "provider_id": str(attempt.provider_id) if attempt.provider_id else None,
+                    "status": attempt.status.value,
+                    "response_code": attempt.response_code,
+                    "response_text": attempt.response_text,
+                    "created_at": attempt.created_at.isoformat(),
+                }
+                for attempt in attempts
+            ],
+        }

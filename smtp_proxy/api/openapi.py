@@ -1,0 +1,178 @@
+"""The OpenAPI 3.1 document of /api/v1, built from the schemas the API validates with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from smtp_proxy import __version__
+from smtp_proxy.api import pages
+from smtp_proxy.api.schemas import SCHEMAS, Schema, list_of, page_of
+
+_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+_COMMON_ERRORS = {
+    "401": "Missing, malformed or unknown API key, or a deactivated account.",
+    "429": "Rate limited; see Retry-After.",
+    "503": "The database is not answering; see Retry-After.",
+}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+_PAGE_PARAMS = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": pages.MAX_LIMIT}},
+    {
+        "name": "cursor",
+        "in": "query",
+        "schema": {"type": "string"},
+        "description": "next_cursor of the page before.",
+    },
+]
+_MESSAGE_PARAMS = [
+    {
+        "name": "status",
+        "in": "query",
+        "schema": {"enum": ["queued", "processing", "delivered", "failed"]},
+    },
+    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {"name": "until", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    *_PAGE_PARAMS,
+]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _op(
+    summary: str,
+    ok: tuple[str, Schema | None],
+    *,
+    body: str | None = None,
+    errors: tuple[str, ...] = (),
+    params: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    status, schema = ok
+    responses: dict[str, Any] = {
+        status: {"description": "Success."}
+        if schema is None
+        else {"description": "Success.", "content": {"application/json": {"schema": schema}}}
+    }
+    descriptions = {
+        "400": "Malformed JSON.",
+        "403": "Needs an admin account.",
+        "404": "No such resource (or another tenant's).",
+        "409": "The name is taken.",
+        "413": "The body is too large.",
+        "415": "The body is not application/json.",
+        "422": "Invalid fields; error.fields names each one.",
+    }
+    for code in errors:
+        responses[code] = {"description": descriptions[code], "content": _ERROR}
+    for code, text in _COMMON_ERRORS.items():
+        responses[code] = {"description": text, "content": _ERROR}
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if body:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    if params:
+        operation["parameters"] = params
+    return operation
+
+
+_WRITE = ("400", "413", "415", "422")
+
+
+def document() -> dict[str, Any]:
+    paths = {
+        "/accounts": {
+            "post": _op(
+                "Create an account (admin)",
+                ("201", _ref("AccountCreated")),
+                body="AccountCreate",
+                errors=(*_WRITE, "403", "409"),
+            ),
+            "get": _op("List accounts (an admin all, a tenant itself)", ("200", list_of("Account"))),
+        },
+        "/accounts/{id}": {
+            "parameters": [_ID],
+            "get": _op("One account", ("200", _ref("Account")), errors=("404",)),
+            "put": _op(
+                "Update an account",
+                ("200", _ref("Account")),
+                body="AccountUpdate",
+                errors=(*_WRITE, "403", "404"),
+            ),
+            "delete": _op("Deactivate an account (data kept)", ("204", None), errors=("404",)),
+        },
+        "/accounts/{id}/rotate-key": {
+            "parameters": [_ID],
+            "post": _op(
+                "Issue a new API key; the old one stops working", ("200", _ref("ApiKey")), errors=("404",)
+            ),
+        },
+        "/providers": {
+            "post": _op(
+                "Add a provider", ("201", _ref("Provider")), body="ProviderCreate", errors=(*_WRITE, "409")
+            ),
+            "get": _op("List providers", ("200", list_of("Provider"))),
+        },
+        "/providers/{id}": {
+            "parameters": [_ID],
+            "get": _op("One provider", ("200", _ref("Provider")), errors=("404",)),
+            "put": _op(
+                "Update a provider",
+                ("200", _ref("Provider")),
+                body="ProviderUpdate",
+                errors=(*_WRITE, "404", "409"),
+            ),
+            "delete": _op("Delete a provider and its rules", ("204", None), errors=("404",)),
+        },
+        "/routing-rules": {
+            "post": _op(
+                "Add a routing rule", ("201", _ref("RoutingRule")), body="RoutingRuleCreate", errors=_WRITE
+            ),
+            "get": _op("List routing rules, lowest priority first", ("200", list_of("RoutingRule"))),
+        },
+        "/routing-rules/{id}": {
+            "parameters": [_ID],
+            "get": _op("One routing rule", ("200", _ref("RoutingRule")), errors=("404",)),
+            "put": _op(
+                "Update a routing rule",
+                ("200", _ref("RoutingRule")),
+                body="RoutingRuleUpdate",
+                errors=(*_WRITE, "404"),
+            ),
+            "delete": _op("Delete a routing rule", ("204", None), errors=("404",)),
+        },
+        "/messages": {
+            "get": _op(
+                "A page of messages, newest first",
+                ("200", page_of("Message")),
+                errors=("422",),
+                params=_MESSAGE_PARAMS,
+            ),
+        },
+        "/messages/{id}": {
+            "parameters": [_ID],
+            "get": _op(
+                "One message with its delivery log (never its body)",
+                ("200", _ref("MessageDetail")),
+                errors=("404",),
+            ),
+        },
+        "/audit-log": {
+            "get": _op(
+                "A page of audit entries, newest first",
+                ("200", page_of("AuditEntry")),
+                errors=("422",),
+                params=_PAGE_PARAMS,
+            ),
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "smtp-proxy management API", "version": __version__},
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,97 @@
+"""/api/v1/providers: a tenant's ESP providers; secrets are write-only."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import Blueprint, current_app
+from flask.typing import ResponseReturnValue
+
+from smtp_proxy.api import schemas
+from smtp_proxy.api.auth import principal
+from smtp_proxy.db.models import EspProvider
+from smtp_proxy.storage import providers as store
+
+bp = Blueprint("providers", __name__, url_prefix="/providers")
+
+
+def render(provider: EspProvider) -> dict[str, Any]:
+    return {
+        "id": str(provider.id),
+        "name": provider.name,
+        "provider_type": provider.provider_type.value,
+        "settings": dict(provider.settings or {}),
+        "smtp_config": dict(provider.smtp_config) if provider.smtp_config is not None else None,
+        "enabled": bool(provider.enabled),
+        "has_api_key": provider.api_key_encrypted is not None,
+        "has_smtp_password": provider.smtp_password_encrypted is not None,
+        "created_at": provider.created_at.isoformat(),
+        "updated_at": provider.updated_at.isoformat(),
+    }
+
+
+def _database():
+    return current_app.extensions["smtp_proxy.db"]
+
+
+def _cipher():
+    return current_app.extensions["smtp_proxy.cipher"]
+
+
+@bp.post("")
+def create() -> ResponseReturnValue:
+    caller = principal()
+    data = schemas.body("ProviderCreate")
+    with _database().transaction() as session:
+        provider = store.create_provider(
+            session,
+            _cipher(),
+            account_id=caller.id,
+            name=data["name"],
+            provider_type=data["provider_type"],
+            api_key=data.get("api_key"),
+            settings=data.get("settings"),
+            smtp_config=data.get("smtp_config"),
+            enabled=data.get("enabled", True),
+            actor=caller.actor,
+        )
+        body = render(provider)
+    return body, 201, {"Location": f"/api/v1/providers/{body['id']}"}
+
+
+@bp.get("")
+def list_() -> ResponseReturnValue:
+    with _database().transaction() as session:
+        return {"items": [render(p) for p in store.list_providers(session, principal().id)]}
+
+
+@bp.get("/<uuid:provider_id>")
+def get(provider_id: uuid.UUID) -> ResponseReturnValue:
+    with _database().transaction() as session:
+        return render(store.get_provider(session, principal().id, provider_id))
+
+
+@bp.put("/<uuid:provider_id>")
+def update(provider_id: uuid.UUID) -> ResponseReturnValue:
+    caller = principal()
+    data = schemas.body("ProviderUpdate")
+    with _database().transaction() as session:
+        provider = store.get_provider(session, caller.id, provider_id)
+        kind = provider.provider_type.value
+        if "settings" in data and kind in schemas.SETTINGS_BY_TYPE:
+            schemas.check_field("settings", schemas.SETTINGS_BY_TYPE[kind], data["settings"])
+        if kind == "ses" and "api_key" in data:
+            schemas.check_field("api_key", "SesApiKey", data["api_key"])
+        provider = store.update_provider(session, _cipher(), provider, **data, actor=caller.actor)
+        return render(provider)
+
+
+@bp.delete("/<uuid:provider_id>")
+def delete(provider_id: uuid.UUID) -> ResponseReturnValue:
+    caller = principal()
+    with _database().transaction() as session:
+        store.delete_provider(
+            session, store.get_provider(session, caller.id, provider_id), actor=caller.actor
+        )
+    return "", 204

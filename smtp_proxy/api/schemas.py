@@ -1,0 +1,488 @@
+"""JSON Schemas (2020-12) of every request and response body.
+
+The OpenAPI document is built from these (``openapi.py``) and request bodies
+are validated against the very same objects (``body()``), so the document
+and the behaviour cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as SchemaError
+
+from smtp_proxy.api.errors import ApiError, invalid
+
+Schema = dict[str, Any]
+
+MAX_BODY_BYTES = 64 * 1024
+
+_NAME = {"type": "string", "minLength": 1, "maxLength": 100}
+_UUID = {"type": "string", "format": "uuid"}
+_TIME = {"type": "string", "format": "date-time"}
+_DOMAIN_PATTERN = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 255,
+    "description": "A domain (example.com) or all its subdomains (*.example.com).",
+}
+
+ACCOUNT_FIELDS: Schema = {
+    "name": {
+        "type": "string",
+        "pattern": "^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$",
+        "description": "The SMTP AUTH user name; unique.",
+    },
+    "email": {"type": "string", "minLength": 3, "maxLength": 254},
+    "allowed_domains": {"type": "array", "items": _DOMAIN_PATTERN, "minItems": 1, "maxItems": 1000},
+    "password": {
+        "type": "string",
+        "minLength": 12,
+        "maxLength": 256,
+        "writeOnly": True,
+        "description": "SMTP password; generated (and shown once) when left out at creation.",
+    },
+    "is_admin": {"type": "boolean"},
+}
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "fields": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            }
+        },
+    },
+    "AccountCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "email", "allowed_domains"],
+        "properties": ACCOUNT_FIELDS,
+    },
+    "AccountUpdate": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {k: v for k, v in ACCOUNT_FIELDS.items() if k != "name"},
+        "description": "Only an admin may change is_admin.",
+    },
+    "Account": {
+        "type": "object",
+        "required": [
+            "id",
+            "name",
+            "email",
+            "allowed_domains",
+            "is_admin",
+            "active",
+            "created_at",
+            "updated_at",
+        ],
+        "properties": {
+            "id": _UUID,
+            "name": {"type": "string"},
+            "email": {"type": "string"},
+            "allowed_domains": {"type": "array", "items": {"type": "string"}},
+            "is_admin": {"type": "boolean"},
+            "active": {"type": "boolean"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+    "AccountCreated": {
+        "allOf": [{"$ref": "#/components/schemas/Account"}],
+        "type": "object",
+        "required": ["api_key", "password"],
+        "properties": {
+            "api_key": {"type": "string", "description": "Shown this once."},
+            "password": {"type": "string", "description": "Shown this once."},
+        },
+    },
+    "ApiKey": {
+        "type": "object",
+        "required": ["api_key"],
+        "properties": {"api_key": {"type": "string", "description": "Shown this once."}},
+    },
+    "SmtpConfig": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["host", "port", "tls"],
+        "properties": {
+            "host": {"type": "string", "minLength": 1, "maxLength": 253},
+            "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            "tls": {"enum": ["none", "starttls", "implicit"]},
+            "username": {"type": "string", "maxLength": 256},
+            "password": {"type": "string", "maxLength": 1024, "writeOnly": True},
+        },
+    },
+    "ProviderCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "provider_type"],
+        "properties": {
+            "name": _NAME,
+            "provider_type": {"enum": ["sendgrid", "mailgun", "ses", "smtp"]},
+            "api_key": {"type": "string", "minLength": 1, "maxLength": 1024, "writeOnly": True},
+            "settings": {"type": "object"},
+            "smtp_config": {"$ref": "#/components/schemas/SmtpConfig"},
+            "enabled": {"type": "boolean"},
+        },
+        "allOf": [
+            {
+                "if": {"properties": {"provider_type": {"const": "sendgrid"}}},
+                "then": {"required": ["api_key"]},
+            },
+            {
+                "if": {"properties": {"provider_type": {"const": "mailgun"}}},
+                "then": {
+                    "required": ["api_key", "settings"],
+                    "properties": {"settings": {"$ref": "#/components/schemas/MailgunSettings"}},
+                },
+            },
+            {
+                "if": {"properties": {"provider_type": {"const": "ses"}}},
+                "then": {
+                    "required": ["api_key", "settings"],
+                    "properties": {
+                        "api_key": {"pattern": "^[A-Z0-9]{16,128}:[^\\s]{1,512}$"},
+                        "settings": {"$ref": "#/components/schemas/SesSettings"},
+                    },
+                },
+            },
+            {
+                "if": {"properties": {"provider_type": {"const": "smtp"}}},
+                "then": {"required": ["smtp_config"]},
+            },
+        ],
+        "description": (
+            "sendgrid needs api_key; mailgun api_key and settings.domain (settings.region us or eu); "
+            "ses api_key as ACCESS_KEY_ID:SECRET and settings.region; smtp needs smtp_config."
+        ),
+    },
+    "ProviderUpdate": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "name": _NAME,
+            "api_key": {"type": "string", "minLength": 1, "maxLength": 1024, "writeOnly": True},
+            "settings": {"type": "object"},
+            "smtp_config": {"$ref": "#/components/schemas/SmtpConfig"},
+            "enabled": {"type": "boolean"},
+        },
+        "description": "The provider type cannot change; a secret left out keeps its stored value.",
+    },
+    "MailgunSettings": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["domain"],
+        "properties": {
+            "domain": {"type": "string", "minLength": 1, "maxLength": 253},
+            "region": {"enum": ["us", "eu"]},
+        },
+    },
+    "SesApiKey": {"type": "string", "pattern": "^[A-Z0-9]{16,128}:[^\\s]{1,512}$"},
+    "SesSettings": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["region"],
+        "properties": {"region": {"type": "string", "pattern": "^[a-z]{2}(-[a-z]+)+-[0-9]$"}},
+    },
+    "Provider": {
+        "type": "object",
+        "required": [
+            "id",
+            "name",
+            "provider_type",
+            "settings",
+            "smtp_config",
+            "enabled",
+            "has_api_key",
+            "has_smtp_password",
+            "created_at",
+            "updated_at",
+        ],
+        "properties": {
+            "id": _UUID,
+            "name": {"type": "string"},
+            "provider_type": {"enum": ["sendgrid", "mailgun", "ses", "smtp"]},
+            "settings": {"type": "object"},
+            "smtp_config": {"type": ["object", "null"], "description": "Without the password."},
+            "enabled": {"type": "boolean"},
+            "has_api_key": {"type": "boolean"},
+            "has_smtp_password": {"type": "boolean"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+    "Conditions": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": (
+            "All given conditions must hold for a message to take this rule. recipient_domains: "
+            "some recipient's domain matches one; sender_domains: the sender's domain matches one; "
+            "headers: each named header contains the text (case-insensitive); weight: the share "
+            "(1-100, percent) of matching messages this rule takes, the rest falling through."
+        ),
+        "properties": {
+            "recipient_domains": {"type": "array", "items": _DOMAIN_PATTERN, "maxItems": 100},
+            "sender_domains": {"type": "array", "items": _DOMAIN_PATTERN, "maxItems": 100},
+            "headers": {
+                "type": "array",
+                "maxItems": 20,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name", "contains"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[!-9;-~]{1,76}$"},
+                        "contains": {"type": "string", "minLength": 1, "maxLength": 256},
+                    },
+                },
+            },
+            "weight": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+    },
+    "RoutingRuleCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "provider_id", "priority"],
+        "properties": {
+            "name": _NAME,
+            "provider_id": _UUID,
+            "priority": {"type": "integer", "minimum": 0, "maximum": 2147483647},
+            "conditions": {"$ref": "#/components/schemas/Conditions"},
+            "enabled": {"type": "boolean"},
+        },
+    },
+    "RoutingRuleUpdate": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "name": _NAME,
+            "provider_id": _UUID,
+            "priority": {"type": "integer", "minimum": 0, "maximum": 2147483647},
+            "conditions": {"$ref": "#/components/schemas/Conditions"},
+            "enabled": {"type": "boolean"},
+        },
+    },
+    "RoutingRule": {
+        "type": "object",
+        "required": [
+            "id",
+            "name",
+            "provider_id",
+            "priority",
+            "conditions",
+            "enabled",
+            "created_at",
+            "updated_at",
+        ],
+        "properties": {
+            "id": _UUID,
+            "name": {"type": "string"},
+            "provider_id": _UUID,
+            "priority": {"type": "integer"},
+            "conditions": {"type": "object"},
+            "enabled": {"type": "boolean"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+    "Message": {
+        "type": "object",
+        "required": [
+            "id",
+            "sender",
+            "recipients",
+            "subject",
+            "size",
+            "status",
+            "attempts",
+            "provider_id",
+            "correlation_id",
+            "next_attempt_at",
+            "processed_at",
+            "created_at",
+            "updated_at",
+        ],
+        "properties": {
+            "id": _UUID,
+            "sender": {"type": "string"},
+            "recipients": {"type": "array", "items": {"type": "string"}},
+            "subject": {"type": ["string", "null"]},
+            "size": {"type": "integer"},
+            "status": {"enum": ["queued", "processing", "delivered", "failed"]},
+            "attempts": {"type": "integer"},
+            "provider_id": {"type": ["string", "null"], "format": "uuid"},
+            "correlation_id": {"type": "string"},
+            "next_attempt_at": _TIME,
+            "processed_at": {"type": ["string", "null"], "format": "date-time"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "required": ["id", "provider_id", "status", "response_code", "response_text", "created_at"],
+        "properties": {
+            "id": _UUID,
+            "provider_id": {"type": ["string", "null"], "format": "uuid"},
+            "status": {"type": "string"},
+            "response_code": {"type": ["integer", "null"]},
+            "response_text": {"type": ["string", "null"]},
+            "created_at": _TIME,
+        },
+    },
+    "MessageDetail": {
+        "allOf": [{"$ref": "#/components/schemas/Message"}],
+        "type": "object",
+        "required": ["headers", "deliveries"],
+        "properties": {
+            "headers": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+            "deliveries": {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}},
+        },
+    },
+    "AuditEntry": {
+        "type": "object",
+        "required": ["id", "actor", "action", "entity", "entity_id", "account_id", "fields", "created_at"],
+        "properties": {
+            "id": _UUID,
+            "actor": {"type": "string"},
+            "action": {"type": "string"},
+            "entity": {"type": "string"},
+            "entity_id": _UUID,
+            "account_id": {"type": ["string", "null"], "format": "uuid"},
+            "fields": {"type": "array", "items": {"type": "string"}},
+            "created_at": _TIME,
+        },
+    },
+}
+
+# Sub-schemas checked again on update, where the type is the stored one.
+SETTINGS_BY_TYPE = {"mailgun": "MailgunSettings", "ses": "SesSettings"}
+
+
+def page_of(item: str) -> Schema:
+    return {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    }
+
+
+def list_of(item: str) -> Schema:
+    return {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}}},
+    }
+
+
+_REGISTRY_ROOT: Schema = {"components": {"schemas": SCHEMAS}}
+_validators: dict[str, Draft202012Validator] = {}
+
+
+def validator(name: str) -> Draft202012Validator:
+    """A validator for ``SCHEMAS[name]`` that resolves ``#/components/schemas/...`` refs."""
+    found = _validators.get(name)
+    if found is None:
+        schema = {**SCHEMAS[name], "components": {"schemas": SCHEMAS}}
+        found = _validators[name] = Draft202012Validator(
+            schema, format_checker=Draft202012Validator.FORMAT_CHECKER
+        )
+    return found
+
+
+def _field_of(error: SchemaError) -> str:
+    path = ".".join(str(part) for part in error.absolute_path)
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else ""
+        return f"{path}.{missing}" if path else missing
+    if error.validator == "additionalProperties":
+        extra = error.message.split("'")[1] if "'" in error.message else ""
+        return f"{path}.{extra}" if path else extra
+    return path or "body"
+
+
+def _problem(error: SchemaError) -> str:
+    if error.validator == "required":
+        return "is required"
+    if error.validator == "additionalProperties":
+        return "is not a known field"
+    if error.validator == "minProperties":
+        return "give at least one field"
+    if error.validator in ("type", "enum", "const", "format", "pattern", "minimum", "maximum"):
+        expected = error.validator_value
+        if error.validator == "type":
+            return f"must be of type {expected}"
+        if error.validator in ("enum", "const"):
+            choices = expected if isinstance(expected, list) else [expected]
+            return "must be one of " + ", ".join(str(choice) for choice in choices)
+        if error.validator == "format":
+            return f"must be a valid {expected}"
+        if error.validator == "pattern":
+            return "has the wrong form"
+        return f"must be {'at least' if error.validator == 'minimum' else 'at most'} {expected}"
+    if error.validator in ("minLength", "maxLength", "minItems", "maxItems"):
+        bound = "at least" if error.validator.startswith("min") else "at most"
+        unit = "characters" if error.validator.endswith("Length") else "items"
+        return f"must have {bound} {error.validator_value} {unit}"
+    return "is not valid"
+
+
+def check(name: str, value: Any) -> None:
+    """422 naming every field of ``value`` that breaks ``SCHEMAS[name]``."""
+    fields: dict[str, str] = {}
+    for error in sorted(validator(name).iter_errors(value), key=lambda e: list(e.absolute_path)):
+        for leaf in _leaves(error):
+            fields.setdefault(_field_of(leaf), _problem(leaf))
+    if fields:
+        raise invalid(fields)
+
+
+def check_field(field: str, name: str, value: Any) -> None:
+    """Like ``check`` for the value of one field; reported names start with ``field``."""
+    try:
+        check(name, value)
+    except ApiError as error:
+        fields = error.fields or {}
+        raise invalid({(f"{field}.{k}" if k != "body" else field): v for k, v in fields.items()}) from None
+
+
+def _leaves(error: SchemaError) -> list[SchemaError]:
+    """The most specific errors under an allOf/if-then wrapper."""
+    if error.context:
+        return [leaf for sub in error.context for leaf in _leaves(sub)]
+    return [error]
+
+
+def body(name: str) -> dict[str, Any]:
+    """The request's JSON object, validated against ``SCHEMAS[name]``.
+
+    415 for another content type, 400 for malformed JSON or a non-object,
+    413 over MAX_BODY_BYTES (Flask's MAX_CONTENT_LENGTH), 422 for bad fields.
+    """
+    if request.mimetype != "application/json":
+        raise ApiError(415, "the request body must be application/json")
+    data = request.get_json(silent=True)
+    if data is None:
+        raise ApiError(400, "the request body is not valid JSON")
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    check(name, data)
+    return data

@@ -1,0 +1,27 @@
+"""The /api/v1 blueprint: bearer authentication in front of every resource."""
+
+from __future__ import annotations
+
+from flask import Blueprint, request
+from flask.typing import ResponseReturnValue
+
+from smtp_proxy.api import accounts, audit_log, messages, openapi, providers, routing_rules
+from smtp_proxy.api.auth import authenticate
+
+bp = Blueprint("v1", __name__, url_prefix="/api/v1")
+PUBLIC_ENDPOINTS = {"v1.openapi_json"}
+
+
+@bp.before_request
+def _authenticate() -> None:
+    if request.endpoint not in PUBLIC_ENDPOINTS:
+        authenticate()
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> ResponseReturnValue:
+    return openapi.document()
+
+
+for child in (accounts.bp, providers.bp, routing_rules.bp, messages.bp, audit_log.bp):
+    bp.register_blueprint(child)
