@@ -382,7 +382,7 @@ def serve_api(ctx: click.Context) -> None:
     configure_logging(config.logging)
     watcher = start_watcher(config)
     app = ctx.ensure_object(ScriptInfo).load_app()
-    runtime_of(ctx).database.warm()
+    runtime_of(ctx).database.warm(autocommit=True)  # API keys and every GET read there
     try:
         server = waitress.create_server(
             app,

@@ -33,6 +33,7 @@ def create_app(config: Config, database: Database | None = None) -> Flask:
     """
     app = Flask("smtp_proxy.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # fields in the documented order
     app.extensions["smtp_proxy.config"] = config
     app.extensions["smtp_proxy.cipher"] = Cipher.from_config(config.security)
     app.extensions["smtp_proxy.db"] = database or Database(config.database)

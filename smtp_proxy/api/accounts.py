@@ -71,7 +71,7 @@ def create() -> ResponseReturnValue:
 @bp.get("")
 def list_() -> ResponseReturnValue:
     caller = principal()
-    with _database().transaction() as session:
+    with _database().read() as session:
         if caller.is_admin:
             items = [render(account) for account in store.list_accounts(session)]
         else:
@@ -81,7 +81,7 @@ def list_() -> ResponseReturnValue:
 
 @bp.get("/<uuid:account_id>")
 def get(account_id: uuid.UUID) -> ResponseReturnValue:
-    with _database().transaction() as session:
+    with _database().read() as session:
         return render(_visible(session, account_id))
 
 

@@ -33,7 +33,7 @@ def list_() -> ResponseReturnValue:
     caller = principal()
     query = pages.gather(limit=pages.limit, before=pages.cursor)
     limit, before = query["limit"], query["before"]
-    with current_app.extensions["smtp_proxy.db"].transaction() as session:
+    with current_app.extensions["smtp_proxy.db"].read() as session:
         entries = store.list_entries(
             session, None if caller.is_admin else caller.id, limit=limit + 1, before=before
         )

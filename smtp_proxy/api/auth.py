@@ -93,7 +93,7 @@ def authenticate() -> Principal:
     principal = cache.get(digest)
     if principal is None:
         database = current_app.extensions["smtp_proxy.db"]
-        with database.transaction() as session:
+        with database.read() as session:
             row = session.execute(
                 select(Account.id, Account.name, Account.is_admin).where(
                     Account.api_key_digest == digest, Account.active.is_(True)

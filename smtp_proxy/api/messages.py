@@ -63,7 +63,7 @@ def list_() -> ResponseReturnValue:
         limit=pages.limit,
         before=pages.cursor,
     )
-    with _database().transaction() as session:
+    with _database().read() as session:
         page = store.list_messages(session, principal().id, **query)
     last = page.rows[-1] if page.rows else None
     return {
@@ -74,7 +74,7 @@ def list_() -> ResponseReturnValue:
 
 @bp.get("/<uuid:message_id>")
 def get(message_id: uuid.UUID) -> ResponseReturnValue:
-    with _database().transaction() as session:
+    with _database().read() as session:
         row = store.message_metadata(session, principal().id, message_id)
         attempts = store.deliveries(session, message_id)
         return {

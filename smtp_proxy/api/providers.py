@@ -62,13 +62,13 @@ def create() -> ResponseReturnValue:
 
 @bp.get("")
 def list_() -> ResponseReturnValue:
-    with _database().transaction() as session:
+    with _database().read() as session:
         return {"items": [render(p) for p in store.list_providers(session, principal().id)]}
 
 
 @bp.get("/<uuid:provider_id>")
 def get(provider_id: uuid.UUID) -> ResponseReturnValue:
-    with _database().transaction() as session:
+    with _database().read() as session:
         return render(store.get_provider(session, principal().id, provider_id))
 
 

@@ -87,13 +87,13 @@ def create() -> ResponseReturnValue:
 
 @bp.get("")
 def list_() -> ResponseReturnValue:
-    with _database().transaction() as session:
+    with _database().read() as session:
         return {"items": [render(rule) for rule in store.list_rules(session, principal().id)]}
 
 
 @bp.get("/<uuid:rule_id>")
 def get(rule_id: uuid.UUID) -> ResponseReturnValue:
-    with _database().transaction() as session:
+    with _database().read() as session:
         return render(store.get_rule(session, principal().id, rule_id))
 
 

@@ -166,6 +166,21 @@ class Database:
         with translated_errors(), self.autocommit_engine.connect() as connection:
             yield connection
 
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """An ORM session for reads only, on the autocommit pool.
+
+        Each SELECT is its own transaction: no BEGIN and COMMIT round trips
+        around a GET. Two queries in one read may see different snapshots;
+        anything that writes uses ``transaction()``.
+        """
+        session = Session(bind=self.autocommit_engine, expire_on_commit=False, autoflush=False)
+        try:
+            with translated_errors():
+                yield session
+        finally:
+            session.close()
+
     @property
     def autocommit_engine(self) -> Engine:
         """The engine behind ``autocommit()``: a pool of its own, made on first use.

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Benchmark of the management API; prints its figures.
+
+Run from the repository root after ./scripts/test has made the venv (and
+installed wrk):
+
+    .venv/bin/python scripts/bench_api.py [--seconds 10] [--connections 50]
+
+It starts a throwaway PostgreSQL cluster (fsync on) and `smtp-proxy serve
+api` on 127.0.0.1 (rate limit raised for the run), stores a tenant with 20
+providers and 10,000 queued messages, and drives three endpoints with wrk
+(2 threads, --connections connections, bounded by --seconds each): /healthz,
+GET /api/v1/providers and GET /api/v1/messages?status=queued (the first page
+of 50). Everything started is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import create_engine, insert  # noqa: E402
+
+from smtp_proxy.config import config_from_dict  # noqa: E402
+from smtp_proxy.crypto import Cipher, generate_encryption_key  # noqa: E402
+from smtp_proxy.db.migrate import upgrade  # noqa: E402
+from smtp_proxy.db.models import Message, MessageStatus  # noqa: E402
+from smtp_proxy.db.session import Database  # noqa: E402
+from smtp_proxy.storage import accounts, providers  # noqa: E402
+from smtp_proxy.storage.messages import body_aad  # noqa: E402
+from tests.pgcluster import PgCluster, free_port  # noqa: E402
+
+MESSAGES = 10_000
+PROVIDERS = 20
+
+
+def seed(url: str, key: str) -> str:
+    """A tenant with PROVIDERS providers and MESSAGES queued messages; returns its API key."""
+    config = config_from_dict({"database": {"url": url}, "security": {"encryption_key": key}}, env={})
+    database = Database(config.database)
+    cipher = Cipher.from_config(config.security)
+    with database.transaction() as session:
+        tenant = accounts.create_account(
+            session, name="bench", email="bench@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+        )
+        for n in range(PROVIDERS):
+            providers.create_provider(
+                session,
+                cipher,
+                account_id=tenant.account.id,
+                name=f"provider-{n:02d}",
+                provider_type="sendgrid",
+                api_key=f"SG.bench-{n}",
+            )
+        account_id, api_key = tenant.account.id, tenant.api_key
+    database.dispose()
+    engine = create_engine(url)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    rows = []
+    for n in range(MESSAGES):
+        message_id = uuid.uuid4()
+        stamp = start + timedelta(milliseconds=n * 300)
+        rows.append(
+            {
+                "id": message_id,
+                "account_id": account_id,
+                "sender": "app@example.com",
+                "recipients": [f"user{n}@example.net"],
+                "subject": f"bench {n}",
+                "headers": [["Subject", f"bench {n}"]],
+                "body_encrypted": cipher.encrypt(b"x" * 2000, body_aad(message_id)),
+                "size": 2000,
+                "status": MessageStatus.QUEUED,
+                "correlation_id": uuid.uuid4().hex,
+                "attempts": 0,
+                "next_attempt_at": stamp,
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
+        )
+    with engine.begin() as connection:
+        connection.execute(insert(Message.__table__), rows)
+        connection.exec_driver_sql("ANALYZE messages")
+    engine.dispose()
+    return api_key
+
+
+def wrk(url: str, seconds: float, connections: int, api_key: str | None) -> dict[str, float]:
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "--timeout", "5s"]
+    if api_key:
+        command += ["-H", f"Authorization: Bearer {api_key}"]
+    output = subprocess.run(command + [url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))}
+    for name, pattern in (("p50", r"\s50%\s+([\d.]+)(us|ms|s)"), ("p99", r"\s99%\s+([\d.]+)(us|ms|s)")):
+        value, unit = re.search(pattern, output).groups()
+        figures[name] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    figures["errors"] = float(errors.group(1)) if errors else 0.0
+    figures["errors"] += sum(float(x) for x in socket_errors.groups()) if socket_errors else 0.0
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
+    parser.add_argument("--connections", type=int, default=50, help="concurrent connections")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: apt-get install wrk (./scripts/test installs it)")
+
+    cluster = PgCluster.start(durable=True)
+    server = None
+    workdir = Path(tempfile.mkdtemp(prefix="smtp-proxy-bench-api-"))
+    try:
+        cluster.admin('CREATE DATABASE "bench"')
+        url = cluster.url("bench")
+        engine = create_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        encryption_key = generate_encryption_key()
+        api_key = seed(url, encryption_key)
+        port = free_port()
+        config = workdir / "config.yaml"
+        config.write_text(
+            f"""
+api:
+  host: 127.0.0.1
+  port: {port}
+  rate_limit: 100000000/minute
+database:
+  url: {url}
+logging:
+  level: warning
+security:
+  encryption_key: {encryption_key}
+"""
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "smtp-proxy"), "--config", str(config), "serve", "api"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit("the API did not start") from None
+                time.sleep(0.1)
+        request = urllib.request.Request(  # noqa: S310 - our own 127.0.0.1 server
+            f"{base}/api/v1/messages?status=queued", headers={"Authorization": f"Bearer {api_key}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our own 127.0.0.1 server
+            assert response.status == 200
+
+        print(
+            f"smtp-proxy API benchmark: {os.cpu_count()} cores, "
+            f"wrk -t2 -c{args.connections}, {args.seconds:.0f} s runs"
+        )
+        runs = [
+            ("/healthz", "/healthz", None),
+            (f"GET /api/v1/providers ({PROVIDERS})", "/api/v1/providers", api_key),
+            (
+                f"GET /api/v1/messages?status=queued (50 of {MESSAGES})",
+                "/api/v1/messages?status=queued",
+                api_key,
+            ),
+        ]
+        for label, path, key in runs:
+            figures = wrk(base + path, args.seconds, args.connections, key)
+            print(
+                f"{label:50s} {figures['rps']:8.1f} req/s   p50 {figures['p50']:6.1f} ms   "
+                f"p99 {figures['p99']:6.1f} ms   ({figures['errors']:.0f} errors)"
+            )
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""A real API server (waitress on 127.0.0.1, a free port) over the throwaway PostgreSQL.
+
+Tests talk to it over HTTP with ``requests``, as tenant tooling would.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import requests
+import waitress
+
+from smtp_proxy.api import create_app
+from smtp_proxy.config import Config
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.session import Database
+from smtp_proxy.storage import accounts
+
+
+class Client:
+    """HTTP calls with one API key (or none)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+        self.base_url = base_url
+        self.api_key = api_key
+        self.http = requests.Session()
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return {**headers, **(extra or {})}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs["headers"] = self.headers(kwargs.get("headers"))
+        kwargs.setdefault("timeout", 10)
+        return self.http.request(method, self.base_url + path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("PUT", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
+
+
+@dataclass
+class Tenant:
+    """An account made through the API, with its one-time credentials."""
+
+    id: str
+    name: str
+    api_key: str
+    password: str
+    client: Client
+
+
+@dataclass
+class ApiServer:
+    base_url: str
+    config: Config
+    database: Database
+    cipher: Cipher
+    admin: Client
+    admin_id: str
+    _counter: list[int] = field(default_factory=lambda: [0])
+
+    def client(self, api_key: str | None = None) -> Client:
+        return Client(self.base_url, api_key)
+
+    def tenant(self, name: str | None = None, **fields: Any) -> Tenant:
+        """A new tenant account, created by the admin through POST /api/v1/accounts."""
+        self._counter[0] += 1
+        name = name or f"tenant{self._counter[0]}-{uuid.uuid4().hex[:6]}"
+        body = {"name": name, "email": f"{name}@example.com", "allowed_domains": ["example.com"], **fields}
+        response = self.admin.post("/api/v1/accounts", json=body)
+        assert response.status_code == 201, response.text
+        data = response.json()
+        return Tenant(data["id"], data["name"], data["api_key"], data["password"], self.client(data["api_key"]))
+
+
+def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads, ident="smtp-proxy")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.effective_port}"
+
+
+@pytest.fixture
+def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
+    """Start the API app under waitress; ``api`` overrides config keys (e.g. rate_limit)."""
+    started: list[tuple[Any, threading.Thread, Database]] = []
+
+    def start(**api: Any) -> ApiServer:
+        config = make_config(pg_url, api={"rate_limit": "100000/minute", **api})
+        database = Database(config.database)
+        with database.transaction() as session:
+            admin = accounts.create_account(
+                session,
+                name=f"admin-{uuid.uuid4().hex[:8]}",
+                email="admin@example.com",
+                allowed_domains=["example.com"],
+                is_admin=True,
+                bcrypt_cost=4,
+            )
+            admin_key, admin_id = admin.api_key, str(admin.account.id)
+        database.remove_session()
+        app = create_app(config, database)
+        server, thread, base_url = serve(app)
+        started.append((server, thread, database))
+        return ApiServer(
+            base_url, config, database, Cipher.from_config(config.security), Client(base_url, admin_key), admin_id
+        )
+
+    yield start
+    for server, thread, database in started:
+        server.close()
+        thread.join(timeout=5)
+        database.dispose()
+
+
+@pytest.fixture
+def api(start_api) -> ApiServer:
+    return start_api()
