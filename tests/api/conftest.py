@@ -84,7 +84,8 @@ class ApiServer:
         response = self.admin.post("/api/v1/accounts", json=body)
         assert response.status_code == 201, response.text
         data = response.json()
-        return Tenant(data["id"], data["name"], data["api_key"], data["password"], self.client(data["api_key"]))
+        key = data["api_key"]
+        return Tenant(data["id"], data["name"], key, data["password"], self.client(key))
 
 
 def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
@@ -116,9 +117,8 @@ def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
         app = create_app(config, database)
         server, thread, base_url = serve(app)
         started.append((server, thread, database))
-        return ApiServer(
-            base_url, config, database, Cipher.from_config(config.security), Client(base_url, admin_key), admin_id
-        )
+        cipher = Cipher.from_config(config.security)
+        return ApiServer(base_url, config, database, cipher, Client(base_url, admin_key), admin_id)
 
     yield start
     for server, thread, database in started:
