@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import logging
+import os
+import secrets
 import sys
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -50,8 +52,27 @@ def set_correlation_id(correlation_id: str | None) -> None:
     _correlation_id.set(correlation_id)
 
 
-def new_correlation_id() -> str:
-    return uuid.uuid4().hex
+class _Ids:
+    """32 hex digits: a random per-process prefix and a counter.
+
+    Unique across processes (80 random bits) without a system call per id, as
+    uuid4() would make for every request and SMTP session. Ids are labels for
+    log lines, not secrets. A forked child draws a new prefix.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(10)
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+new_correlation_id = _Ids()
+os.register_at_fork(after_in_child=new_correlation_id.reseed)
 
 
 @contextlib.contextmanager
@@ -145,9 +166,13 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> lo
         root.removeHandler(old)
     root.addHandler(handler)
     apply_level(config)
-    # waitress logs every queue warning at WARNING; SQLAlchemy must not echo SQL.
+    # SQLAlchemy must not echo SQL.
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    # waitress warns "Task queue depth is N" for every request queued behind busy
+    # threads: one line per request under load, and nothing an operator can act on
+    # that the latency metrics do not already show.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return handler
 
 

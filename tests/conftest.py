@@ -88,7 +88,7 @@ def restore_logging() -> Iterator[None]:
     """configure_logging rewires the root logger; put everything back afterwards."""
     root = logging.getLogger()
     handlers, level, log_threads = list(root.handlers), root.level, logging.logThreads
-    others = {name: logging.getLogger(name).level for name in ("sqlalchemy", "watchdog")}
+    others = {name: logging.getLogger(name).level for name in ("sqlalchemy", "watchdog", "waitress.queue")}
     set_correlation_id(None)
     yield
     logging.logThreads = log_threads

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 
 from flask import Flask, Response, g, request
-from flask_limiter import Limiter, RateLimitExceeded
 from prometheus_client import CollectorRegistry
 from prometheus_flask_exporter import PrometheusMetrics
 
-from smtp_proxy import crypto
 from smtp_proxy.api.auth import KeyCache
+from smtp_proxy.api.rate_limit import RateLimit
 from smtp_proxy.api.schemas import MAX_BODY_BYTES
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
@@ -72,31 +70,7 @@ def create_app(config: Config, database: Database | None = None) -> Flask:
     errors.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(v1.bp)
-    limiter = Limiter(
-        key_func=_rate_limit_key,
-        app=app,
-        default_limits=[config.api.rate_limit],
-        storage_uri=config.api.rate_limit_storage,
-    )
-    limiter.exempt(health.bp)
-
-    @app.errorhandler(RateLimitExceeded)
-    def _rate_limited(_error: RateLimitExceeded) -> Response:
-        # Retry-After on the 429 only (Flask-Limiter's own headers would put one on every response).
-        current = limiter.current_limit
-        wait = max(1, math.ceil(current.reset_at - time.time())) if current else 60
-        return errors.error_response(
-            errors.ApiError(429, "too many requests; retry later", headers={"Retry-After": str(wait)})
-        )
-
+    app.extensions["smtp_proxy.rate_limit"] = RateLimit(config.api)  # checked by /api/v1 (v1.py)
     # Per app, not the process-wide default registry: a process may build several apps.
     PrometheusMetrics(app, registry=CollectorRegistry(), group_by="endpoint", default_labels={})
     return app
-
-
-def _rate_limit_key() -> str:
-    """Per API key (its digest prefix, never the key); per client address without one."""
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and key.strip():
-        return "key:" + crypto.api_key_digest(key.strip())[:32]
-    return "ip:" + (request.remote_addr or "unknown")

@@ -28,7 +28,7 @@ def render(row: Any) -> dict[str, Any]:
         "recipients": list(row.recipients or []),
         "subject": row.subject,
         "size": row.size,
-        "status": MessageStatus(row.status).value,
+        "status": row.status.value,
         "attempts": row.attempts,
         "provider_id": str(row.provider_id) if row.provider_id else None,
         "correlation_id": row.correlation_id,
@@ -63,8 +63,8 @@ def list_() -> ResponseReturnValue:
         limit=pages.limit,
         before=pages.cursor,
     )
-    with _database().read() as session:
-        page = store.list_messages(session, principal().id, **query)
+    with _database().autocommit() as connection:  # one SELECT of plain rows
+        page = store.list_messages(connection, principal().id, **query)
     last = page.rows[-1] if page.rows else None
     return {
         "items": [render(row) for row in page.rows],

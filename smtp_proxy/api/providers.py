@@ -16,18 +16,19 @@ from smtp_proxy.storage import providers as store
 bp = Blueprint("providers", __name__, url_prefix="/providers")
 
 
-def render(provider: EspProvider) -> dict[str, Any]:
+def render(row: EspProvider | Any) -> dict[str, Any]:
+    """A provider (an ORM object or a row of ``list_summaries``) without its secrets."""
     return {
-        "id": str(provider.id),
-        "name": provider.name,
-        "provider_type": provider.provider_type.value,
-        "settings": dict(provider.settings or {}),
-        "smtp_config": dict(provider.smtp_config) if provider.smtp_config is not None else None,
-        "enabled": bool(provider.enabled),
-        "has_api_key": provider.api_key_encrypted is not None,
-        "has_smtp_password": provider.smtp_password_encrypted is not None,
-        "created_at": provider.created_at.isoformat(),
-        "updated_at": provider.updated_at.isoformat(),
+        "id": str(row.id),
+        "name": row.name,
+        "provider_type": row.provider_type.value,
+        "settings": row.settings or {},
+        "smtp_config": row.smtp_config,
+        "enabled": row.enabled,
+        "has_api_key": row.api_key_encrypted is not None,
+        "has_smtp_password": row.smtp_password_encrypted is not None,
+        "created_at": row.created_at.isoformat(),
+        "updated_at": row.updated_at.isoformat(),
     }
 
 
@@ -62,8 +63,9 @@ def create() -> ResponseReturnValue:
 
 @bp.get("")
 def list_() -> ResponseReturnValue:
-    with _database().read() as session:
-        return {"items": [render(p) for p in store.list_providers(session, principal().id)]}
+    # A Core connection: the list is one SELECT of plain rows, no ORM objects.
+    with _database().autocommit() as connection:
+        return {"items": [render(row) for row in store.list_summaries(connection, principal().id)]}
 
 
 @bp.get("/<uuid:provider_id>")

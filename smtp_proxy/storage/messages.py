@@ -146,8 +146,10 @@ def get_message(session: Session, message_id: uuid.UUID, account_id: uuid.UUID |
     return message
 
 
-# Every column but the body: pages and details never need (or show) it.
+# Every column but the body: pages and details never need (or show) it. Pages
+# leave out the header fields too (a JSON document per row to decode).
 _METADATA = [column for column in Message.__table__.c if column.name != "body_encrypted"]
+_PAGE_COLUMNS = [column for column in _METADATA if column.name != "headers"]
 
 
 class Page(NamedTuple):
@@ -156,7 +158,7 @@ class Page(NamedTuple):
 
 
 def list_messages(
-    session: Session,
+    session: Session | Connection,
     account_id: uuid.UUID,
     *,
     status: MessageStatus | None = None,
@@ -171,7 +173,7 @@ def list_messages(
     (a keyset cursor: pages stay stable while new messages arrive).
     """
     table = Message.__table__
-    query = select(*_METADATA).where(table.c.account_id == account_id)
+    query = select(*_PAGE_COLUMNS).where(table.c.account_id == account_id)
     if status is not None:
         query = query.where(table.c.status == status)
     if since is not None:
@@ -181,7 +183,7 @@ def list_messages(
     if before is not None:
         query = query.where(tuple_(table.c.created_at, table.c.id) < tuple_(*before))
     query = query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit + 1)
-    rows = list(session.execute(query))
+    rows = session.execute(query).all()
     return Page(rows[:limit], len(rows) > limit)
 
 
