@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from flask import request
 
 from smtp_proxy.api.errors import ApiError, invalid
 
+_DIGITS = re.compile(r"[0-9]{1,4}")  # ASCII only: str.isdigit() also takes "²"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
@@ -52,7 +54,7 @@ def limit() -> int:
     value = request.args.get("limit")
     if value is None:
         return DEFAULT_LIMIT
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= MAX_LIMIT:
         raise invalid({"limit": f"must be an integer from 1 to {MAX_LIMIT}"})
     return int(value)
 

@@ -7,6 +7,7 @@ and the behaviour cannot drift apart.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import request
@@ -40,9 +41,12 @@ ACCOUNT_FIELDS: Schema = {
     "password": {
         "type": "string",
         "minLength": 12,
-        "maxLength": 256,
+        "maxLength": 72,
         "writeOnly": True,
-        "description": "SMTP password; generated (and shown once) when left out at creation.",
+        "description": (
+            "SMTP password, 12 to 72 characters and at most 72 bytes as UTF-8 (bcrypt's limit); "
+            "generated (and shown once) when left out at creation."
+        ),
     },
     "is_admin": {"type": "boolean"},
 }
@@ -471,18 +475,62 @@ def _leaves(error: SchemaError) -> list[SchemaError]:
     return [error]
 
 
+MAX_DEPTH = 32
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def body(name: str) -> dict[str, Any]:
     """The request's JSON object, validated against ``SCHEMAS[name]``.
 
-    415 for another content type, 400 for malformed JSON or a non-object,
-    413 over MAX_BODY_BYTES (Flask's MAX_CONTENT_LENGTH), 422 for bad fields.
+    415 for another content type; 400 for malformed JSON (NaN and Infinity
+    included), a non-object, or nesting deeper than MAX_DEPTH; 413 over
+    MAX_BODY_BYTES (Flask's MAX_CONTENT_LENGTH); 422 for bad fields, among
+    them strings the database cannot hold (a NUL, a lone surrogate).
     """
     if request.mimetype != "application/json":
         raise ApiError(415, "the request body must be application/json")
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ApiError(400, "the request body is not valid JSON")
+    raw = request.get_data(cache=True)
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    fields: dict[str, str] = {}
+    _check_strings(data, "", 0, fields)
+    if fields:
+        raise invalid(fields)
     check(name, data)
     return data
+
+
+def _check_strings(value: Any, path: str, depth: int, fields: dict[str, str]) -> None:
+    """Every string (and key) storable as UTF-8 text without NUL; nesting bounded."""
+    if depth > MAX_DEPTH:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            fields.setdefault(path or "body", "must not contain a NUL character")
+        elif not _encodable(value):
+            fields.setdefault(path or "body", "must be valid Unicode text")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if "\x00" in key or not _encodable(key):
+                fields.setdefault(path or "body", "has a field name that is not valid text")
+                continue
+            _check_strings(item, child, depth + 1, fields)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_strings(item, f"{path}.{index}" if path else str(index), depth + 1, fields)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -72,9 +72,12 @@ class ApiServer:
     admin: Client
     admin_id: str
     _counter: list[int] = field(default_factory=lambda: [0])
+    clients: list[Client] = field(default_factory=list)
 
     def client(self, api_key: str | None = None) -> Client:
-        return Client(self.base_url, api_key)
+        client = Client(self.base_url, api_key)
+        self.clients.append(client)
+        return client
 
     def tenant(self, name: str | None = None, **fields: Any) -> Tenant:
         """A new tenant account, created by the admin through POST /api/v1/accounts."""
@@ -95,10 +98,22 @@ def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{server.effective_port}"
 
 
+def stop(server: Any, thread: threading.Thread) -> None:
+    """Close every socket of the server from inside its own loop, which then ends; then its workers."""
+
+    def close_all() -> None:
+        for channel in list(server._map.values()):
+            channel.close()
+
+    server.trigger.pull_trigger(close_all)
+    thread.join(timeout=5)
+    server.task_dispatcher.shutdown()
+
+
 @pytest.fixture
 def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
     """Start the API app under waitress; ``api`` overrides config keys (e.g. rate_limit)."""
-    started: list[tuple[Any, threading.Thread, Database]] = []
+    started: list[tuple[Any, threading.Thread, Database, ApiServer]] = []
 
     def start(**api: Any) -> ApiServer:
         config = make_config(pg_url, api={"rate_limit": "100000/minute", **api})
@@ -116,14 +131,17 @@ def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
         database.remove_session()
         app = create_app(config, database)
         server, thread, base_url = serve(app)
-        started.append((server, thread, database))
         cipher = Cipher.from_config(config.security)
-        return ApiServer(base_url, config, database, cipher, Client(base_url, admin_key), admin_id)
+        api = ApiServer(base_url, config, database, cipher, Client(base_url, admin_key), admin_id)
+        api.clients.append(api.admin)
+        started.append((server, thread, database, api))
+        return api
 
     yield start
-    for server, thread, database in started:
-        server.close()
-        thread.join(timeout=5)
+    for server, thread, database, api in started:
+        for client in api.clients:
+            client.http.close()
+        stop(server, thread)
         database.dispose()
 
 
