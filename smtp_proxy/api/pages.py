@@ -64,10 +64,12 @@ def timestamp(name: str) -> datetime | None:
     value = request.args.get(name)
     if value is None:
         return None
+    if value[-1:] in ("Z", "z"):  # RFC 3339 allows either case
+        value = value[:-1] + "+00:00"
     try:
-        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    except ValueError:
-        raise invalid({name: "must be an ISO 8601 date-time"}) from None
+        return _aware(datetime.fromisoformat(value)).astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: a valid stamp whose UTC is outside years 1-9999
+        raise invalid({name: "must be an ISO 8601 date-time within years 1 to 9999 UTC"}) from None
 
 
 def _aware(moment: datetime) -> datetime:
