@@ -13,37 +13,11 @@ from sqlalchemy import select
 from smtp_proxy import crypto
 from smtp_proxy.db.models import Account
 from smtp_proxy.storage.auth import Login, find_login
+from tests.api.checks import assert_error
 from tests.api.conftest import ApiServer, Client, Tenant
 
 ACCOUNTS = "/api/v1/accounts"
 ACCOUNT_KEYS = {"id", "name", "email", "allowed_domains", "is_admin", "active", "created_at", "updated_at"}
-LEAK_MARKERS = (
-    "Traceback",
-    "sqlalchemy",
-    "psycopg",
-    "SELECT ",
-    "INSERT ",
-    "UPDATE accounts",
-    'File "',
-    "/work/",
-)
-
-
-def assert_error(
-    response: requests.Response, status: int, code: str, *, secrets: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """The JSON error envelope with this status and code, leaking nothing."""
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    assert response.headers.get("X-Request-ID")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert error["code"] == code, error
-    assert isinstance(error["message"], str) and error["message"]
-    for marker in (*LEAK_MARKERS, *secrets):
-        assert marker not in response.text, (marker, response.text)
-    return error
 
 
 def assert_unauthorized(response: requests.Response, *, secrets: tuple[str, ...] = ()) -> None:

@@ -8,10 +8,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-import requests
 from sqlalchemy import func, select
 
 from smtp_proxy.db.models import Account, AuditLog
+from tests.api.checks import assert_error
 from tests.api.conftest import ApiServer, Client, Tenant
 
 AUDIT = "/api/v1/audit-log"
@@ -22,21 +22,9 @@ ENTRY_KEYS = {"id", "actor", "action", "entity", "entity_id", "account_id", "fie
 ACCOUNT_CREATE_FIELDS = ["allowed_domains", "api_key", "email", "is_admin", "name", "password"]
 PROVIDER_CREATE_FIELDS = ["enabled", "name", "provider_type", "settings", "smtp_config"]
 RULE_FIELDS = ["conditions", "enabled", "name", "priority", "provider_id"]
-LEAK_MARKERS = ("Traceback", "sqlalchemy", "psycopg", "SELECT ", 'File "', "/work/")
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def assert_error(response: requests.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers.get("X-Request-ID")
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    assert error["message"]
-    for marker in LEAK_MARKERS:
-        assert marker not in response.text, (marker, response.text)
-    return error
 
 
 def page(client: Client, **params: Any) -> dict[str, Any]:

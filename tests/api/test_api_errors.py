@@ -15,6 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from smtp_proxy.api import create_app
+from tests.api import checks
 from tests.api.conftest import ApiServer, Client
 from tests.conftest import wait_until_accepting
 
@@ -26,17 +27,13 @@ MAX_BODY = 64 * 1024
 
 
 def assert_error(response: requests.Response, status: int, code: str) -> dict[str, Any]:
-    """A JSON error with the stable code, a message, a request id, and nothing leaked."""
-    assert response.status_code == status, response.text
+    """The shared error checks, plus: the exact content type, a safe request id, no internals in any case
+    (``LEAKS``), and no keys in the error beyond code, message and fields."""
+    error = checks.assert_error(response, status, code)
     assert response.headers["Content-Type"] == "application/json", response.headers
     assert SAFE_ID.fullmatch(response.headers["X-Request-ID"])
     assert_no_leak(response)
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
     assert set(error) <= {"code", "message", "fields"}
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
     return error
 
 

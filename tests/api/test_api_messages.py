@@ -14,14 +14,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import requests
-
 from smtp_proxy.db.models import DeliveryLog, DeliveryStatus, Message, MessageStatus
 from smtp_proxy.storage.messages import enqueue_message
+from tests.api.checks import assert_error
 from tests.api.conftest import ApiServer, Client, Tenant
 
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-LEAKS = ("Traceback", "sqlalchemy", "psycopg2", "SELECT", "site-packages", '.py"', "/work/")
 
 
 def raw_message(subject: str, body: str, *, extra_headers: str = "") -> bytes:
@@ -117,17 +115,6 @@ def keys(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for inner in value:
             yield from keys(inner)
-
-
-def assert_error(response: requests.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    for leak in LEAKS:
-        assert leak not in response.text
-    error = response.json()["error"]
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
-    return error
 
 
 # --- listing -------------------------------------------------------------------------------------

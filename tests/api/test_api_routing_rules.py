@@ -6,56 +6,13 @@ import json
 import uuid
 from typing import Any
 
-import requests
-
 from smtp_proxy.db.models import RoutingRule
+from tests.api.checks import assert_error, assert_invalid, field_error
 from tests.api.conftest import ApiServer, Client
 
 RULES = "/api/v1/routing-rules"
 PROVIDERS = "/api/v1/providers"
 JSON = {"Content-Type": "application/json"}
-
-LEAK_MARKERS = (
-    "Traceback",
-    "sqlalchemy",
-    "psycopg2",
-    "SELECT",
-    "INSERT",
-    "UPDATE ",
-    "/work/",
-    '.py"',
-    ".py:",
-)
-
-
-def assert_error(response: requests.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    assert response.headers.get("X-Request-ID")
-    for marker in LEAK_MARKERS:
-        assert marker not in response.text, f"{marker!r} leaked: {response.text}"
-    error = response.json()["error"]
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
-    return error
-
-
-def assert_invalid(response: requests.Response, *fields: str) -> dict[str, str]:
-    error = assert_error(response, 422, "invalid_fields")
-    problems = error.get("fields") or {}
-    for field in fields:
-        assert field in problems, f"{field} not named in {problems}"
-        assert isinstance(problems[field], str) and problems[field]
-    return problems
-
-
-def field_error(response: requests.Response, field: str) -> str | None:
-    """None when ``response`` is a clean 422 naming ``field``; else what is wrong with it."""
-    try:
-        assert_invalid(response, field)
-    except AssertionError as error:
-        return f"{response.status_code} {response.text[:300]}: {error}"
-    return None
 
 
 def make_provider(client: Client, name: str = "sendgrid-main") -> str:
