@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import current_app, g, request
-from sqlalchemy import select
 
 from smtp_proxy import crypto
 from smtp_proxy.api.errors import ApiError
-from smtp_proxy.db.models import Account
 from smtp_proxy.storage.audit import Actor
+from smtp_proxy.storage.auth import find_key_holder
 
 CACHE_TTL_SECONDS = 5.0
 CACHE_SIZE = 10_000
@@ -92,16 +91,11 @@ def authenticate() -> Principal:
     cache: KeyCache = current_app.extensions["smtp_proxy.key_cache"]
     principal = cache.get(digest)
     if principal is None:
-        database = current_app.extensions["smtp_proxy.db"]
-        with database.read() as session:
-            row = session.execute(
-                select(Account.id, Account.name, Account.is_admin).where(
-                    Account.api_key_digest == digest, Account.active.is_(True)
-                )
-            ).one_or_none()
-        if row is None:
+        with current_app.extensions["smtp_proxy.db"].autocommit() as connection:
+            holder = find_key_holder(connection, digest)
+        if holder is None:
             raise _unauthorized("the API key is not valid")
-        principal = Principal(row.id, row.name, bool(row.is_admin))
+        principal = Principal(holder.id, holder.name, holder.is_admin)
         cache.put(digest, principal)
     g.principal = principal
     return principal

@@ -48,3 +48,22 @@ def find_login(session: Session | Connection, name: str) -> Login | None:
     if row is None:
         return None
     return Login(row.id, row.name, row.password_hash, list(row.allowed_domains or ()), bool(row.active))
+
+
+class KeyHolder(NamedTuple):
+    """The active account an API key belongs to: what authorisation needs."""
+
+    id: uuid.UUID
+    name: str
+    is_admin: bool
+
+
+def find_key_holder(session: Session | Connection, api_key_digest: str) -> KeyHolder | None:
+    """The active account whose API key has this SHA-256 digest, or None."""
+    table = Account.__table__.c
+    row = session.execute(
+        select(table.id, table.name, table.is_admin).where(
+            table.api_key_digest == api_key_digest, table.active.is_(True)
+        )
+    ).one_or_none()
+    return None if row is None else KeyHolder(row.id, row.name, bool(row.is_admin))
