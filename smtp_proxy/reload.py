@@ -37,6 +37,8 @@ RESTART_KEYS = (
     "api.host",
     "api.port",
     "api.threads",
+    "api.read_timeout",
+    "api.rate_limit",
     "api.rate_limit_storage",
     "database.url",
     "database.pool_min",
