@@ -51,6 +51,22 @@ ACCOUNT_FIELDS: Schema = {
     "is_admin": {"type": "boolean"},
 }
 
+PROVIDER_FIELDS: Schema = {
+    "name": _NAME,
+    "api_key": {"type": "string", "minLength": 1, "maxLength": 1024, "writeOnly": True},
+    "settings": {"type": "object"},
+    "smtp_config": {"$ref": "#/components/schemas/SmtpConfig"},
+    "enabled": {"type": "boolean"},
+}
+
+RULE_FIELDS: Schema = {
+    "name": _NAME,
+    "provider_id": _UUID,
+    "priority": {"type": "integer", "minimum": 0, "maximum": 2147483647},
+    "conditions": {"$ref": "#/components/schemas/Conditions"},
+    "enabled": {"type": "boolean"},
+}
+
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
@@ -133,14 +149,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "additionalProperties": False,
         "required": ["name", "provider_type"],
-        "properties": {
-            "name": _NAME,
-            "provider_type": {"enum": ["sendgrid", "mailgun", "ses", "smtp"]},
-            "api_key": {"type": "string", "minLength": 1, "maxLength": 1024, "writeOnly": True},
-            "settings": {"type": "object"},
-            "smtp_config": {"$ref": "#/components/schemas/SmtpConfig"},
-            "enabled": {"type": "boolean"},
-        },
+        "properties": {"provider_type": {"enum": ["sendgrid", "mailgun", "ses", "smtp"]}, **PROVIDER_FIELDS},
         "allOf": [
             {
                 "if": {"properties": {"provider_type": {"const": "sendgrid"}}},
@@ -177,13 +186,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "additionalProperties": False,
         "minProperties": 1,
-        "properties": {
-            "name": _NAME,
-            "api_key": {"type": "string", "minLength": 1, "maxLength": 1024, "writeOnly": True},
-            "settings": {"type": "object"},
-            "smtp_config": {"$ref": "#/components/schemas/SmtpConfig"},
-            "enabled": {"type": "boolean"},
-        },
+        "properties": PROVIDER_FIELDS,
         "description": "The provider type cannot change; a secret left out keeps its stored value.",
     },
     "MailgunSettings": {
@@ -261,25 +264,13 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "additionalProperties": False,
         "required": ["name", "provider_id", "priority"],
-        "properties": {
-            "name": _NAME,
-            "provider_id": _UUID,
-            "priority": {"type": "integer", "minimum": 0, "maximum": 2147483647},
-            "conditions": {"$ref": "#/components/schemas/Conditions"},
-            "enabled": {"type": "boolean"},
-        },
+        "properties": RULE_FIELDS,
     },
     "RoutingRuleUpdate": {
         "type": "object",
         "additionalProperties": False,
         "minProperties": 1,
-        "properties": {
-            "name": _NAME,
-            "provider_id": _UUID,
-            "priority": {"type": "integer", "minimum": 0, "maximum": 2147483647},
-            "conditions": {"$ref": "#/components/schemas/Conditions"},
-            "enabled": {"type": "boolean"},
-        },
+        "properties": RULE_FIELDS,
     },
     "RoutingRule": {
         "type": "object",
