@@ -20,30 +20,23 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import migrated_database, serve, stop  # also puts the checkout on sys.path
+from sqlalchemy import create_engine, insert
 
-from sqlalchemy import create_engine, insert  # noqa: E402
-
-from smtp_proxy.config import config_from_dict  # noqa: E402
-from smtp_proxy.crypto import Cipher, generate_encryption_key  # noqa: E402
-from smtp_proxy.db.migrate import upgrade  # noqa: E402
-from smtp_proxy.db.models import Message, MessageStatus  # noqa: E402
-from smtp_proxy.db.session import Database  # noqa: E402
-from smtp_proxy.storage import accounts, providers  # noqa: E402
-from smtp_proxy.storage.messages import body_aad  # noqa: E402
-from tests.pgcluster import PgCluster, free_port  # noqa: E402
+from smtp_proxy.config import config_from_dict
+from smtp_proxy.crypto import Cipher, generate_encryption_key
+from smtp_proxy.db.models import Message, MessageStatus
+from smtp_proxy.db.session import Database
+from smtp_proxy.storage import accounts, providers
+from smtp_proxy.storage.messages import body_aad
+from tests.pgcluster import PgCluster, free_port
 
 MESSAGES = 10_000
 PROVIDERS = 20
@@ -130,11 +123,7 @@ def main() -> None:
     server = None
     workdir = Path(tempfile.mkdtemp(prefix="smtp-proxy-bench-api-"))
     try:
-        cluster.admin('CREATE DATABASE "bench"')
-        url = cluster.url("bench")
-        engine = create_engine(url)
-        upgrade(engine)
-        engine.dispose()
+        url = migrated_database(cluster)
         encryption_key = generate_encryption_key()
         api_key = seed(url, encryption_key)
         port = free_port()
@@ -153,23 +142,8 @@ security:
   encryption_key: {encryption_key}
 """
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "smtp-proxy"), "--config", str(config), "serve", "api"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = serve("api", config, port)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the API did not start") from None
-                time.sleep(0.1)
         request = urllib.request.Request(  # noqa: S310 - our own 127.0.0.1 server
             f"{base}/api/v1/messages?status=queued", headers={"Authorization": f"Bearer {api_key}"}
         )
@@ -196,12 +170,7 @@ security:
                 f"p99 {figures['p99']:6.1f} ms   ({figures['errors']:.0f} errors)"
             )
     finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop(server)
         cluster.stop()
 
 

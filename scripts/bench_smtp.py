@@ -29,32 +29,26 @@ import base64
 import multiprocessing
 import os
 import resource
-import signal
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchlib import migrated_database, serve, stop  # also puts the checkout on sys.path
+from sqlalchemy import create_engine, insert, select
 
-import uuid  # noqa: E402
-
-from sqlalchemy import create_engine, insert, select  # noqa: E402
-
-from smtp_proxy.config import config_from_dict  # noqa: E402
-from smtp_proxy.crypto import generate_encryption_key  # noqa: E402
-from smtp_proxy.db.migrate import upgrade  # noqa: E402
-from smtp_proxy.db.models import Account  # noqa: E402
-from smtp_proxy.db.session import Database  # noqa: E402
-from smtp_proxy.devcert import write_self_signed  # noqa: E402
-from smtp_proxy.storage import accounts  # noqa: E402
-from tests.pgcluster import PgCluster, free_port  # noqa: E402
+from smtp_proxy.config import config_from_dict
+from smtp_proxy.crypto import generate_encryption_key
+from smtp_proxy.db.models import Account
+from smtp_proxy.db.session import Database
+from smtp_proxy.devcert import write_self_signed
+from smtp_proxy.storage import accounts
+from tests.pgcluster import PgCluster, free_port
 
 PASSWORD = "bench password 123"  # noqa: S105 - the throwaway bench tenant
 BODY = (
@@ -302,11 +296,7 @@ def main() -> None:
     listener = None
     workdir = Path(tempfile.mkdtemp(prefix="smtp-proxy-bench-"))
     try:
-        cluster.admin('CREATE DATABASE "bench"')
-        url = cluster.url("bench")
-        engine = create_engine(url)
-        upgrade(engine)
-        engine.dispose()
+        url = migrated_database(cluster)
         database = Database(config_from_dict({"database": {"url": url}}, env={}).database)
         with database.transaction() as session:
             accounts.create_account(
@@ -346,22 +336,7 @@ security:
   bcrypt_cost: 12
 """
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
-        listener = subprocess.Popen(
-            [str(Path(sys.executable).parent / "smtp-proxy"), "--config", str(config), "serve", "smtp"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or listener.poll() is not None:
-                    raise SystemExit("the listener did not start") from None
-                time.sleep(0.1)
+        listener = serve("smtp", config, port)
         # Warm the credential cache: one bcrypt check, as a legacy mailer's first login would pay.
         Client(port, _client_context()).quit()
 
@@ -410,12 +385,7 @@ security:
                     sock.close()
                 time.sleep(2)
     finally:
-        if listener is not None and listener.poll() is None:
-            listener.send_signal(signal.SIGTERM)
-            try:
-                listener.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                listener.kill()
+        stop(listener)
         cluster.stop()
 
 
