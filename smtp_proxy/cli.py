@@ -379,7 +379,7 @@ def serve_api(ctx: click.Context) -> None:
     import waitress
 
     config = runtime_of(ctx).config
-    configure_logging(config.logging)
+    configure_logging(config.logging, background=True)
     watcher = start_watcher(config)
     app = ctx.ensure_object(ScriptInfo).load_app()
     runtime_of(ctx).database.warm(autocommit=True)  # API keys and every GET read there
@@ -425,7 +425,7 @@ def serve_smtp(ctx: click.Context) -> None:
 
     runtime = runtime_of(ctx)
     config = runtime.config
-    configure_logging(config.logging)
+    configure_logging(config.logging, background=True)
     watcher = start_watcher(config)
     runtime.database.warm(autocommit=True)  # the listener's statements all run there
     try:

@@ -10,12 +10,15 @@ before it is written.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import functools
 import itertools
 import logging
+import logging.handlers
 import os
+import queue
 import secrets
 import sys
 from collections.abc import Iterator
@@ -150,21 +153,60 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> logging.Handler:
-    """Send every logger to one stdout handler in the configured format and level."""
+_writer: logging.handlers.QueueListener | None = None
+
+
+def stop_background_writer() -> None:
+    """Write out every queued record and end the writer thread (at exit, or before reconfiguring)."""
+    global _writer
+    writer, _writer = _writer, None
+    if writer is not None:
+        writer.stop()
+
+
+atexit.register(stop_background_writer)
+
+
+class _RecordQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread unformatted: formatting happens there, once."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg = record.getMessage()  # fix %-arguments now; they may change later
+        record.args = None
+        return record
+
+
+def configure_logging(
+    config: LoggingConfig, stream: TextIO | None = None, *, background: bool = False
+) -> logging.Handler:
+    """Send every logger to one stdout handler in the configured format and level.
+
+    ``background`` (the listeners): a record is filtered in the thread that
+    logs it (correlation id, redaction) and queued; one writer thread formats
+    and writes, so hundreds of session threads never queue on the handler's
+    lock around a write. The queue is drained at exit.
+    """
     handler = logging.StreamHandler(stream or sys.stdout)
     if config.format == "json":
         handler.setFormatter(_Formatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(ContextFilter())
+    stop_background_writer()
+    front: logging.Handler = handler
+    if background:
+        global _writer
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        front = _RecordQueueHandler(records)
+        _writer = logging.handlers.QueueListener(records, handler)
+        _writer.start()
+    front.addFilter(ContextFilter())
     # No line carries a thread name; looking one up would make ``threading``
     # register a dummy Thread object for each SMTP session thread (server.py).
     logging.logThreads = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(front)
     apply_level(config)
     # SQLAlchemy must not echo SQL.
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)

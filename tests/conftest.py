@@ -23,7 +23,7 @@ from sqlalchemy import create_engine
 from smtp_proxy.config import Config, config_from_dict
 from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.migrate import upgrade
-from smtp_proxy.logs import set_correlation_id
+from smtp_proxy.logs import set_correlation_id, stop_background_writer
 from tests.pgcluster import PgCluster, PgClusterError, admin_sql, free_port, wait_until_accepting
 
 __all__ = ["free_port", "wait_until_accepting"]
@@ -91,6 +91,7 @@ def restore_logging() -> Iterator[None]:
     others = {name: logging.getLogger(name).level for name in ("sqlalchemy", "watchdog", "waitress.queue")}
     set_correlation_id(None)
     yield
+    stop_background_writer()
     logging.logThreads = log_threads
     for handler in list(root.handlers):
         root.removeHandler(handler)

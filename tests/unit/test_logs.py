@@ -20,6 +20,7 @@ from smtp_proxy.logs import (
     correlation,
     get_correlation_id,
     set_correlation_id,
+    stop_background_writer,
 )
 
 LOGGER = "smtp_proxy.tests.logs"
@@ -380,3 +381,57 @@ def test_names_containing_a_secret_word_and_nested_secrets_are_redacted() -> Non
     assert obj["provider"]["name"] == "sg"
     assert obj["provider"]["db_secret"] == "[redacted]"
     assert obj["provider"]["api_key"] == "kkkkkk…"
+
+
+# --- the background writer (the listeners) -------------------------------------------------------
+
+
+def test_background_writer_keeps_each_threads_correlation_id_redaction_and_order() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(level="debug", format="json"), stream=stream, background=True)
+    log = logging.getLogger(LOGGER)
+
+    def session(number: int) -> None:
+        set_correlation_id(f"session-{number}")
+        for step in range(20):
+            log.info(
+                "step %d of %s", step, "session", extra={"event": "t.step", "n": number, "password": "pw"}
+            )
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop_background_writer()  # drains the queue: every line is written before it returns
+    parsed = lines(stream)
+    assert len(parsed) == 8 * 20
+    for number in range(8):
+        mine = [line for line in parsed if line["n"] == number]
+        assert [line["message"] for line in mine] == [f"step {step} of session" for step in range(20)]
+        assert {line["correlation_id"] for line in mine} == {f"session-{number}"}
+        assert {line["password"] for line in mine} == {REDACTED}
+
+
+def test_background_writer_formats_exceptions_after_the_fact() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(level="info", format="json"), stream=stream, background=True)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger(LOGGER).exception("failed", extra={"event": "t.failed"})
+    stop_background_writer()
+    line = only_line(stream)
+    assert "ValueError: boom" in line["exc_info"]
+    assert line["event"] == "t.failed"
+
+
+def test_reconfiguring_drains_the_previous_background_writer() -> None:
+    first = io.StringIO()
+    configure_logging(LoggingConfig(level="info", format="json"), stream=first, background=True)
+    logging.getLogger(LOGGER).info("to the first", extra={"event": "t.first"})
+    second = io.StringIO()
+    configure_logging(LoggingConfig(level="info", format="json"), stream=second)
+    assert only_line(first)["message"] == "to the first"
+    logging.getLogger(LOGGER).info("to the second", extra={"event": "t.second"})
+    assert only_line(second)["message"] == "to the second"
