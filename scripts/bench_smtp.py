@@ -185,18 +185,23 @@ def rss_mib(pid: int) -> float:
 
 def hold_idle(port: int, count: int, seconds: float = 60) -> tuple[list[socket.socket], int]:
     """Open `count` connections that read the greeting and then say nothing."""
-    held, errors = [], 0
+    held, errors, kinds = [], 0, {}
     deadline = time.time() + seconds
     for _ in range(count):
         if time.time() > deadline:
             break
         try:
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            if not sock.recv(256).startswith(b"220"):
+            greeting = sock.recv(256)
+            if not greeting.startswith(b"220"):
                 errors += 1
+                kinds[repr(greeting[:40])] = kinds.get(repr(greeting[:40]), 0) + 1
             held.append(sock)
-        except OSError:
+        except OSError as error:
             errors += 1
+            kinds[repr(error)] = kinds.get(repr(error), 0) + 1
+    if kinds:
+        print(f"  errors while opening idle connections: {kinds}", file=sys.stderr)
     return held, errors
 
 
