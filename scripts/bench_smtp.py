@@ -183,21 +183,15 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def hold_idle(port: int, count: int, source: str, seconds: float = 60) -> tuple[list[socket.socket], int]:
-    """Open `count` connections that read the greeting and then say nothing.
-
-    From their own loopback ``source`` address: the load phases before leave
-    some 20,000 connections in TIME_WAIT, and a new connection whose
-    ephemeral port collides with one of those waits out SYN retries (seconds)
-    instead of measuring the listener.
-    """
+def hold_idle(port: int, count: int, seconds: float = 60) -> tuple[list[socket.socket], int]:
+    """Open `count` connections that read the greeting and then say nothing."""
     held, errors, kinds = [], 0, {}
     deadline = time.time() + seconds
     for _ in range(count):
         if time.time() > deadline:
             break
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             greeting = sock.recv(256)
             if not greeting.startswith(b"220"):
                 errors += 1
@@ -382,8 +376,8 @@ security:
             )
         if "idle" in phases:
             base_rss = rss_mib(listener.pid)
-            for count, source in ((args.idle, "127.0.0.2"), (2 * args.idle, "127.0.0.3")):
-                held, errors = hold_idle(port, count, source)
+            for count in (args.idle, 2 * args.idle):
+                held, errors = hold_idle(port, count)
                 time.sleep(1)
                 rss = rss_mib(listener.pid)
                 meanwhile = sessions_meanwhile(port, 100)
