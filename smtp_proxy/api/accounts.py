@@ -12,6 +12,7 @@ from flask.typing import ResponseReturnValue
 from smtp_proxy import crypto, validation
 from smtp_proxy.api import schemas
 from smtp_proxy.api.auth import forget_account, principal, require_admin
+from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import ApiError, invalid
 from smtp_proxy.db.models import Account
 from smtp_proxy.errors import NotFound, ValidationError
@@ -32,10 +33,6 @@ def render(account: Account) -> dict[str, Any]:
         "created_at": account.created_at.isoformat(),
         "updated_at": account.updated_at.isoformat(),
     }
-
-
-def _database():
-    return current_app.extensions["smtp_proxy.db"]
 
 
 def _bcrypt_cost() -> int:
@@ -78,7 +75,7 @@ def _checked(data: dict[str, Any]) -> dict[str, Any]:
 def create() -> ResponseReturnValue:
     caller = require_admin()
     data = _checked(schemas.body("AccountCreate"))
-    with _database().transaction() as session:
+    with database().transaction() as session:
         created = store.create_account(
             session,
             name=data["name"],
@@ -96,7 +93,7 @@ def create() -> ResponseReturnValue:
 @bp.get("")
 def list_() -> ResponseReturnValue:
     caller = principal()
-    with _database().read() as session:
+    with database().read() as session:
         if caller.is_admin:
             items = [render(account) for account in store.list_accounts(session)]
         else:
@@ -106,7 +103,7 @@ def list_() -> ResponseReturnValue:
 
 @bp.get("/<uuid:account_id>")
 def get(account_id: uuid.UUID) -> ResponseReturnValue:
-    with _database().read() as session:
+    with database().read() as session:
         return render(_visible(session, account_id))
 
 
@@ -116,7 +113,7 @@ def update(account_id: uuid.UUID) -> ResponseReturnValue:
     data = _checked(schemas.body("AccountUpdate"))
     if "is_admin" in data and not caller.is_admin:
         raise ApiError(403, "only an admin may change is_admin")
-    with _database().transaction() as session:
+    with database().transaction() as session:
         account = _visible(session, account_id)
         changed: list[str] = []
         for name in ("email", "allowed_domains", "is_admin"):
@@ -146,7 +143,7 @@ def update(account_id: uuid.UUID) -> ResponseReturnValue:
 @bp.delete("/<uuid:account_id>")
 def deactivate(account_id: uuid.UUID) -> ResponseReturnValue:
     caller = principal()
-    with _database().transaction() as session:
+    with database().transaction() as session:
         store.deactivate_account(session, _visible(session, account_id), actor=caller.actor)
     forget_account(account_id)
     return "", 204
@@ -155,7 +152,7 @@ def deactivate(account_id: uuid.UUID) -> ResponseReturnValue:
 @bp.post("/<uuid:account_id>/rotate-key")
 def rotate_key(account_id: uuid.UUID) -> ResponseReturnValue:
     caller = principal()
-    with _database().transaction() as session:
+    with database().transaction() as session:
         api_key = store.rotate_api_key(session, _visible(session, account_id), actor=caller.actor)
     forget_account(account_id)
     return {"api_key": api_key}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
 from smtp_proxy.api import pages
 from smtp_proxy.api.auth import principal
+from smtp_proxy.api.context import database
 from smtp_proxy.db.models import AuditLog
 from smtp_proxy.storage import audit as store
 
@@ -33,7 +34,7 @@ def list_() -> ResponseReturnValue:
     caller = principal()
     query = pages.gather(limit=pages.limit, before=pages.cursor)
     limit, before = query["limit"], query["before"]
-    with current_app.extensions["smtp_proxy.db"].read() as session:
+    with database().read() as session:
         entries = store.list_entries(
             session, None if caller.is_admin else caller.id, limit=limit + 1, before=before
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from flask import current_app, g, request
 
 from smtp_proxy import crypto
+from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import ApiError
 from smtp_proxy.storage.audit import Actor
 from smtp_proxy.storage.auth import find_key_holder
@@ -91,7 +92,7 @@ def authenticate() -> Principal:
     cache: KeyCache = current_app.extensions["smtp_proxy.key_cache"]
     principal = cache.get(digest)
     if principal is None:
-        with current_app.extensions["smtp_proxy.db"].autocommit() as connection:
+        with database().autocommit() as connection:
             holder = find_key_holder(connection, digest)
         if holder is None:
             raise _unauthorized("the API key is not valid")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
+
+from smtp_proxy.api.context import database
 
 bp = Blueprint("health", __name__)
 
@@ -19,7 +21,7 @@ def healthz() -> ResponseReturnValue:
 @bp.get("/readyz")
 def readyz() -> ResponseReturnValue:
     """Ready for traffic: the database answers. 503 with Retry-After otherwise."""
-    if current_app.extensions["smtp_proxy.db"].ping():
+    if database().ping():
         return jsonify(status="ready", database="ok")
     body = jsonify(error={"code": "database_unavailable", "message": "the database is not answering"})
     return body, 503, {"Retry-After": RETRY_AFTER_SECONDS}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
 from smtp_proxy.api import pages
 from smtp_proxy.api.auth import principal
+from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import invalid
 from smtp_proxy.db.models import MessageStatus
 from smtp_proxy.storage import messages as store
@@ -39,10 +40,6 @@ def render(row: Any) -> dict[str, Any]:
     }
 
 
-def _database():
-    return current_app.extensions["smtp_proxy.db"]
-
-
 def _status() -> MessageStatus | None:
     value = request.args.get("status")
     if value is None:
@@ -63,7 +60,7 @@ def list_() -> ResponseReturnValue:
         limit=pages.limit,
         before=pages.cursor,
     )
-    with _database().autocommit() as connection:  # one SELECT of plain rows
+    with database().autocommit() as connection:  # one SELECT of plain rows
         page = store.list_messages(connection, principal().id, **query)
     last = page.rows[-1] if page.rows else None
     return {
@@ -74,7 +71,7 @@ def list_() -> ResponseReturnValue:
 
 @bp.get("/<uuid:message_id>")
 def get(message_id: uuid.UUID) -> ResponseReturnValue:
-    with _database().read() as session:
+    with database().read() as session:
         row = store.message_metadata(session, principal().id, message_id)
         attempts = store.deliveries(session, message_id)
         return {

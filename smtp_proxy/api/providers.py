@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
 from smtp_proxy.api import schemas
 from smtp_proxy.api.auth import principal
+from smtp_proxy.api.context import cipher, database
 from smtp_proxy.db.models import EspProvider
 from smtp_proxy.storage import providers as store
 
@@ -32,22 +33,14 @@ def render(row: EspProvider | Any) -> dict[str, Any]:
     }
 
 
-def _database():
-    return current_app.extensions["smtp_proxy.db"]
-
-
-def _cipher():
-    return current_app.extensions["smtp_proxy.cipher"]
-
-
 @bp.post("")
 def create() -> ResponseReturnValue:
     caller = principal()
     data = schemas.body("ProviderCreate")
-    with _database().transaction() as session:
+    with database().transaction() as session:
         provider = store.create_provider(
             session,
-            _cipher(),
+            cipher(),
             account_id=caller.id,
             name=data["name"],
             provider_type=data["provider_type"],
@@ -64,13 +57,13 @@ def create() -> ResponseReturnValue:
 @bp.get("")
 def list_() -> ResponseReturnValue:
     # A Core connection: the list is one SELECT of plain rows, no ORM objects.
-    with _database().autocommit() as connection:
+    with database().autocommit() as connection:
         return {"items": [render(row) for row in store.list_summaries(connection, principal().id)]}
 
 
 @bp.get("/<uuid:provider_id>")
 def get(provider_id: uuid.UUID) -> ResponseReturnValue:
-    with _database().read() as session:
+    with database().read() as session:
         return render(store.get_provider(session, principal().id, provider_id))
 
 
@@ -78,21 +71,21 @@ def get(provider_id: uuid.UUID) -> ResponseReturnValue:
 def update(provider_id: uuid.UUID) -> ResponseReturnValue:
     caller = principal()
     data = schemas.body("ProviderUpdate")
-    with _database().transaction() as session:
+    with database().transaction() as session:
         provider = store.get_provider(session, caller.id, provider_id)
         kind = provider.provider_type.value
         if "settings" in data and kind in schemas.SETTINGS_BY_TYPE:
             schemas.check_field("settings", schemas.SETTINGS_BY_TYPE[kind], data["settings"])
         if kind == "ses" and "api_key" in data:
             schemas.check_field("api_key", "SesApiKey", data["api_key"])
-        provider = store.update_provider(session, _cipher(), provider, **data, actor=caller.actor)
+        provider = store.update_provider(session, cipher(), provider, **data, actor=caller.actor)
         return render(provider)
 
 
 @bp.delete("/<uuid:provider_id>")
 def delete(provider_id: uuid.UUID) -> ResponseReturnValue:
     caller = principal()
-    with _database().transaction() as session:
+    with database().transaction() as session:
         store.delete_provider(
             session, store.get_provider(session, caller.id, provider_id), actor=caller.actor
         )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
 from smtp_proxy import validation
 from smtp_proxy.api import schemas
 from smtp_proxy.api.auth import principal
+from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import invalid
 from smtp_proxy.db.models import RoutingRule
 from smtp_proxy.errors import NotFound, ValidationError
@@ -30,10 +31,6 @@ def render(rule: RoutingRule) -> dict[str, Any]:
         "created_at": rule.created_at.isoformat(),
         "updated_at": rule.updated_at.isoformat(),
     }
-
-
-def _database():
-    return current_app.extensions["smtp_proxy.db"]
 
 
 def _conditions(data: dict[str, Any]) -> dict[str, Any] | None:
@@ -67,7 +64,7 @@ def create() -> ResponseReturnValue:
     caller = principal()
     data = schemas.body("RoutingRuleCreate")
     conditions = _conditions(data)
-    with _database().transaction() as session:
+    with database().transaction() as session:
         try:
             rule = store.create_rule(
                 session,
@@ -87,13 +84,13 @@ def create() -> ResponseReturnValue:
 
 @bp.get("")
 def list_() -> ResponseReturnValue:
-    with _database().read() as session:
+    with database().read() as session:
         return {"items": [render(rule) for rule in store.list_rules(session, principal().id)]}
 
 
 @bp.get("/<uuid:rule_id>")
 def get(rule_id: uuid.UUID) -> ResponseReturnValue:
-    with _database().read() as session:
+    with database().read() as session:
         return render(store.get_rule(session, principal().id, rule_id))
 
 
@@ -106,7 +103,7 @@ def update(rule_id: uuid.UUID) -> ResponseReturnValue:
         changes["conditions"] = _conditions(data)
     if "provider_id" in data:
         changes["provider_id"] = _provider_id(data)
-    with _database().transaction() as session:
+    with database().transaction() as session:
         rule = store.get_rule(session, caller.id, rule_id)
         try:
             rule = store.update_rule(session, rule, changes, actor=caller.actor)
@@ -118,6 +115,6 @@ def update(rule_id: uuid.UUID) -> ResponseReturnValue:
 @bp.delete("/<uuid:rule_id>")
 def delete(rule_id: uuid.UUID) -> ResponseReturnValue:
     caller = principal()
-    with _database().transaction() as session:
+    with database().transaction() as session:
         store.delete_rule(session, store.get_rule(session, caller.id, rule_id), actor=caller.actor)
     return "", 204
