@@ -16,7 +16,9 @@ STARTTLS + AUTH PLAIN + messages of 10 KB, for a bounded time. Measured:
    latency of an already-verified account's sessions meanwhile;
 4. the listener's RSS while it holds --idle idle connections, and the latency
    of new full sessions meanwhile; then the same with 2 x --idle (10,000 by
-   default) held, counting errors.
+   default) held, counting errors. After each, all held connections close at
+   once: the time until a new client gets its greeting, and until all their
+   sessions have ended.
 
 Everything listens on 127.0.0.1 only, every loop is bounded in count and time,
 and everything started is stopped by its pid.
@@ -181,6 +183,29 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def thread_count(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def mass_close(port: int, pid: int, held: list[socket.socket], base_threads: int) -> dict[str, float]:
+    """Close every held connection at once; time a new greeting and the end of their sessions."""
+    for sock in held:
+        sock.close()
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        greeting = sock.recv(256)
+    greeting_ms = (time.perf_counter() - started) * 1000
+    if not greeting.startswith(b"220"):
+        raise SystemExit(f"no greeting after the mass close: {greeting!r}")
+    deadline = started + 60
+    while thread_count(pid) > base_threads + 2 and time.perf_counter() < deadline:
+        time.sleep(0.02)
+    return {"greeting_ms": greeting_ms, "ended_s": time.perf_counter() - started}
 
 
 def hold_idle(port: int, count: int, seconds: float = 60) -> tuple[list[socket.socket], int]:
@@ -375,7 +400,7 @@ security:
                 f"p99 {cold['warm_p99_ms']:.1f} ms"
             )
         if "idle" in phases:
-            base_rss = rss_mib(listener.pid)
+            base_rss, base_threads = rss_mib(listener.pid), thread_count(listener.pid)
             for count in (args.idle, 2 * args.idle):
                 held, errors = hold_idle(port, count)
                 time.sleep(1)
@@ -386,9 +411,13 @@ security:
                     f"meanwhile p50 {meanwhile['p50_ms']:5.1f} ms  p99 {meanwhile['p99_ms']:5.1f} ms"
                     f"   ({errors} errors)"
                 )
-                for sock in held:
-                    sock.close()
-                time.sleep(2)
+                closed = mass_close(port, listener.pid, held, base_threads)
+                print(
+                    f"{len(held):5d} closed at once: a new client's greeting after "
+                    f"{closed['greeting_ms']:.0f} ms; all their sessions ended after "
+                    f"{closed['ended_s']:.2f} s"
+                )
+                time.sleep(1)
     finally:
         stop(listener)
         cluster.stop()

@@ -35,7 +35,7 @@ from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.logs import new_correlation_id, set_correlation_id
-from smtp_proxy.smtp import metrics
+from smtp_proxy.smtp import gil, metrics
 from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.credentials import (
     AuthenticatedAccount,
@@ -180,11 +180,13 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         with self._lock:
             self._pending -= 1
             self._active.add(handler)
+        gil.PACING.started()
 
     def unregister(self, handler: SessionHandler) -> None:
         with self._lock:
             self._active.discard(handler)
             quiet = not self._active and not self._pending
+        gil.PACING.ended()
         if quiet and self._on_quiet is not None:
             self._on_quiet()  # e.g. hand the memory a burst freed back to the kernel
 

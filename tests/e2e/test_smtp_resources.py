@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
+import pytest
+
 from smtp_proxy.config import LoggingConfig
 from smtp_proxy.logs import configure_logging
+from smtp_proxy.smtp import gil
 from tests.e2e.conftest import Listener, RawClient
 
 
@@ -98,3 +102,29 @@ def test_sessions_share_one_policy_until_the_config_changes(start_listener, make
     server._config = lambda: changed
     assert server.policy(False).hostname == "other.test"
     assert server.policy(False).max_recipients == 7
+
+
+def test_the_gil_switch_interval_grows_with_open_sessions_and_returns_after(start_listener) -> None:
+    """Hundreds of session threads waking at once must not thrash the GIL (see smtp/gil.py)."""
+    listener: Listener = start_listener()
+    assert sys.getswitchinterval() == pytest.approx(gil.DEFAULT_INTERVAL)
+    clients = [RawClient(listener.host, listener.port) for _ in range(300)]
+    try:
+        for client in clients:
+            assert client.reply().startswith(b"220 ")
+        _wait_for(lambda: listener.server.active_count == 300)
+        assert gil.PACING.threads >= 300
+        assert gil.interval_for(300) > gil.DEFAULT_INTERVAL
+        assert sys.getswitchinterval() == pytest.approx(gil.interval_for(300))
+    finally:
+        for client in clients:  # all at once: the herd this pacing is for
+            client.close()
+    _wait_for(lambda: listener.server.active_count == 0)
+    # A new client is served at once afterwards, and the interval is back to normal.
+    client = RawClient(listener.host, listener.port)
+    try:
+        assert client.reply().startswith(b"220 ")
+    finally:
+        client.close()
+    _wait_for(lambda: listener.server.active_count == 0)
+    assert sys.getswitchinterval() == pytest.approx(gil.DEFAULT_INTERVAL)
