@@ -22,6 +22,7 @@ from flask.cli import FlaskGroup, ScriptInfo
 from smtp_proxy import __version__, crypto
 from smtp_proxy.config import Config, load_config
 from smtp_proxy.db.session import Database, safe_url
+from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import (
     ConfigError,
     Conflict,
@@ -213,7 +214,7 @@ def _account_json(account: Any) -> dict[str, Any]:
         "allowed_domains": account.allowed_domains,
         "is_admin": account.is_admin,
         "active": account.active,
-        "created_at": account.created_at.isoformat(),
+        "created_at": iso_timestamp(account.created_at),
     }
 
 

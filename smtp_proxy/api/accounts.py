@@ -15,6 +15,7 @@ from smtp_proxy.api.auth import forget_account, principal, require_admin
 from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import ApiError, invalid
 from smtp_proxy.db.models import Account
+from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.storage import accounts as store
 from smtp_proxy.storage import audit
@@ -30,8 +31,8 @@ def render(account: Account) -> dict[str, Any]:
         "allowed_domains": list(account.allowed_domains or []),
         "is_admin": bool(account.is_admin),
         "active": bool(account.active),
-        "created_at": account.created_at.isoformat(),
-        "updated_at": account.updated_at.isoformat(),
+        "created_at": iso_timestamp(account.created_at),
+        "updated_at": iso_timestamp(account.updated_at),
     }
 
 

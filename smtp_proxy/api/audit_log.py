@@ -11,6 +11,7 @@ from smtp_proxy.api import pages
 from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import database
 from smtp_proxy.db.models import AuditLog
+from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.storage import audit as store
 
 bp = Blueprint("audit_log", __name__, url_prefix="/audit-log")
@@ -25,7 +26,7 @@ def render(entry: AuditLog) -> dict[str, Any]:
         "entity_id": str(entry.entity_id),
         "account_id": str(entry.account_id) if entry.account_id else None,
         "fields": list((entry.changes or {}).get("fields", [])),
-        "created_at": entry.created_at.isoformat(),
+        "created_at": iso_timestamp(entry.created_at),
     }
 
 

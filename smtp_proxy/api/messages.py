@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -13,13 +14,14 @@ from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import invalid
 from smtp_proxy.db.models import MessageStatus
+from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.storage import messages as store
 
 bp = Blueprint("messages", __name__, url_prefix="/messages")
 
 
 def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
+    return iso_timestamp(value) if value is not None else None
 
 
 def render(row: Any) -> dict[str, Any]:
@@ -60,8 +62,13 @@ def list_() -> ResponseReturnValue:
         limit=pages.limit,
         before=pages.cursor,
     )
-    with database().autocommit() as connection:  # one SELECT of plain rows
-        page = store.list_messages(connection, principal().id, **query)
+    with database().autocommit() as connection:  # one SELECT, no ORM objects
+        rendered = store.list_messages_json(connection, principal().id, **query)
+        if rendered is None:
+            page = store.list_messages(connection, principal().id, **query)
+    if rendered is not None:  # PostgreSQL built the items (storage/json_rows.py)
+        cursor = pages.encode_cursor(*rendered.last) if rendered.last else None
+        return pages.prerendered(f'{{"items": {rendered.items}, "next_cursor": {json.dumps(cursor)}}}')
     last = page.rows[-1] if page.rows else None
     return {
         "items": [render(row) for row in page.rows],
@@ -84,7 +91,7 @@ def get(message_id: uuid.UUID) -> ResponseReturnValue:
                     "status": attempt.status.value,
                     "response_code": attempt.response_code,
                     "response_text": attempt.response_text,
-                    "created_at": attempt.created_at.isoformat(),
+                    "created_at": iso_timestamp(attempt.created_at),
                 }
                 for attempt in attempts
             ],

@@ -8,10 +8,11 @@ from typing import Any
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
-from smtp_proxy.api import schemas
+from smtp_proxy.api import pages, schemas
 from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import cipher, database
 from smtp_proxy.db.models import EspProvider
+from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.storage import providers as store
 
 bp = Blueprint("providers", __name__, url_prefix="/providers")
@@ -28,8 +29,8 @@ def render(row: EspProvider | Any) -> dict[str, Any]:
         "enabled": row.enabled,
         "has_api_key": row.api_key_encrypted is not None,
         "has_smtp_password": row.smtp_password_encrypted is not None,
-        "created_at": row.created_at.isoformat(),
-        "updated_at": row.updated_at.isoformat(),
+        "created_at": iso_timestamp(row.created_at),
+        "updated_at": iso_timestamp(row.updated_at),
     }
 
 
@@ -56,8 +57,12 @@ def create() -> ResponseReturnValue:
 
 @bp.get("")
 def list_() -> ResponseReturnValue:
-    # A Core connection: the list is one SELECT of plain rows, no ORM objects.
+    # A Core connection: the list is one SELECT, no ORM objects; on PostgreSQL
+    # the database renders the items (storage/json_rows.py).
     with database().autocommit() as connection:
+        items = store.list_summaries_json(connection, principal().id)
+        if items is not None:
+            return pages.prerendered(f'{{"items": {items}}}')
         return {"items": [render(row) for row in store.list_summaries(connection, principal().id)]}
 
 

@@ -14,6 +14,7 @@ from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import invalid
 from smtp_proxy.db.models import RoutingRule
+from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.storage import routing_rules as store
 
@@ -28,8 +29,8 @@ def render(rule: RoutingRule) -> dict[str, Any]:
         "priority": rule.priority,
         "conditions": dict(rule.conditions or {}),
         "enabled": bool(rule.enabled),
-        "created_at": rule.created_at.isoformat(),
-        "updated_at": rule.updated_at.isoformat(),
+        "created_at": iso_timestamp(rule.created_at),
+        "updated_at": iso_timestamp(rule.updated_at),
     }
 
 

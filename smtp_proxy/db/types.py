@@ -41,3 +41,12 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def iso_timestamp(moment: datetime) -> str:
+    """A timestamp as the API writes it: UTC, always with microseconds.
+
+    ``2026-01-02T03:04:05.000000+00:00``: one fixed width, which PostgreSQL
+    renders identically (``storage/json_rows.TIMESTAMP_FORMAT``).
+    """
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")

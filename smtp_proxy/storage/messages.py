@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import email.errors
 import email.header
+import functools
 import re
 import uuid
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import bindparam, func, insert, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -23,6 +24,7 @@ from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import DeliveryLog, Message, MessageStatus
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.errors import NotFound
+from smtp_proxy.storage import json_rows
 
 MAX_HEADER_FIELDS = 200
 MAX_HEADER_VALUE = 2000
@@ -157,6 +159,28 @@ class Page(NamedTuple):
     more: bool
 
 
+def _page_query(
+    select_: Any,
+    account_id: uuid.UUID,
+    status: MessageStatus | None,
+    since: datetime | None,
+    until: datetime | None,
+    before: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> Any:
+    table = Message.__table__
+    query = select_.where(table.c.account_id == account_id)
+    if status is not None:
+        query = query.where(table.c.status == status)
+    if since is not None:
+        query = query.where(table.c.created_at >= since)
+    if until is not None:
+        query = query.where(table.c.created_at < until)
+    if before is not None:
+        query = query.where(tuple_(table.c.created_at, table.c.id) < tuple_(*before))
+    return query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit + 1)
+
+
 def list_messages(
     session: Session | Connection,
     account_id: uuid.UUID,
@@ -172,19 +196,87 @@ def list_messages(
     ``before`` is the (created_at, id) of the last row of the previous page
     (a keyset cursor: pages stay stable while new messages arrive).
     """
-    table = Message.__table__
-    query = select(*_PAGE_COLUMNS).where(table.c.account_id == account_id)
-    if status is not None:
-        query = query.where(table.c.status == status)
-    if since is not None:
-        query = query.where(table.c.created_at >= since)
-    if until is not None:
-        query = query.where(table.c.created_at < until)
-    if before is not None:
-        query = query.where(tuple_(table.c.created_at, table.c.id) < tuple_(*before))
-    query = query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit + 1)
+    query = _page_query(select(*_PAGE_COLUMNS), account_id, status, since, until, before, limit)
     rows = session.execute(query).all()
     return Page(rows[:limit], len(rows) > limit)
+
+
+class JsonPage(NamedTuple):
+    items: str  # a JSON array
+    more: bool
+    last: tuple[datetime, uuid.UUID] | None  # the page's last row, for the next cursor
+
+
+def list_messages_json(
+    connection: Connection,
+    account_id: uuid.UUID,
+    *,
+    status: MessageStatus | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before: tuple[datetime, uuid.UUID] | None = None,
+    limit: int = 50,
+) -> JsonPage | None:
+    """``list_messages`` with its rows as the API renders them, built by PostgreSQL; None elsewhere."""
+    if not json_rows.renders_json(connection):
+        return None
+    query = _json_page_query(status is not None, since is not None, until is not None, before is not None)
+    parameters = {
+        "account_id": account_id,
+        "status": status,
+        "since": since,
+        "until": until,
+        "before_created": before[0] if before else None,
+        "before_id": before[1] if before else None,
+        "limit": limit,
+        "fetch": limit + 1,
+    }
+    items, rows, last_created, last_id = connection.execute(query, parameters).one()
+    more = rows > limit
+    return JsonPage(items, more, (last_created, last_id) if more else None)
+
+
+@functools.cache
+def _json_page_query(status: bool, since: bool, until: bool, before: bool) -> Any:
+    """The statement for one combination of filters, built once (with bound parameters)."""
+    table = Message.__table__
+    c = table.c
+    rank = func.row_number().over(order_by=(c.created_at.desc(), c.id.desc())).label("rank")
+    query = select(*_PAGE_COLUMNS, rank).where(c.account_id == bindparam("account_id"))
+    if status:
+        query = query.where(c.status == bindparam("status", type_=c.status.type))
+    if since:
+        query = query.where(c.created_at >= bindparam("since", type_=c.created_at.type))
+    if until:
+        query = query.where(c.created_at < bindparam("until", type_=c.created_at.type))
+    if before:
+        after = tuple_(
+            bindparam("before_created", type_=c.created_at.type), bindparam("before_id", type_=c.id.type)
+        )
+        query = query.where(tuple_(c.created_at, c.id) < after)
+    page = query.order_by(c.created_at.desc(), c.id.desc()).limit(bindparam("fetch")).subquery()
+    fields = {
+        "id": page.c.id,
+        "sender": page.c.sender,
+        "recipients": func.coalesce(page.c.recipients, json_rows.EMPTY_ARRAY),
+        "subject": page.c.subject,
+        "size": page.c.size,
+        "status": page.c.status,
+        "attempts": page.c.attempts,
+        "provider_id": page.c.provider_id,
+        "correlation_id": page.c.correlation_id,
+        "next_attempt_at": page.c.next_attempt_at,
+        "processed_at": page.c.processed_at,
+        "created_at": page.c.created_at,
+        "updated_at": page.c.updated_at,
+    }
+    last = page.c.rank == bindparam("limit")
+    return select(
+        json_rows.json_array(fields, page.c.rank, where=page.c.rank <= bindparam("limit")),
+        func.count(),
+        func.max(page.c.created_at).filter(last),
+        func.array_agg(page.c.id).filter(last)[1],
+    )
 
 
 def message_metadata(session: Session, account_id: uuid.UUID, message_id: uuid.UUID) -> Any:

@@ -6,14 +6,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, func, literal_column, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import EspProvider, ProviderType
 from smtp_proxy.errors import Conflict, NotFound
-from smtp_proxy.storage import audit
+from smtp_proxy.storage import audit, json_rows
 from smtp_proxy.storage.audit import CLI, Actor
 
 ENTITY = "provider"
@@ -177,6 +177,32 @@ def list_summaries(session: Session | Connection, account_id: uuid.UUID) -> list
     """
     query = _SUMMARY.where(_PROVIDERS.account_id == account_id).order_by(_PROVIDERS.name)
     return session.execute(query).all()
+
+
+# The API's view of a provider (api/providers.render), built by PostgreSQL.
+_SUMMARY_JSON = {
+    "id": _PROVIDERS.id,
+    "name": _PROVIDERS.name,
+    "provider_type": _PROVIDERS.provider_type,
+    "settings": func.coalesce(_PROVIDERS.settings, literal_column("'{}'::jsonb")),
+    "smtp_config": _PROVIDERS.smtp_config,
+    "enabled": _PROVIDERS.enabled,
+    "has_api_key": _PROVIDERS.api_key_encrypted.is_not(None),
+    "has_smtp_password": _PROVIDERS.smtp_password_encrypted.is_not(None),
+    "created_at": _PROVIDERS.created_at,
+    "updated_at": _PROVIDERS.updated_at,
+}
+# Built once: constructing it per request cost more than running it.
+_LIST_JSON = select(json_rows.json_array(_SUMMARY_JSON, _PROVIDERS.name)).where(
+    _PROVIDERS.account_id == bindparam("account_id")
+)
+
+
+def list_summaries_json(connection: Connection, account_id: uuid.UUID) -> str | None:
+    """``list_summaries`` as the API renders it, a JSON array built by PostgreSQL; None elsewhere."""
+    if not json_rows.renders_json(connection):
+        return None
+    return connection.execute(_LIST_JSON, {"account_id": account_id}).scalar_one()
 
 
 def list_providers(session: Session, account_id: uuid.UUID) -> list[EspProvider]:
