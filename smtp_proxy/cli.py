@@ -379,11 +379,16 @@ def serve_api(ctx: click.Context) -> None:
     """The JSON management API, served by waitress."""
     import waitress
 
+    from smtp_proxy import gil
+    from smtp_proxy.memory import freeze_startup_objects
+
     config = runtime_of(ctx).config
     configure_logging(config.logging, background=True)
     watcher = start_watcher(config)
     app = ctx.ensure_object(ScriptInfo).load_app()
     runtime_of(ctx).database.warm(autocommit=True)  # API keys and every GET read there
+    freeze_startup_objects()
+    gil.PACING.set_base(gil.API_INTERVAL)  # waitress's I/O thread gets the GIL back sooner
     try:
         server = waitress.create_server(
             app,

@@ -7,7 +7,6 @@ and edits of the config file re-read it (``reload.ConfigWatcher``).
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import threading
@@ -18,7 +17,7 @@ from prometheus_client import start_http_server
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
-from smtp_proxy.memory import FreeMemoryReleaser, limit_arenas
+from smtp_proxy.memory import FreeMemoryReleaser, freeze_startup_objects, limit_arenas
 from smtp_proxy.reload import ConfigWatcher
 from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.server import DRAIN_SECONDS, SESSION_THREAD_STACK, SmtpServer
@@ -83,11 +82,7 @@ def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None
     metrics_server = None
     if smtp.metrics_port:
         metrics_server, _thread = start_http_server(smtp.metrics_port, addr=smtp.host)
-    # Everything made so far (modules, config, the engine) lives as long as the
-    # process: keep it out of the collector's full passes, which would
-    # otherwise walk it while every session waits for the GIL.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_objects()
     threads = [threading.Thread(target=s.serve_forever, name="smtp-accept") for s in servers]
     for thread in threads:
         thread.start()

@@ -30,12 +30,13 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from smtp_proxy import gil
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.logs import new_correlation_id, set_correlation_id
-from smtp_proxy.smtp import gil, metrics
+from smtp_proxy.smtp import metrics
 from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.credentials import (
     AuthenticatedAccount,

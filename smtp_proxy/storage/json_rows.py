@@ -3,7 +3,8 @@
 A page of 20 providers or 50 messages costs the API far more in Python than in
 the database: every row's UUIDs, timestamps and JSON documents are decoded
 into objects, then turned back into JSON text. PostgreSQL builds the same
-array in one pass (``jsonb_agg`` of ``jsonb_build_object``), and the API
+array in one pass (``json_agg`` of ``json_build_object``, keys in the
+documented order), and the API
 passes the text through. Other databases (SQLite, the embedded default) get
 ``None`` from the callers here and render rows in Python; tests hold the two
 renderings equal.
@@ -22,7 +23,8 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-EMPTY_ARRAY = literal_column("'[]'::jsonb")
+EMPTY_ARRAY = literal_column("'[]'::jsonb")  # for a JSONB column that may be NULL
+_NO_ROWS = literal_column("'[]'::json")
 TIMESTAMP_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'  # to_char, of the UTC time
 # Constants of the statement itself, not bound parameters converted on every execution.
 _UTC = literal_column("'UTC'")
@@ -35,14 +37,14 @@ def renders_json(connection: Connection) -> bool:
 
 
 def json_object(fields: Mapping[str, ColumnElement[Any]]) -> ColumnElement[Any]:
-    """``jsonb_build_object`` of ``{key: expression}``."""
+    """``json_build_object`` of ``{key: expression}``, keys in order."""
     arguments: list[Any] = []
     for key, expression in fields.items():
         assert key.isidentifier(), key  # keys are our own constants, never input
         if isinstance(getattr(expression.type, "impl", expression.type), DateTime):  # or a decorator
             expression = func.to_char(func.timezone(_UTC, expression), _TIMESTAMP_FORMAT)
         arguments += [literal_column(f"'{key}'"), expression]
-    return func.jsonb_build_object(*arguments)
+    return func.json_build_object(*arguments)
 
 
 def json_array(
@@ -54,7 +56,7 @@ def json_array(
 
     ``where`` keeps only some rows of the group (``FILTER``); an empty group is ``[]``.
     """
-    aggregate = func.jsonb_agg(aggregate_order_by(json_object(fields), *order_by))
+    aggregate = func.json_agg(aggregate_order_by(json_object(fields), *order_by))
     if where is not None:
         aggregate = aggregate.filter(where)
-    return cast(func.coalesce(aggregate, EMPTY_ARRAY), Text)
+    return cast(func.coalesce(aggregate, _NO_ROWS), Text)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from smtp_proxy import gil
 from smtp_proxy.config import LoggingConfig
 from smtp_proxy.logs import configure_logging
-from smtp_proxy.smtp import gil
 from tests.e2e.conftest import Listener, RawClient
 
 
@@ -105,7 +105,7 @@ def test_sessions_share_one_policy_until_the_config_changes(start_listener, make
 
 
 def test_the_gil_switch_interval_grows_with_open_sessions_and_returns_after(start_listener) -> None:
-    """Hundreds of session threads waking at once must not thrash the GIL (see smtp/gil.py)."""
+    """Hundreds of session threads waking at once must not thrash the GIL (see smtp_proxy/gil.py)."""
     listener: Listener = start_listener()
     assert sys.getswitchinterval() == pytest.approx(gil.DEFAULT_INTERVAL)
     clients = [RawClient(listener.host, listener.port) for _ in range(300)]

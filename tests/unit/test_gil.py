@@ -1,4 +1,4 @@
-"""The switch interval follows the number of session threads (smtp/gil.py)."""
+"""The switch interval follows the number of session threads (smtp_proxy/gil.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from smtp_proxy.smtp import gil
+from smtp_proxy import gil
 
 
 @pytest.fixture
@@ -51,3 +51,12 @@ def test_a_custom_base_is_the_floor(restore_interval) -> None:
     pacing = gil.GilPacing(base=0.01)
     pacing.started()
     assert sys.getswitchinterval() == pytest.approx(0.01)
+
+
+def test_set_base_lowers_the_interval_at_once_and_sessions_still_scale_it(restore_interval) -> None:
+    pacing = gil.GilPacing()
+    pacing.set_base(gil.API_INTERVAL)
+    assert sys.getswitchinterval() == pytest.approx(gil.API_INTERVAL)
+    for _ in range(1_000):
+        pacing.started()
+    assert sys.getswitchinterval() == pytest.approx(0.1)
