@@ -68,8 +68,8 @@ class ApiConfig:
     host: str = _opt("0.0.0.0", "str")
     port: int = _opt(8080, "port")
     threads: int = _opt(8, "int", min=1, max=512)
+    # waitress has one inactivity timeout: nothing received and nothing sent for this long.
     read_timeout: float = _opt(10.0, "duration", min=0.1)
-    write_timeout: float = _opt(10.0, "duration", min=0.1)
     rate_limit: str = _opt("100/minute", "rate_limit")
     rate_limit_storage: str = _opt("memory://", "str")
 

@@ -85,7 +85,6 @@ def test_defaults_durations_are_float_seconds() -> None:
         "smtp.read_timeout": (config.smtp.read_timeout, 30.0),
         "smtp.write_timeout": (config.smtp.write_timeout, 30.0),
         "api.read_timeout": (config.api.read_timeout, 10.0),
-        "api.write_timeout": (config.api.write_timeout, 10.0),
         "database.connect_timeout": (config.database.connect_timeout, 5.0),
     }
     for key, (value, expected) in durations.items():
