@@ -11,12 +11,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import EspProvider, ProviderType
+from smtp_proxy.db.models import EspProvider, ProviderType, RoutingRule
 from smtp_proxy.errors import Conflict, NotFound
 from smtp_proxy.storage import audit, json_rows
 from smtp_proxy.storage.audit import CLI, Actor
 
 ENTITY = "provider"
+RULE_ENTITY = "routing_rule"  # routing_rules.ENTITY, which imports this module
 _UNSET: Any = object()
 
 
@@ -128,7 +129,20 @@ def update_provider(
 
 
 def delete_provider(session: Session, provider: EspProvider, actor: Actor = CLI) -> None:
-    """Delete a provider and, through the foreign key, the rules that point at it."""
+    """Delete a provider and, through the foreign key, the rules that point at it.
+
+    Each of those rules gets its own audit row, as if it had been deleted alone.
+    """
+    rules = session.scalars(select(RoutingRule.id).where(RoutingRule.provider_id == provider.id))
+    for rule_id in rules.all():
+        audit.record(
+            session,
+            actor=actor,
+            action="delete",
+            entity=RULE_ENTITY,
+            entity_id=rule_id,
+            account_id=provider.account_id,
+        )
     audit.record(
         session,
         actor=actor,

@@ -12,9 +12,9 @@ from smtp_proxy.db.models import RoutingRule
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.storage import audit
 from smtp_proxy.storage.audit import CLI, Actor
-from smtp_proxy.storage.providers import get_provider
+from smtp_proxy.storage.providers import RULE_ENTITY, get_provider
 
-ENTITY = "routing_rule"
+ENTITY = RULE_ENTITY
 _FIELDS = ("name", "provider_id", "priority", "conditions", "enabled")
 
 

@@ -737,3 +737,27 @@ def test_body_over_64_kib_is_413(api: ApiServer) -> None:
     response = tenant.client.post(PROVIDERS, data=small, headers=JSON)
     assert response.status_code == 201, response.text[:200]
     assert names(tenant.client) == ["sendgrid-main", "small"]
+
+
+def test_deleting_a_provider_audits_each_rule_it_takes_with_it(api: ApiServer) -> None:
+    tenant = api.tenant()
+    gone = create(tenant.client, sendgrid("gone"))
+    keep = create(tenant.client, sendgrid("keep"))
+    rules = [
+        tenant.client.post(
+            "/api/v1/routing-rules", json={"name": f"r{n}", "priority": n, "provider_id": provider["id"]}
+        )
+        for n, provider in enumerate([gone, gone, keep])
+    ]
+    assert [rule.status_code for rule in rules] == [201, 201, 201], [rule.text for rule in rules]
+    assert tenant.client.delete(f"{PROVIDERS}/{gone['id']}").status_code == 204
+
+    remaining = tenant.client.get("/api/v1/routing-rules").json()["items"]
+    assert [rule["id"] for rule in remaining] == [rules[2].json()["id"]]
+    entries = tenant.client.get("/api/v1/audit-log?limit=200").json()["items"]
+    deleted = {(entry["entity"], entry["entity_id"]) for entry in entries if entry["action"] == "delete"}
+    assert deleted == {
+        ("provider", gone["id"]),
+        ("routing_rule", rules[0].json()["id"]),
+        ("routing_rule", rules[1].json()["id"]),
+    }

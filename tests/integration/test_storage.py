@@ -589,8 +589,9 @@ def test_delete_provider_deletes_its_routing_rules(database: Database, cipher: C
             routing_rules.get_rule(session, owner.id, doomed_rule.id)
         assert [r.id for r in routing_rules.list_rules(session, owner.id)] == [kept_rule.id]
         assert [p.name for p in providers.list_providers(session, owner.id)] == ["kept"]
-    [entry] = [e for e in audit_rows(database) if e.action == "delete"]
-    assert (entry.entity, entry.entity_id, entry.account_id) == ("provider", doomed.id, owner.id)
+    # The rule taken along is audited as deleted too, in the same transaction.
+    deleted = {(e.entity, e.entity_id, e.account_id) for e in audit_rows(database) if e.action == "delete"}
+    assert deleted == {("provider", doomed.id, owner.id), ("routing_rule", doomed_rule.id, owner.id)}
 
 
 # --- routing rules --------------------------------------------------------------------------------
