@@ -178,18 +178,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mib(pid: int) -> float:
+def _status_field(pid: int, name: str) -> int:
+    """A number from /proc/PID/status (VmRSS in KiB, Threads, ...)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1])
+    raise SystemExit(f"/proc/{pid}/status has no {name}")
+
+
+def rss_mib(pid: int) -> float:
+    return _status_field(pid, "VmRSS") / 1024
 
 
 def thread_count(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    return 0
+    return _status_field(pid, "Threads")
 
 
 def mass_close(port: int, pid: int, held: list[socket.socket], base_threads: int) -> dict[str, float]:

@@ -4,9 +4,9 @@ A page of 20 providers or 50 messages costs the API far more in Python than in
 the database: every row's UUIDs, timestamps and JSON documents are decoded
 into objects, then turned back into JSON text. PostgreSQL builds the same
 array in one pass (``json_agg`` of ``json_build_object``, keys in the
-documented order), and the API passes the text through. Other databases (SQLite, the embedded default) get
-``None`` from the callers here and render rows in Python; tests hold the two
-renderings equal.
+documented order), and the API passes the text through. Other databases
+(SQLite, the embedded default) get ``None`` from the callers here and render
+rows in Python; tests hold the two renderings equal.
 
 Timestamps are written in UTC with microseconds, exactly like
 ``db.types.iso_timestamp``.

@@ -159,26 +159,56 @@ class Page(NamedTuple):
     more: bool
 
 
-def _page_query(
-    select_: Any,
+@functools.cache
+def _page_select(status: bool, since: bool, until: bool, before: bool, *, ranked: bool = False) -> Any:
+    """One page's SELECT for one combination of filters, built once with bound parameters.
+
+    Building it per request cost more than running it. ``ranked`` adds each
+    row's place on the page (1, 2, ...), for ``list_messages_json``.
+    """
+    c = Message.__table__.c
+    newest_first = (c.created_at.desc(), c.id.desc())
+    columns: list[Any] = list(_PAGE_COLUMNS)
+    if ranked:
+        columns.append(func.row_number().over(order_by=newest_first).label("rank"))
+    query = select(*columns).where(c.account_id == bindparam("account_id"))
+    if status:
+        query = query.where(c.status == bindparam("status", type_=c.status.type))
+    if since:
+        query = query.where(c.created_at >= bindparam("since", type_=c.created_at.type))
+    if until:
+        query = query.where(c.created_at < bindparam("until", type_=c.created_at.type))
+    if before:
+        after = tuple_(
+            bindparam("before_created", type_=c.created_at.type), bindparam("before_id", type_=c.id.type)
+        )
+        query = query.where(tuple_(c.created_at, c.id) < after)
+    return query.order_by(*newest_first).limit(bindparam("fetch"))
+
+
+def _page(
     account_id: uuid.UUID,
     status: MessageStatus | None,
     since: datetime | None,
     until: datetime | None,
     before: tuple[datetime, uuid.UUID] | None,
     limit: int,
-) -> Any:
-    table = Message.__table__
-    query = select_.where(table.c.account_id == account_id)
-    if status is not None:
-        query = query.where(table.c.status == status)
-    if since is not None:
-        query = query.where(table.c.created_at >= since)
-    if until is not None:
-        query = query.where(table.c.created_at < until)
-    if before is not None:
-        query = query.where(tuple_(table.c.created_at, table.c.id) < tuple_(*before))
-    return query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit + 1)
+) -> tuple[tuple[bool, bool, bool, bool], dict[str, Any]]:
+    """Which filters a page uses, and the parameters of its statement.
+
+    A page fetches ``limit`` rows plus one, to tell whether more follow.
+    """
+    filters = (status is not None, since is not None, until is not None, before is not None)
+    parameters = {
+        "account_id": account_id,
+        "status": status,
+        "since": since,
+        "until": until,
+        "before_created": before[0] if before else None,
+        "before_id": before[1] if before else None,
+        "fetch": limit + 1,
+    }
+    return filters, parameters
 
 
 def list_messages(
@@ -196,8 +226,8 @@ def list_messages(
     ``before`` is the (created_at, id) of the last row of the previous page
     (a keyset cursor: pages stay stable while new messages arrive).
     """
-    query = _page_query(select(*_PAGE_COLUMNS), account_id, status, since, until, before, limit)
-    rows = session.execute(query).all()
+    filters, parameters = _page(account_id, status, since, until, before, limit)
+    rows = session.execute(_page_select(*filters), parameters).all()
     return Page(rows[:limit], len(rows) > limit)
 
 
@@ -220,41 +250,18 @@ def list_messages_json(
     """``list_messages`` with its rows as the API renders them, built by PostgreSQL; None elsewhere."""
     if not json_rows.renders_json(connection):
         return None
-    query = _json_page_query(status is not None, since is not None, until is not None, before is not None)
-    parameters = {
-        "account_id": account_id,
-        "status": status,
-        "since": since,
-        "until": until,
-        "before_created": before[0] if before else None,
-        "before_id": before[1] if before else None,
-        "limit": limit,
-        "fetch": limit + 1,
-    }
-    items, rows, last_created, last_id = connection.execute(query, parameters).one()
+    filters, parameters = _page(account_id, status, since, until, before, limit)
+    items, rows, last_created, last_id = connection.execute(
+        _json_page(*filters), {**parameters, "limit": limit}
+    ).one()
     more = rows > limit
     return JsonPage(items, more, (last_created, last_id) if more else None)
 
 
 @functools.cache
-def _json_page_query(status: bool, since: bool, until: bool, before: bool) -> Any:
-    """The statement for one combination of filters, built once (with bound parameters)."""
-    table = Message.__table__
-    c = table.c
-    rank = func.row_number().over(order_by=(c.created_at.desc(), c.id.desc())).label("rank")
-    query = select(*_PAGE_COLUMNS, rank).where(c.account_id == bindparam("account_id"))
-    if status:
-        query = query.where(c.status == bindparam("status", type_=c.status.type))
-    if since:
-        query = query.where(c.created_at >= bindparam("since", type_=c.created_at.type))
-    if until:
-        query = query.where(c.created_at < bindparam("until", type_=c.created_at.type))
-    if before:
-        after = tuple_(
-            bindparam("before_created", type_=c.created_at.type), bindparam("before_id", type_=c.id.type)
-        )
-        query = query.where(tuple_(c.created_at, c.id) < after)
-    page = query.order_by(c.created_at.desc(), c.id.desc()).limit(bindparam("fetch")).subquery()
+def _json_page(status: bool, since: bool, until: bool, before: bool) -> Any:
+    """The page as one JSON array, its row count and its last row's keys (built once per filter set)."""
+    page = _page_select(status, since, until, before, ranked=True).subquery()
     fields = {
         "id": page.c.id,
         "sender": page.c.sender,

@@ -133,24 +133,16 @@ def delete_provider(session: Session, provider: EspProvider, actor: Actor = CLI)
 
     Each of those rules gets its own audit row, as if it had been deleted alone.
     """
-    rules = session.scalars(select(RoutingRule.id).where(RoutingRule.provider_id == provider.id))
-    for rule_id in rules.all():
+    rules = session.scalars(select(RoutingRule.id).where(RoutingRule.provider_id == provider.id)).all()
+    for entity, entity_id in [*((RULE_ENTITY, rule_id) for rule_id in rules), (ENTITY, provider.id)]:
         audit.record(
             session,
             actor=actor,
             action="delete",
-            entity=RULE_ENTITY,
-            entity_id=rule_id,
+            entity=entity,
+            entity_id=entity_id,
             account_id=provider.account_id,
         )
-    audit.record(
-        session,
-        actor=actor,
-        action="delete",
-        entity=ENTITY,
-        entity_id=provider.id,
-        account_id=provider.account_id,
-    )
     session.delete(provider)
     session.flush()
 
