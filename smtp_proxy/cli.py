@@ -443,6 +443,27 @@ def serve_smtp(ctx: click.Context) -> None:
             watcher.stop()
 
 
+@serve.command("worker")
+@click.pass_context
+@handle_errors
+def serve_worker(ctx: click.Context) -> None:
+    """The queue worker: delivers queued messages through the tenants' providers."""
+    from smtp_proxy.lifecycle import serve_worker as run
+
+    runtime = runtime_of(ctx)
+    config = runtime.config
+    configure_logging(config.logging, background=True)
+    watcher = start_watcher(config)
+    try:
+        run(config, runtime.database, watcher)
+    except OSError as exc:
+        where = f"{config.delivery.metrics_host}:{config.delivery.metrics_port}"
+        raise Failure(f"cannot listen on {where} (delivery.metrics_port): {exc.strerror or exc}") from None
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
 def _exit_cleanly(_sig: int, _frame: Any) -> None:
     raise SystemExit(0)
 

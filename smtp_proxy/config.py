@@ -24,6 +24,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -112,6 +113,39 @@ class SecurityConfig:
     bcrypt_cost: int = _opt(12, "int", min=4, max=16)
 
 
+# The ESPs' public API base URLs; tests aim them at local fakes. ``{region}`` is the SES region.
+DEFAULT_ENDPOINTS: Mapping[str, str] = MappingProxyType(
+    {
+        "sendgrid": "https://api.sendgrid.com",
+        "mailgun": "https://api.mailgun.net",
+        "mailgun_eu": "https://api.eu.mailgun.net",
+        "ses": "https://email.{region}.amazonaws.com",
+    }
+)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    workers: int = _opt(8, "int", min=1, max=256)
+    batch_size: int = _opt(50, "int", min=1, max=10_000)
+    poll_interval: float = _opt(1.0, "duration", min=0.01)
+    lease: float = _opt(300.0, "duration", min=1)
+    retry_base: float = _opt(60.0, "duration", min=0.001)
+    retry_max: float = _opt(3600.0, "duration", min=0.001)
+    max_attempts: int = _opt(30, "int", min=1)
+    max_age: float = _opt(432_000.0, "duration", min=1)
+    connect_timeout: float = _opt(10.0, "duration", min=0.1)
+    send_timeout: float = _opt(60.0, "duration", min=0.1)
+    # Off: an smtp provider's host on loopback, private or link-local addresses is refused.
+    allow_private_networks: bool = _opt(False, "bool")
+    endpoints: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ENDPOINTS, metadata={"kind": "endpoints"})
+    # Extra CA certificates (PEM) trusted for smtp providers' TLS; empty: the system store.
+    ca_file: str = _opt("", "str")
+    retention: float = _opt(2_592_000.0, "duration", min=60)
+    metrics_host: str = _opt("0.0.0.0", "str")
+    metrics_port: int | None = _opt(9102, "port", nullable=True)
+
+
 @dataclass(frozen=True)
 class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -120,6 +154,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     source: str | None = field(default=None, compare=False)
 
     def changed_keys(self, other: Config) -> list[str]:
@@ -142,6 +177,7 @@ _SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "tls": TlsConfig,
     "security": SecurityConfig,
+    "delivery": DeliveryConfig,
 }
 
 
@@ -207,6 +243,16 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise ConfigError(key, f"must be {bounds}, got {number}")
         return number
+    if kind == "bool":
+        # A string comes from ${VAR} expansion.
+        flag = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+            str(value).strip().lower()
+        )
+        if isinstance(value, bool) or (isinstance(value, str) and flag is not None):
+            return value if isinstance(value, bool) else flag
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if kind == "endpoints":
+        return _endpoints(value, key)
     if kind == "duration":
         seconds = parse_duration(value, key)
         if seconds < meta.get("min", 0):
@@ -232,6 +278,20 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
     if kind == "key_list":
         return (_coerce(value, {"kind": "key"}, key),) if value else ()
     return value
+
+
+def _endpoints(value: Any, key: str) -> Mapping[str, str]:
+    """The ESP base URLs: any of the known names, each http(s)://host[:port][/path]; the rest default."""
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a mapping of {', '.join(DEFAULT_ENDPOINTS)} to URLs")
+    merged = dict(DEFAULT_ENDPOINTS)
+    for name, url in value.items():
+        if name not in DEFAULT_ENDPOINTS:
+            raise ConfigError(f"{key}.{name}", f"unknown endpoint (known: {', '.join(DEFAULT_ENDPOINTS)})")
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+            raise ConfigError(f"{key}.{name}", f"expected an http:// or https:// base URL, got {url!r}")
+        merged[name] = url.rstrip("/")
+    return MappingProxyType(merged)
 
 
 def _expand_tree(node: Any, env: Mapping[str, str], key: str) -> Any:
@@ -295,6 +355,13 @@ def _check_consistency(config: Config) -> None:
     smtp = config.smtp
     if smtp.implicit_tls_port is not None and smtp.implicit_tls_port == smtp.port:
         raise ConfigError("smtp.implicit_tls_port", "must differ from smtp.port")
+    delivery = config.delivery
+    if delivery.retry_max < delivery.retry_base:
+        raise ConfigError("delivery.retry_max", f"must be at least retry_base ({delivery.retry_base:g}s)")
+    if delivery.lease < 2 * (delivery.connect_timeout + delivery.send_timeout):
+        raise ConfigError(
+            "delivery.lease", "must be at least twice connect_timeout + send_timeout (one attempt's bound)"
+        )
     sec = config.security
     if sec.encryption_key and sec.encryption_key_file:
         raise ConfigError("security.encryption_key_file", "set either encryption_key or encryption_key_file")

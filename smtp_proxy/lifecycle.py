@@ -108,3 +108,30 @@ def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None
         if metrics_server is not None:
             metrics_server.shutdown()
         log.info("smtp stopped", extra={"event": "smtp.stopped"})
+
+
+def serve_worker(config: Config, database: Database, watcher: ConfigWatcher | None) -> None:
+    """Run the queue worker until SIGTERM, then drain (``delivery.worker.DRAIN_SECONDS``).
+
+    Raises ConfigError for a missing encryption key, OSError when the metrics
+    port cannot be bound.
+    """
+    from smtp_proxy.delivery.worker import DRAIN_SECONDS as WORKER_DRAIN_SECONDS
+    from smtp_proxy.delivery.worker import Worker
+
+    cipher = Cipher.from_config(config.security)
+    current: Callable[[], Config] = (lambda: watcher.config) if watcher else (lambda: config)
+    delivery = config.delivery
+    metrics_server = None
+    if delivery.metrics_port:
+        metrics_server, _thread = start_http_server(delivery.metrics_port, addr=delivery.metrics_host)
+    worker = Worker(current, database, cipher)
+    freeze_startup_objects()
+    worker.start()
+    try:
+        wait_for_stop_signal()
+    finally:
+        log.info("worker draining", extra={"event": "worker.draining", "seconds": WORKER_DRAIN_SECONDS})
+        worker.stop(WORKER_DRAIN_SECONDS)
+        if metrics_server is not None:
+            metrics_server.shutdown()

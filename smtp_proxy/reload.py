@@ -46,6 +46,9 @@ RESTART_KEYS = (
     "security.encryption_key",
     "security.encryption_key_file",
     "security.previous_encryption_keys",
+    "delivery.workers",
+    "delivery.metrics_host",
+    "delivery.metrics_port",
 )
 
 

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -152,6 +153,13 @@ class Message(Base):
         Index(None, "account_id", "created_at"),
         # The worker's claim query: due messages of one status, oldest first.
         Index(None, "status", "next_attempt_at"),
+        # The retention purge: finished messages that still hold a body, oldest first.
+        Index(
+            "ix_messages_purgeable",
+            "processed_at",
+            postgresql_where=text("body_encrypted IS NOT NULL AND processed_at IS NOT NULL"),
+            sqlite_where=text("body_encrypted IS NOT NULL AND processed_at IS NOT NULL"),
+        ),
         CheckConstraint("size >= 0", name="size_not_negative"),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
     )
@@ -174,7 +182,10 @@ class Message(Base):
     )
     correlation_id: Mapped[str] = mapped_column(String(64), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Queued: when it is due. Processing: when the claiming worker's lease runs out.
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The claim that holds a processing message; its outcome is only written under it.
+    lease_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     processed_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()

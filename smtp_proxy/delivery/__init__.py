@@ -1,0 +1,1 @@
+"""The queue worker: claims queued messages, routes them and hands them to providers."""

@@ -1,0 +1,450 @@
+"""The queue worker: claim due messages, route each, hand it to providers, write the outcome.
+
+One claim thread takes batches from the queue (``storage.queue.claim``) while
+``delivery.workers`` threads deliver them, one message at a time each. A
+message's outcome is committed on its own, right after the provider answered,
+so that a crash re-sends as little as possible. A claim that outlives its
+worker runs out after ``delivery.lease`` and the message is claimed again:
+delivery is at least once, never lost.
+
+SIGTERM (``stop``) stops claiming, lets deliveries in flight finish for up to
+``DRAIN_SECONDS``, and gives the claimed messages that had not started back to
+the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as thread_queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from smtp_proxy.config import Config, DeliveryConfig
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.models import DeliveryStatus, MessageStatus
+from smtp_proxy.db.session import Database
+from smtp_proxy.db.types import utcnow
+from smtp_proxy.delivery import backoff, metrics, routing, transports
+from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred
+from smtp_proxy.errors import DatabaseUnavailable, DecryptionError
+from smtp_proxy.logs import correlation
+from smtp_proxy.storage import queue
+from smtp_proxy.storage.messages import body_aad
+from smtp_proxy.storage.providers import provider_secrets
+
+log = logging.getLogger("smtp_proxy.delivery")
+
+DRAIN_SECONDS = 30.0
+# How long an account's rules and providers are reused before they are read again.
+ROUTES_TTL = 5.0
+DEPTH_INTERVAL = 15.0
+PURGE_INTERVAL = 600.0
+PURGE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class _Route:
+    rule: routing.Rule
+    target: Target | None  # None: its secrets cannot be opened
+    provider_type: str
+
+
+class RouteCache:
+    """Each account's usable routes, read at most every ``ROUTES_TTL`` seconds."""
+
+    def __init__(self, database: Database, cipher: Cipher, ttl: float = ROUTES_TTL) -> None:
+        self.database, self.cipher, self.ttl = database, cipher, ttl
+        self._entries: dict[uuid.UUID, tuple[float, list[_Route]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, account_id: uuid.UUID) -> list[_Route]:
+        now = time.monotonic()
+        entry = self._entries.get(account_id)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        with self.database.read() as session:
+            rows = queue.routes(session, account_id)
+        built = [self._route(row) for row in rows]
+        with self._lock:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[account_id] = (now + self.ttl, built)
+        return built
+
+    def _route(self, row: queue.Route) -> _Route:
+        provider = row.provider
+        rule = routing.Rule(row.rule_id, row.priority, row.conditions, provider.id)
+        try:
+            secrets = provider_secrets(self.cipher, provider)
+        except DecryptionError:
+            log.error(
+                "provider secrets cannot be opened",
+                extra={"event": "delivery.provider_secrets_unreadable", "provider_id": str(provider.id)},
+            )
+            return _Route(rule, None, str(provider.provider_type))
+        target = Target(
+            id=provider.id,
+            name=provider.name,
+            provider_type=provider.provider_type,
+            settings=dict(provider.settings or {}),
+            smtp_config=dict(provider.smtp_config) if provider.smtp_config else None,
+            api_key=secrets.api_key,
+            smtp_password=secrets.smtp_password,
+        )
+        return _Route(rule, target, str(provider.provider_type))
+
+
+class Worker:
+    """Delivery threads fed by one claim thread; ``start`` then ``stop``."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        database: Database,
+        cipher: Cipher,
+        *,
+        rng: random.Random | None = None,
+        send: transports.Transport = transports.send,
+    ) -> None:
+        self._config = config
+        self.database = database
+        self.cipher = cipher
+        self.rng = rng or random.Random()
+        self._send = send
+        self.routes = RouteCache(database, cipher)
+        self.threads = config().delivery.workers
+        self._work: thread_queue.SimpleQueue[tuple[uuid.UUID, datetime, queue.Claimed] | None] = (
+            thread_queue.SimpleQueue()
+        )
+        self._cond = threading.Condition()
+        self._unstarted: dict[uuid.UUID, uuid.UUID] = {}  # message id -> lease id
+        self._running = 0
+        self._stopping = threading.Event()
+        self._drain_deadline = float("inf")
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def settings(self) -> DeliveryConfig:
+        return self._config().delivery
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._deliver_loop, name=f"delivery-{n}", daemon=True)
+            for n in range(self.threads)
+        ]
+        self._threads.append(threading.Thread(target=self._claim_loop, name="delivery-claim", daemon=True))
+        self._threads.append(threading.Thread(target=self._housekeeping, name="delivery-upkeep", daemon=True))
+        for thread in self._threads:
+            thread.start()
+        log.info("worker started", extra={"event": "worker.started", "threads": self.threads})
+
+    def stop(self, drain: float = DRAIN_SECONDS) -> None:
+        """Stop claiming, wait up to ``drain`` seconds for deliveries in flight, release the rest."""
+        deadline = time.monotonic() + drain
+        with self._cond:
+            self._drain_deadline = deadline
+            self._stopping.set()
+            self._cond.notify_all()
+        for thread in self._threads[self.threads :]:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            while self._running and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            running, unstarted = self._running, dict(self._unstarted)
+            self._unstarted.clear()
+        for _ in range(self.threads):
+            self._work.put(None)
+        released = self._release(unstarted)
+        log.info(
+            "worker stopped",
+            extra={"event": "worker.stopped", "released": released, "abandoned_in_flight": running},
+        )
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # --- claiming ----------------------------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        while not self.stopping:
+            settings = self.settings
+            with self._cond:
+                # Keep about one claim's worth waiting locally; more would only age under its lease.
+                while len(self._unstarted) >= max(settings.batch_size, self.threads) and not self.stopping:
+                    self._cond.wait(settings.poll_interval)
+            if self.stopping:
+                return
+            claimed = self.claim_once(settings)
+            if claimed is None or len(claimed) < settings.batch_size:
+                self._stopping.wait(settings.poll_interval)
+
+    def claim_once(self, settings: DeliveryConfig) -> list[queue.Claimed] | None:
+        """Claim one batch and queue it for the delivery threads; None when the database is away."""
+        try:
+            with self.database.transaction() as session:
+                claim = queue.claim(session, limit=settings.batch_size, lease=settings.lease, now=utcnow())
+        except DatabaseUnavailable:
+            return None
+        except Exception:
+            log.exception("claim failed", extra={"event": "worker.claim_error"})
+            return None
+        with self._cond:
+            for message in claim.messages:
+                self._unstarted[message.id] = claim.lease_id
+                self._work.put((claim.lease_id, claim.until, message))
+        return claim.messages
+
+    def _release(self, unstarted: dict[uuid.UUID, uuid.UUID]) -> int:
+        by_lease: dict[uuid.UUID, list[uuid.UUID]] = {}
+        for message_id, lease_id in unstarted.items():
+            by_lease.setdefault(lease_id, []).append(message_id)
+        released = 0
+        for lease_id, ids in by_lease.items():
+            try:
+                with self.database.transaction() as session:
+                    released += queue.release(session, lease_id, ids, utcnow())
+            except DatabaseUnavailable:
+                log.warning(
+                    "claimed messages not released; their lease will run out",
+                    extra={"event": "worker.release_failed", "messages": len(ids)},
+                )
+        return released
+
+    # --- delivering --------------------------------------------------------------------------------
+
+    def _deliver_loop(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            lease_id, until, message = item
+            with self._cond:
+                if self.stopping or self._unstarted.pop(message.id, None) is None:
+                    continue  # released, or to be released by stop()
+                self._running += 1
+            try:
+                with correlation(message.correlation_id):
+                    self.deliver(lease_id, until, message)
+            except Exception:
+                log.exception(
+                    "delivery error; the message is tried again after its lease",
+                    extra={"event": "delivery.error", "message_id": str(message.id)},
+                )
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
+
+    def deliver(self, lease_id: uuid.UUID, until: datetime, message: queue.Claimed) -> None:
+        """Route one claimed message, try its providers in order, and write the outcome."""
+        settings = self.settings
+        try:
+            routes = self.routes.get(message.account_id)
+        except DatabaseUnavailable:
+            return  # claimed again after the lease
+        attempts: list[queue.Attempt] = []
+        final: Outcome | None = None
+        final_route: _Route | None = None
+        body = self._body(message)
+        if isinstance(body, Outcome):
+            final = body
+            attempts.append(queue.Attempt(None, body.status, body.code, body.text, utcnow()))
+        else:
+            outgoing = Outgoing(message.id, message.sender, tuple(message.recipients), body)
+            envelope = routing.Envelope(message.sender, message.recipients, message.headers or [])
+            by_rule = {route.rule.id: route for route in routes}
+            plan = routing.plan([route.rule for route in routes], envelope, self.rng)
+            if not plan:
+                final = Outcome(DeliveryStatus.FAILED, None, "no routing rule matches this message")
+                attempts.append(queue.Attempt(None, final.status, None, final.text, utcnow()))
+            for rule in plan:
+                route = by_rule[rule.id]
+                until = self._keep_lease(message.id, lease_id, until, settings)
+                if until is None:
+                    metrics.LEASES_LOST.inc()
+                    log.warning(
+                        "lease lost before sending; another worker has the message",
+                        extra={"event": "delivery.lease_lost", "message_id": str(message.id)},
+                    )
+                    return
+                final, final_route = self._attempt(route, outgoing, settings), route
+                attempts.append(
+                    queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())
+                )
+                if not final.temporary:
+                    break
+        assert final is not None
+        self._conclude(message, lease_id, until, final, final_route, attempts, settings)
+
+    def _body(self, message: queue.Claimed) -> bytes | Outcome:
+        if message.body_encrypted is None:
+            return Outcome(DeliveryStatus.FAILED, None, "the message body is gone (purged)")
+        try:
+            return self.cipher.decrypt(message.body_encrypted, body_aad(message.id))
+        except DecryptionError:
+            log.error(
+                "message body cannot be decrypted",
+                extra={"event": "delivery.body_unreadable", "message_id": str(message.id)},
+            )
+            return deferred(None, "the stored message cannot be decrypted (check the encryption keys)")
+
+    def _attempt(self, route: _Route, outgoing: Outgoing, settings: DeliveryConfig) -> Outcome:
+        if route.target is None:
+            outcome = deferred(None, "the provider's stored secrets cannot be decrypted")
+        else:
+            started = time.monotonic()
+            outcome = self._send(route.target, outgoing, settings)
+            metrics.ATTEMPT_SECONDS.labels(route.provider_type).observe(time.monotonic() - started)
+        metrics.ATTEMPTS.labels(route.provider_type, str(outcome.status)).inc()
+        return outcome
+
+    def _keep_lease(
+        self, message_id: uuid.UUID, lease_id: uuid.UUID, until: datetime, settings: DeliveryConfig
+    ) -> datetime | None:
+        """The lease's end, extended first when one more provider could outlast it; None if lost."""
+        now = utcnow()
+        if until - now > timedelta(seconds=settings.connect_timeout + settings.send_timeout + 5):
+            return until
+        longer = now + timedelta(seconds=settings.lease)
+        try:
+            with self.database.autocommit() as connection:
+                held = queue.extend(connection, message_id, lease_id, longer)
+        except DatabaseUnavailable:
+            return until if until > now else None
+        return longer if held else None
+
+    def _conclude(
+        self,
+        message: queue.Claimed,
+        lease_id: uuid.UUID,
+        until: datetime,
+        final: Outcome,
+        route: _Route | None,
+        attempts: list[queue.Attempt],
+        settings: DeliveryConfig,
+    ) -> None:
+        now = utcnow()
+        provider_id = route.target.id if route is not None and route.target is not None else None
+        retry_at: datetime | None = None
+        if final.delivered:
+            status = MessageStatus.DELIVERED
+        elif final.temporary:
+            retry = backoff.next_try(message.attempts, message.created_at, now, settings, self.rng)
+            if retry.at is None:
+                status = MessageStatus.FAILED
+                attempts.append(queue.Attempt(None, DeliveryStatus.FAILED, None, retry.reason, now))
+            else:
+                status, retry_at = MessageStatus.QUEUED, retry.at
+        else:
+            status = MessageStatus.FAILED
+
+        def write(session: Any) -> bool:
+            return queue.finish(
+                session,
+                message.id,
+                lease_id,
+                status=status,
+                attempts=attempts,
+                now=now,
+                provider_id=provider_id,
+                next_attempt_at=retry_at,
+            )
+
+        held = self._persist(write, until)
+        if held is None:
+            return
+        if not held:
+            metrics.LEASES_LOST.inc()
+            log.warning(
+                "lease ran out before the outcome was written",
+                extra={"event": "delivery.lease_lost", "message_id": str(message.id)},
+            )
+            return
+        if status is MessageStatus.QUEUED:
+            metrics.RETRIES.inc()
+        else:
+            metrics.FINISHED.labels(str(status)).inc()
+            if status is MessageStatus.DELIVERED:
+                metrics.LATENCY.observe(max(0.0, (now - message.created_at).total_seconds()))
+        log.info(
+            "message " + ("deferred" if status is MessageStatus.QUEUED else str(status)),
+            extra={
+                "event": f"delivery.{'deferred' if status is MessageStatus.QUEUED else status}",
+                "message_id": str(message.id),
+                "attempt": message.attempts,
+                "provider_id": str(provider_id) if provider_id else None,
+                "response_code": final.code,
+                "retry_at": retry_at.isoformat() if retry_at else None,
+            },
+        )
+
+    def _persist(self, write: Callable[[Any], bool], until: datetime) -> bool | None:
+        """Commit an outcome, retrying while the database is away and the lease still holds.
+
+        None when it could not be written: the message is claimed again once
+        its lease runs out, and sent again (at least once, never lost).
+        """
+        delay = 0.2
+        while True:
+            try:
+                with self.database.transaction() as session:
+                    return write(session)
+            except DatabaseUnavailable:
+                out_of_time = utcnow() + timedelta(seconds=delay) >= until or (
+                    self.stopping and time.monotonic() + delay >= self._drain_deadline
+                )
+                if out_of_time:
+                    log.error(
+                        "outcome not written: the database is unavailable",
+                        extra={"event": "delivery.outcome_lost"},
+                    )
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # --- housekeeping ------------------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        next_purge = time.monotonic()
+        while not self.stopping:
+            self.refresh_depth()
+            if time.monotonic() >= next_purge:
+                self.purge()
+                next_purge = time.monotonic() + PURGE_INTERVAL
+            self._stopping.wait(DEPTH_INTERVAL)
+
+    def refresh_depth(self) -> None:
+        try:
+            with self.database.read() as session:
+                counts = queue.depth(session)
+        except DatabaseUnavailable:
+            return
+        for status, count in counts.items():
+            metrics.QUEUE_DEPTH.labels(status).set(count)
+
+    def purge(self) -> int:
+        """Drop the bodies of messages finished more than ``delivery.retention`` ago, in batches."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.retention)
+        total = 0
+        while not self.stopping:
+            try:
+                with self.database.transaction() as session:
+                    purged = queue.purge_bodies(session, cutoff, PURGE_BATCH)
+            except DatabaseUnavailable:
+                break
+            total += purged
+            metrics.PURGED.inc(purged)
+            if purged < PURGE_BATCH:
+                break
+        if total:
+            log.info("bodies purged", extra={"event": "retention.purged", "messages": total})
+        return total
