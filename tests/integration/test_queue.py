@@ -1,0 +1,262 @@
+"""The delivery queue's storage on PostgreSQL and SQLite: claims, leases, fenced outcomes, release, purge."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from smtp_proxy.config import Config
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.models import DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
+from smtp_proxy.db.session import Database
+from smtp_proxy.db.types import utcnow
+from smtp_proxy.storage import queue
+from smtp_proxy.storage.messages import enqueue_message
+from tests.integration.test_storage import fresh, new_account, new_provider, new_rule
+
+LEASE = 60.0
+
+
+@pytest.fixture
+def config(db_url: str, make_config) -> Config:
+    return make_config(db_url)
+
+
+@pytest.fixture
+def database(config: Config) -> Iterator[Database]:
+    db = Database(config.database)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def cipher(config: Config) -> Cipher:
+    return Cipher.from_config(config.security)
+
+
+def enqueue(db: Database, cipher: Cipher, account_id: uuid.UUID, count: int = 1) -> list[uuid.UUID]:
+    ids = []
+    with db.transaction() as session:
+        for n in range(count):
+            ids.append(
+                enqueue_message(
+                    session,
+                    cipher,
+                    account_id=account_id,
+                    sender="app@example.com",
+                    recipients=[f"r{n}@example.net"],
+                    data=f"Subject: {n}\r\n\r\nbody {n}\r\n".encode(),
+                    correlation_id=f"c{n}",
+                ).id
+            )
+    return ids
+
+
+def claim(db: Database, limit: int = 10, lease: float = LEASE, now=None) -> queue.Claim:
+    with db.transaction() as session:
+        return queue.claim(session, limit=limit, lease=lease, now=now or utcnow())
+
+
+def row(db: Database, message_id: uuid.UUID) -> Message:
+    with fresh(db) as session:
+        return session.get(Message, message_id)
+
+
+def logs(db: Database, message_id: uuid.UUID) -> list[DeliveryLog]:
+    with fresh(db) as session:
+        query = (
+            select(DeliveryLog).where(DeliveryLog.message_id == message_id).order_by(DeliveryLog.created_at)
+        )
+        return list(session.scalars(query))
+
+
+def test_claim_takes_due_messages_oldest_first_under_a_lease(database: Database, cipher: Cipher) -> None:
+    account = new_account(database).account
+    ids = enqueue(database, cipher, account.id, 5)
+    with database.transaction() as session:  # one not due yet
+        session.execute(
+            update(Message).where(Message.id == ids[4]).values(next_attempt_at=utcnow() + timedelta(hours=1))
+        )
+    taken = claim(database, limit=3)
+    assert [m.id for m in taken.messages] == ids[:3]
+    assert all(m.attempts == 1 for m in taken.messages)
+    assert taken.messages[0].body_encrypted and taken.messages[0].recipients == ["r0@example.net"]
+    stored = row(database, ids[0])
+    assert stored.status is MessageStatus.PROCESSING and stored.lease_id == taken.lease_id
+    assert stored.next_attempt_at == taken.until
+    assert [m.id for m in claim(database).messages] == [ids[3]]  # claimed ones and the future one stay
+    assert claim(database).messages == []
+
+
+def test_a_lease_that_ran_out_is_claimed_again_and_fences_the_old_claim(
+    database: Database, cipher: Cipher
+) -> None:
+    account = new_account(database).account
+    provider = new_provider(database, cipher, account.id, api_key="k")
+    (message_id,) = enqueue(database, cipher, account.id)
+    first = claim(database, lease=1)
+    later = utcnow() + timedelta(seconds=2)
+    second = claim(database, now=later)
+    assert [m.id for m in second.messages] == [message_id] and second.messages[0].attempts == 2
+    # The first worker comes back late: its outcome must not overwrite the second claim's.
+    attempt = queue.Attempt(provider.id, DeliveryStatus.DELIVERED, 250, "ok", utcnow())
+    with database.transaction() as session:
+        held = queue.finish(
+            session,
+            message_id,
+            first.lease_id,
+            status=MessageStatus.DELIVERED,
+            attempts=[attempt],
+            now=utcnow(),
+        )
+    assert held is False
+    assert row(database, message_id).status is MessageStatus.PROCESSING
+    assert [entry.response_text for entry in logs(database, message_id)] == ["ok"]  # it did happen
+    with database.transaction() as session:
+        assert queue.finish(
+            session,
+            message_id,
+            second.lease_id,
+            status=MessageStatus.DELIVERED,
+            attempts=[],
+            now=later,
+            provider_id=provider.id,
+        )
+    stored = row(database, message_id)
+    assert stored.status is MessageStatus.DELIVERED and stored.provider_id == provider.id
+    assert stored.processed_at == later and stored.lease_id is None
+
+
+def test_finish_with_a_retry_requeues_at_the_given_time(database: Database, cipher: Cipher) -> None:
+    account = new_account(database).account
+    (message_id,) = enqueue(database, cipher, account.id)
+    taken = claim(database)
+    retry_at = utcnow() + timedelta(minutes=5)
+    attempts = [
+        queue.Attempt(None, DeliveryStatus.DEFERRED, 451, "try later", utcnow()),
+        queue.Attempt(None, DeliveryStatus.DEFERRED, None, "connection refused", utcnow()),
+    ]
+    with database.transaction() as session:
+        assert queue.finish(
+            session,
+            message_id,
+            taken.lease_id,
+            status=MessageStatus.QUEUED,
+            attempts=attempts,
+            now=utcnow(),
+            next_attempt_at=retry_at,
+        )
+    stored = row(database, message_id)
+    assert (stored.status, stored.next_attempt_at, stored.processed_at) == (
+        MessageStatus.QUEUED,
+        retry_at,
+        None,
+    )
+    assert [(e.response_code, e.status) for e in logs(database, message_id)] == [
+        (451, DeliveryStatus.DEFERRED),
+        (None, DeliveryStatus.DEFERRED),
+    ]
+    assert claim(database).messages == []  # not due before retry_at
+    assert [m.attempts for m in claim(database, now=retry_at).messages] == [2]
+
+
+def test_release_gives_unstarted_messages_back_without_counting_an_attempt(
+    database: Database, cipher: Cipher
+) -> None:
+    account = new_account(database).account
+    ids = enqueue(database, cipher, account.id, 3)
+    taken = claim(database)
+    with database.transaction() as session:
+        assert queue.release(session, taken.lease_id, ids[:2], utcnow()) == 2
+        assert queue.release(session, uuid.uuid4(), [ids[2]], utcnow()) == 0  # another claim's
+    assert [row(database, i).status for i in ids] == [MessageStatus.QUEUED] * 2 + [MessageStatus.PROCESSING]
+    assert [m.attempts for m in claim(database).messages] == [1, 1]
+
+
+def test_purge_drops_only_old_finished_bodies(database: Database, cipher: Cipher) -> None:
+    account = new_account(database).account
+    ids = enqueue(database, cipher, account.id, 4)
+    taken = claim(database, limit=3)
+    old = utcnow() - timedelta(days=40)
+    with database.transaction() as session:
+        queue.finish(session, ids[0], taken.lease_id, status=MessageStatus.DELIVERED, attempts=[], now=old)
+        queue.finish(session, ids[1], taken.lease_id, status=MessageStatus.FAILED, attempts=[], now=old)
+        queue.finish(
+            session, ids[2], taken.lease_id, status=MessageStatus.DELIVERED, attempts=[], now=utcnow()
+        )
+    cutoff = utcnow() - timedelta(days=30)
+    with database.transaction() as session:
+        assert queue.purge_bodies(session, cutoff, batch_size=1) == 1
+    with database.transaction() as session:
+        assert queue.purge_bodies(session, cutoff) == 1
+        assert queue.purge_bodies(session, cutoff) == 0
+    bodies = [row(database, i).body_encrypted for i in ids]
+    assert bodies[0] is None and bodies[1] is None
+    assert bodies[2] is not None and bodies[3] is not None  # recent, and still queued
+    assert row(database, ids[0]).sender == "app@example.com"  # the metadata stays
+
+
+def test_depth_counts_waiting_and_in_delivery(database: Database, cipher: Cipher) -> None:
+    account = new_account(database).account
+    enqueue(database, cipher, account.id, 5)
+    claim(database, limit=2)
+    with database.transaction() as session:
+        assert queue.depth(session) == {"queued": 3, "processing": 2}
+
+
+def test_routes_leave_out_disabled_rules_and_providers(database: Database, cipher: Cipher) -> None:
+    account = new_account(database).account
+    other = new_account(database, "bob").account
+    on = new_provider(database, cipher, account.id, "on", api_key="k")
+    off = new_provider(database, cipher, account.id, "off", api_key="k", enabled=False)
+    new_rule(database, account.id, on.id, "second", 5)
+    new_rule(database, account.id, on.id, "first", 1, conditions={"weight": 10})
+    new_rule(database, account.id, on.id, "disabled", 0, enabled=False)
+    new_rule(database, account.id, off.id, "provider-off", 0)
+    theirs = new_provider(
+        database, cipher, other.id, "theirs", provider_type=ProviderType.SENDGRID, api_key="k"
+    )
+    new_rule(database, other.id, theirs.id, "not mine", 0)
+    with database.read() as session:
+        found = queue.routes(session, account.id)
+    assert [(r.priority, r.conditions, r.provider.name) for r in found] == [
+        (1, {"weight": 10}, "on"),
+        (5, {}, "on"),
+    ]
+
+
+def test_concurrent_claims_take_disjoint_batches_without_waiting(
+    pg_url: str, make_config, encryption_key: str
+) -> None:
+    """FOR UPDATE SKIP LOCKED: a claim still open in one transaction does not block or share with another."""
+    config = make_config(pg_url)
+    db = Database(config.database)
+    cipher = Cipher.from_config(config.security)
+    try:
+        account = new_account(db).account
+        ids = enqueue(db, cipher, account.id, 6)
+        holding = threading.Event()
+        release = threading.Event()
+        first: list[uuid.UUID] = []
+
+        def slow_claim() -> None:
+            with db.transaction() as session:
+                first.extend(m.id for m in queue.claim(session, limit=3, lease=LEASE, now=utcnow()).messages)
+                holding.set()
+                release.wait(10)
+            db.remove_session()
+
+        thread = threading.Thread(target=slow_claim)
+        thread.start()
+        assert holding.wait(10)
+        second = [m.id for m in claim(db, limit=10).messages]  # returns at once, uncommitted rows skipped
+        release.set()
+        thread.join()
+        assert sorted(first + second) == sorted(ids) and not set(first) & set(second)
+    finally:
+        db.dispose()
