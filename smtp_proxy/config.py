@@ -138,7 +138,9 @@ class DeliveryConfig:
     send_timeout: float = _opt(60.0, "duration", min=0.1)
     # Off: an smtp provider's host on loopback, private or link-local addresses is refused.
     allow_private_networks: bool = _opt(False, "bool")
-    endpoints: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ENDPOINTS, metadata={"kind": "endpoints"})
+    endpoints: Mapping[str, str] = field(
+        default_factory=lambda: DEFAULT_ENDPOINTS, metadata={"kind": "endpoints"}
+    )
     # Extra CA certificates (PEM) trusted for smtp providers' TLS; empty: the system store.
     ca_file: str = _opt("", "str")
     retention: float = _opt(2_592_000.0, "duration", min=60)

@@ -1,4 +1,4 @@
-"""The retry schedule: exponential from retry_base, capped at retry_max, jittered down, bounded by attempts and age."""
+"""The retry schedule: exponential from retry_base, capped, jittered down, bounded by attempts and age."""
 
 from __future__ import annotations
 

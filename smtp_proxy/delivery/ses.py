@@ -1,0 +1,136 @@
+"""Amazon SES API v2 SendEmail with a raw message, signed with AWS Signature Version 4.
+
+POST ``{base}/v2/email/outbound-emails`` (``{region}`` in the base URL filled in) with
+``Content.Raw.Data`` = the received bytes, base64, and ``Destination.ToAddresses`` = the envelope
+recipients, so that Bcc recipients get it too. ``FromEmailAddress`` carries the envelope sender and
+is left out for the null reverse-path, where SES falls back on the From header. botocore signs the
+request (service ``ses``); the shared requests session sends it. No boto3: one call needs no client.
+
+Errors come back as a JSON body with ``message`` and an ``x-amzn-ErrorType`` header. Throttling
+and pauses are temporary whatever their status (SES documents ThrottlingException and some others
+as 400); everything else follows the HTTP status.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import requests
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from requests.auth import AuthBase
+
+from smtp_proxy.config import DeliveryConfig
+from smtp_proxy.delivery import http
+from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred, delivered, failed
+
+PATH = "/v2/email/outbound-emails"
+SERVICE = "ses"
+# SES refuses a message with more than 50 recipients (To + Cc + Bcc).
+MAX_RECIPIENTS = 50
+# A region is a host label in the default endpoint: hold it to AWS's shape, e.g. eu-west-1, us-gov-west-1.
+REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
+# Error types that a later attempt (or another provider) can get past.
+TEMPORARY_ERRORS = frozenset(
+    {
+        "TooManyRequestsException",  # 429: the sending rate
+        "ThrottlingException",  # 400 in AWS's common errors; also the daily quota
+        "Throttling",
+        "LimitExceededException",
+        "SendingPausedException",  # the account's sending is paused, not suspended
+        "RequestExpired",  # our clock or a long stall; a new signature fixes it
+        "RequestTimeoutException",
+        "ServiceUnavailable",
+        "InternalFailure",
+    }
+)
+
+
+class SigV4(AuthBase):
+    """Signs the prepared request as sent: its method, URL, body and content type.
+
+    Only Content-Type, Host and X-Amz-Date are signed, so the headers that requests adds
+    (User-Agent, Accept-Encoding, Connection) cannot break the signature.
+    """
+
+    def __init__(self, access_key: str, secret_key: str, region: str) -> None:
+        self._credentials = Credentials(access_key, secret_key)
+        self._region = region
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        aws = AWSRequest(
+            method=request.method,
+            url=request.url,
+            data=request.body,
+            headers={"Content-Type": request.headers["Content-Type"]},
+        )
+        SigV4Auth(self._credentials, SERVICE, self._region).add_auth(aws)
+        request.headers["X-Amz-Date"] = aws.headers["X-Amz-Date"]
+        request.headers["Authorization"] = aws.headers["Authorization"]
+        return request
+
+    def __repr__(self) -> str:
+        return f"SigV4(<redacted>, region={self._region})"
+
+
+def send(target: Target, message: Outgoing, settings: DeliveryConfig) -> Outcome:
+    """SendEmail with the raw message; 200 is delivered, with SES's MessageId as the text."""
+    access_key, _, secret_key = (target.api_key or "").partition(":")
+    if not access_key or not secret_key:
+        return failed(None, "the SES provider's API key must be ACCESS_KEY_ID:SECRET_ACCESS_KEY")
+    region = str(target.settings.get("region") or "").strip()
+    if not REGION.fullmatch(region):
+        return failed(None, f"the SES provider's region {region!r} is not an AWS region name")
+    if not message.recipients:
+        return failed(None, "the message has no recipients")
+    if len(message.recipients) > MAX_RECIPIENTS:
+        return failed(
+            None, f"SES takes at most {MAX_RECIPIENTS} recipients per message, not {len(message.recipients)}"
+        )
+    url = settings.endpoints["ses"].replace("{region}", region) + PATH
+    body = json.dumps(request_body(message)).encode("ascii")
+    secrets = (secret_key,)
+    response = http.post(
+        url,
+        settings,
+        data=body,
+        headers={"Content-Type": "application/json"},
+        auth=SigV4(access_key, secret_key, region),
+        secrets=secrets,
+    )
+    if isinstance(response, Outcome):
+        return response
+    return _outcome(response, secrets)
+
+
+def request_body(message: Outgoing) -> dict[str, object]:
+    """The SendEmail JSON for a raw message."""
+    body: dict[str, object] = {
+        "Destination": {"ToAddresses": list(message.recipients)},
+        "Content": {"Raw": {"Data": base64.b64encode(message.data).decode("ascii")}},
+    }
+    if message.sender:
+        body["FromEmailAddress"] = message.sender
+    return body
+
+
+def _outcome(response: requests.Response, secrets: tuple[str, ...]) -> Outcome:
+    try:
+        document = response.json()
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        document = {}
+    if 200 <= response.status_code < 300 and document.get("MessageId"):
+        return delivered(response.status_code, f"MessageId {document['MessageId']}")
+    # "MessageRejected:http://internal.amazon.com/coral/..." -> "MessageRejected"
+    error_type = response.headers.get("x-amzn-ErrorType", "").split(":")[0].strip()
+    error_type = error_type or str(document.get("__type") or document.get("code") or "").rpartition("#")[2]
+    detail = document.get("message") or document.get("Message") or response.text
+    text = f"{error_type}: {detail}" if error_type else str(detail)
+    if error_type in TEMPORARY_ERRORS:
+        return deferred(response.status_code, http.scrub(text, secrets))
+    return http.outcome(response, text, secrets=secrets)

@@ -1,0 +1,438 @@
+"""The ``smtp`` provider: one message to any SMTP host, with smtplib, as one ``Outcome``.
+
+The session is EHLO, STARTTLS (tls "starttls"), AUTH (when a username is set), MAIL, RCPT per
+recipient, DATA and QUIT; one connection per message.
+
+Decisions a reader would otherwise have to guess:
+
+- The host is resolved once and checked (``network.resolve_public``); the socket connects to those
+  addresses only, while TLS verifies the certificate against the host *name* (DNS rebinding cannot
+  move the connection, and a literal IP host is verified against the IP).
+- tls "none" means the operator chose plain text: STARTTLS is not attempted even when offered, and
+  a provider with a username is refused outright (failed) instead of sending its password in clear.
+- tls "starttls" requires STARTTLS. A server that does not offer it (or AUTH, when a username is
+  set) is a misconfiguration of the provider or its settings, not a verdict on this message:
+  deferred, so the tenant can fix it (or the worker fails over) without losing mail.
+- Replies before MAIL (greeting, EHLO, STARTTLS) concern the connection, so any refusal there
+  defers. From AUTH on, 4xx defers and 5xx fails (RFC 5321 4.2.1); a wrong password (535) fails.
+- Recipients: all refused -> deferred if any refusal was temporary, else failed; some accepted ->
+  the message goes to those and the outcome is delivered, naming the refused ones in its text.
+- The body is sent as received. Only two things change on the wire: a message that does not end in
+  CRLF gets one (DATA can only end after a line break), and a bare CR or LF, which the SMTP
+  listener never stores, becomes CRLF, so no provider can be shown a smuggled end of data.
+- Network errors, timeouts, TLS failures and disconnects defer with a short text. A timeout after
+  the body was sent may mean the provider took the message anyway: the retry can duplicate it, which
+  RFC 5321 6.1 accepts as the price of never losing mail.
+- No Outcome text contains the SMTP password.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import smtplib
+import socket
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+from smtp_proxy.config import DeliveryConfig
+from smtp_proxy.delivery import network
+from smtp_proxy.delivery.outcome import (
+    Outcome,
+    Outgoing,
+    Target,
+    deferred,
+    delivered,
+    failed,
+    from_smtp_reply,
+)
+
+log = logging.getLogger("smtp_proxy.delivery")
+
+TLS_MODES = ("none", "starttls", "implicit")
+# A host with many addresses that all time out must not hold a worker thread for minutes.
+MAX_ADDRESSES = 3
+# Body writes go out in chunks so that send_timeout bounds each write, not the whole message.
+CHUNK = 256 * 1024
+# QUIT is a courtesy once the outcome is known; a slow answer must not delay the next message.
+QUIT_TIMEOUT = 5.0
+PRIVATE_HOST_TEXT = "provider host resolves to a private address (delivery.allow_private_networks is off)"
+
+# Control characters would split the command line; angle brackets would let an address close the
+# path early and smuggle ESMTP parameters into MAIL or RCPT.
+_UNSAFE_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_AUTH_MECHANISMS = {"CRAM-MD5", "PLAIN", "LOGIN"}  # what smtplib.SMTP.login can speak
+
+
+class _Stop(Exception):
+    """A step ended the session with a known outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
+
+
+def send(target: Target, message: Outgoing, settings: DeliveryConfig) -> Outcome:
+    """Deliver message to the provider's SMTP host and say how it went; never raises for the network."""
+    smtp_config: Mapping[str, Any] = target.smtp_config or {}
+    host = str(smtp_config.get("host") or "")
+    port = int(smtp_config.get("port") or 0)
+    tls = smtp_config.get("tls", "starttls")
+    username = smtp_config.get("username") or None
+    password = target.smtp_password or ""
+    if not host or not 0 < port < 65536 or tls not in TLS_MODES:
+        return failed(None, "smtp provider settings are incomplete (host, port, tls)")
+    if username and tls == "none":
+        return failed(None, "refusing to send the SMTP password without TLS: set tls to starttls or implicit")
+    problem = _envelope_problem(message)
+    if problem:
+        return failed(None, problem)
+
+    context = None
+    if tls != "none":
+        try:
+            context = tls_context(settings.ca_file)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            return deferred(None, f"cannot load delivery.ca_file: {_reason(error)}")
+    try:
+        addresses = network.resolve_public(host, port, settings.allow_private_networks)
+    except network.ResolutionError as error:
+        return deferred(None, str(error))
+    except network.PrivateAddressError as error:
+        # The address goes to the operator's log only: the tenant's delivery log must not become a
+        # way to map the operator's internal DNS.
+        log.warning(
+            "smtp provider host resolves to a private address",
+            extra={"event": "delivery.private_address_refused", "host": host, "address": error.address},
+        )
+        return failed(None, PRIVATE_HOST_TEXT)
+
+    client = PinnedSMTP(
+        host, context if tls == "implicit" else None, settings.connect_timeout, settings.send_timeout
+    )
+    try:
+        _connect(client, addresses, port)
+        outcome = _session(client, message, tls, context, username, password)
+    except _Stop as stop:
+        outcome = stop.outcome
+    except OSError as error:  # socket and ssl errors, and every smtplib.SMTPException
+        outcome = deferred(None, _describe(error, client.step, host, port))
+    finally:
+        _quit(client)
+    return _without(password, outcome)
+
+
+class PinnedSMTP(smtplib.SMTP):
+    """smtplib.SMTP bound to checked addresses, with TLS verified against the provider's host name.
+
+    ``connect_timeout`` covers the TCP connect and an implicit TLS handshake (and STARTTLS's);
+    every later read and write has ``send_timeout``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        implicit_tls: ssl.SSLContext | None,
+        connect_timeout: float,
+        send_timeout: float,
+    ) -> None:
+        super().__init__(local_hostname="localhost", timeout=connect_timeout)  # EHLO name set on connect
+        self._host = host  # smtplib's starttls() passes it as server_hostname
+        self.implicit_tls = implicit_tls
+        self.connect_timeout = connect_timeout
+        self.send_timeout = send_timeout
+        self.address: network.Address | None = None
+        self.tcp_connected = False
+        self.step = "connect"
+
+    def connect_to(self, address: network.Address, port: int) -> tuple[int, bytes]:
+        """Connect to one checked address and read the greeting."""
+        self.address, self.tcp_connected, self.step = address, False, "connect"
+        return self.connect(address.ip, port)
+
+    def _get_socket(self, host: str, port: int, timeout: float | None) -> socket.socket:
+        # smtplib would call socket.create_connection(host), which resolves again: use the sockaddr.
+        assert self.address is not None
+        sock = socket.socket(self.address.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.connect_timeout)
+            sock.connect(self.address.sockaddr)
+            self.tcp_connected = True
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.local_hostname = _ehlo_name(sock.getsockname()[0])
+            if self.implicit_tls is not None:
+                self.step = "TLS handshake"
+                sock = self.implicit_tls.wrap_socket(sock, server_hostname=self._host)
+            sock.settimeout(self.send_timeout)
+            self.step = "greeting"
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def starttls_verified(self, context: ssl.SSLContext) -> tuple[int, bytes]:
+        """STARTTLS with the handshake under connect_timeout; smtplib forgets pre-TLS state (RFC 3207)."""
+        assert self.sock is not None
+        self.sock.settimeout(self.connect_timeout)
+        code, text = self.starttls(context=context)
+        if self.sock is not None:
+            self.sock.settimeout(self.send_timeout)
+        return code, text
+
+    def send_body(self, payload: bytes) -> None:
+        """Write the dot-stuffed body and its terminator in chunks, each within send_timeout."""
+        view = memoryview(payload)
+        for start in range(0, len(view), CHUNK):
+            self.send(view[start : start + CHUNK])
+
+
+def _connect(client: PinnedSMTP, addresses: list[network.Address], port: int) -> None:
+    """Try the addresses in order until one answers; a failure after TCP connected is final."""
+    error: OSError | None = None
+    for address in addresses[:MAX_ADDRESSES]:
+        try:
+            code, text = client.connect_to(address, port)
+        except OSError as exc:
+            client.close()
+            if client.tcp_connected:
+                raise
+            error = exc
+            continue
+        if code != 220:
+            raise _Stop(_connection_refusal("greeting", code, text))
+        return
+    assert error is not None
+    raise error
+
+
+def _session(
+    client: PinnedSMTP,
+    message: Outgoing,
+    tls: str,
+    context: ssl.SSLContext | None,
+    username: str | None,
+    password: str,
+) -> Outcome:
+    client.step = "EHLO"
+    code, text = client.ehlo()
+    if code != 250:
+        if tls == "starttls" or username:
+            raise _Stop(_connection_refusal("EHLO", code, text))
+        client.step = "HELO"
+        code, text = client.helo()
+        if code != 250:
+            raise _Stop(_connection_refusal("HELO", code, text))
+
+    if tls == "starttls":
+        assert context is not None
+        if not client.has_extn("starttls"):
+            raise _Stop(deferred(None, "the provider does not offer STARTTLS (its tls setting is starttls)"))
+        client.step = "STARTTLS"
+        code, text = client.starttls_verified(context)
+        if code != 220:
+            raise _Stop(_connection_refusal("STARTTLS", code, text))
+        client.step = "EHLO"
+        code, text = client.ehlo()
+        if code != 250:
+            raise _Stop(_connection_refusal("EHLO", code, text))
+
+    if username:
+        _authenticate(client, username, password)
+    return _transaction(client, message)
+
+
+def _authenticate(client: PinnedSMTP, username: str, password: str) -> None:
+    client.step = "AUTH"
+    offered = set(client.esmtp_features.get("auth", "").upper().split())
+    if not offered:
+        raise _Stop(deferred(None, "the provider does not offer AUTH, but a username is set"))
+    if not offered & _AUTH_MECHANISMS:
+        raise _Stop(deferred(None, f"no AUTH mechanism in common (the provider offers {' '.join(offered)})"))
+    if not (username.isascii() and password.isascii()):
+        # smtplib encodes SASL responses as ASCII; retrying cannot help.
+        raise _Stop(
+            failed(None, "the SMTP username or password is not ASCII, which this transport cannot send")
+        )
+    try:
+        client.login(username, password)
+    except smtplib.SMTPAuthenticationError as error:
+        raise _Stop(_reply("AUTH", error.smtp_code, error.smtp_error)) from None
+
+
+def _transaction(client: PinnedSMTP, message: Outgoing) -> Outcome:
+    body = wire_body(message.data)
+    options = []
+    addresses = (message.sender, *message.recipients)
+    if not all(address.isascii() for address in addresses):
+        if not client.has_extn("smtputf8"):
+            return failed(None, "the provider does not support SMTPUTF8, which non-ASCII addresses need")
+        options.append("SMTPUTF8")
+        client.command_encoding = "utf-8"
+    if not body.isascii() and client.has_extn("8bitmime"):
+        options.append("BODY=8BITMIME")  # RFC 6152; without it the 8-bit body is sent as it is
+    if client.has_extn("size"):
+        options.append(f"SIZE={len(body)}")  # RFC 1870: before dot-stuffing
+
+    client.step = "MAIL FROM"
+    code, text = client.docmd("MAIL", f"FROM:<{message.sender}>{''.join(' ' + o for o in options)}")
+    if not 200 <= code < 300:
+        return _reply("MAIL FROM", code, text)
+
+    client.step = "RCPT TO"
+    accepted: list[str] = []
+    refused: list[tuple[str, int, bytes]] = []
+    for recipient in message.recipients:
+        code, text = client.docmd("RCPT", f"TO:<{recipient}>")
+        if 200 <= code < 300:
+            accepted.append(recipient)
+        else:
+            refused.append((recipient, code, text))
+    if not accepted:
+        summary = "; ".join(f"<{r}> {c} {_text(t)}" for r, c, t in refused)
+        temporary = [(c, t) for _, c, t in refused if not 500 <= c < 600]
+        if temporary:
+            return deferred(temporary[0][0] if temporary[0][0] > 0 else None, f"RCPT TO refused: {summary}")
+        return failed(refused[0][1], f"RCPT TO refused: {summary}")
+
+    client.step = "DATA"
+    code, text = client.docmd("DATA")
+    if code != 354:
+        return _reply("DATA", code, text)
+    client.step = "end of DATA"
+    client.send_body(dot_stuff(body) + b".\r\n")
+    code, text = client.getreply()
+    if not 200 <= code < 300:
+        return _reply("end of DATA", code, text)
+    if refused:
+        names = "; ".join(f"<{r}> {c} {_text(t)}" for r, c, t in refused)
+        return delivered(code, f"{_text(text)}; {len(refused)} of {len(message.recipients)} refused: {names}")
+    return delivered(code, text)
+
+
+def _quit(client: PinnedSMTP) -> None:
+    """QUIT politely if the session is still up; always close the socket."""
+    try:
+        if client.sock is not None:
+            client.sock.settimeout(min(client.send_timeout, QUIT_TIMEOUT))
+            client.quit()
+    except OSError:  # includes SMTPServerDisconnected
+        pass
+    finally:
+        client.close()
+
+
+def wire_body(data: bytes) -> bytes:
+    """The message as DATA carries it: CRLF line breaks only, ending in CRLF (an empty one stays empty)."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = _LINE_BREAK.sub(b"\r\n", data)  # RFC 5321 2.3.8: no bare CR or LF on the wire
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """Double a leading dot on every line (RFC 5321 4.5.2); body has CRLF line breaks only."""
+    body = body.replace(b"\r\n.", b"\r\n..")
+    return b"." + body if body.startswith(b".") else body
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """The client context for ca_file ("" = system store only); rebuilt when the file changes.
+
+    Raises OSError when ca_file cannot be read, ssl.SSLError when it holds no usable certificate.
+    """
+    if not ca_file:
+        return _context(ca_file, (0, 0))
+    stat = os.stat(ca_file)
+    return _context(ca_file, (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _context(ca_file: str, _version: tuple[int, int]) -> ssl.SSLContext:
+    context = ssl.create_default_context()  # verifies the chain and the host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)  # in addition to the system store
+    return context
+
+
+@functools.cache
+def _own_hostname() -> str | None:
+    """This machine's name if it looks fully qualified; never asks DNS (socket.getfqdn can hang)."""
+    name = socket.gethostname()
+    return name if "." in name and re.fullmatch(r"[A-Za-z0-9.-]+", name) else None
+
+
+def _ehlo_name(local_ip: str) -> str:
+    """The EHLO argument: our host name, else an address literal of our end (RFC 5321 4.1.3)."""
+    name = _own_hostname()
+    if name:
+        return name
+    ip = local_ip.partition("%")[0]
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+def _envelope_problem(message: Outgoing) -> str | None:
+    if not message.recipients:
+        return "the message has no recipients"
+    for address in (message.sender, *message.recipients):
+        if _UNSAFE_ADDRESS.search(address):
+            return f"unusable envelope address {address!r}"
+    return None
+
+
+def _without(password: str, outcome: Outcome) -> Outcome:
+    """The outcome with the password masked, should a server or an error message echo it."""
+    text = outcome.text
+    for form in {password, " ".join(password.split())} - {""}:
+        text = text.replace(form, "********")
+    return outcome._replace(text=text)
+
+
+def _text(text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return " ".join(text.split())
+
+
+def _reply(step: str, code: int, text: bytes | str) -> Outcome:
+    """A refusal from MAIL on: 4xx deferred, 5xx failed, anything unexpected deferred."""
+    if 400 <= code < 600:
+        return from_smtp_reply(code, f"{step} refused: {_text(text)}")
+    return deferred(code if code > 0 else None, f"{step}: unexpected reply {code} {_text(text)}")
+
+
+def _connection_refusal(step: str, code: int, text: bytes | str) -> Outcome:
+    """A refusal before MAIL says nothing about this message: always deferred."""
+    return deferred(code if code > 0 else None, f"{step} refused: {code} {_text(text)}")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return str(error.verify_message)
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return str(error.reason)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def _describe(error: BaseException, step: str, host: str, port: int) -> str:
+    """One line for a network-level failure, with no traceback."""
+    where = f"{host}:{port}"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate of {where} not accepted: {_reason(error)}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS with {where} failed during {step}: {_reason(error)}"
+    if isinstance(error, TimeoutError) or isinstance(error.__context__, TimeoutError):
+        return f"timed out during {step} with {where}"  # smtplib turns a read timeout into a disconnect
+    if isinstance(error, smtplib.SMTPServerDisconnected):
+        return f"connection to {where} lost during {step}: {error}"
+    if step == "connect":
+        return f"cannot connect to {where}: {_reason(error)}"
+    return f"error during {step} with {where}: {_reason(error)}"

@@ -1,0 +1,564 @@
+"""The delivery worker end to end: real PostgreSQL, real SMTP sinks, real worker threads and processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import func, select, update
+
+from smtp_proxy.config import Config
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.models import DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
+from smtp_proxy.db.session import Database
+from smtp_proxy.db.types import utcnow
+from smtp_proxy.delivery.worker import Worker
+from smtp_proxy.storage import accounts, providers, routing_rules
+from smtp_proxy.storage.messages import enqueue_message, message_body
+from tests.conftest import free_port, wait_until_accepting
+from tests.e2e.conftest import Listener
+from tests.smtp_sink import SmtpSink
+
+SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
+
+# Short enough for tests, long enough that a loaded 2-core machine does not time out by accident.
+DELIVERY = {
+    "workers": 4,
+    "batch_size": 20,
+    "poll_interval": "50ms",
+    "lease": "5s",
+    "retry_base": "300ms",
+    "retry_max": "10s",
+    "connect_timeout": "1s",
+    "send_timeout": "1s",
+    "allow_private_networks": True,
+    "metrics_port": None,
+}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Queue:
+    """A tenant on the test database, with helpers to give it providers, rules and messages."""
+
+    def __init__(self, config: Config, account_name: str = "tenant") -> None:
+        self.config = config
+        self.database = Database(config.database)
+        self.cipher = Cipher.from_config(config.security)
+        with self.database.transaction() as session:
+            found = [a for a in accounts.list_accounts(session) if a.name == account_name]
+            if found:
+                self.account_id = found[0].id
+            else:
+                self.account_id = accounts.create_account(
+                    session,
+                    name=account_name,
+                    email="ops@example.com",
+                    allowed_domains=["example.com"],
+                    bcrypt_cost=4,
+                ).account.id
+        self.database.remove_session()
+
+    def smtp_provider(self, sink: SmtpSink, name: str, **kw: Any) -> uuid.UUID:
+        return self.provider(name, ProviderType.SMTP, smtp_config=sink.provider_config(), **kw)
+
+    def provider(self, name: str, provider_type: ProviderType, **kw: Any) -> uuid.UUID:
+        with self.database.transaction() as session:
+            provider = providers.create_provider(
+                session, self.cipher, account_id=self.account_id, name=name, provider_type=provider_type, **kw
+            )
+            return provider.id
+
+    def rule(self, provider_id: uuid.UUID, priority: int, **conditions: Any) -> uuid.UUID:
+        with self.database.transaction() as session:
+            return routing_rules.create_rule(
+                session,
+                account_id=self.account_id,
+                provider_id=provider_id,
+                name=f"rule-{priority}-{uuid.uuid4().hex[:6]}",
+                priority=priority,
+                conditions=conditions,
+            ).id
+
+    def enqueue(self, count: int = 1, recipients: tuple[str, ...] = ("rcpt@example.net",)) -> list[uuid.UUID]:
+        ids = []
+        with self.database.transaction() as session:
+            for n in range(count):
+                data = f"Subject: message {n}\r\nX-Token: {uuid.uuid4()}\r\n\r\nbody {n}\r\n".encode()
+                ids.append(
+                    enqueue_message(
+                        session,
+                        self.cipher,
+                        account_id=self.account_id,
+                        sender="app@example.com",
+                        recipients=list(recipients),
+                        data=data,
+                        correlation_id=f"test-{n}",
+                    ).id
+                )
+        return ids
+
+    def message(self, message_id: uuid.UUID) -> Message:
+        with self.database.transaction() as session:
+            message = session.get(Message, message_id)
+            session.expunge(message)
+        self.database.remove_session()
+        return message
+
+    def logs(self, message_id: uuid.UUID) -> list[DeliveryLog]:
+        with self.database.transaction() as session:
+            query = select(DeliveryLog).where(DeliveryLog.message_id == message_id)
+            rows = list(session.scalars(query.order_by(DeliveryLog.created_at, DeliveryLog.id)))
+            session.expunge_all()
+        self.database.remove_session()
+        return rows
+
+    def statuses(self) -> Counter[str]:
+        with self.database.read() as session:
+            rows = session.execute(select(Message.status, func.count()).group_by(Message.status)).all()
+        return Counter({str(MessageStatus(status)): count for status, count in rows})
+
+    def finished(self, count: int) -> bool:
+        statuses = self.statuses()
+        return statuses["delivered"] + statuses["failed"] >= count
+
+
+@pytest.fixture
+def delivery_config(pg_url: str, make_config) -> Callable[..., Config]:
+    def make(**delivery: Any) -> Config:
+        return make_config(pg_url, delivery={**DELIVERY, **delivery}, logging={"level": "warning"})
+
+    return make
+
+
+@pytest.fixture
+def tenant(delivery_config) -> Iterator[Queue]:
+    queue = Queue(delivery_config())
+    yield queue
+    queue.database.dispose()
+
+
+@pytest.fixture
+def start_worker(delivery_config) -> Iterator[Callable[..., Worker]]:
+    """An in-process Worker with the real transports on the test database."""
+    started: list[tuple[Worker, Database]] = []
+
+    def start(**delivery: Any) -> Worker:
+        config = delivery_config(**delivery)
+        database = Database(config.database)
+        worker = Worker(lambda: config, database, Cipher.from_config(config.security))
+        worker.start()
+        started.append((worker, database))
+        return worker
+
+    yield start
+    for worker, database in started:
+        worker.stop(drain=5)
+        database.dispose()
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with SmtpSink() as running:
+        yield running
+    assert running.errors == []
+
+
+# --- one message through -------------------------------------------------------------------------
+
+
+def test_a_submission_goes_through_the_worker_to_the_sink_byte_for_byte(
+    start_listener, client_tls, sink: SmtpSink, delivery_config, start_worker
+) -> None:
+    listener: Listener = start_listener()
+    tenant = Queue(delivery_config(), account_name=listener.tenant)
+    tenant.rule(tenant.smtp_provider(sink, "sink"), 0)
+    data = (
+        b"From: App <app@example.com>\r\nTo: someone@example.net\r\nSubject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        b".a line that starts with a dot\r\n..two dots\r\n.\r\nGr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n"
+        + b"x" * 990
+        + b"\r\n\r\n-- \r\nend\r\n"
+    )
+    with smtplib.SMTP(listener.host, listener.port, timeout=10) as client:
+        client.starttls(context=client_tls)
+        client.login(listener.tenant, listener.password)
+        client.sendmail("app@example.com", ["someone@example.net", "other@example.org"], data)
+    start_worker()
+    (received,) = sink.wait_for(1, timeout=20)
+    (stored,) = listener.stored()
+    assert received.data == message_body(listener.cipher, stored)
+    assert received.data.endswith(b"-- \r\nend\r\n") and b"\r\n..two dots\r\n" in received.data
+    assert (received.mail_from, list(received.rcpt_tos)) == (
+        "app@example.com",
+        ["someone@example.net", "other@example.org"],
+    )
+    wait_for(lambda: tenant.message(stored.id).status is MessageStatus.DELIVERED, what="delivered")
+    message = tenant.message(stored.id)
+    assert message.processed_at is not None and message.provider_id is not None and message.lease_id is None
+    (log,) = tenant.logs(stored.id)
+    assert (log.status, log.response_code, log.provider_id) == (
+        DeliveryStatus.DELIVERED,
+        250,
+        message.provider_id,
+    )
+    tenant.database.dispose()
+
+
+# --- outcomes -------------------------------------------------------------------------------------
+
+
+def test_failover_to_the_next_rule_when_a_provider_fails_temporarily(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    with SmtpSink() as busy:
+        busy.reply_to_rcpt(451, "4.3.2 try again later")
+        first = tenant.smtp_provider(busy, "busy")
+        second = tenant.smtp_provider(sink, "spare")
+        tenant.rule(first, 1)
+        tenant.rule(second, 2)
+        (message_id,) = tenant.enqueue()
+        start_worker()
+        sink.wait_for(1, timeout=20)
+        wait_for(lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered")
+    message = tenant.message(message_id)
+    assert message.provider_id == second and message.attempts == 1  # both providers in one attempt
+    logs = tenant.logs(message_id)
+    assert [(entry.provider_id, entry.status, entry.response_code) for entry in logs] == [
+        (first, DeliveryStatus.DEFERRED, 451),
+        (second, DeliveryStatus.DELIVERED, 250),
+    ]
+    assert "try again later" in logs[0].response_text
+
+
+def test_a_permanent_failure_fails_the_message_without_retry_or_failover(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    with SmtpSink() as spare:
+        sink.reply_to_rcpt(550, "5.1.1 no such user")
+        tenant.rule(tenant.smtp_provider(sink, "main"), 1)
+        tenant.rule(tenant.smtp_provider(spare, "spare"), 2)
+        (message_id,) = tenant.enqueue()
+        start_worker()
+        wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed")
+        time.sleep(0.5)  # time for a wrong retry to show
+        assert spare.connections == 0
+    message = tenant.message(message_id)
+    assert message.attempts == 1 and message.processed_at is not None
+    (log,) = tenant.logs(message_id)
+    assert (log.status, log.response_code) == (DeliveryStatus.FAILED, 550)
+    assert "no such user" in log.response_text
+
+
+def test_temporary_failures_back_off_exponentially_then_give_up(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    sink.reply_to_data(451, "4.3.0 queue full")
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    (message_id,) = tenant.enqueue()
+    start_worker(retry_base="400ms", max_attempts=4)
+    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, timeout=30, what="given up")
+    logs = tenant.logs(message_id)
+    assert [entry.status for entry in logs] == [DeliveryStatus.DEFERRED] * 4 + [DeliveryStatus.FAILED]
+    assert logs[-1].response_text == "gave up after 4 attempts" and logs[-1].provider_id is None
+    assert tenant.message(message_id).attempts == 4
+    gaps = [(b.created_at - a.created_at).total_seconds() for a, b in zip(logs[:3], logs[1:4], strict=True)]
+    # 400 ms, 800 ms, 1.6 s nominal; jitter takes off up to 20%; polling and the attempt add a little.
+    for gap, nominal in zip(gaps, (0.4, 0.8, 1.6), strict=True):
+        assert nominal * 0.8 - 0.01 <= gap <= nominal + 0.5, gaps
+
+
+def test_a_message_too_old_to_retry_fails_with_max_age(tenant: Queue, sink: SmtpSink, start_worker) -> None:
+    sink.reply_to_rcpt(421, "4.7.0 closing")
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    (message_id,) = tenant.enqueue()
+    with tenant.database.transaction() as session:
+        session.execute(update(Message).values(created_at=utcnow() - timedelta(days=5)))
+    start_worker()
+    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed")
+    assert "max_age" in tenant.logs(message_id)[-1].response_text
+
+
+def test_a_message_no_rule_matches_fails_with_that_reason(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    tenant.rule(tenant.smtp_provider(sink, "gmail only"), 0, recipient_domains=["gmail.com"])
+    (message_id,) = tenant.enqueue(recipients=("someone@example.net",))
+    start_worker()
+    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed")
+    (log,) = tenant.logs(message_id)
+    assert (log.provider_id, log.response_text) == (None, "no routing rule matches this message")
+    assert sink.connections == 0
+
+
+def test_rules_route_by_recipient_domain_and_skip_disabled_providers(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    with SmtpSink() as other, SmtpSink() as disabled:
+        tenant.rule(tenant.smtp_provider(disabled, "off", enabled=False), 0)
+        tenant.rule(tenant.smtp_provider(other, "gmail"), 1, recipient_domains=["gmail.com"])
+        tenant.rule(tenant.smtp_provider(sink, "default"), 2)
+        tenant.enqueue(2, recipients=("a@gmail.com",))
+        tenant.enqueue(3, recipients=("a@example.net",))
+        start_worker()
+        other.wait_for(2)
+        sink.wait_for(3)
+        wait_for(lambda: tenant.finished(5), what="all finished")
+        assert disabled.connections == 0
+        assert all(list(m.rcpt_tos) == ["a@gmail.com"] for m in other.messages)
+
+
+def test_a_private_provider_host_is_refused_unless_allowed(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    tenant.rule(tenant.smtp_provider(sink, "internal"), 0)
+    (message_id,) = tenant.enqueue()
+    start_worker(allow_private_networks=False)
+    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed")
+    assert sink.connections == 0
+    assert "private" in tenant.logs(message_id)[0].response_text
+
+
+def test_retention_drops_old_bodies_and_keeps_the_rest(tenant: Queue, sink: SmtpSink, start_worker) -> None:
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    old, recent = tenant.enqueue(2)
+    worker = start_worker()
+    wait_for(lambda: tenant.finished(2), what="delivered")
+    with tenant.database.transaction() as session:
+        session.execute(
+            update(Message).where(Message.id == old).values(processed_at=utcnow() - timedelta(days=31))
+        )
+    assert worker.purge() == 1
+    assert tenant.message(old).body_encrypted is None and tenant.message(old).sender == "app@example.com"
+    assert tenant.message(recent).body_encrypted is not None
+    assert len(tenant.logs(old)) == 1
+
+
+def test_the_database_pulled_away_mid_send_loses_nothing_and_sends_once(
+    tenant: Queue, sink: SmtpSink, start_worker, postgresql_server
+) -> None:
+    sink.delay_data(1.5)
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    (message_id,) = tenant.enqueue()
+    start_worker(send_timeout="3s", lease="20s")
+    wait_for(lambda: sink.connections >= 1, what="a send in progress")
+    postgresql_server.stop()
+    try:
+        sink.wait_for(1, timeout=10)  # the provider took it while the database was away
+        time.sleep(1.0)  # the worker's outcome write fails and is retried
+    finally:
+        postgresql_server.start()
+        wait_until_accepting(postgresql_server)
+    wait_for(lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered")
+    time.sleep(0.5)
+    assert len(sink.messages) == 1
+    assert [entry.status for entry in tenant.logs(message_id)] == [DeliveryStatus.DELIVERED]
+
+
+# --- worker processes -----------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """`smtp-proxy serve worker` as a child process; ready once its metrics port answers."""
+
+    def __init__(self, tmp_path: Path, pg_url: str, encryption_key: str, name: str, **delivery: Any) -> None:
+        self.metrics_port = free_port()
+        settings = {**DELIVERY, **delivery, "metrics_host": "127.0.0.1", "metrics_port": self.metrics_port}
+        config = {
+            "database": {"url": pg_url, "pool_min": 2, "pool_max": 20, "connect_timeout": "2s"},
+            "security": {"encryption_key": encryption_key, "bcrypt_cost": 4},
+            "logging": {"level": "info", "format": "json"},
+            "delivery": settings,
+        }
+        self.config = tmp_path / f"{name}.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+        self.log_path = tmp_path / f"{name}.log"
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [SMTP_PROXY, "--config", str(self.config), "serve", "worker"],
+            env=env,
+            cwd=tmp_path,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.metrics_port), timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"worker did not start: {self.output()}") from None
+                time.sleep(0.05)
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("event") == name]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def terminate(self, timeout: float = 40) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def worker_process(
+    tmp_path: Path, pg_url: str, encryption_key: str
+) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(name: str = "worker", **delivery: Any) -> WorkerProcess:
+        process = WorkerProcess(tmp_path, pg_url, encryption_key, name, **delivery)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def tokens(sink: SmtpSink) -> Counter[str]:
+    """How many times each message (by its unique X-Token) reached the sink."""
+    found: Counter[str] = Counter()
+    for received in sink.messages:
+        line = next(line for line in received.data.split(b"\r\n") if line.startswith(b"X-Token: "))
+        found[line.decode()] += 1
+    return found
+
+
+def test_two_worker_processes_deliver_1000_messages_exactly_once(
+    tenant: Queue, sink: SmtpSink, worker_process
+) -> None:
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    tenant.enqueue(1000)
+    first, second = worker_process("one", workers=4), worker_process("two", workers=4)
+    sink.wait_for(1000, timeout=120)
+    wait_for(lambda: tenant.statuses()["delivered"] == 1000, timeout=30, what="1000 delivered")
+    time.sleep(0.5)  # room for a wrong second delivery to arrive
+    sent = tokens(sink)
+    assert len(sent) == 1000 and set(sent.values()) == {1}
+    with tenant.database.read() as session:
+        logs = session.execute(select(DeliveryLog.message_id, DeliveryLog.status)).all()
+    assert len(logs) == 1000 and {status for _id, status in logs} == {DeliveryStatus.DELIVERED}
+    shares = [len(process.events("delivery.delivered")) for process in (first, second)]
+    assert sum(shares) == 1000 and min(shares) > 0, shares  # both took part
+    metrics = first.metrics()
+    assert (
+        f'smtp_proxy_delivery_attempts_total{{outcome="delivered",provider_type="smtp"}} {float(shares[0])}'
+        in metrics
+    )
+    assert "smtp_proxy_delivery_latency_seconds_count" in metrics and "smtp_proxy_queue_messages" in metrics
+    assert first.terminate() == 0 and second.terminate() == 0
+
+
+def test_kill_9_mid_batch_then_its_messages_are_delivered_after_the_lease(
+    tenant: Queue, sink: SmtpSink, worker_process
+) -> None:
+    sink.delay_data(0.2)
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    tenant.enqueue(40)
+    doomed = worker_process("doomed", workers=2, batch_size=20, lease="3s", connect_timeout="500ms")
+    sink.wait_for(3, timeout=20)
+    doomed.process.kill()
+    doomed.process.wait(timeout=10)
+    killed_at = time.monotonic()
+    assert tenant.statuses()["processing"] > 0  # its claim is still held
+    worker_process("rescuer", workers=2, batch_size=20, lease="3s", connect_timeout="500ms")
+    wait_for(lambda: tenant.statuses()["delivered"] == 40, timeout=60, what="all 40 delivered")
+    sent = tokens(sink)
+    assert len(sent) == 40  # nothing lost
+    # At least once: only what the killed worker had in flight (2 threads) can arrive twice.
+    assert sum(sent.values()) - 40 <= 2
+    assert time.monotonic() - killed_at >= 2.0  # its messages waited for the lease to run out
+
+
+def test_sigterm_finishes_deliveries_in_flight_and_releases_the_rest(
+    tenant: Queue, sink: SmtpSink, worker_process
+) -> None:
+    sink.delay_data(1.0)
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    tenant.enqueue(20)
+    process = worker_process(workers=2, batch_size=20, send_timeout="5s", lease="20s")
+    wait_for(lambda: sink.connections >= 2, what="two sends in flight")
+    time.sleep(0.2)
+    assert process.terminate(timeout=20) == 0
+    statuses = tenant.statuses()
+    assert statuses["processing"] == 0
+    assert statuses["delivered"] == len(sink.messages) >= 2  # in flight were finished, not dropped
+    assert statuses["queued"] == 20 - statuses["delivered"]
+    with tenant.database.read() as session:
+        attempts = session.scalars(
+            select(Message.attempts).where(Message.status == MessageStatus.QUEUED)
+        ).all()
+    assert set(attempts) == {0}  # released, not counted as tries
+    (stopped,) = process.events("worker.stopped")
+    assert stopped["released"] == statuses["queued"]
+
+
+def test_worker_refuses_to_start_without_an_encryption_key(tmp_path: Path, pg_url: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": pg_url}, "delivery": {"metrics_port": None}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+    result = subprocess.run(
+        [SMTP_PROXY, "--config", str(config), "serve", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "encryption_key" in result.stderr
+
+
+def test_concurrent_in_process_workers_never_deliver_twice(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    tenant.enqueue(200)
+    threads = [threading.Thread(target=start_worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sink.wait_for(200, timeout=60)
+    wait_for(lambda: tenant.statuses()["delivered"] == 200, what="200 delivered")
+    time.sleep(0.3)
+    assert set(tokens(sink).values()) == {1} and len(tokens(sink)) == 200
