@@ -31,8 +31,10 @@ from smtp_proxy.db.types import utcnow
 from smtp_proxy.delivery.worker import Worker
 from smtp_proxy.storage import accounts, providers, routing_rules
 from smtp_proxy.storage.messages import enqueue_message, message_body
+from tests import fake_esp
 from tests.conftest import free_port, wait_until_accepting
 from tests.e2e.conftest import Listener
+from tests.fake_esp import FakeEsp
 from tests.smtp_sink import SmtpSink
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
@@ -562,3 +564,89 @@ def test_concurrent_in_process_workers_never_deliver_twice(
     wait_for(lambda: tenant.statuses()["delivered"] == 200, what="200 delivered")
     time.sleep(0.3)
     assert set(tokens(sink).values()) == {1} and len(tokens(sink)) == 200
+
+
+def test_failover_across_http_providers_sendgrid_503_then_mailgun_then_ses(
+    tenant: Queue, start_worker
+) -> None:
+    """A 503 from SendGrid and a 429 from Mailgun fail over to SES, which gets the raw message as received."""
+    with FakeEsp() as down, FakeEsp() as throttled, FakeEsp() as ses:
+        down.respond(503)
+        throttled.respond(429)
+        sendgrid = tenant.provider("sg", ProviderType.SENDGRID, api_key=fake_esp.API_KEY)
+        mailgun = tenant.provider(
+            "mg", ProviderType.MAILGUN, api_key=fake_esp.API_KEY, settings={"domain": "mg.example.com"}
+        )
+        amazon = tenant.provider(
+            "ses", ProviderType.SES, api_key=fake_esp.SES_API_KEY, settings={"region": "eu-west-1"}
+        )
+        for priority, provider in enumerate((sendgrid, mailgun, amazon)):
+            tenant.rule(provider, priority)
+        (message_id,) = tenant.enqueue()
+        # Each provider type points at its own fake; SES's base URL keeps the {region} placeholder.
+        endpoints = {
+            "sendgrid": down.endpoints()["sendgrid"],
+            "mailgun": throttled.endpoints()["mailgun"],
+            "ses": ses.endpoints()["ses"],
+        }
+        start_worker(endpoints=endpoints)
+        wait_for(lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered")
+        (delivery,) = ses.messages("ses")
+        assert down.invalid() == [] and throttled.invalid() == []
+    with tenant.database.transaction() as session:
+        stored = message_body(tenant.cipher, session.get(Message, message_id))
+    tenant.database.remove_session()
+    assert delivery.raw == stored and delivery.sender == "app@example.com"
+    assert delivery.recipients == ("rcpt@example.net",) and delivery.request.region == "eu-west-1"
+    logs = tenant.logs(message_id)
+    assert [(e.provider_id, e.status, e.response_code) for e in logs] == [
+        (sendgrid, DeliveryStatus.DEFERRED, 503),
+        (mailgun, DeliveryStatus.DEFERRED, 429),
+        (amazon, DeliveryStatus.DELIVERED, 200),
+    ]
+    assert all(fake_esp.API_KEY not in (e.response_text or "") for e in logs)
+
+
+def test_a_slow_failover_chain_keeps_its_lease_so_no_other_worker_takes_the_message(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    """Three providers that each take most of the lease: the claim is extended, not taken over."""
+    slow = [SmtpSink().start() for _ in range(3)]
+    try:
+        for n, each in enumerate(slow):
+            each.delay_data(1.2)
+            each.reply_to_data(451, "4.4.5 slow and busy")
+            tenant.rule(tenant.smtp_provider(each, f"slow-{n}"), n)
+        tenant.rule(tenant.smtp_provider(sink, "last"), 9)
+        (message_id,) = tenant.enqueue()
+        settings = {"lease": "3s", "connect_timeout": "500ms", "send_timeout": "1s"}
+        start_worker(**settings)
+        time.sleep(0.3)
+        start_worker(**settings)  # would re-claim the message if its lease ran out
+        sink.wait_for(1, timeout=20)
+        wait_for(lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered")
+    finally:
+        for each in slow:
+            each.stop()
+    message = tenant.message(message_id)
+    assert message.attempts == 1
+    assert [e.status for e in tenant.logs(message_id)] == [DeliveryStatus.DEFERRED] * 3 + [
+        DeliveryStatus.DELIVERED
+    ]
+
+
+def test_one_worker_on_the_embedded_sqlite_database(sqlite_url: str, make_config, sink: SmtpSink) -> None:
+    config = make_config(sqlite_url, delivery=DELIVERY, logging={"level": "warning"})
+    tenant = Queue(config)
+    worker = Worker(lambda: config, tenant.database, tenant.cipher)
+    try:
+        tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+        tenant.enqueue(100)
+        worker.start()
+        tenant.enqueue(50)  # while it delivers: the embedded database takes both writers
+        sink.wait_for(150, timeout=60)
+        wait_for(lambda: tenant.statuses()["delivered"] == 150, what="150 delivered")
+        assert len(tokens(sink)) == 150 and set(tokens(sink).values()) == {1}
+    finally:
+        worker.stop(drain=5)
+        tenant.database.dispose()
