@@ -45,6 +45,8 @@ class Outcome(NamedTuple):
     status: DeliveryStatus
     code: int | None  # SMTP reply code or HTTP status; None when there was no answer
     text: str
+    # Delivered to the others, refused for now: the worker queues a follow-up for these.
+    retry_recipients: tuple[str, ...] = ()
 
     @property
     def delivered(self) -> bool:

@@ -16,7 +16,8 @@ Decisions a reader would otherwise have to guess:
 - Replies before MAIL (greeting, EHLO, STARTTLS) concern the connection, so any refusal there
   defers. From AUTH on, 4xx defers and 5xx fails (RFC 5321 4.2.1); a wrong password (535) fails.
 - Recipients: all refused -> deferred if any refusal was temporary, else failed; some accepted ->
-  the message goes to those and the outcome is delivered, naming the refused ones in its text.
+  the message goes to those and the outcome is delivered, naming the refused ones in its text and
+  listing the temporarily refused ones in ``retry_recipients`` for a follow-up message.
 - The body is sent as received. Only two things change on the wire: a message that does not end in
   CRLF gets one (DATA can only end after a line break), and a bare CR or LF, which the SMTP
   listener never stores, becomes CRLF, so no provider can be shown a smuggled end of data.
@@ -309,7 +310,11 @@ def _transaction(client: PinnedSMTP, message: Outgoing) -> Outcome:
         return _reply("end of DATA", code, text)
     if refused:
         names = "; ".join(f"<{r}> {c} {_text(t)}" for r, c, t in refused)
-        return delivered(code, f"{_text(text)}; {len(refused)} of {len(message.recipients)} refused: {names}")
+        outcome = delivered(
+            code, f"{_text(text)}; {len(refused)} of {len(message.recipients)} refused: {names}"
+        )
+        # The temporarily refused ones are retried as their own message (the worker's follow-up).
+        return outcome._replace(retry_recipients=tuple(r for r, c, _ in refused if not 500 <= c < 600))
     return delivered(code, text)
 
 

@@ -35,7 +35,7 @@ from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred
 from smtp_proxy.errors import DatabaseUnavailable, DecryptionError
 from smtp_proxy.logs import correlation
 from smtp_proxy.storage import queue
-from smtp_proxy.storage.messages import body_aad
+from smtp_proxy.storage.messages import body_aad, enqueue_message
 from smtp_proxy.storage.providers import provider_secrets
 
 log = logging.getLogger("smtp_proxy.delivery")
@@ -283,7 +283,7 @@ class Worker:
                 if not final.temporary:
                     break
         assert final is not None
-        self._conclude(message, lease_id, until, final, final_route, attempts, settings)
+        self._conclude(message, lease_id, until, final, final_route, attempts, settings, body)
 
     def _body(self, message: queue.Claimed) -> bytes | Outcome:
         if message.body_encrypted is None:
@@ -331,6 +331,7 @@ class Worker:
         route: _Route | None,
         attempts: list[queue.Attempt],
         settings: DeliveryConfig,
+        body: bytes | Outcome,
     ) -> None:
         now = utcnow()
         provider_id = route.target.id if route is not None and route.target is not None else None
@@ -346,9 +347,15 @@ class Worker:
                 status, retry_at = MessageStatus.QUEUED, retry.at
         else:
             status = MessageStatus.FAILED
+        # Recipients the provider refused for now while it took the others: their own message.
+        pending = final.retry_recipients if final.delivered and isinstance(body, bytes) else ()
+        follow_up = backoff.next_try(message.attempts, message.created_at, now, settings, self.rng)
+        if pending and follow_up.at is None:
+            text = f"{len(pending)} recipient(s) refused for now, not retried: {follow_up.reason}"
+            attempts.append(queue.Attempt(None, DeliveryStatus.FAILED, None, text, now))
 
         def write(session: Any) -> bool:
-            return queue.finish(
+            held = queue.finish(
                 session,
                 message.id,
                 lease_id,
@@ -358,6 +365,25 @@ class Worker:
                 provider_id=provider_id,
                 next_attempt_at=retry_at,
             )
+            if held and pending and follow_up.at is not None:
+                assert isinstance(body, bytes)
+                extra = enqueue_message(
+                    session,
+                    self.cipher,
+                    account_id=message.account_id,
+                    sender=message.sender,
+                    recipients=list(pending),
+                    data=body,
+                    correlation_id=message.correlation_id,
+                    attempts=message.attempts,
+                    created_at=message.created_at,
+                    next_attempt_at=follow_up.at,
+                )
+                text = f"{len(pending)} recipient(s) refused for now: retried as message {extra.id}"
+                queue.log_attempts(
+                    session, message.id, [queue.Attempt(None, DeliveryStatus.DEFERRED, None, text, now)]
+                )
+            return held
 
         held = self._persist(write, until)
         if held is None:

@@ -106,11 +106,16 @@ def enqueue_message(
     recipients: list[str],
     data: bytes,
     correlation_id: str,
+    attempts: int = 0,
+    created_at: datetime | None = None,
+    next_attempt_at: datetime | None = None,
 ) -> EnqueuedMessage:
     """Insert a queued message (body encrypted); committed by the caller.
 
     A single Core INSERT rather than the ORM's unit of work: this runs once per
-    accepted message, between the end of DATA and the 250.
+    accepted message, between the end of DATA and the 250. The worker's
+    follow-up messages (recipients a provider refused for now) carry their
+    original's attempts and acceptance time, so the same retry limits apply.
     """
     headers, subject = parse_headers(data)
     message_id = uuid.uuid4()
@@ -128,9 +133,9 @@ def enqueue_message(
             size=len(data),
             status=MessageStatus.QUEUED,
             correlation_id=correlation_id,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
+            attempts=attempts,
+            next_attempt_at=next_attempt_at or now,
+            created_at=created_at or now,
             updated_at=now,
         ),
     )

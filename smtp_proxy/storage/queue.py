@@ -155,23 +155,30 @@ def finish(
         update(MessageModel.__table__).where(_held(message_id, lease_id)).values(**values)
     ).rowcount
     exists = held == 1 or session.scalar(select(_M.id).where(_M.id == message_id)) is not None
-    if attempts and exists:
-        session.execute(
-            insert(_LOGS),
-            [
-                {
-                    "id": uuid.uuid4(),
-                    "message_id": message_id,
-                    "provider_id": a.provider_id,
-                    "status": a.status,
-                    "response_code": a.response_code,
-                    "response_text": a.response_text,
-                    "created_at": a.at,
-                }
-                for a in attempts
-            ],
-        )
+    if exists:
+        log_attempts(session, message_id, attempts)
     return held == 1
+
+
+def log_attempts(session: Session, message_id: uuid.UUID, attempts: list[Attempt]) -> None:
+    """Add delivery log rows to a message; the caller commits."""
+    if not attempts:
+        return
+    session.execute(
+        insert(_LOGS),
+        [
+            {
+                "id": uuid.uuid4(),
+                "message_id": message_id,
+                "provider_id": a.provider_id,
+                "status": a.status,
+                "response_code": a.response_code,
+                "response_text": a.response_text,
+                "created_at": a.at,
+            }
+            for a in attempts
+        ],
+    )
 
 
 def release(session: Session, lease_id: uuid.UUID, message_ids: list[uuid.UUID], now: datetime) -> int:

@@ -650,3 +650,30 @@ def test_one_worker_on_the_embedded_sqlite_database(sqlite_url: str, make_config
     finally:
         worker.stop(drain=5)
         tenant.database.dispose()
+
+
+def test_recipients_refused_for_now_are_retried_as_a_follow_up_message(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    """One 451 among accepted recipients: the others get it now, that one later; a 550 is not retried."""
+    sink.queue_reply("RCPT", 451, "4.2.1 mailbox busy")  # the first RCPT only: later@
+    sink.refuse("never@example.net", 550, "5.1.1 no such user")
+    recipients = ("later@example.net", "ok@example.net", "never@example.net")
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    (message_id,) = tenant.enqueue(recipients=recipients)
+    start_worker()
+    first, second = sink.wait_for(2, timeout=20)
+    assert list(first.rcpt_tos) == ["ok@example.net"] and list(second.rcpt_tos) == ["later@example.net"]
+    assert first.data == second.data
+    wait_for(lambda: tenant.statuses()["delivered"] == 2, what="both messages delivered")
+    original = tenant.message(message_id)
+    assert original.status is MessageStatus.DELIVERED
+    logs = tenant.logs(message_id)
+    assert [e.status for e in logs] == [DeliveryStatus.DELIVERED, DeliveryStatus.DEFERRED]
+    assert "2 of 3 refused" in logs[0].response_text and "no such user" in logs[0].response_text
+    follow_up_id = uuid.UUID(logs[1].response_text.rsplit(" ", 1)[1])
+    follow_up = tenant.message(follow_up_id)
+    assert follow_up.recipients == ["later@example.net"] and follow_up.account_id == tenant.account_id
+    assert follow_up.correlation_id == original.correlation_id and follow_up.created_at == original.created_at
+    assert follow_up.attempts == 2  # the original's try counts toward max_attempts
+    assert len(sink.messages) == 2  # never@ was not tried again

@@ -56,7 +56,7 @@ def test_listeners_do_not_import_each_other(layer: str, forbidden: str) -> None:
 
 def test_only_storage_and_db_build_queries() -> None:
     """Adapters call the storage layer; they do not import SQL constructors themselves."""
-    for layer in ("smtp", "api"):
+    for layer in ("smtp", "api", "delivery"):
         for path in (PACKAGE / layer).rglob("*.py"):
             assert "sqlalchemy.sql" not in imports_of(path), path
             assert not any(
@@ -65,3 +65,20 @@ def test_only_storage_and_db_build_queries() -> None:
                 and {a.name for a in node.names} & {"select", "insert", "update", "delete", "text"}
                 for node in ast.walk(ast.parse(path.read_text()))
             ), path
+
+
+DELIVERY_CORE = ["delivery/routing.py", "delivery/backoff.py", "delivery/outcome.py"]
+DELIVERY_FORBIDDEN = ("socket", "ssl", "threading", "sqlalchemy", "smtplib", "requests", "smtp_proxy.storage")
+
+
+@pytest.mark.parametrize("module", DELIVERY_CORE)
+def test_delivery_decisions_are_pure(module: str) -> None:
+    """Routing, backoff and outcomes decide from plain values: testable without a socket or a database."""
+    imported = imports_of(PACKAGE / module)
+    assert not {name for name in imported if name.startswith(DELIVERY_FORBIDDEN)}, imported
+
+
+def test_listeners_and_worker_do_not_import_each_other() -> None:
+    for layer, forbidden in (("delivery", ("smtp_proxy.api",)), ("api", ("smtp_proxy.delivery",))):
+        for path in (PACKAGE / layer).rglob("*.py"):
+            assert not any(name.startswith(forbidden) for name in imports_of(path)), path

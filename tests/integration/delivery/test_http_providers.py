@@ -154,7 +154,7 @@ def test_mailgun_without_domain_or_with_unknown_region_fails_before_any_request(
     fake: FakeEsp, settings: DeliveryConfig
 ) -> None:
     no_domain = Target(uuid.uuid4(), "mailgun", ProviderType.MAILGUN, {}, None, API_KEY)
-    assert mailgun.send(no_domain, MESSAGE, settings) == (
+    assert mailgun.send(no_domain, MESSAGE, settings)[:3] == (
         DeliveryStatus.FAILED,
         None,
         "the Mailgun provider has no sending domain",
@@ -214,7 +214,7 @@ def test_ses_malformed_api_key_fails_clearly_without_a_request(
     fake: FakeEsp, settings: DeliveryConfig, api_key: str
 ) -> None:
     outcome = ses.send(ses_target(api_key=api_key), MESSAGE, settings)
-    assert outcome == (
+    assert outcome[:3] == (
         DeliveryStatus.FAILED,
         None,
         "the SES provider's API key must be ACCESS_KEY_ID:SECRET_ACCESS_KEY",
@@ -287,7 +287,7 @@ def test_ses_error_type_decides_between_temporary_and_permanent(
         headers={"x-amzn-ErrorType": f"{error_type}:http://internal"},
     )
     outcome = ses.send(ses_target(), MESSAGE, settings)
-    assert outcome == (expected, status, f"{error_type}: Maximum sending rate exceeded.")
+    assert outcome[:3] == (expected, status, f"{error_type}: Maximum sending rate exceeded.")
 
 
 def test_queued_answers_come_first_then_the_standing_one(fake: FakeEsp, settings: DeliveryConfig) -> None:
@@ -341,7 +341,7 @@ def test_read_timeout_is_deferred(fake: FakeEsp, settings: DeliveryConfig, provi
     started = time.monotonic()
     outcome = send(settings)
     assert time.monotonic() - started < SEND_TIMEOUT * 4
-    assert outcome == (
+    assert outcome[:3] == (
         DeliveryStatus.DEFERRED,
         None,
         f"no answer from 127.0.0.1:{fake.port} within {SEND_TIMEOUT:g}s",
