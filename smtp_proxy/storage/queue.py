@@ -150,7 +150,7 @@ def finish(
         values["next_attempt_at"] = next_attempt_at or now
     else:
         values["processed_at"] = now
-        values["provider_id"] = provider_id
+        values["provider_id"] = _existing_provider(provider_id)
     held = session.execute(
         update(MessageModel.__table__).where(_held(message_id, lease_id)).values(**values)
     ).rowcount
@@ -160,17 +160,34 @@ def finish(
     return held == 1
 
 
+def _existing_provider(provider_id: Any) -> Any:
+    """The provider's id, or NULL if the tenant deleted it while the message was on its way.
+
+    Resolved inside the statement, so that a provider deleted mid-delivery
+    cannot fail the foreign key and with it the outcome's commit.
+    """
+    if provider_id is None:
+        return None
+    return select(_PROVIDER_ID).where(_PROVIDER_ID == provider_id).scalar_subquery()
+
+
+_PROVIDER_ID = EspProvider.__table__.c.id
+_LOG_INSERT = insert(_LOGS).values(
+    provider_id=select(_PROVIDER_ID).where(_PROVIDER_ID == bindparam("pid")).scalar_subquery()
+)
+
+
 def log_attempts(session: Session, message_id: uuid.UUID, attempts: list[Attempt]) -> None:
     """Add delivery log rows to a message; the caller commits."""
     if not attempts:
         return
     session.execute(
-        insert(_LOGS),
+        _LOG_INSERT,
         [
             {
                 "id": uuid.uuid4(),
                 "message_id": message_id,
-                "provider_id": a.provider_id,
+                "pid": a.provider_id,
                 "status": a.status,
                 "response_code": a.response_code,
                 "response_text": a.response_text,

@@ -260,3 +260,36 @@ def test_concurrent_claims_take_disjoint_batches_without_waiting(
         assert sorted(first + second) == sorted(ids) and not set(first) & set(second)
     finally:
         db.dispose()
+
+
+def test_an_outcome_for_a_provider_deleted_meanwhile_is_still_written(
+    database: Database, cipher: Cipher
+) -> None:
+    """The tenant deletes the provider while the worker sends through it: the outcome must not fail its commit."""
+    account = new_account(database).account
+    provider = new_provider(database, cipher, account.id, api_key="k")
+    kept = new_provider(database, cipher, account.id, "kept", api_key="k")
+    (message_id,) = enqueue(database, cipher, account.id)
+    taken = claim(database)
+    with database.transaction() as session:
+        session.delete(session.get(type(provider), provider.id))
+    attempts = [
+        queue.Attempt(kept.id, DeliveryStatus.DEFERRED, 503, "busy", utcnow()),
+        queue.Attempt(provider.id, DeliveryStatus.DELIVERED, 250, "ok", utcnow()),
+    ]
+    with database.transaction() as session:
+        assert queue.finish(
+            session,
+            message_id,
+            taken.lease_id,
+            status=MessageStatus.DELIVERED,
+            attempts=attempts,
+            now=utcnow(),
+            provider_id=provider.id,
+        )
+    stored = row(database, message_id)
+    assert stored.status is MessageStatus.DELIVERED and stored.provider_id is None
+    assert [(e.provider_id, e.response_text) for e in logs(database, message_id)] == [
+        (kept.id, "busy"),
+        (None, "ok"),
+    ]
