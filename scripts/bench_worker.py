@@ -1,0 +1,756 @@
+#!/usr/bin/env python3
+"""Benchmark of the queue worker; prints its figures.
+
+Run from the repository root after ./scripts/test has made the venv:
+
+    .venv/bin/python scripts/bench_worker.py [--messages 5000] [--claims 300] [--large 1000000]
+
+It starts a throwaway PostgreSQL cluster (fsync on: every outcome the worker
+commits is durable, as in production) and a local SMTP sink (aiosmtpd in a
+process of its own, answering 250 to everything), stores one tenant whose
+only routing rule sends to the sink, and measures:
+
+1. messages/s from queued to delivered with ONE `smtp-proxy serve worker`
+   process (8 threads, batches of 50, polling every 200 ms): --messages
+   messages of about 2 KiB are queued, the worker is started, and the run ends
+   when the sink has them all and the database shows them all delivered. The
+   rate is counted from the first to the last arrival at the sink (the
+   worker's start-up is left out), and the wall time from the process start is
+   shown beside it. Each message carries a unique token, so duplicates and
+   losses are counted, not assumed away. The CPU seconds of the worker, the
+   sink and PostgreSQL show which of them was the bottleneck.
+2. the same with TWO worker processes on the same queue; each one's share is
+   read from its own metrics endpoint (smtp_proxy_delivery_messages_total).
+3. the latency of one claim (`storage.queue.claim`, 50 messages, in a
+   transaction that is rolled back so that the queue never drains) with
+   --small rows in `messages` and with --large rows: two databases, mostly
+   finished messages, plus the same few thousand queued ones in both. The
+   claims alternate between the two, so that whatever else the machine does
+   meanwhile weighs on both alike. The claim walks the (status,
+   next_attempt_at) index, so the two must be about equal.
+
+Everything listens on 127.0.0.1 only, every wait is bounded in time, and every
+process started is stopped by its pid, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from benchlib import migrated_database, stop  # also puts the checkout on sys.path
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from smtp_proxy.config import Config, config_from_dict
+from smtp_proxy.crypto import Cipher, generate_encryption_key
+from smtp_proxy.db.session import Database
+from smtp_proxy.db.types import utcnow
+from smtp_proxy.storage import accounts, messages, providers, queue, routing_rules
+from tests.pgcluster import PgCluster, free_port
+
+ENQUEUE_BATCH = 500
+FILLER_LINE = b"x" * 76 + b"\r\n"
+TOKEN = re.compile(rb"^X-Bench-Token: (\S+)\r?$", re.MULTILINE)
+CLAIM_LIMIT = 50
+CLAIM_WARMUP = 20
+FILL_TIMEOUT = "5min"  # per statement that stores or settles the claim tests' rows
+
+
+# --- the sink ----------------------------------------------------------------------------------------
+
+
+class _CountingHandler:
+    """aiosmtpd handler: note each message's token and arrival time, answer 250, keep nothing else."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[str, float]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd hook
+        match = TOKEN.search(envelope.content)
+        token = match.group(1).decode("ascii") if match else "?"
+        self.arrivals.append((token, time.monotonic()))  # CLOCK_MONOTONIC is system-wide on Linux
+        return "250 2.0.0 OK"
+
+
+def _sink_main(port: int, control: Connection, parent_end: Connection) -> None:
+    """The sink process: aiosmtpd's server thread counts, this thread answers the bench's questions.
+
+    A process of its own so that its CPU time is measurable apart from the bench, and so that
+    the GIL it holds is not the bench's.
+    """
+    from aiosmtpd.controller import Controller
+
+    parent_end.close()  # else the bench's death would never reach recv() below as EOF
+    handler = _CountingHandler()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=port, server_hostname="sink.bench.test", enable_SMTPUTF8=True
+    )
+    controller.start()
+    control.send("ready")
+    try:
+        while True:
+            try:
+                command = control.recv()
+            except EOFError:  # the bench died
+                return
+            if command == "count":
+                arrivals = handler.arrivals
+                control.send(len(arrivals))
+            elif command == "take":
+                taken, handler.arrivals = handler.arrivals, []
+                control.send(taken)
+            else:
+                return
+    finally:
+        controller.stop()
+
+
+class Sink:
+    """The parent's handle on the sink process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._control, child = multiprocessing.Pipe()
+        # fork: the bench has started nothing yet, and the child needs none of its state
+        self.process = multiprocessing.get_context("fork").Process(
+            target=_sink_main, args=(self.port, child, self._control), name="bench-sink", daemon=True
+        )
+        self.process.start()
+        child.close()
+        if not self._control.poll(30) or self._control.recv() != "ready":
+            self.stop()
+            raise SystemExit("the SMTP sink did not start")
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def _ask(self, command: str) -> Any:
+        self._control.send(command)
+        if not self._control.poll(30):
+            raise SystemExit("the SMTP sink stopped answering")
+        return self._control.recv()
+
+    def count(self) -> int:
+        return self._ask("count")
+
+    def take(self) -> list[tuple[str, float]]:
+        """Every arrival since the last take, as (token, monotonic time); the sink forgets them."""
+        return self._ask("take")
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self._control.send("stop")
+            except OSError:
+                pass
+            self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=10)
+
+
+# --- processes and their CPU time ----------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state is [0], ppid [1], utime [11])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(cluster: PgCluster) -> float | None:
+    """CPU time of the whole cluster so far: the postmaster, its live backends, and the ended ones.
+
+    Ended backends are in the postmaster's cutime/cstime once reaped. None when the postmaster's
+    pid cannot be read (then the figure is left out, not guessed).
+    """
+    try:
+        postmaster = int((cluster.base / "data" / "postmaster.pid").read_text().split()[0])
+        fields = _stat_fields(postmaster)
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks = sum(int(x) for x in fields[11:15])
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = _stat_fields(int(entry.name))
+        except OSError:
+            continue
+        if int(child[1]) == postmaster:
+            ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores so far, from /proc/stat; iowait counts as idle."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen
+    metrics_port: int
+    log: Path
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def delivered(self) -> int | None:
+        """This process's delivered count from its metrics endpoint; None if it does not answer."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own 127.0.0.1 child
+                body = response.read().decode()
+        except OSError:
+            return None
+        match = re.search(r'^smtp_proxy_delivery_messages_total\{status="delivered"\} (\S+)$', body, re.M)
+        return int(float(match.group(1))) if match else 0
+
+
+def start_worker(workdir: Path, base: dict[str, Any], label: str) -> WorkerProcess:
+    """`smtp-proxy serve worker` with a config of its own (its own metrics port); stderr to a file.
+
+    benchlib.serve waits for a port and throws stderr away; here the log is kept so that a failed
+    run can show why.
+    """
+    metrics_port = free_port()
+    config = workdir / f"worker-{label}.yaml"
+    config.write_text(_config_yaml(base, metrics_port))
+    log = workdir / f"worker-{label}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "smtp-proxy"), "--config", str(config), "serve", "worker"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    return WorkerProcess(process, metrics_port, log)
+
+
+def _config_yaml(base: dict[str, Any], metrics_port: int) -> str:
+    return f"""
+database:
+  url: {base["url"]}
+logging:
+  level: warning
+security:
+  encryption_key: {base["key"]}
+delivery:
+  workers: {base["threads"]}
+  batch_size: {base["batch"]}
+  poll_interval: 200ms
+  lease: 5m
+  allow_private_networks: true
+  metrics_host: 127.0.0.1
+  metrics_port: {metrics_port}
+"""
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tenant:
+    account_id: uuid.UUID
+    provider_id: uuid.UUID
+
+
+def seed_tenant(database: Database, cipher: Cipher, sink_port: int) -> Tenant:
+    """One account whose single rule sends everything to the sink over plain SMTP."""
+    with database.transaction() as session:
+        account = accounts.create_account(
+            session, name="bench", email="bench@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+        ).account
+        provider = providers.create_provider(
+            session,
+            cipher,
+            account_id=account.id,
+            name="sink",
+            provider_type="smtp",
+            smtp_config={"host": "127.0.0.1", "port": sink_port, "tls": "none"},
+        )
+        routing_rules.create_rule(
+            session, account_id=account.id, provider_id=provider.id, name="all to the sink", priority=0
+        )
+        return Tenant(account.id, provider.id)
+
+
+def bench_message(token: str) -> bytes:
+    """About 2 KiB; the token header is what the sink counts, so duplicates and losses show."""
+    head = (
+        "From: bench@example.com\r\nTo: sink@example.net\r\n"
+        f"Subject: bench {token}\r\nMessage-ID: <{token}@bench.test>\r\nX-Bench-Token: {token}\r\n\r\n"
+    ).encode()
+    return head + FILLER_LINE * ((2048 - len(head)) // len(FILLER_LINE))
+
+
+def enqueue(database: Database, cipher: Cipher, tenant: Tenant, run: str, count: int) -> set[str]:
+    """Queue `count` messages, ENQUEUE_BATCH per transaction; returns their tokens."""
+    tokens = [f"{run}-{n}" for n in range(count)]
+    for start in range(0, count, ENQUEUE_BATCH):
+        with database.transaction() as session:
+            for token in tokens[start : start + ENQUEUE_BATCH]:
+                messages.enqueue_message(
+                    session,
+                    cipher,
+                    account_id=tenant.account_id,
+                    sender="bench@example.com",
+                    recipients=["sink@example.net"],
+                    data=bench_message(token),
+                    correlation_id=token,
+                )
+    return set(tokens)
+
+
+def empty_queue(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.exec_driver_sql("TRUNCATE messages, delivery_logs")
+
+
+def status_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT status::text, count(*) FROM messages GROUP BY status")
+        return {status: count for status, count in rows}
+
+
+def last_attempts(engine: Engine, limit: int = 5) -> list[str]:
+    """The newest delivery-log texts, to say why a run did not finish."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT status::text, response_code, response_text FROM delivery_logs "
+                "WHERE status <> 'delivered' ORDER BY created_at DESC LIMIT :limit"
+            ),
+            {"limit": limit},
+        )
+        return [f"{status} {code} {text_}" for status, code, text_ in rows]
+
+
+# --- throughput --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    processes: int
+    messages: int
+    seconds: float  # first to last arrival
+    wall: float  # first process start to last arrival
+    first_after: float  # first process start to first arrival
+    duplicates: int
+    lost: int
+    unexpected: int
+    worker_cpu: float
+    sink_cpu: float
+    postgres_cpu: float | None
+    machine_busy: float  # share of all cores busy during the run, whoever used them
+    shares: list[int | None]
+    stop_seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else float("nan")
+
+
+def throughput(
+    *,
+    processes: int,
+    count: int,
+    timeout: float,
+    base: dict[str, Any],
+    workdir: Path,
+    sink: Sink,
+    cluster: PgCluster,
+    database: Database,
+    cipher: Cipher,
+    tenant: Tenant,
+    running: list[WorkerProcess],
+) -> Run:
+    """Queue `count` messages, start `processes` workers, wait until all are delivered, stop them."""
+    label = f"run{processes}"
+    empty_queue(database.engine)
+    sink.take()
+    expected = enqueue(database, cipher, tenant, label, count)
+    sink_cpu, pg_cpu, ticks = cpu_seconds(sink.pid), postgres_cpu_seconds(cluster), machine_ticks()
+    started = time.monotonic()
+    for n in range(processes):
+        running.append(start_worker(workdir, base, f"{label}-{n}"))
+    workers = running[-processes:]
+    deadline = started + timeout
+    settled_at, last_seen = time.monotonic(), -1
+    while True:
+        time.sleep(0.25)
+        for worker in workers:
+            if worker.process.poll() is not None:
+                raise SystemExit(
+                    f"a worker exited with status {worker.process.returncode}:\n{worker.log_tail()}"
+                )
+        arrived = sink.count()
+        if arrived != last_seen:
+            settled_at, last_seen = time.monotonic(), arrived
+        if arrived >= count:
+            counts = status_counts(database.engine)
+            if counts.get("delivered", 0) + counts.get("failed", 0) >= count:
+                break
+        if arrived < count and time.monotonic() - settled_at > 10:
+            counts = status_counts(database.engine)
+            if counts.get("delivered", 0) + counts.get("failed", 0) >= count:
+                break  # every message is finished, yet some never arrived: counted as lost below
+        if time.monotonic() > deadline:
+            counts = status_counts(database.engine)
+            detail = "\n".join(last_attempts(database.engine)) or "(no failed attempts logged)"
+            raise SystemExit(
+                f"{processes} worker(s) did not deliver {count} messages in {timeout:.0f} s: the sink has "
+                f"{arrived}, the database says {counts}\nlast failed attempts:\n{detail}\n"
+                f"worker log:\n{workers[0].log_tail() or '(empty)'}"
+            )
+    time.sleep(0.5)  # a straggling duplicate would arrive now
+    worker_cpu = sum(cpu_seconds(worker.process.pid) for worker in workers)
+    busy, total = (now - then for now, then in zip(machine_ticks(), ticks, strict=True))
+    shares = [worker.delivered() for worker in workers]
+    sink_cpu = cpu_seconds(sink.pid) - sink_cpu
+    pg_now = postgres_cpu_seconds(cluster)
+    postgres_cpu = pg_now - pg_cpu if pg_now is not None and pg_cpu is not None else None
+    stopping = time.monotonic()
+    for worker in workers:
+        worker.process.send_signal(signal.SIGTERM)  # all drain at once
+    for worker in workers:
+        stop(worker.process)
+        running.remove(worker)
+    stop_seconds = time.monotonic() - stopping
+    arrivals = sink.take()
+    counts = status_counts(database.engine)
+    if counts.get("delivered", 0) != count:
+        print(f"  note: the database says {counts}", file=sys.stderr)
+    tokens = [token for token, _ in arrivals]
+    distinct = set(tokens)
+    times = sorted(at for _, at in arrivals)
+    return Run(
+        processes=processes,
+        messages=len(distinct & expected),
+        seconds=times[-1] - times[0] if times else float("nan"),
+        wall=times[-1] - started if times else float("nan"),
+        first_after=times[0] - started if times else float("nan"),
+        duplicates=len(tokens) - len(distinct),
+        lost=len(expected - distinct),
+        unexpected=len(distinct - expected),
+        worker_cpu=worker_cpu,
+        sink_cpu=sink_cpu,
+        postgres_cpu=postgres_cpu,
+        machine_busy=busy / total if total else float("nan"),
+        shares=shares,
+        stop_seconds=stop_seconds,
+    )
+
+
+def print_run(run: Run) -> None:
+    window = run.wall if run.wall > 0 else float("nan")  # the CPU figures cover about this much time
+    pg = (
+        f"{run.postgres_cpu:.1f} s ({run.postgres_cpu / window:.0%})"
+        if run.postgres_cpu is not None
+        else "n/a"
+    )
+    print(
+        f"{run.processes} worker process(es): {run.rate:7.1f} messages/s first to last arrival "
+        f"({run.messages} in {run.seconds:.2f} s); wall from start {run.wall:.2f} s "
+        f"({run.messages / run.wall:.1f}/s, first arrival after {run.first_after:.2f} s)"
+    )
+    print(f"  exactly once: {run.duplicates} duplicates, {run.lost} lost, {run.unexpected} unexpected")
+    print(
+        f"  CPU (share of one core): worker {run.worker_cpu:.1f} s ({run.worker_cpu / window:.0%}, "
+        f"{run.worker_cpu * 1000 / max(run.messages, 1):.2f} ms/message with start-up), "
+        f"sink {run.sink_cpu:.1f} s ({run.sink_cpu / window:.0%}), PostgreSQL {pg}; "
+        f"all {os.cpu_count()} cores {run.machine_busy:.0%} busy"
+    )
+    if run.processes > 1:
+        shares = ", ".join("?" if s is None else str(s) for s in run.shares)
+        print(f"  delivered by each process: {shares};  SIGTERM to exit: {run.stop_seconds:.2f} s")
+    else:
+        print(f"  SIGTERM to exit: {run.stop_seconds:.2f} s")
+
+
+# --- claim latency -----------------------------------------------------------------------------------
+
+# Finished messages, one every 2.5 s back from now (1,000,000 of them span a month); one in a
+# hundred failed. No bodies: the retention purge would have dropped most, and claims never read them.
+_FILL_FINISHED = """
+INSERT INTO messages (id, account_id, sender, recipients, subject, headers, body_encrypted, size, status,
+                      provider_id, correlation_id, attempts, next_attempt_at, lease_id, processed_at,
+                      created_at, updated_at)
+SELECT gen_random_uuid(), CAST(:account AS uuid), 'app@example.com', '["user@example.net"]'::jsonb,
+       'filler ' || i, jsonb_build_array(jsonb_build_array('Subject', 'filler ' || i)), NULL, 2000,
+       (CASE WHEN i % 100 = 0 THEN 'failed' ELSE 'delivered' END)::message_status,
+       CAST(:provider AS uuid), md5(i::text), 1, t + interval '300 seconds', NULL,
+       t + interval '2 seconds', t, t + interval '2 seconds'
+FROM generate_series(1, CAST(:count AS bigint)) AS i,
+     LATERAL (SELECT now() - i * interval '2.5 seconds' AS t) AS stamp
+"""
+
+# The queue itself: :due messages due now (oldest a few minutes late), :deferred waiting for a retry.
+_FILL_QUEUED = """
+INSERT INTO messages (id, account_id, sender, recipients, subject, headers, body_encrypted, size, status,
+                      provider_id, correlation_id, attempts, next_attempt_at, lease_id, processed_at,
+                      created_at, updated_at)
+SELECT gen_random_uuid(), CAST(:account AS uuid), 'app@example.com', '["user@example.net"]'::jsonb,
+       'queued ' || i, jsonb_build_array(jsonb_build_array('Subject', 'queued ' || i)),
+       convert_to(repeat('x', 2048), 'UTF8'), 2048, 'queued'::message_status, NULL, md5('q' || i), a,
+       CASE WHEN i <= :due THEN now() - i * interval '100 milliseconds'
+            ELSE now() + (i % 3600) * interval '1 second' END,
+       NULL, NULL, now() - i * interval '100 milliseconds', now() - i * interval '100 milliseconds'
+FROM generate_series(1, :due + :deferred) AS i,
+     LATERAL (SELECT CASE WHEN i <= :due THEN 0 ELSE 1 + i % 5 END AS a) AS tries
+"""
+
+
+def fill(engine: Engine, tenant: Tenant, *, finished: int, due: int, deferred: int) -> None:
+    """`finished` delivered or failed rows and the queue, two INSERT ... SELECT; then settle.
+
+    VACUUM as autovacuum would have done long before a table grows to a million rows in production
+    (without it the first scans pay for setting hint bits on fresh pages), and a CHECKPOINT so that
+    the gigabyte of WAL the fill wrote is not being flushed while claims are timed.
+    """
+    params = {"account": str(tenant.account_id), "provider": str(tenant.provider_id)}
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = '{FILL_TIMEOUT}'")
+        connection.execute(text(_FILL_FINISHED), {**params, "count": finished})
+        connection.execute(text(_FILL_QUEUED), {**params, "due": due, "deferred": deferred})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql(f"SET statement_timeout = '{FILL_TIMEOUT}'")
+        connection.exec_driver_sql("VACUUM (ANALYZE) messages")
+        connection.exec_driver_sql("CHECKPOINT")
+
+
+def claim_latency(databases: list[Database], iterations: int) -> list[tuple[list[float], int]]:
+    """Per database: milliseconds per claim of CLAIM_LIMIT messages (sorted), and the smallest batch.
+
+    The databases take turns, claim by claim, in an order that flips each round: whatever else the
+    machine does meanwhile (a checkpoint, another process) falls on every table size alike, so the
+    comparison holds even when the absolute figures wobble. Each claim is rolled back.
+    """
+    sessions = [database.sessions() for database in databases]
+    samples: list[list[float]] = [[] for _ in databases]
+    smallest = [CLAIM_LIMIT] * len(databases)
+    try:
+        for n in range(CLAIM_WARMUP + iterations):
+            order = range(len(sessions)) if n % 2 == 0 else reversed(range(len(sessions)))
+            for index in order:
+                session = sessions[index]
+                started = time.perf_counter()
+                claim = queue.claim(session, limit=CLAIM_LIMIT, lease=300, now=utcnow())
+                elapsed = time.perf_counter() - started
+                session.rollback()
+                smallest[index] = min(smallest[index], len(claim.messages))
+                if n >= CLAIM_WARMUP:
+                    samples[index].append(elapsed * 1000)
+    finally:
+        for database, session in zip(databases, sessions, strict=True):
+            session.rollback()
+            database.sessions.remove()
+    return [(sorted(times), least) for times, least in zip(samples, smallest, strict=True)]
+
+
+def claim_database(
+    cluster: PgCluster, name: str, key: str, sink_port: int, *, rows: int, due: int, deferred: int
+) -> Database:
+    """A database of its own with `rows` messages: `due` and `deferred` queued, the rest finished."""
+    database = Database(
+        config_from_dict({"database": {"url": migrated_database(cluster, name)}}, env={}).database
+    )
+    cipher = Cipher.from_config(config_from_dict({"security": {"encryption_key": key}}, env={}).security)
+    tenant = seed_tenant(database, cipher, sink_port)
+    fill(database.engine, tenant, finished=rows - due - deferred, due=due, deferred=deferred)
+    return database
+
+
+def claim_plan(engine: Engine) -> list[str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the queued-message claim, run in a transaction rolled back."""
+    compiled = queue._CLAIM_QUEUED.compile(dialect=engine.dialect)
+    now = utcnow()
+    params = compiled.construct_params(
+        {"now": now, "until": now, "lease_id": uuid.uuid4(), "limit": CLAIM_LIMIT}
+    )
+    # The driver gets the raw values (no bind processors here): UUID and enum members as text.
+    params = {k: str(v) if isinstance(v, (uuid.UUID, enum.Enum)) else v for k, v in params.items()}
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + compiled.string, params)
+        lines = [row[0].strip() for row in rows]
+        connection.rollback()
+    return lines
+
+
+def plan_summary(lines: list[str]) -> str:
+    """One line: the plan's nodes in EXPLAIN's order, the top node's buffers, the execution time."""
+    nodes = [re.sub(r"\s*\(actual .*\)$", "", line.removeprefix("->  ")) for line in lines]
+    nodes = [node for node in nodes if node and ":" not in node]  # not Buffers:, Index Cond:, ...
+    buffers = next((line for line in lines if line.startswith("Buffers")), "")
+    timing = next((line for line in lines if line.startswith("Execution Time")), "")
+    return " / ".join(nodes) + f"; {buffers}; {timing}"
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[max(0, int(len(ordered) * q) - 1)]
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+
+def _terminated(_signum: int, _frame: Any) -> None:
+    raise SystemExit("bench_worker: terminated")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=5000, help="messages per throughput run")
+    parser.add_argument("--threads", type=int, default=8, help="delivery.workers of each worker process")
+    parser.add_argument("--batch", type=int, default=50, help="delivery.batch_size")
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds a throughput run may take")
+    parser.add_argument("--claims", type=int, default=300, help="claims timed at each table size")
+    parser.add_argument("--small", type=int, default=10_000, help="rows in messages, first claim test")
+    parser.add_argument("--large", type=int, default=1_000_000, help="rows in messages, second claim test")
+    parser.add_argument("--due", type=int, default=2000, help="queued messages due now, in both tables")
+    parser.add_argument("--deferred", type=int, default=1000, help="queued messages due later, in both")
+    parser.add_argument(
+        "--phases", default="one,two,claim", help="comma-separated subset of one,two,claim (default: all)"
+    )
+    args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    if not phases or not phases <= {"one", "two", "claim"}:
+        parser.error("--phases takes a comma-separated subset of one,two,claim")
+    if args.messages < 1 or args.claims < 1:
+        parser.error("--messages and --claims must be positive")
+    if not args.due + args.deferred < args.small < args.large:
+        parser.error("need --due + --deferred < --small < --large")
+    if args.due < CLAIM_LIMIT * 2:
+        parser.error(f"--due must be at least {CLAIM_LIMIT * 2}")
+
+    sink = Sink()  # first: forked before the bench holds any connection or thread
+    # SIGTERM (a CI timeout, kill PID) ends the bench through the finally below, which stops its children.
+    signal.signal(signal.SIGTERM, _terminated)
+    cluster: PgCluster | None = None
+    running: list[WorkerProcess] = []
+    database: Database | None = None
+    claim_databases: list[Database] = []
+    workdir = Path(tempfile.mkdtemp(prefix="smtp-proxy-bench-worker-"))
+    runs: list[Run] = []
+    claims: dict[int, tuple[float, float, int]] = {}
+    try:
+        cluster = PgCluster.start(durable=True)
+        url = migrated_database(cluster)
+        key = generate_encryption_key()
+        config: Config = config_from_dict(
+            {"database": {"url": url}, "security": {"encryption_key": key}}, env={}
+        )
+        database = Database(config.database)
+        cipher = Cipher.from_config(config.security)
+        tenant = seed_tenant(database, cipher, sink.port)
+        base = {"url": url, "key": key, "threads": args.threads, "batch": args.batch}
+        print(
+            f"smtp-proxy worker benchmark: {os.cpu_count()} cores, {args.messages} messages of 2 KiB "
+            f"per run, {args.threads} threads x batches of {args.batch} per worker process, fsync on"
+        )
+        for processes, phase in ((1, "one"), (2, "two")):
+            if phase not in phases:
+                continue
+            run = throughput(
+                processes=processes,
+                count=args.messages,
+                timeout=args.timeout,
+                base=base,
+                workdir=workdir,
+                sink=sink,
+                cluster=cluster,
+                database=database,
+                cipher=cipher,
+                tenant=tenant,
+                running=running,
+            )
+            print_run(run)
+            runs.append(run)
+        if "claim" in phases:
+            database.dispose()  # the throughput runs' database is done with
+            for size in (args.small, args.large):
+                started = time.monotonic()
+                name = f"claims_{size}"
+                claim_databases.append(
+                    claim_database(
+                        cluster, name, key, sink.port, rows=size, due=args.due, deferred=args.deferred
+                    )
+                )
+                print(f"{size:,} rows stored in {time.monotonic() - started:.1f} s")
+            results = claim_latency(claim_databases, args.claims)
+            for size, claim_db, (samples, smallest) in zip(
+                (args.small, args.large), claim_databases, results, strict=True
+            ):
+                median, p99 = statistics.median(samples), percentile(samples, 0.99)
+                claims[size] = (median, p99, smallest)
+                print(
+                    f"claim of {CLAIM_LIMIT} with {size:>9,} rows ({args.due} due): "
+                    f"median {median:6.2f} ms   p99 {p99:6.2f} ms   ({args.claims} claims, rolled back)"
+                )
+                if smallest < CLAIM_LIMIT:
+                    print(f"  note: a claim took only {smallest} messages", file=sys.stderr)
+                print(f"  plan: {plan_summary(claim_plan(claim_db.engine))}")
+    finally:
+        for worker in running:
+            stop(worker.process)
+        sink.stop()
+        for open_database in [database, *claim_databases]:
+            if open_database is not None:
+                open_database.dispose()
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # configs holding the throwaway key, worker logs
+
+    print("\nsummary")
+    for run in runs:
+        flags = "exactly once" if not (run.duplicates or run.lost or run.unexpected) else "NOT exactly once"
+        print(
+            f"  {run.processes} worker process(es) : {run.rate:7.1f} messages/s  ({flags}; worker CPU "
+            f"{run.worker_cpu * 1000 / max(run.messages, 1):.2f} ms/message, sink "
+            f"{run.sink_cpu / run.wall:.0%} of a core, all cores {run.machine_busy:.0%} busy)"
+        )
+    if len(claims) == 2:
+        (small, (m1, p1, _)), (large, (m2, p2, _)) = sorted(claims.items())
+        verdict = "flat" if m2 <= 1.5 * m1 + 0.5 else "NOT flat"
+        print(
+            f"  claim latency      : {small:,} rows median {m1:.2f} ms p99 {p1:.2f} ms; "
+            f"{large:,} rows median {m2:.2f} ms p99 {p2:.2f} ms  ({verdict}, x{m2 / m1:.2f})"
+        )
+    bad = [run for run in runs if run.duplicates or run.lost or run.unexpected]
+    if bad:
+        raise SystemExit("some messages were lost or duplicated (see above)")
+
+
+if __name__ == "__main__":
+    main()
