@@ -150,6 +150,7 @@ def finish(
         values["next_attempt_at"] = next_attempt_at or now
     else:
         values["processed_at"] = now
+        values["next_attempt_at"] = now  # no longer the lease's end: nothing is due any more
         values["provider_id"] = _existing_provider(provider_id)
     held = session.execute(
         update(MessageModel.__table__).where(_held(message_id, lease_id)).values(**values)

@@ -129,7 +129,7 @@ def test_a_lease_that_ran_out_is_claimed_again_and_fences_the_old_claim(
         )
     stored = row(database, message_id)
     assert stored.status is MessageStatus.DELIVERED and stored.provider_id == provider.id
-    assert stored.processed_at == later and stored.lease_id is None
+    assert stored.processed_at == later == stored.next_attempt_at and stored.lease_id is None
 
 
 def test_finish_with_a_retry_requeues_at_the_given_time(database: Database, cipher: Cipher) -> None:
