@@ -14,6 +14,7 @@ as 400); everything else follows the HTTP status.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 
@@ -29,7 +30,7 @@ from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred, del
 
 PATH = "/v2/email/outbound-emails"
 SERVICE = "ses"
-# SES refuses a message with more than 50 recipients (To + Cc + Bcc).
+# SES refuses a message with more than 50 recipients (To + Cc + Bcc): more go in several calls.
 MAX_RECIPIENTS = 50
 # A region is a host label in the default endpoint: hold it to AWS's shape, e.g. eu-west-1, us-gov-west-1.
 REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
@@ -77,7 +78,12 @@ class SigV4(AuthBase):
 
 
 def send(target: Target, message: Outgoing, settings: DeliveryConfig) -> Outcome:
-    """SendEmail with the raw message; 200 is delivered, with SES's MessageId as the text."""
+    """SendEmail with the raw message; 200 is delivered, with SES's MessageId as the text.
+
+    More than ``MAX_RECIPIENTS`` recipients go in several calls. A later call
+    refused for now leaves its recipients in ``retry_recipients``, for the
+    worker's follow-up message, instead of sending the earlier ones again.
+    """
     access_key, _, secret_key = (target.api_key or "").partition(":")
     if not access_key or not secret_key:
         return failed(None, "the SES provider's API key must be ACCESS_KEY_ID:SECRET_ACCESS_KEY")
@@ -86,19 +92,37 @@ def send(target: Target, message: Outgoing, settings: DeliveryConfig) -> Outcome
         return failed(None, f"the SES provider's region {region!r} is not an AWS region name")
     if not message.recipients:
         return failed(None, "the message has no recipients")
-    if len(message.recipients) > MAX_RECIPIENTS:
-        return failed(
-            None, f"SES takes at most {MAX_RECIPIENTS} recipients per message, not {len(message.recipients)}"
-        )
     url = settings.endpoints["ses"].replace("{region}", region) + PATH
-    body = json.dumps(request_body(message)).encode("ascii")
-    secrets = (secret_key,)
+    auth = SigV4(access_key, secret_key, region)
+    recipients = message.recipients
+    chunks = [recipients[i : i + MAX_RECIPIENTS] for i in range(0, len(recipients), MAX_RECIPIENTS)]
+    texts: list[str] = []
+    code: int | None = None
+    for number, chunk in enumerate(chunks):
+        part = dataclasses.replace(message, recipients=chunk)
+        outcome = _send_one(url, settings, auth, part, (secret_key,))
+        if number == 0 and (not outcome.delivered or len(chunks) == 1):
+            return outcome  # the first call decides for the whole message
+        if not outcome.delivered:
+            # The earlier calls went out: delivered, with the rest retried (temporary) or named (permanent).
+            rest = recipients[number * MAX_RECIPIENTS :]
+            text = f"{'; '.join(texts)}; {len(rest)} of {len(recipients)} not sent: {outcome.text}"
+            return delivered(code, text)._replace(retry_recipients=rest if outcome.temporary else ())
+        code = code or outcome.code
+        texts.append(outcome.text)
+    return delivered(code, "; ".join(texts))
+
+
+def _send_one(
+    url: str, settings: DeliveryConfig, auth: SigV4, message: Outgoing, secrets: tuple[str, ...]
+) -> Outcome:
+    """One SendEmail call, for at most ``MAX_RECIPIENTS`` recipients."""
     response = http.post(
         url,
         settings,
-        data=body,
+        data=json.dumps(request_body(message)).encode("ascii"),
         headers={"Content-Type": "application/json"},
-        auth=SigV4(access_key, secret_key, region),
+        auth=auth,
         secrets=secrets,
     )
     if isinstance(response, Outcome):

@@ -229,13 +229,41 @@ def test_ses_bad_region_fails_without_a_request(fake: FakeEsp, settings: Deliver
     assert fake.requests == []
 
 
-def test_ses_more_than_50_recipients_fails_without_a_request(fake: FakeEsp, settings: DeliveryConfig) -> None:
+def test_ses_more_than_50_recipients_go_in_calls_of_50(fake: FakeEsp, settings: DeliveryConfig) -> None:
     crowd = Outgoing(
-        uuid.uuid4(), "alice@example.com", tuple(f"u{i}@example.org" for i in range(51)), MESSAGE.data
+        uuid.uuid4(), "alice@example.com", tuple(f"u{i}@example.org" for i in range(120)), MESSAGE.data
     )
     outcome = ses.send(ses_target(), crowd, settings)
-    assert outcome.status is DeliveryStatus.FAILED and "at most 50" in outcome.text
-    assert fake.requests == []
+    assert outcome.status is DeliveryStatus.DELIVERED and outcome.retry_recipients == ()
+    sent = [delivery.recipients for delivery in fake.messages("ses")]
+    assert [len(chunk) for chunk in sent] == [50, 50, 20]
+    assert sum(sent, ()) == crowd.recipients
+    assert all(delivery.raw == MESSAGE.data for delivery in fake.messages("ses"))
+
+
+def test_ses_a_later_call_refused_for_now_leaves_its_recipients_to_retry(
+    fake: FakeEsp, settings: DeliveryConfig
+) -> None:
+    crowd = Outgoing(
+        uuid.uuid4(), "alice@example.com", tuple(f"u{i}@example.org" for i in range(120)), MESSAGE.data
+    )
+    fake.queue(200, 429)
+    outcome = ses.send(ses_target(), crowd, settings)
+    assert outcome.status is DeliveryStatus.DELIVERED and "70 of 120 not sent" in outcome.text
+    assert outcome.retry_recipients == crowd.recipients[50:]
+    assert len(fake.requests) == 2  # it stops at the first refusal
+
+
+def test_ses_the_first_call_refused_decides_for_the_whole_message(
+    fake: FakeEsp, settings: DeliveryConfig
+) -> None:
+    crowd = Outgoing(
+        uuid.uuid4(), "alice@example.com", tuple(f"u{i}@example.org" for i in range(60)), MESSAGE.data
+    )
+    fake.queue(503)
+    outcome = ses.send(ses_target(), crowd, settings)
+    assert (outcome.status, outcome.code, outcome.retry_recipients) == (DeliveryStatus.DEFERRED, 503, ())
+    assert len(fake.requests) == 1
 
 
 # -- answers -> outcomes ---------------------------------------------------------------------------
