@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from smtp_proxy.config import (
     DEFAULT_SQLITE_PATH,
@@ -36,7 +37,7 @@ OLD_KEY = base64.urlsafe_b64encode(OLD_KEY_BYTES).decode("ascii")
 SHORT_KEY = base64.urlsafe_b64encode(b"k" * 16).decode("ascii")
 LONG_KEY = base64.urlsafe_b64encode(b"k" * 64).decode("ascii")
 
-SECTIONS = ("smtp", "api", "database", "logging", "tls", "security")
+SECTIONS = ("smtp", "api", "database", "logging", "tls", "security", "delivery")
 
 
 def config_error(raw: Any, env: dict[str, str] | None = None) -> ConfigError:
@@ -1098,3 +1099,117 @@ def test_encryption_keys_rejected_when_key_file_is_empty(tmp_path: Path) -> None
 def test_previous_encryption_keys_empty_when_null() -> None:
     config = config_from_dict({"security": {"previous_encryption_keys": None}}, env={})
     assert config.security.previous_encryption_keys == ()
+
+
+# --- delivery -------------------------------------------------------------------------------------
+
+
+def test_delivery_defaults_match_the_documented_ones() -> None:
+    delivery = config_from_dict({}, env={}).delivery
+    assert (delivery.workers, delivery.batch_size, delivery.poll_interval, delivery.lease) == (
+        8,
+        50,
+        1.0,
+        300.0,
+    )
+    assert (delivery.retry_base, delivery.retry_max, delivery.max_attempts) == (60.0, 3600.0, 30)
+    assert (delivery.max_age, delivery.retention) == (5 * 86400.0, 30 * 86400.0)
+    assert (delivery.connect_timeout, delivery.send_timeout, delivery.allow_private_networks) == (
+        10.0,
+        60.0,
+        False,
+    )
+    assert dict(delivery.endpoints) == {
+        "sendgrid": "https://api.sendgrid.com",
+        "mailgun": "https://api.mailgun.net",
+        "mailgun_eu": "https://api.eu.mailgun.net",
+        "ses": "https://email.{region}.amazonaws.com",
+    }
+
+
+def test_delivery_endpoints_override_some_and_keep_the_rest() -> None:
+    raw = {
+        "delivery": {
+            "endpoints": {"sendgrid": "http://127.0.0.1:8025/fake/", "ses": "http://[::1]:9/{region}"}
+        }
+    }
+    endpoints = config_from_dict(raw, env={}).delivery.endpoints
+    assert endpoints["sendgrid"] == "http://127.0.0.1:8025/fake"  # no trailing slash
+    assert endpoints["ses"] == "http://[::1]:9/{region}" and endpoints["mailgun"] == "https://api.mailgun.net"
+    with pytest.raises(TypeError):
+        endpoints["mailgun"] = "http://elsewhere"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "key"),
+    [
+        ({"postmark": "https://api.postmarkapp.com"}, "delivery.endpoints.postmark"),
+        ({"sendgrid": "ftp://example.com"}, "delivery.endpoints.sendgrid"),
+        ({"sendgrid": "https://example.com/x?y=1"}, "delivery.endpoints.sendgrid"),
+        ({"mailgun": 42}, "delivery.endpoints.mailgun"),
+        (["https://api.sendgrid.com"], "delivery.endpoints"),
+    ],
+)
+def test_delivery_endpoints_rejected(endpoints: Any, key: str) -> None:
+    assert config_error({"delivery": {"endpoints": endpoints}}).key == key
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), ("true", True), ("yes", True), ("0", False)])
+def test_delivery_allow_private_networks_takes_booleans_and_their_spellings(
+    value: Any, expected: bool
+) -> None:
+    assert (
+        config_from_dict(
+            {"delivery": {"allow_private_networks": value}}, env={}
+        ).delivery.allow_private_networks
+        is expected
+    )
+
+
+def test_delivery_allow_private_networks_from_the_environment() -> None:
+    raw = {"delivery": {"allow_private_networks": "${ALLOW:-false}"}}
+    assert config_from_dict(raw, env={"ALLOW": "true"}).delivery.allow_private_networks is True
+    assert config_from_dict(raw, env={}).delivery.allow_private_networks is False
+
+
+@pytest.mark.parametrize("value", [1, "maybe", None, []])
+def test_delivery_allow_private_networks_rejects_other_values(value: Any) -> None:
+    assert (
+        config_error({"delivery": {"allow_private_networks": value}}).key == "delivery.allow_private_networks"
+    )
+
+
+def test_delivery_retry_max_below_retry_base_rejected() -> None:
+    assert config_error({"delivery": {"retry_base": "10m", "retry_max": "1m"}}).key == "delivery.retry_max"
+
+
+def test_delivery_lease_shorter_than_one_attempt_rejected() -> None:
+    error = config_error({"delivery": {"lease": "1m", "connect_timeout": "10s", "send_timeout": "60s"}})
+    assert error.key == "delivery.lease"
+
+
+@pytest.mark.parametrize("key", ["workers", "batch_size", "max_attempts"])
+def test_delivery_counts_must_be_positive(key: str) -> None:
+    assert config_error({"delivery": {key: 0}}).key == f"delivery.{key}"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_key_is_in_the_readme_and_the_production_example(section: str) -> None:
+    """The documentation cannot drift from the code: each key has its row and its example line."""
+    readme = (ROOT / "README.rst").read_text()
+    heading = f"``{section}``\n\n"
+    table = readme[readme.index(heading) + len(heading) :]
+    table = table[: table.index("\n\n")]  # a table has no blank line
+    example = yaml.safe_load((ROOT / "etc" / "config.yaml").read_text())[section]
+    for f in dataclasses.fields(getattr(Config(), section)):
+        assert f"``{f.name}``" in table, f"{section}.{f.name} missing from the README's table"
+        assert f.name in example or (section, f.name) in NOT_IN_EXAMPLE, (
+            f"{section}.{f.name} not in etc/config.yaml"
+        )
+
+
+# Alternatives to a key that the example shows instead.
+NOT_IN_EXAMPLE = {("security", "encryption_key_file")}
