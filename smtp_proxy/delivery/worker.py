@@ -63,10 +63,11 @@ class RouteCache:
         self._entries: dict[uuid.UUID, tuple[float, list[_Route]]] = {}
         self._lock = threading.Lock()
 
-    def get(self, account_id: uuid.UUID) -> list[_Route]:
+    def get(self, account_id: uuid.UUID, *, fresh: bool = False) -> list[_Route]:
+        """The account's routes; ``fresh`` reads them again whatever the cache holds."""
         now = time.monotonic()
         entry = self._entries.get(account_id)
-        if entry is not None and entry[0] > now:
+        if entry is not None and entry[0] > now and not fresh:
             return entry[1]
         with self.database.read() as session:
             rows = queue.routes(session, account_id)
@@ -261,8 +262,15 @@ class Worker:
         else:
             outgoing = Outgoing(message.id, message.sender, tuple(message.recipients), body)
             envelope = routing.Envelope(message.sender, message.recipients, message.headers or [])
-            by_rule = {route.rule.id: route for route in routes}
             plan = routing.plan([route.rule for route in routes], envelope, self.rng)
+            if not plan:
+                # Before failing a message for want of a rule, make sure the rules are not stale.
+                try:
+                    routes = self.routes.get(message.account_id, fresh=True)
+                except DatabaseUnavailable:
+                    return
+                plan = routing.plan([route.rule for route in routes], envelope, self.rng)
+            by_rule = {route.rule.id: route for route in routes}
             if not plan:
                 final = Outcome(DeliveryStatus.FAILED, None, "no routing rule matches this message")
                 attempts.append(queue.Attempt(None, final.status, None, final.text, utcnow()))

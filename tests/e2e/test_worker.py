@@ -677,3 +677,15 @@ def test_recipients_refused_for_now_are_retried_as_a_follow_up_message(
     assert follow_up.correlation_id == original.correlation_id and follow_up.created_at == original.created_at
     assert follow_up.attempts == 2  # the original's try counts toward max_attempts
     assert len(sink.messages) == 2  # never@ was not tried again
+
+
+def test_a_rule_added_just_now_is_seen_before_a_message_fails_for_want_of_one(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    (lonely,) = tenant.enqueue()
+    start_worker()
+    wait_for(lambda: tenant.message(lonely).status is MessageStatus.FAILED, what="failed: no rule yet")
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)  # within the route cache's lifetime
+    (routed,) = tenant.enqueue()
+    sink.wait_for(1, timeout=20)
+    wait_for(lambda: tenant.message(routed).status is MessageStatus.DELIVERED, what="delivered")
