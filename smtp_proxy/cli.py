@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -377,47 +376,27 @@ def serve() -> None:
 @handle_errors
 def serve_api(ctx: click.Context) -> None:
     """The JSON management API, served by waitress."""
-    import waitress
-
-    from smtp_proxy import gil
+    from smtp_proxy import gil, systemd
+    from smtp_proxy.lifecycle import create_api_server, run_api_server
     from smtp_proxy.memory import freeze_startup_objects
 
     config = runtime_of(ctx).config
     configure_logging(config.logging, background=True)
     watcher = start_watcher(config)
-    app = ctx.ensure_object(ScriptInfo).load_app()
-    runtime_of(ctx).database.warm(autocommit=True)  # API keys and every GET read there
-    freeze_startup_objects()
-    gil.PACING.set_base(gil.API_INTERVAL)  # waitress's I/O thread gets the GIL back sooner
     try:
-        server = waitress.create_server(
-            app,
-            host=config.api.host,
-            port=config.api.port,
-            threads=config.api.threads,
-            channel_timeout=int(max(config.api.read_timeout, 1)),
-            ident="smtp-proxy",
-        )
-    except OSError as exc:
-        if watcher is not None:
-            watcher.stop()
-        where = f"{config.api.host}:{config.api.port}"
-        raise Failure(f"cannot listen on {where}: {exc.strerror or exc}") from None
-
-    # waitress re-raises SystemExit from any callback and then closes itself
-    # cleanly; another exception raised by a signal handler could be swallowed
-    # by the dispatcher that happened to be running.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    logging.getLogger("smtp_proxy.api").info(
-        "api listening",
-        extra={"event": "api.listening", "host": config.api.host, "port": int(server.effective_port)},
-    )
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        app = ctx.ensure_object(ScriptInfo).load_app()
+        runtime_of(ctx).database.warm(autocommit=True)  # API keys and every GET read there
+        freeze_startup_objects()
+        gil.PACING.set_base(gil.API_INTERVAL)  # waitress's I/O thread gets the GIL back sooner
+        try:
+            server = create_api_server(config, app)
+        except OSError as exc:
+            raise Failure(
+                f"cannot listen on {config.api.host}:{config.api.port}: {exc.strerror or exc}"
+            ) from None
+        systemd.ready(f"api on port {config.api.port}")
+        run_api_server(server)
     finally:
-        server.close()
         if watcher is not None:
             watcher.stop()
 
@@ -464,8 +443,26 @@ def serve_worker(ctx: click.Context) -> None:
             watcher.stop()
 
 
-def _exit_cleanly(_sig: int, _frame: Any) -> None:
-    raise SystemExit(0)
+@serve.command("all")
+@click.pass_context
+@handle_errors
+def serve_all(ctx: click.Context) -> None:
+    """SMTP listener, API and worker in one process: the embedded default and small installs."""
+    from smtp_proxy.lifecycle import serve_all as run
+
+    runtime = runtime_of(ctx)
+    config = runtime.config
+    configure_logging(config.logging, background=True)
+    watcher = start_watcher(config)
+    try:
+        app = ctx.ensure_object(ScriptInfo).load_app()
+        runtime.database.warm(autocommit=True)
+        run(config, runtime.database, watcher, app)
+    except OSError as exc:
+        raise Failure(f"cannot listen: {exc.strerror or exc} (smtp, api and metrics ports)") from None
+    finally:
+        if watcher is not None:
+            watcher.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

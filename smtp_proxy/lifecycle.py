@@ -1,8 +1,13 @@
-"""Running listeners: start-up, signals, hot reload hooks and the graceful drain.
+"""Running listeners: start-up, signals, readiness, hot reload hooks and the graceful drain.
 
-SIGTERM (and SIGINT) stop accepting; sessions in progress get up to
-``DRAIN_SECONDS`` to finish, then 421 and close; the process exits 0. SIGHUP
-and edits of the config file re-read it (``reload.ConfigWatcher``).
+Each part (the SMTP listeners, the API server, the worker) starts bound and
+serving in background threads and stops with its own drain, so that ``serve
+all`` runs them together in one process exactly as ``serve smtp``, ``serve
+api`` and ``serve worker`` run them alone. SIGTERM (and SIGINT) stop
+accepting; SMTP sessions and deliveries in progress get up to 30 seconds to
+finish; the process exits 0. SIGHUP and edits of the config file re-read it
+(``reload.ConfigWatcher``). Under systemd, READY=1 goes out once every socket
+is bound, STOPPING=1 when the drain begins.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
+from smtp_proxy import gil, systemd
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
@@ -35,79 +42,117 @@ def wait_for_stop_signal() -> None:
         pass
 
 
+def _current(config: Config, watcher: ConfigWatcher | None) -> Callable[[], Config]:
+    return (lambda: watcher.config) if watcher else (lambda: config)
+
+
 # Session threads spend their time in poll(); malloc traffic is light and mostly
 # under the GIL, so two arenas cost no contention and keep bursts from spreading.
 SESSION_MALLOC_ARENAS = 2
 
 
+class SmtpListeners:
+    """The submission listener (and the implicit-TLS one, if configured), accepting in threads."""
+
+    def __init__(self, config: Config, database: Database, watcher: ConfigWatcher | None) -> None:
+        """Bind every port. Raises ConfigError for a missing key or an unusable certificate, OSError."""
+        cipher = Cipher.from_config(config.security)
+        tls = TlsContextHolder(config.tls)
+        if watcher is not None:
+            # Also on SIGHUP with an unchanged file: the certificate files may have been renewed.
+            watcher.subscribe(lambda new, _old: tls.reload(new.tls))
+        threading.stack_size(SESSION_THREAD_STACK)
+        limit_arenas(SESSION_MALLOC_ARENAS)
+        release_memory = FreeMemoryReleaser()
+        verifier = CredentialVerifier(database, dummy_cost=config.security.bcrypt_cost)
+        throttle = AuthThrottle()
+        smtp = config.smtp
+        ports = [(smtp.port, False)] + ([(smtp.implicit_tls_port, True)] if smtp.implicit_tls_port else [])
+        self.servers: list[SmtpServer] = []
+        try:
+            for port, implicit in ports:
+                self.servers.append(
+                    SmtpServer(
+                        (smtp.host, port),
+                        config=_current(config, watcher),
+                        database=database,
+                        cipher=cipher,
+                        verifier=verifier,
+                        throttle=throttle,
+                        tls=tls,
+                        implicit_tls=implicit,
+                        on_quiet=release_memory,
+                    )
+                )
+        except OSError:
+            for server in self.servers:
+                server.server_close()
+            raise
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.threads = [threading.Thread(target=s.serve_forever, name="smtp-accept") for s in self.servers]
+        for thread in self.threads:
+            thread.start()
+        for server in self.servers:
+            log.info(
+                "smtp listening",
+                extra={
+                    "event": "smtp.listening",
+                    "host": server.server_address[0],
+                    "port": server.server_address[1],
+                    "implicit_tls": server.implicit_tls,
+                },
+            )
+
+    def drain(self) -> None:
+        """Stop accepting; sessions in progress get up to ``DRAIN_SECONDS``."""
+        log.info("smtp draining", extra={"event": "smtp.draining", "seconds": DRAIN_SECONDS})
+        drains = [threading.Thread(target=s.drain) for s in self.servers]
+        for thread in drains:
+            thread.start()
+        for thread in drains + self.threads:
+            thread.join()
+        log.info("smtp stopped", extra={"event": "smtp.stopped"})
+
+
+def start_metrics(port: int | None, host: str, registry: CollectorRegistry = REGISTRY) -> Any:
+    """The Prometheus endpoint on its own port, or None when the port is not configured."""
+    if not port:
+        return None
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
 def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None) -> None:
-    """Run the submission listener (and the implicit-TLS one, if configured) until SIGTERM.
+    """Run the submission listener(s) until SIGTERM, then drain.
 
     Raises ConfigError for a missing encryption key or an unusable certificate,
     and OSError when a port cannot be bound.
     """
-    cipher = Cipher.from_config(config.security)
-    tls = TlsContextHolder(config.tls)
-    current: Callable[[], Config] = (lambda: watcher.config) if watcher else (lambda: config)
-    if watcher is not None:
-        # Also on SIGHUP with an unchanged file: the certificate files may have been renewed.
-        watcher.subscribe(lambda new, _old: tls.reload(new.tls))
-    threading.stack_size(SESSION_THREAD_STACK)
-    limit_arenas(SESSION_MALLOC_ARENAS)
-    release_memory = FreeMemoryReleaser()
-    verifier = CredentialVerifier(database, dummy_cost=config.security.bcrypt_cost)
-    throttle = AuthThrottle()
-    smtp = config.smtp
-    ports = [(smtp.port, False)] + ([(smtp.implicit_tls_port, True)] if smtp.implicit_tls_port else [])
-    servers: list[SmtpServer] = []
+    listeners = SmtpListeners(config, database, watcher)
     try:
-        for port, implicit in ports:
-            servers.append(
-                SmtpServer(
-                    (smtp.host, port),
-                    config=current,
-                    database=database,
-                    cipher=cipher,
-                    verifier=verifier,
-                    throttle=throttle,
-                    tls=tls,
-                    implicit_tls=implicit,
-                    on_quiet=release_memory,
-                )
-            )
+        metrics = start_metrics(config.smtp.metrics_port, config.smtp.host)
     except OSError:
-        for server in servers:
+        for server in listeners.servers:
             server.server_close()
         raise
-    metrics_server = None
-    if smtp.metrics_port:
-        metrics_server, _thread = start_http_server(smtp.metrics_port, addr=smtp.host)
     freeze_startup_objects()
-    threads = [threading.Thread(target=s.serve_forever, name="smtp-accept") for s in servers]
-    for thread in threads:
-        thread.start()
-    for server in servers:
-        log.info(
-            "smtp listening",
-            extra={
-                "event": "smtp.listening",
-                "host": server.server_address[0],
-                "port": server.server_address[1],
-                "implicit_tls": server.implicit_tls,
-            },
-        )
+    listeners.start()
+    systemd.ready(f"smtp on port {config.smtp.port}")
     try:
         wait_for_stop_signal()
     finally:
-        log.info("smtp draining", extra={"event": "smtp.draining", "seconds": DRAIN_SECONDS})
-        drains = [threading.Thread(target=s.drain) for s in servers]
-        for thread in drains:
-            thread.start()
-        for thread in drains + threads:
-            thread.join()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-        log.info("smtp stopped", extra={"event": "smtp.stopped"})
+        systemd.stopping()
+        listeners.drain()
+        if metrics is not None:
+            metrics.shutdown()
+
+
+def _worker(config: Config, database: Database, watcher: ConfigWatcher | None) -> Any:
+    from smtp_proxy.delivery.worker import Worker
+
+    return Worker(_current(config, watcher), database, Cipher.from_config(config.security))
 
 
 def serve_worker(config: Config, database: Database, watcher: ConfigWatcher | None) -> None:
@@ -116,22 +161,97 @@ def serve_worker(config: Config, database: Database, watcher: ConfigWatcher | No
     Raises ConfigError for a missing encryption key, OSError when the metrics
     port cannot be bound.
     """
-    from smtp_proxy.delivery.worker import DRAIN_SECONDS as WORKER_DRAIN_SECONDS
-    from smtp_proxy.delivery.worker import Worker
-
-    cipher = Cipher.from_config(config.security)
-    current: Callable[[], Config] = (lambda: watcher.config) if watcher else (lambda: config)
-    delivery = config.delivery
-    metrics_server = None
-    if delivery.metrics_port:
-        metrics_server, _thread = start_http_server(delivery.metrics_port, addr=delivery.metrics_host)
-    worker = Worker(current, database, cipher)
+    worker = _worker(config, database, watcher)
+    metrics = start_metrics(config.delivery.metrics_port, config.delivery.metrics_host)
     freeze_startup_objects()
     worker.start()
+    systemd.ready(f"worker with {worker.threads} delivery threads")
     try:
         wait_for_stop_signal()
     finally:
-        log.info("worker draining", extra={"event": "worker.draining", "seconds": WORKER_DRAIN_SECONDS})
-        worker.stop(WORKER_DRAIN_SECONDS)
-        if metrics_server is not None:
-            metrics_server.shutdown()
+        systemd.stopping()
+        log.info("worker draining", extra={"event": "worker.draining"})
+        worker.stop()
+        if metrics is not None:
+            metrics.shutdown()
+
+
+def create_api_server(config: Config, app: Any) -> Any:
+    """The API's waitress server, bound (its worker threads started); ``run()`` serves it."""
+    import waitress
+
+    return waitress.create_server(
+        app,
+        host=config.api.host,
+        port=config.api.port,
+        threads=config.api.threads,
+        channel_timeout=int(max(config.api.read_timeout, 1)),
+        ident="smtp-proxy",
+    )
+
+
+def _exit_cleanly(_sig: int, _frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def run_api_server(server: Any, on_stop: Callable[[], None] = lambda: None) -> None:
+    """Serve in this (the main) thread until SIGTERM or SIGINT; ``on_stop`` runs as the drain begins.
+
+    waitress re-raises SystemExit from any callback and then closes itself
+    cleanly; another exception raised by a signal handler could be swallowed
+    by the dispatcher that happened to be running.
+    """
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGINT, _exit_cleanly)
+    log.info(
+        "api listening",
+        extra={"event": "api.listening", "host": server.effective_host, "port": int(server.effective_port)},
+    )
+    try:
+        server.run()
+    finally:
+        systemd.stopping()
+        server.close()
+        on_stop()
+
+
+def serve_all(config: Config, database: Database, watcher: ConfigWatcher | None, app: Any) -> None:
+    """SMTP, API and worker in this one process, with one metrics endpoint, until SIGTERM.
+
+    The metrics endpoint (``smtp.metrics_port``) carries the listener's, the
+    worker's and the API's collectors; ``delivery.metrics_port`` is not used.
+    Raises ConfigError or OSError like the parts do.
+    """
+    # The API's and the worker's threads start before the SMTP listener shrinks
+    # the stack of every thread started after it (its sessions').
+    server = create_api_server(config, app)
+    worker = _worker(config, database, watcher)
+    try:
+        listeners = SmtpListeners(config, database, watcher)
+    except BaseException:
+        server.close()
+        raise
+    try:
+        REGISTRY.register(app.extensions["smtp_proxy.metrics_registry"])
+        metrics = start_metrics(config.smtp.metrics_port, config.smtp.host)
+    except BaseException:
+        server.close()
+        for smtp_server in listeners.servers:
+            smtp_server.server_close()
+        raise
+    freeze_startup_objects()
+    gil.PACING.set_base(gil.API_INTERVAL)  # as in `serve api`: waitress's I/O thread gets the GIL back sooner
+    worker.start()
+    listeners.start()
+    systemd.ready(f"smtp on port {config.smtp.port}, api on port {config.api.port}, worker")
+
+    def drain() -> None:
+        parts = [threading.Thread(target=listeners.drain), threading.Thread(target=worker.stop)]
+        for part in parts:
+            part.start()
+        for part in parts:
+            part.join()
+        if metrics is not None:
+            metrics.shutdown()
+
+    run_api_server(server, on_stop=drain)

@@ -72,5 +72,7 @@ def create_app(config: Config, database: Database | None = None) -> Flask:
     app.register_blueprint(v1.bp)
     app.extensions["smtp_proxy.rate_limit"] = RateLimit(config.api)  # checked by /api/v1 (v1.py)
     # Per app, not the process-wide default registry: a process may build several apps.
-    PrometheusMetrics(app, registry=CollectorRegistry(), group_by="endpoint", default_labels={})
+    registry = CollectorRegistry()
+    PrometheusMetrics(app, registry=registry, group_by="endpoint", default_labels={})
+    app.extensions["smtp_proxy.metrics_registry"] = registry  # `serve all` adds it to the shared endpoint
     return app
