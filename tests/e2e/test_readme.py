@@ -1,0 +1,172 @@
+"""The README's quickstart, run as written against a fresh checkout's ``./scripts/run``.
+
+A copy of the repository (its tracked files, as a clone would have them, with
+no ``.venv`` and no ``var/``) runs ``./scripts/run``, which makes its own venv,
+database, key, certificate and demo tenant and then serves everything in one
+process on the ports the README names. Every ``code-block:: bash`` of the
+Quickstart section then runs, in order, in one bash session in that copy, as
+a reader would type them in a second terminal. The README cannot drift from
+the product without this test failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PORTS = {"SMTP": 2587, "API": 8080, "metrics": 9101, "the quickstart's SMTP server": 1025}
+SETUP_TIMEOUT = 420  # a fresh venv: pip installs every dependency
+QUICKSTART_TIMEOUT = 240
+
+
+def quickstart_blocks(readme: str) -> list[str]:
+    """The bash code blocks of the Quickstart section, dedented, in order."""
+    section = readme[readme.index("\nQuickstart\n---") : readme.index("\nThe ``smtp-proxy`` command\n")]
+    blocks = []
+    for match in re.finditer(r"\.\. code-block:: bash\n\n((?:(?: {4}.*)?\n)+)", section):
+        lines = match.group(1).rstrip("\n").split("\n")
+        blocks.append("\n".join(line[4:] for line in lines))
+    return blocks
+
+
+def test_the_quickstart_has_runnable_blocks() -> None:
+    blocks = quickstart_blocks((ROOT / "README.rst").read_text())
+    assert len(blocks) >= 5
+    assert any("swaks" in block for block in blocks) and any("smtplib" in block for block in blocks)
+    assert any("curl" in block for block in blocks)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _clean_env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SMTP_PROXY_", "DATABASE_URL", "VIRTUAL_ENV"))
+    }
+
+
+def _stop_group(process: subprocess.Popen, timeout: float = 40) -> None:
+    """SIGTERM the process group (the server drains), then SIGKILL what is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The repository's files as a fresh clone has them: what git tracks (or would), nothing built."""
+    busy = [f"{name} ({port})" for name, port in PORTS.items() if _port_open(port)]
+    assert not busy, f"the README's ports are taken by something else: {', '.join(busy)}"
+    target = tmp_path_factory.mktemp("checkout") / "smtp-proxy"
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    yield target
+
+
+@pytest.fixture(scope="module")
+def running(checkout: Path) -> Iterator[tuple[Path, Path]]:
+    """``./scripts/run`` in the fresh checkout, until every port the README uses answers."""
+    log = checkout.parent / "scripts-run.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            ["./scripts/run"],
+            cwd=checkout,
+            env=_clean_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SETUP_TIMEOUT
+        while not all(_port_open(PORTS[name]) for name in ("SMTP", "API", "metrics")):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"./scripts/run did not come up:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield checkout, log
+    finally:
+        _stop_group(process)
+
+
+def test_the_quickstart_runs_as_written(running: tuple[Path, Path]) -> None:
+    checkout, log = running
+    assert "Demo tenant (saved in var/demo-tenant.json)" in log.read_text()
+    blocks = quickstart_blocks((checkout / "README.rst").read_text())
+    # One terminal, one bash session: variables carry from block to block. The pauses stand for
+    # the reader's own (the worker delivers within about a second of the 250).
+    script = "set -euo pipefail\n" + "\nsleep 2\n".join(blocks) + "\nsleep 1\n"
+    output_file = checkout.parent / "quickstart.log"
+    with output_file.open("w") as out:
+        process = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=checkout,
+            env=_clean_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            status = process.wait(timeout=QUICKSTART_TIMEOUT)
+        finally:
+            _stop_group(process, timeout=5)  # also the backgrounded SMTP server
+    output = output_file.read_text()
+    assert status == 0, (
+        f"the quickstart failed:\n{output[-4000:]}\n--- scripts/run ---\n{log.read_text()[-3000:]}"
+    )
+
+    # swaks and smtplib each had a message accepted, after the commit.
+    assert re.search(r"<~  250 2\.0\.0 Ok: queued as [0-9a-f-]{36}", output), output
+    assert "accepted" in output
+    # The throwaway SMTP server printed both, as the worker handed them over.
+    assert output.count("---------- MESSAGE FOLLOWS ----------") == 2, output
+    assert "first message" in output
+    # The API shows both delivered, with their delivery logs.
+    demo = json.loads((checkout / "var" / "demo-tenant.json").read_text())
+    request = urllib.request.Request(
+        "http://127.0.0.1:8080/api/v1/messages", headers={"Authorization": f"Bearer {demo['api_key']}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        items = json.load(response)["items"]
+    assert [item["status"] for item in items] == ["delivered", "delivered"]
+    assert '"deliveries":[{' in output.replace(" ", "").replace("\n", "")
+    # Health, readiness, metrics and the admin command.
+    assert '{"status":"ok"}' in output and '"status":"ready"' in output
+    assert 'smtp_proxy_delivery_messages_total{status="delivered"} 2.0' in output
+    assert '"name": "shop"' in output
