@@ -314,6 +314,12 @@ def main() -> None:
         default="one,ten,cold,idle",
         help="comma-separated subset of one,ten,cold,idle to run (default: all, in that order)",
     )
+    parser.add_argument(
+        "--listener",
+        choices=("smtp", "all"),
+        default="smtp",
+        help="`serve smtp` (default), or `serve all`: the API and the worker in the same process",
+    )
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     if not phases or not phases <= {"one", "ten", "cold", "idle"}:
@@ -368,12 +374,20 @@ security:
   bcrypt_cost: 12
 """
         )
-        listener = serve("smtp", config, port)
+        if args.listener == "all":
+            # The bench tenant has no routing rule: the worker fails each message at once, a
+            # claim and an outcome per message beside the listener, as a small install runs.
+            with config.open("a") as extra:
+                extra.write(
+                    f"api:\n  host: 127.0.0.1\n  port: {free_port()}\ndelivery:\n  metrics_port: null\n"
+                )
+        listener = serve(args.listener, config, port)
         # Warm the credential cache: one bcrypt check, as a legacy mailer's first login would pay.
         Client(port, _client_context()).quit()
 
         cores, phase = os.cpu_count(), f"{args.seconds:.0f} s"
-        print(f"smtp-proxy SMTP benchmark: {cores} cores, {args.clients} clients, {phase} phases")
+        title = f"smtp-proxy SMTP benchmark (serve {args.listener})"
+        print(f"{title}: {cores} cores, {args.clients} clients, {phase} phases")
         if "one" in phases:
             cpu = cpu_seconds(listener.pid)
             one = run_load(port, args.clients, 1, args.seconds)
