@@ -376,7 +376,7 @@ def serve() -> None:
 @handle_errors
 def serve_api(ctx: click.Context) -> None:
     """The JSON management API, served by waitress."""
-    from smtp_proxy import gil, systemd
+    from smtp_proxy import gil
     from smtp_proxy.lifecycle import create_api_server, run_api_server
     from smtp_proxy.memory import freeze_startup_objects
 
@@ -394,8 +394,7 @@ def serve_api(ctx: click.Context) -> None:
             raise Failure(
                 f"cannot listen on {config.api.host}:{config.api.port}: {exc.strerror or exc}"
             ) from None
-        systemd.ready(f"api on port {config.api.port}")
-        run_api_server(server)
+        run_api_server(server, f"api on port {config.api.port}")
     finally:
         if watcher is not None:
             watcher.stop()

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import os
 import secrets
+import string
 import unicodedata
 
 import bcrypt
@@ -57,9 +58,17 @@ def check_password_policy(password: str) -> None:
         raise ValidationError("password", "must not contain control characters")
 
 
+_PASSWORD_ALPHABET = string.ascii_letters + string.digits
+
+
 def generate_password() -> str:
-    """A random password for SMTP AUTH: 24 random bytes, URL-safe base64 (32 characters)."""
-    return secrets.token_urlsafe(24)
+    """A random password for SMTP AUTH: 32 letters and digits (190 bits).
+
+    No punctuation: a password that starts with "-" reads as an option to
+    command-line clients (swaks), and legacy mailers' config files choke on
+    quotes and the like.
+    """
+    return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(32))
 
 
 def generate_api_key() -> str:

@@ -33,11 +33,20 @@ from smtp_proxy.smtp.tls import TlsContextHolder
 log = logging.getLogger("smtp_proxy.lifecycle")
 
 
-def wait_for_stop_signal() -> None:
-    """Block the main thread until SIGTERM or SIGINT."""
+def stop_signal() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets, from now on.
+
+    Installed before READY=1 goes out: a stop that follows readiness at once
+    must still drain, not meet Python's default action.
+    """
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _sig, _frame: stop.set())
+    return stop
+
+
+def wait_for(stop: threading.Event) -> None:
+    """Block the main thread until ``stop`` is set (short waits, so signal handlers run)."""
     while not stop.wait(0.5):
         pass
 
@@ -139,9 +148,10 @@ def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None
         raise
     freeze_startup_objects()
     listeners.start()
-    systemd.ready(f"smtp on port {config.smtp.port}")
+    stop = stop_signal()
     try:
-        wait_for_stop_signal()
+        systemd.ready(f"smtp on port {config.smtp.port}")
+        wait_for(stop)
     finally:
         systemd.stopping()
         listeners.drain()
@@ -165,9 +175,10 @@ def serve_worker(config: Config, database: Database, watcher: ConfigWatcher | No
     metrics = start_metrics(config.delivery.metrics_port, config.delivery.metrics_host)
     freeze_startup_objects()
     worker.start()
-    systemd.ready(f"worker with {worker.threads} delivery threads")
+    stop = stop_signal()
     try:
-        wait_for_stop_signal()
+        systemd.ready(f"worker with {worker.threads} delivery threads")
+        wait_for(stop)
     finally:
         systemd.stopping()
         log.info("worker draining", extra={"event": "worker.draining"})
@@ -194,20 +205,27 @@ def _exit_cleanly(_sig: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def run_api_server(server: Any, on_stop: Callable[[], None] = lambda: None) -> None:
-    """Serve in this (the main) thread until SIGTERM or SIGINT; ``on_stop`` runs as the drain begins.
+def run_api_server(server: Any, status: str, on_stop: Callable[[], None] = lambda: None) -> None:
+    """Announce readiness and serve in this (the main) thread until SIGTERM or SIGINT.
 
-    waitress re-raises SystemExit from any callback and then closes itself
-    cleanly; another exception raised by a signal handler could be swallowed
-    by the dispatcher that happened to be running.
+    ``on_stop`` runs as the drain begins. The handlers raise SystemExit, which
+    waitress re-raises from any callback before it closes itself cleanly
+    (another exception raised by a signal handler could be swallowed by the
+    dispatcher that happened to be running); they are in place, and the
+    ``try`` open, before READY=1 goes out.
     """
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
-    log.info(
-        "api listening",
-        extra={"event": "api.listening", "host": server.effective_host, "port": int(server.effective_port)},
-    )
     try:
+        log.info(
+            "api listening",
+            extra={
+                "event": "api.listening",
+                "host": server.effective_host,
+                "port": int(server.effective_port),
+            },
+        )
+        systemd.ready(status)
         server.run()
     finally:
         systemd.stopping()
@@ -245,7 +263,6 @@ def serve_all(config: Config, database: Database, watcher: ConfigWatcher | None,
     # --listener all), far more than it would gain the API.
     worker.start()
     listeners.start()
-    systemd.ready(f"smtp on port {config.smtp.port}, api on port {config.api.port}, worker")
 
     def drain() -> None:
         parts = [threading.Thread(target=listeners.drain), threading.Thread(target=worker.stop)]
@@ -256,4 +273,4 @@ def serve_all(config: Config, database: Database, watcher: ConfigWatcher | None,
         if metrics is not None:
             metrics.shutdown()
 
-    run_api_server(server, on_stop=drain)
+    run_api_server(server, f"smtp on port {config.smtp.port}, api on port {config.api.port}, worker", drain)

@@ -155,7 +155,7 @@ def test_policy_refuses_control_characters(control: str) -> None:
 def test_generated_password_length_alphabet_and_policy() -> None:
     password = generate_password()
     assert len(password) == 32
-    assert set(password) <= set(string.ascii_letters + string.digits + "-_")
+    assert set(password) <= set(string.ascii_letters + string.digits)  # no "-" for a CLI to misread
     check_password_policy(password)
     assert verify_password(password, hash_password(password, COST))
 
@@ -163,6 +163,7 @@ def test_generated_password_length_alphabet_and_policy() -> None:
 def test_generated_passwords_are_random() -> None:
     passwords = {generate_password() for _ in range(200)}
     assert len(passwords) == 200
+    assert not any(p.startswith("-") for p in passwords)
     # Every position varies: not a counter or a fixed prefix.
     for position in range(32):
         assert len({p[position] for p in passwords}) > 10
