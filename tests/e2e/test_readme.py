@@ -170,3 +170,9 @@ def test_the_quickstart_runs_as_written(running: tuple[Path, Path]) -> None:
     assert '{"status":"ok"}' in output and '"status":"ready"' in output
     assert 'smtp_proxy_delivery_messages_total{status="delivered"} 2.0' in output
     assert '"name": "shop"' in output
+    # `serve all` has one metrics endpoint: the listener's, the worker's and the API's series.
+    with urllib.request.urlopen("http://127.0.0.1:9101/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'smtp_proxy_smtp_messages_total{reason="",result="accepted"} 2.0' in metrics
+    assert 'smtp_proxy_delivery_attempts_total{outcome="delivered",provider_type="smtp"} 2.0' in metrics
+    assert "flask_http_request_duration_seconds_count" in metrics
