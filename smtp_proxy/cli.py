@@ -6,11 +6,12 @@ a configuration problem, 1 for anything else. Nothing imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +32,7 @@ from smtp_proxy.errors import (
     ValidationError,
 )
 from smtp_proxy.logs import configure_logging
-from smtp_proxy.reload import start_watcher
+from smtp_proxy.reload import ConfigWatcher, start_watcher
 from smtp_proxy.storage import accounts as account_store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -371,6 +372,21 @@ def serve() -> None:
     """Run a listener in the foreground."""
 
 
+@contextlib.contextmanager
+def _serving(ctx: click.Context, where: str) -> Iterator[ConfigWatcher | None]:
+    """Around every listener: JSON logs, the config watcher, and a bind error as one line."""
+    config = runtime_of(ctx).config
+    configure_logging(config.logging, background=True)
+    watcher = start_watcher(config)
+    try:
+        yield watcher
+    except OSError as exc:
+        raise Failure(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
 @serve.command("api")
 @click.pass_context
 @handle_errors
@@ -380,24 +396,14 @@ def serve_api(ctx: click.Context) -> None:
     from smtp_proxy.lifecycle import create_api_server, run_api_server
     from smtp_proxy.memory import freeze_startup_objects
 
-    config = runtime_of(ctx).config
-    configure_logging(config.logging, background=True)
-    watcher = start_watcher(config)
-    try:
+    runtime = runtime_of(ctx)
+    config = runtime.config
+    with _serving(ctx, f"{config.api.host}:{config.api.port}"):
         app = ctx.ensure_object(ScriptInfo).load_app()
-        runtime_of(ctx).database.warm(autocommit=True)  # API keys and every GET read there
+        runtime.database.warm(autocommit=True)  # API keys and every GET read there
         freeze_startup_objects()
         gil.PACING.set_base(gil.API_INTERVAL)  # waitress's I/O thread gets the GIL back sooner
-        try:
-            server = create_api_server(config, app)
-        except OSError as exc:
-            raise Failure(
-                f"cannot listen on {config.api.host}:{config.api.port}: {exc.strerror or exc}"
-            ) from None
-        run_api_server(server, f"api on port {config.api.port}")
-    finally:
-        if watcher is not None:
-            watcher.stop()
+        run_api_server(create_api_server(config, app), f"api on port {config.api.port}")
 
 
 @serve.command("smtp")
@@ -409,16 +415,9 @@ def serve_smtp(ctx: click.Context) -> None:
 
     runtime = runtime_of(ctx)
     config = runtime.config
-    configure_logging(config.logging, background=True)
-    watcher = start_watcher(config)
-    runtime.database.warm(autocommit=True)  # the listener's statements all run there
-    try:
+    with _serving(ctx, config.smtp.host) as watcher:
+        runtime.database.warm(autocommit=True)  # the listener's statements all run there
         run(config, runtime.database, watcher)
-    except OSError as exc:
-        raise Failure(f"cannot listen on {config.smtp.host}: {exc.strerror or exc}") from None
-    finally:
-        if watcher is not None:
-            watcher.stop()
 
 
 @serve.command("worker")
@@ -429,17 +428,9 @@ def serve_worker(ctx: click.Context) -> None:
     from smtp_proxy.lifecycle import serve_worker as run
 
     runtime = runtime_of(ctx)
-    config = runtime.config
-    configure_logging(config.logging, background=True)
-    watcher = start_watcher(config)
-    try:
-        run(config, runtime.database, watcher)
-    except OSError as exc:
-        where = f"{config.delivery.metrics_host}:{config.delivery.metrics_port}"
-        raise Failure(f"cannot listen on {where} (delivery.metrics_port): {exc.strerror or exc}") from None
-    finally:
-        if watcher is not None:
-            watcher.stop()
+    delivery = runtime.config.delivery
+    with _serving(ctx, f"{delivery.metrics_host}:{delivery.metrics_port} (delivery.metrics_port)") as watcher:
+        run(runtime.config, runtime.database, watcher)
 
 
 @serve.command("all")
@@ -450,18 +441,10 @@ def serve_all(ctx: click.Context) -> None:
     from smtp_proxy.lifecycle import serve_all as run
 
     runtime = runtime_of(ctx)
-    config = runtime.config
-    configure_logging(config.logging, background=True)
-    watcher = start_watcher(config)
-    try:
+    with _serving(ctx, "the smtp, api or metrics port") as watcher:
         app = ctx.ensure_object(ScriptInfo).load_app()
         runtime.database.warm(autocommit=True)
-        run(config, runtime.database, watcher, app)
-    except OSError as exc:
-        raise Failure(f"cannot listen: {exc.strerror or exc} (smtp, api and metrics ports)") from None
-    finally:
-        if watcher is not None:
-            watcher.stop()
+        run(runtime.config, runtime.database, watcher, app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,78 @@
+"""A serve command whose port is taken stops with one line and exit status 1, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
+
+
+@pytest.fixture
+def taken() -> Iterator[int]:
+    """A port something else listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def run(
+    tmp_path: Path, pg_url: str, key: str, tls_files, command: str, **sections: dict
+) -> subprocess.CompletedProcess:
+    config = {
+        "smtp": {"host": "127.0.0.1", "port": free_port(), "metrics_port": None},
+        "api": {"host": "127.0.0.1", "port": free_port()},
+        "database": {"url": pg_url},
+        "tls": {"cert_file": str(tls_files[0]), "key_file": str(tls_files[1])},
+        "security": {"encryption_key": key, "bcrypt_cost": 4},
+        "delivery": {"metrics_host": "127.0.0.1", "metrics_port": None},
+    }
+    for name, values in sections.items():
+        config[name].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+    return subprocess.run(
+        [SMTP_PROXY, "--config", str(path), "serve", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "sections", "named"),
+    [
+        ("smtp", lambda port: {"smtp": {"port": port}}, "cannot listen on 127.0.0.1"),
+        ("smtp", lambda port: {"smtp": {"metrics_port": port}}, "cannot listen on 127.0.0.1"),
+        ("worker", lambda port: {"delivery": {"metrics_port": port}}, "(delivery.metrics_port)"),
+        ("all", lambda port: {"smtp": {"port": port}}, "cannot listen on the smtp, api or metrics port"),
+        ("all", lambda port: {"api": {"port": port}}, "cannot listen on the smtp, api or metrics port"),
+    ],
+    ids=["smtp-port", "smtp-metrics", "worker-metrics", "all-smtp", "all-api"],
+)
+def test_a_taken_port_is_one_line_and_exit_1(
+    tmp_path: Path,
+    pg_url: str,
+    encryption_key: str,
+    tls_files,
+    taken: int,
+    command: str,
+    sections,
+    named: str,
+) -> None:
+    result = run(tmp_path, pg_url, encryption_key, tls_files, command, **sections(taken))
+    assert result.returncode == 1, result.stderr
+    assert named in result.stderr and "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
