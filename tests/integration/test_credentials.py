@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from smtp_proxy.config import Config
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, CredentialVerifier
@@ -56,18 +54,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def config(db_url: str, make_config) -> Config:
-    return make_config(db_url)
-
-
-@pytest.fixture
-def database(config: Config) -> Iterator[Database]:
-    db = Database(config.database)
-    yield db
-    db.dispose()
 
 
 def make_verifier(database: Database, **kwargs) -> CountingVerifier:

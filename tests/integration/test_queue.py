@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import select, update
 
-from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
 from smtp_proxy.db.session import Database
@@ -20,23 +17,6 @@ from smtp_proxy.storage.messages import enqueue_message
 from tests.integration.test_storage import fresh, new_account, new_provider, new_rule
 
 LEASE = 60.0
-
-
-@pytest.fixture
-def config(db_url: str, make_config) -> Config:
-    return make_config(db_url)
-
-
-@pytest.fixture
-def database(config: Config) -> Iterator[Database]:
-    db = Database(config.database)
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
-def cipher(config: Config) -> Cipher:
-    return Cipher.from_config(config.security)
 
 
 def enqueue(db: Database, cipher: Cipher, account_id: uuid.UUID, count: int = 1) -> list[uuid.UUID]:

@@ -23,7 +23,6 @@ from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 
 from smtp_proxy import crypto
-from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db import session as session_module
 from smtp_proxy.db.models import Account, AuditLog, EspProvider, Message, MessageStatus, ProviderType
@@ -43,23 +42,6 @@ class Boom(Exception):
 
 
 # --- fixtures and helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def config(db_url: str, make_config) -> Config:
-    return make_config(db_url)
-
-
-@pytest.fixture
-def database(config: Config) -> Iterator[Database]:
-    db = Database(config.database)
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
-def cipher(config: Config) -> Cipher:
-    return Cipher.from_config(config.security)
 
 
 @contextlib.contextmanager
