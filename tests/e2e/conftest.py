@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -222,3 +228,71 @@ def raw_client(listener: Listener) -> Iterator[Callable[[], RawClient]]:
     yield connect
     for client in clients:
         client.close()
+
+
+SMTP_PROXY = Path(sys.executable).parent / "smtp-proxy"
+
+
+class ServeProcess:
+    """``smtp-proxy --config FILE serve <command>`` as a child process, its output in a log file.
+
+    Nothing of the operator's environment leaks in (SMTP_PROXY_*, DATABASE_URL,
+    NOTIFY_SOCKET); ``notify_socket`` sets the service manager's socket.
+    """
+
+    def __init__(self, command: str, config: Path, log: Path, notify_socket: str | None = None) -> None:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SMTP_PROXY_", "DATABASE_URL")) and k != "NOTIFY_SOCKET"
+        }
+        if notify_socket is not None:
+            env["NOTIFY_SOCKET"] = notify_socket
+        self.config = config
+        self.log_path = log
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [str(SMTP_PROXY), "--config", str(config), "serve", command],
+                env=env,
+                cwd=config.parent,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines, or those of one event."""
+        lines = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+        return [line for line in lines if name is None or line.get("event") == name]
+
+    def wait_for_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(name)
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no {name} log line within {timeout} s:\n{self.output()}")
+
+    def wait_accepting(self, port: int, timeout: float = 20.0) -> None:
+        """Until 127.0.0.1:port accepts; fails with the output if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"nothing accepting on {port}:\n{self.output()}") from None
+                time.sleep(0.05)
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)

@@ -8,7 +8,6 @@ import signal
 import smtplib
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import free_port, wait_until_accepting
-from tests.e2e.conftest import PASSWORD, Listener, RawClient
+from tests.e2e.conftest import PASSWORD, Listener, RawClient, ServeProcess
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 MESSAGE = b"Subject: fault test\r\n\r\nbody\r\n"
@@ -55,7 +54,7 @@ def test_database_down_gives_451_and_stores_nothing_then_recovers(
     assert len(listener.stored()) == 2
 
 
-class ListenerProcess:
+class ListenerProcess(ServeProcess):
     """`smtp-proxy serve smtp` as a child process on free ports."""
 
     def __init__(self, tmp_path: Path, pg_url: str, encryption_key: str, tls_files) -> None:
@@ -90,35 +89,11 @@ security:
   bcrypt_cost: 4
 """
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
-        self.log = (tmp_path / "listener.log").open("w+")
-        self.process = subprocess.Popen(
-            [SMTP_PROXY, "--config", str(self.config), "serve", "smtp"],
-            env=env,
-            cwd=tmp_path,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"listener did not start: {self.output()}") from None
-                time.sleep(0.05)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        super().__init__("smtp", self.config, tmp_path / "listener.log")
+        self.wait_accepting(self.port)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.log.close()
+        self.kill()
 
 
 @pytest.fixture

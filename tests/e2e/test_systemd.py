@@ -9,7 +9,6 @@ unit, because systemd is not PID 1 here.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,7 +25,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -34,6 +32,7 @@ import yaml
 from smtp_proxy.delivery.worker import DRAIN_SECONDS as WORKER_DRAIN_SECONDS
 from smtp_proxy.smtp.server import DRAIN_SECONDS as SMTP_DRAIN_SECONDS
 from tests.conftest import free_port
+from tests.e2e.conftest import ServeProcess
 
 UNIT_DIR = Path(__file__).resolve().parents[2] / "etc" / "systemd"
 SMTP_PROXY = Path(sys.executable).parent / "smtp-proxy"
@@ -384,7 +383,7 @@ class NotifySocket:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
 
-    def receive(self, served: Served, timeout: float = 20.0) -> Notification:
+    def receive(self, served: ServeProcess, timeout: float = 20.0) -> Notification:
         """The next datagram; fails early if the process exits first."""
         deadline = time.monotonic() + timeout
         credentials = struct.calcsize("iII")
@@ -455,53 +454,6 @@ def config_dict(pg_url: str, encryption_key: str, tls_files: tuple[Path, Path], 
     }
 
 
-class Served:
-    """``smtp-proxy --config FILE serve <command>`` as a child process, its log in a file."""
-
-    def __init__(self, command: str, config: Path, log: Path, notify_socket: str | None) -> None:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("SMTP_PROXY_", "DATABASE_URL")) and k != "NOTIFY_SOCKET"
-        }
-        if notify_socket is not None:
-            env["NOTIFY_SOCKET"] = notify_socket
-        self.log_path = log
-        with log.open("w") as out:
-            self.process = subprocess.Popen(
-                [str(SMTP_PROXY), "--config", str(config), "serve", command],
-                env=env,
-                cwd=config.parent,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
-        return [line for line in lines if name is None or line.get("event") == name]
-
-    def wait_for_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.events(name)
-            if found:
-                return found[0]
-            time.sleep(0.05)
-        raise AssertionError(f"no {name} log line within {timeout} s:\n{self.output()}")
-
-    def terminate(self, timeout: float = 40.0) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture
 def ports() -> Ports:
     return Ports.free()
@@ -525,12 +477,14 @@ def write_config(
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     """Start serve commands; every one still running is killed (by pid) at teardown."""
-    started: list[Served] = []
+    started: list[ServeProcess] = []
 
-    def start(command: str, config: Path, notify_socket: str | None) -> Served:
-        served = Served(command, config, tmp_path / f"serve-{command}-{len(started)}.log", notify_socket)
+    def start(command: str, config: Path, notify_socket: str | None) -> ServeProcess:
+        served = ServeProcess(
+            command, config, tmp_path / f"serve-{command}-{len(started)}.log", notify_socket
+        )
         started.append(served)
         return served
 
@@ -572,7 +526,7 @@ def smtp_greeting(port: int) -> bytes:
     return greeting
 
 
-def wait_accepting(served: Served, port: int, timeout: float = 20.0) -> None:
+def wait_accepting(served: ServeProcess, port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not accepts(port):
         if served.process.poll() is not None or time.monotonic() > deadline:

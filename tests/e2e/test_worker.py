@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +30,7 @@ from smtp_proxy.storage import accounts, providers, routing_rules
 from smtp_proxy.storage.messages import enqueue_message, message_body
 from tests import fake_esp
 from tests.conftest import free_port, wait_until_accepting
-from tests.e2e.conftest import Listener
+from tests.e2e.conftest import Listener, ServeProcess
 from tests.fake_esp import FakeEsp
 from tests.smtp_sink import SmtpSink
 
@@ -385,7 +382,7 @@ def test_the_database_pulled_away_mid_send_loses_nothing_and_sends_once(
 # --- worker processes -----------------------------------------------------------------------------
 
 
-class WorkerProcess:
+class WorkerProcess(ServeProcess):
     """`smtp-proxy serve worker` as a child process; ready once its metrics port answers."""
 
     def __init__(self, tmp_path: Path, pg_url: str, encryption_key: str, name: str, **delivery: Any) -> None:
@@ -399,47 +396,12 @@ class WorkerProcess:
         }
         self.config = tmp_path / f"{name}.yaml"
         self.config.write_text(yaml.safe_dump(config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
-        self.log_path = tmp_path / f"{name}.log"
-        self.log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [SMTP_PROXY, "--config", str(self.config), "serve", "worker"],
-            env=env,
-            cwd=tmp_path,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.metrics_port), timeout=1).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"worker did not start: {self.output()}") from None
-                time.sleep(0.05)
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
-        return [line for line in lines if line.get("event") == name]
+        super().__init__("worker", self.config, tmp_path / f"{name}.log")
+        self.wait_accepting(self.metrics_port)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             return response.read().decode()
-
-    def terminate(self, timeout: float = 40) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.log.close()
 
 
 @pytest.fixture
