@@ -111,13 +111,11 @@ class Worker:
         cipher: Cipher,
         *,
         rng: random.Random | None = None,
-        send: transports.Transport = transports.send,
     ) -> None:
         self._config = config
         self.database = database
         self.cipher = cipher
         self.rng = rng or random.Random()
-        self._send = send
         self.routes = RouteCache(database, cipher)
         self.threads = config().delivery.workers
         self._work: thread_queue.SimpleQueue[tuple[uuid.UUID, datetime, queue.Claimed] | None] = (
@@ -310,7 +308,7 @@ class Worker:
             outcome = deferred(None, "the provider's stored secrets cannot be decrypted")
         else:
             started = time.monotonic()
-            outcome = self._send(route.target, outgoing, settings)
+            outcome = transports.send(route.target, outgoing, settings)
             metrics.ATTEMPT_SECONDS.labels(route.provider_type).observe(time.monotonic() - started)
         metrics.ATTEMPTS.labels(route.provider_type, str(outcome.status)).inc()
         return outcome
