@@ -35,9 +35,12 @@ class Rule:
     provider_id: Any
 
     @property
-    def weight(self) -> int:
+    def weight(self) -> float:
+        """1-100; absent (or not a number) is 100. The API accepts 30.0 as 30, so a float counts."""
         weight = self.conditions.get("weight")
-        return weight if isinstance(weight, int) and 1 <= weight <= FULL_WEIGHT else FULL_WEIGHT
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 1 <= weight <= FULL_WEIGHT:
+            return FULL_WEIGHT
+        return weight
 
 
 @dataclass(frozen=True)

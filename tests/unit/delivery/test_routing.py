@@ -105,3 +105,17 @@ def test_weights_under_100_let_the_rest_fall_through_and_keep_the_passed_rule_la
 def test_a_lone_weighted_rule_still_takes_everything_when_nothing_else_matches() -> None:
     order = plan([rule("only", 1, weight=1)], MESSAGE, random.Random(5))
     assert [r.id for r in order] == ["only"]
+
+
+def test_a_weight_stored_as_a_float_counts_like_the_integer() -> None:
+    """JSON Schema takes 10.0 for an integer, so the API may store it that way."""
+    rng = random.Random(9)
+    firsts = Counter(
+        plan([rule("canary", 1, weight=10.0), rule("main", 2)], MESSAGE, rng)[0].id for _ in range(5000)
+    )
+    assert 0.08 < firsts["canary"] / 5000 < 0.12
+
+
+@pytest.mark.parametrize("weight", [None, True, "50", 0, 101, -5])
+def test_a_weight_out_of_range_or_not_a_number_counts_as_full(weight: object) -> None:
+    assert rule("r", 1, weight=weight).weight == 100
