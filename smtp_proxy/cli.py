@@ -381,7 +381,8 @@ def _serving(ctx: click.Context, where: str) -> Iterator[ConfigWatcher | None]:
     try:
         yield watcher
     except OSError as exc:
-        raise Failure(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        # lifecycle.binding names the address that failed; ``where`` is the fallback.
+        raise Failure(f"cannot listen on {exc.filename or where}: {exc.strerror or exc}") from None
     finally:
         if watcher is not None:
             watcher.stop()

@@ -12,10 +12,11 @@ is bound, STOPPING=1 when the drain begins.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
@@ -55,6 +56,17 @@ def _current(config: Config, watcher: ConfigWatcher | None) -> Callable[[], Conf
     return (lambda: watcher.config) if watcher else (lambda: config)
 
 
+@contextlib.contextmanager
+def binding(host: str, port: int) -> Iterator[None]:
+    """Name the address in a bind error (``OSError.filename``), so the operator reads which port failed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), f"{host}:{port}") from exc
+
+
 # Session threads spend their time in poll(); malloc traffic is light and mostly
 # under the GIL, so two arenas cost no contention and keep bursts from spreading.
 SESSION_MALLOC_ARENAS = 2
@@ -80,8 +92,8 @@ class SmtpListeners:
         self.servers: list[SmtpServer] = []
         try:
             for port, implicit in ports:
-                self.servers.append(
-                    SmtpServer(
+                with binding(smtp.host, port):
+                    server = SmtpServer(
                         (smtp.host, port),
                         config=_current(config, watcher),
                         database=database,
@@ -92,7 +104,7 @@ class SmtpListeners:
                         implicit_tls=implicit,
                         on_quiet=release_memory,
                     )
-                )
+                self.servers.append(server)
         except OSError:
             for server in self.servers:
                 server.server_close()
@@ -129,7 +141,8 @@ def start_metrics(port: int | None, host: str, registry: CollectorRegistry = REG
     """The Prometheus endpoint on its own port, or None when the port is not configured."""
     if not port:
         return None
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    with binding(host, port):
+        server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
 
 
@@ -191,14 +204,15 @@ def create_api_server(config: Config, app: Any) -> Any:
     """The API's waitress server, bound (its worker threads started); ``run()`` serves it."""
     import waitress
 
-    return waitress.create_server(
-        app,
-        host=config.api.host,
-        port=config.api.port,
-        threads=config.api.threads,
-        channel_timeout=int(max(config.api.read_timeout, 1)),
-        ident="smtp-proxy",
-    )
+    with binding(config.api.host, config.api.port):
+        return waitress.create_server(
+            app,
+            host=config.api.host,
+            port=config.api.port,
+            threads=config.api.threads,
+            channel_timeout=int(max(config.api.read_timeout, 1)),
+            ident="smtp-proxy",
+        )
 
 
 def _exit_cleanly(_sig: int, _frame: Any) -> None:
