@@ -189,6 +189,11 @@ def _parse_path(inner: str) -> str:
     return mailbox
 
 
+def is_host(text: str) -> bool:
+    """True for a Domain or an address literal: what an EHLO argument should be (RFC 5321 4.1.1.1)."""
+    return _is_domain(text) or _is_address_literal(text)
+
+
 def _is_domain(text: str) -> bool:
     """A Domain of RFC 5321 4.1.2 with at least two labels and a top label that is not numeric.
 

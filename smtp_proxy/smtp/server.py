@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -57,6 +58,7 @@ from smtp_proxy.smtp.protocol import (
 )
 from smtp_proxy.smtp.replies import Reply
 from smtp_proxy.smtp.tls import TlsContextHolder
+from smtp_proxy.smtp.trace import received_field
 from smtp_proxy.storage.messages import enqueue_message
 
 log = logging.getLogger("smtp_proxy.smtp")
@@ -518,18 +520,20 @@ class SessionHandler(socketserver.BaseRequestHandler):
     def _enqueue(self, message: MessageReceived) -> list[Output]:
         assert self.session is not None and self.account is not None
         started = time.perf_counter()
+        message_id = uuid.uuid4()
+        data = self._trace(message, str(message_id)) + message.data
         try:
             with self.server.database.autocommit() as connection:
-                row = enqueue_message(
+                enqueue_message(
                     connection,
                     self.server.cipher,
                     account_id=self.account.id,
                     sender=message.sender,
                     recipients=list(message.recipients),
-                    data=message.data,
+                    data=data,
                     correlation_id=self._correlate(),
+                    message_id=message_id,
                 )
-                message_id = str(row.id)
         except (DatabaseUnavailable, SQLAlchemyError) as error:
             metrics.MESSAGES.labels("rejected", "storage_unavailable").inc()
             log.warning(
@@ -538,7 +542,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                     "event": "smtp.message_deferred",
                     "sender": message.sender,
                     "recipients": len(message.recipients),
-                    "size": len(message.data),
+                    "size": len(data),
                     "code": 451,
                     "error_class": type(error).__name__,
                 },
@@ -550,15 +554,27 @@ class SessionHandler(socketserver.BaseRequestHandler):
             "message accepted",
             extra={
                 "event": "smtp.message_accepted",
-                "message_id": message_id,
+                "message_id": str(message_id),
                 "account": self.account.name,
                 "sender": message.sender,
                 "recipients": len(message.recipients),
-                "size": len(message.data),
+                "size": len(data),
                 "code": 250,
             },
         )
-        return self.session.message_queued(message_id)
+        return self.session.message_queued(str(message_id))
+
+    def _trace(self, message: MessageReceived, message_id: str) -> bytes:
+        assert self.session is not None
+        return received_field(
+            helo=self.session.connection.helo_name,
+            client_ip=self.client_ip,
+            hostname=self.session.policy.hostname,
+            message_id=message_id,
+            recipients=message.recipients,
+            when=datetime.now(UTC),
+            tls=(self.tls_version, self.tls_cipher) if self.tls_version and self.tls_cipher else None,
+        )
 
     def _log_rejected(self, rejected: MessageRejected) -> None:
         metrics.MESSAGES.labels("rejected", rejected.reason).inc()

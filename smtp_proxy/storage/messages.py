@@ -109,6 +109,7 @@ def enqueue_message(
     attempts: int = 0,
     created_at: datetime | None = None,
     next_attempt_at: datetime | None = None,
+    message_id: uuid.UUID | None = None,
 ) -> EnqueuedMessage:
     """Insert a queued message (body encrypted); committed by the caller.
 
@@ -116,9 +117,10 @@ def enqueue_message(
     accepted message, between the end of DATA and the 250. The worker's
     follow-up messages (recipients a provider refused for now) carry their
     original's attempts and acceptance time, so the same retry limits apply.
+    The listener picks the id itself, to name it in the message's Received field.
     """
     headers, subject = parse_headers(data)
-    message_id = uuid.uuid4()
+    message_id = message_id or uuid.uuid4()
     now = utcnow()
     session.execute(
         _INSERT,

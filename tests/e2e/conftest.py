@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -31,6 +32,8 @@ from smtp_proxy.smtp.tls import TlsContextHolder
 from smtp_proxy.storage import accounts, messages
 
 PASSWORD = "correct horse battery"
+# The listener's Received field: its first line, then continuation lines, each ending in CRLF.
+TRACE_FIELD = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +67,13 @@ class Listener:
 
     def body(self, message: Message) -> bytes:
         return messages.message_body(self.cipher, message)
+
+    def received_and_content(self, message: Message) -> tuple[str, bytes]:
+        """The Received field the listener put first (unfolded), and the content the client sent."""
+        body = self.body(message)
+        match = TRACE_FIELD.match(body)
+        assert match, body[:200]
+        return re.sub(r"\r\n[ \t]", " ", match.group().decode("ascii"))[:-2], body[match.end() :]
 
     def wait_idle(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout

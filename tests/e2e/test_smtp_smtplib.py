@@ -39,9 +39,28 @@ def test_starttls_auth_plain_and_send_commits_the_message(listener: Listener, sm
     assert stored.recipients == ["someone@example.net", "other@example.net"]
     assert stored.subject == "Grüße"
     assert stored.status.value == "queued"
-    assert stored.size == len(MESSAGE)
     assert len(stored.correlation_id) == 32
-    assert listener.body(stored) == MESSAGE
+    received, content = listener.received_and_content(stored)
+    assert content == MESSAGE
+    assert stored.size == len(listener.body(stored))
+    # RFC 5321 4.4: the trace field names the client, this server, the protocol and the id the
+    # client was given; with two recipients, neither (7.2).
+    assert re.fullmatch(
+        rf"Received: from client\.test \(\[127\.0\.0\.1\]\) \(using TLSv1\.[23] with cipher [A-Z0-9_-]+\)"
+        rf" by mx\.test \(smtp-proxy\) with ESMTPSA id {stored.id};"
+        r" \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000",
+        received,
+    ), received
+    assert stored.headers[0][0] == "Received"
+
+
+def test_one_recipient_is_named_in_the_received_field(listener: Listener, smtp_client) -> None:
+    client = smtp_client()
+    client.sendmail("app@example.com", ["someone@example.net"], MESSAGE)
+    [stored] = listener.stored()
+    received, content = listener.received_and_content(stored)
+    assert content == MESSAGE
+    assert f" id {stored.id} for <someone@example.net>; " in received
 
 
 def test_auth_login_works_too(listener: Listener, smtp_client) -> None:

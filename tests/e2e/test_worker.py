@@ -212,6 +212,8 @@ def test_a_submission_goes_through_the_worker_to_the_sink_byte_for_byte(
     (received,) = sink.wait_for(1, timeout=20)
     (stored,) = listener.stored()
     assert received.data == message_body(listener.cipher, stored)
+    trace, content = listener.received_and_content(stored)
+    assert content == data and trace.startswith("Received: from ")  # our trace field, then the message
     assert received.data.endswith(b"-- \r\nend\r\n") and b"\r\n..two dots\r\n" in received.data
     assert (received.mail_from, list(received.rcpt_tos)) == (
         "app@example.com",

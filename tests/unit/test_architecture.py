@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "smtp_proxy"
-CORE = ["smtp/protocol.py", "smtp/replies.py", "smtp/addresses.py", "smtp/sasl.py"]
+CORE = ["smtp/protocol.py", "smtp/replies.py", "smtp/addresses.py", "smtp/sasl.py", "smtp/trace.py"]
 CORE_ALLOWED = {
     "__future__",
     "binascii",
     "base64",
     "collections.abc",
     "dataclasses",
+    "datetime",
+    "email.utils",
     "enum",
     "ipaddress",
     "re",
