@@ -11,6 +11,7 @@ from flask.typing import ResponseReturnValue
 from smtp_proxy.api import pages, schemas
 from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import cipher, database
+from smtp_proxy.api.errors import invalid
 from smtp_proxy.db.models import EspProvider
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.storage import providers as store
@@ -34,10 +35,22 @@ def render(row: EspProvider | Any) -> dict[str, Any]:
     }
 
 
+def check_fields_for(kind: str, data: dict[str, Any]) -> None:
+    """422 for a field this provider type would ignore: a tenant's mistake should show, not be stored."""
+    fields: dict[str, str] = {}
+    if kind != "smtp" and data.get("smtp_config") is not None:
+        fields["smtp_config"] = "is only for smtp providers"
+    if kind == "smtp" and data.get("api_key") is not None:
+        fields["api_key"] = "is not used by smtp providers: the password goes in smtp_config.password"
+    if fields:
+        raise invalid(fields)
+
+
 @bp.post("")
 def create() -> ResponseReturnValue:
     caller = principal()
     data = schemas.body("ProviderCreate")
+    check_fields_for(data["provider_type"], data)
     with database().transaction() as session:
         provider = store.create_provider(
             session,
@@ -79,6 +92,7 @@ def update(provider_id: uuid.UUID) -> ResponseReturnValue:
     with database().transaction() as session:
         provider = store.get_provider(session, caller.id, provider_id)
         kind = provider.provider_type.value
+        check_fields_for(kind, data)
         if "settings" in data and kind in schemas.SETTINGS_BY_TYPE:
             schemas.check_field("settings", schemas.SETTINGS_BY_TYPE[kind], data["settings"])
         if kind == "ses" and "api_key" in data:

@@ -179,7 +179,8 @@ SCHEMAS: dict[str, Schema] = {
         ],
         "description": (
             "sendgrid needs api_key; mailgun api_key and settings.domain (settings.region us or eu); "
-            "ses api_key as ACCESS_KEY_ID:SECRET and settings.region; smtp needs smtp_config."
+            "ses api_key as ACCESS_KEY_ID:SECRET and settings.region; smtp needs smtp_config "
+            "(its password in smtp_config.password) and takes no api_key. smtp_config is only for smtp."
         ),
     },
     "ProviderUpdate": {

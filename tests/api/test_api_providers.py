@@ -332,6 +332,11 @@ INVALID_CREATES: list[tuple[dict[str, Any], str]] = [
     (sendgrid(owner="someone-else"), "owner"),
     (sendgrid(account_id=str(uuid.uuid4())), "account_id"),
     (sendgrid(has_api_key=True), "has_api_key"),
+    # A field the type would ignore is refused, not stored unused.
+    (sendgrid(smtp_config=smtp()["smtp_config"]), "smtp_config"),
+    (mailgun(smtp_config=smtp()["smtp_config"]), "smtp_config"),
+    (ses(smtp_config=smtp()["smtp_config"]), "smtp_config"),
+    (smtp(api_key=SENDGRID_KEY), "api_key"),
 ]
 
 
@@ -420,7 +425,21 @@ INVALID_UPDATES: list[tuple[str, dict[str, Any], str]] = [
     ("sendgrid", {"colour": "blue"}, "colour"),
     ("sendgrid", {"id": str(uuid.uuid4())}, "id"),
     ("sendgrid", {}, "body"),
+    ("sendgrid", {"smtp_config": {"host": "h.example.com", "port": 25, "tls": "none"}}, "smtp_config"),
+    ("ses", {"smtp_config": {"host": "h.example.com", "port": 25, "tls": "none"}}, "smtp_config"),
+    ("smtp", {"api_key": "SG.something"}, "api_key"),
 ]
+
+
+def test_a_field_the_type_ignores_is_refused_with_a_reason(api: ApiServer) -> None:
+    tenant = api.tenant()
+    problems = assert_invalid(
+        tenant.client.post(PROVIDERS, json=sendgrid(smtp_config=smtp()["smtp_config"])), "smtp_config"
+    )
+    assert problems == {"smtp_config": "is only for smtp providers"}
+    problems = assert_invalid(tenant.client.post(PROVIDERS, json=smtp(api_key="SG.unused")), "api_key")
+    assert "smtp_config.password" in problems["api_key"]
+    assert names(tenant.client) == []
 
 
 def test_put_invalid_is_422_and_changes_nothing(api: ApiServer) -> None:
