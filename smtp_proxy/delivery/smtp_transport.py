@@ -21,6 +21,9 @@ Decisions a reader would otherwise have to guess:
 - The body is sent as received. Only two things change on the wire: a message that does not end in
   CRLF gets one (DATA can only end after a line break), and a bare CR or LF, which the SMTP
   listener never stores, becomes CRLF, so no provider can be shown a smuggled end of data.
+- One attempt takes at most ``connect_timeout + send_timeout`` in all (``deadline.WATCHDOG`` shuts
+  the socket down then), and a reply at most ``MAX_REPLY`` bytes: a tenant's host that answers
+  slowly but never finishes, or endlessly, cannot hold a worker thread or fill its memory.
 - Network errors, timeouts, TLS failures and disconnects defer with a short text. A timeout after
   the body was sent may mean the provider took the message anyway: the retry can duplicate it, which
   RFC 5321 6.1 accepts as the price of never losing mail.
@@ -36,11 +39,14 @@ import re
 import smtplib
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 from smtp_proxy.config import DeliveryConfig
 from smtp_proxy.delivery import network
+from smtp_proxy.delivery.deadline import WATCHDOG
 from smtp_proxy.delivery.outcome import (
     Outcome,
     Outgoing,
@@ -60,6 +66,8 @@ MAX_ADDRESSES = 3
 CHUNK = 256 * 1024
 # QUIT is a courtesy once the outcome is known; a slow answer must not delay the next message.
 QUIT_TIMEOUT = 5.0
+# smtplib caps each reply line at 8 KiB but not the number of lines.
+MAX_REPLY = 64 * 1024
 PRIVATE_HOST_TEXT = "provider host resolves to a private address (delivery.allow_private_networks is off)"
 
 # Control characters would split the command line; angle brackets would let an address close the
@@ -115,14 +123,21 @@ def send(target: Target, message: Outgoing, settings: DeliveryConfig) -> Outcome
     client = PinnedSMTP(
         host, context if tls == "implicit" else None, settings.connect_timeout, settings.send_timeout
     )
+    limit = settings.connect_timeout + settings.send_timeout
+    watch = WATCHDOG.watch(time.monotonic() + limit, client.expire)
     try:
         _connect(client, addresses, port)
         outcome = _session(client, message, tls, context, username, password)
     except _Stop as stop:
         outcome = stop.outcome
     except OSError as error:  # socket and ssl errors, and every smtplib.SMTPException
-        outcome = deferred(None, _describe(error, client.step, host, port))
+        if client.expired:
+            text = f"gave up during {client.step} with {host}:{port}: the attempt took {limit:g}s"
+            outcome = deferred(None, text + " (connect_timeout + send_timeout)")
+        else:
+            outcome = deferred(None, _describe(error, client.step, host, port))
     finally:
+        WATCHDOG.cancel(watch)
         _quit(client)
     return _without(password, outcome)
 
@@ -149,6 +164,38 @@ class PinnedSMTP(smtplib.SMTP):
         self.address: network.Address | None = None
         self.tcp_connected = False
         self.step = "connect"
+        self.expired = False
+        self._raw: socket.socket | None = None  # the socket being connected, before smtplib has it
+        # Held while the watchdog shuts a socket down and while this thread closes one, so that
+        # a descriptor number is never shut down after it was closed and handed out again.
+        self._closing = threading.Lock()
+
+    def expire(self) -> None:
+        """The attempt's deadline passed (called from the watchdog thread): cut the connection."""
+        with self._closing:
+            self.expired = True
+            for sock in (self.sock, self._raw):
+                if sock is not None:
+                    try:
+                        # The plain socket's shutdown, also for an SSLSocket: no TLS state is touched
+                        # while the delivery thread may be inside it, and its blocked call fails at once.
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    except OSError:  # not connected yet, or closed already
+                        pass
+
+    def close(self) -> None:
+        with self._closing:
+            super().close()
+            if self._raw is not None:
+                self._raw.close()
+
+    def getreply(self) -> tuple[int, bytes]:
+        """smtplib's reader, with at most MAX_REPLY bytes per reply."""
+        if self.file is None and self.sock is not None:
+            self.file = _Bounded(self.sock.makefile("rb"))  # smtplib would make an unbounded one
+        if isinstance(self.file, _Bounded):
+            self.file.budget = MAX_REPLY
+        return super().getreply()
 
     def connect_to(self, address: network.Address, port: int) -> tuple[int, bytes]:
         """Connect to one checked address and read the greeting."""
@@ -158,8 +205,10 @@ class PinnedSMTP(smtplib.SMTP):
     def _get_socket(self, host: str, port: int, timeout: float | None) -> socket.socket:
         # smtplib would call socket.create_connection(host), which resolves again: use the sockaddr.
         assert self.address is not None
-        sock = socket.socket(self.address.family, socket.SOCK_STREAM)
+        sock = self._raw = socket.socket(self.address.family, socket.SOCK_STREAM)
         try:
+            if self.expired:
+                raise TimeoutError("the attempt's deadline passed")
             sock.settimeout(self.connect_timeout)
             sock.connect(self.address.sockaddr)
             self.tcp_connected = True
@@ -167,11 +216,14 @@ class PinnedSMTP(smtplib.SMTP):
             self.local_hostname = _ehlo_name(sock.getsockname()[0])
             if self.implicit_tls is not None:
                 self.step = "TLS handshake"
-                sock = self.implicit_tls.wrap_socket(sock, server_hostname=self._host)
+                sock = self._raw = self.implicit_tls.wrap_socket(sock, server_hostname=self._host)
+            if self.expired:  # the deadline passed while the socket could not be shut down
+                raise TimeoutError("the attempt's deadline passed")
             sock.settimeout(self.send_timeout)
             self.step = "greeting"
         except BaseException:
-            sock.close()
+            with self._closing:
+                sock.close()
             raise
         return sock
 
@@ -189,6 +241,24 @@ class PinnedSMTP(smtplib.SMTP):
         view = memoryview(payload)
         for start in range(0, len(view), CHUNK):
             self.send(view[start : start + CHUNK])
+
+
+class _Bounded:
+    """A reply reader with a byte budget, which ``PinnedSMTP.getreply`` resets for each reply."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.budget = MAX_REPLY
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.raw.readline(size)
+        self.budget -= len(line)
+        if self.budget < 0:
+            raise OSError(f"reply longer than {MAX_REPLY // 1024} KiB")  # smtplib: a lost connection
+        return line
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def _connect(client: PinnedSMTP, addresses: list[network.Address], port: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import gc
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -541,6 +542,129 @@ def test_greeting_problems_defer(script: bytes, code: int | None, text: str) -> 
         server.close()
     assert outcome.status is DEFERRED and outcome.code == code
     assert text in outcome.text
+
+
+class HostileServer:
+    """One connection: a greeting, then ``behave(connection)`` answers everything the client says."""
+
+    def __init__(
+        self, behave: Callable[[socket.socket], None], cert: tuple[Path, Path] | None = None
+    ) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.behave = behave
+        self.tls: ssl.SSLContext | None = None
+        if cert is not None:  # implicit TLS
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(str(cert[0]), str(cert[1]))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            try:
+                if self.tls is not None:
+                    connection = self.tls.wrap_socket(connection, server_side=True)
+                connection.sendall(b"220 hostile.example ESMTP\r\n")
+                connection.recv(4096)  # EHLO
+                self.behave(connection)
+            except OSError:
+                pass  # the client cut the connection: what the tests want
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10.0)
+        self.listener.close()
+
+
+def test_a_reply_trickled_forever_is_cut_at_the_attempts_deadline() -> None:
+    """One continuation line every 0.2 s never trips a 1 s socket timeout; the whole attempt does."""
+
+    def trickle(connection: socket.socket) -> None:
+        while not hostile.stop.is_set():
+            connection.sendall(b"250-still thinking\r\n")
+            time.sleep(0.2)
+
+    hostile = HostileServer(trickle)
+    try:
+        config = {"host": "127.0.0.1", "port": hostile.port, "tls": "none"}
+        started = time.monotonic()
+        outcome = smtp_transport.send(
+            target(config), message(), settings(connect_timeout=0.5, send_timeout=1.0)
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        hostile.close()
+    assert outcome.status is DEFERRED and outcome.code is None
+    assert outcome.text == (
+        f"gave up during EHLO with 127.0.0.1:{hostile.port}: the attempt took 1.5s"
+        " (connect_timeout + send_timeout)"
+    )
+    assert 1.5 <= elapsed < 3.0
+    assert hostile.thread.is_alive() is False
+
+
+def test_the_deadline_also_cuts_a_tls_session(cert_pair: tuple[Path, Path]) -> None:
+    def trickle(connection: socket.socket) -> None:
+        while not hostile.stop.is_set():
+            connection.sendall(b"250-still thinking\r\n")
+            time.sleep(0.2)
+
+    hostile = HostileServer(trickle, cert=cert_pair)
+    try:
+        config = {"host": "127.0.0.1", "port": hostile.port, "tls": "implicit"}
+        started = time.monotonic()
+        outcome = smtp_transport.send(
+            target(config),
+            message(),
+            settings(ca_file=cert_pair[0], connect_timeout=0.5, send_timeout=1.0),
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        hostile.close()
+    assert outcome.status is DEFERRED
+    assert outcome.text.startswith(f"gave up during EHLO with 127.0.0.1:{hostile.port}: the attempt took")
+    assert 1.5 <= elapsed < 3.0
+
+
+def test_an_endless_reply_is_cut_at_64_kib() -> None:
+    """smtplib caps a line, not the number of lines: without a cap this fills the worker's memory."""
+
+    def flood(connection: socket.socket) -> None:
+        line = b"250-" + b"x" * 1000 + b"\r\n"
+        while not hostile.stop.is_set():
+            connection.sendall(line * 64)
+
+    hostile = HostileServer(flood)
+    try:
+        config = {"host": "127.0.0.1", "port": hostile.port, "tls": "none"}
+        started = time.monotonic()
+        outcome = smtp_transport.send(target(config), message(), settings(send_timeout=30.0))
+        elapsed = time.monotonic() - started
+    finally:
+        hostile.close()
+    assert outcome.status is DEFERRED
+    assert "lost during EHLO" in outcome.text and "reply longer than 64 KiB" in outcome.text
+    assert elapsed < 5.0
+
+
+def test_a_long_but_finite_reply_is_still_read() -> None:
+    """The cap is per reply: a chatty but honest EHLO (many extensions) is fine."""
+
+    def chatty(connection: socket.socket) -> None:
+        connection.sendall(b"".join(b"250-X-EXT%d\r\n" % n for n in range(500)) + b"250 SIZE 1000\r\n")
+        connection.recv(4096)  # MAIL
+        connection.sendall(b"421 4.3.2 closing now\r\n")
+
+    hostile = HostileServer(chatty)
+    try:
+        config = {"host": "127.0.0.1", "port": hostile.port, "tls": "none"}
+        outcome = smtp_transport.send(target(config), message(), settings())
+    finally:
+        hostile.close()
+    assert outcome == Outcome(DEFERRED, 421, "MAIL FROM refused: 4.3.2 closing now")
 
 
 # -- the private-network guard
