@@ -45,6 +45,8 @@ RESERVED_HEADERS = frozenset(
         "return-path",
     }
 )
+# Real mail nests multiparts a few levels deep; a hostile message could nest thousands.
+MAX_NESTING = 50
 # SendGrid wants a non-empty subject and non-empty content values; a single space stands in for none.
 EMPTY = " "
 
@@ -81,6 +83,13 @@ def payload(message: Outgoing) -> dict[str, Any]:
 
     Raises ``PayloadError`` when SendGrid could not take the message at all.
     """
+    try:
+        return _payload(message)
+    except RecursionError:  # the email package parses nested multiparts recursively
+        raise PayloadError(f"the message's MIME parts are nested more than {MAX_NESTING} deep") from None
+
+
+def _payload(message: Outgoing) -> dict[str, Any]:
     msg = cast(EmailMessage, BytesParser(policy=policy.default).parsebytes(message.data))
     body: dict[str, Any] = {"personalizations": _personalizations(msg, message.recipients)}
     senders = _addresses(msg, "From")
@@ -179,10 +188,13 @@ def _parts(msg: EmailMessage) -> tuple[list[dict[str, str]], list[dict[str, str]
     return content or [{"type": "text/plain", "value": EMPTY}], attachments
 
 
-def _leaves(part: Message) -> list[Message]:
+def _leaves(part: Message, depth: int = 0) -> list[Message]:
     """Leaf parts in order; a message/rfc822 part is a leaf (a forwarded message stays one attachment)."""
     if part.get_content_maintype() == "multipart" and isinstance(part.get_payload(), list):
-        return [leaf for child in cast(list[Message], part.get_payload()) for leaf in _leaves(child)]
+        if depth >= MAX_NESTING:
+            raise PayloadError(f"the message's MIME parts are nested more than {MAX_NESTING} deep")
+        children = cast(list[Message], part.get_payload())
+        return [leaf for child in children for leaf in _leaves(child, depth + 1)]
     return [part]
 
 

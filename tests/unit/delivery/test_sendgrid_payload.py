@@ -232,3 +232,23 @@ def test_too_many_recipients_is_a_payload_error() -> None:
     with pytest.raises(PayloadError, match="at most 1000"):
         payload(outgoing(simple(), recipients))
     assert len(payload(outgoing(simple(), recipients[:-1]))["personalizations"]) == MAX_RECIPIENTS
+
+
+def nested(depth: int) -> bytes:
+    head = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+    part = b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n'
+    opening = b"".join(part % (level, level) for level in range(depth))
+    closing = b"".join(b"--b%d--\r\n" % level for level in reversed(range(depth)))
+    return head + opening + b"Content-Type: text/plain\r\n\r\ninnermost\r\n" + closing
+
+
+def test_multiparts_nested_fifty_deep_are_read() -> None:
+    body = payload(outgoing(nested(50), ("b@example.net",)))
+    assert body["content"] == [{"type": "text/plain", "value": "innermost"}]
+
+
+@pytest.mark.parametrize("depth", [51, 3000])  # 3000 is past the email package's own recursion limit
+def test_deeper_nesting_is_a_payload_error(depth: int) -> None:
+    """A permanent failure with a reason, not a crash of the transport retried for days."""
+    with pytest.raises(PayloadError, match="nested more than 50 deep"):
+        payload(outgoing(nested(depth), ("b@example.net",)))
