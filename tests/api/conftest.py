@@ -105,8 +105,16 @@ def stop(server: Any, thread: threading.Thread) -> None:
         for channel in list(server._map.values()):
             channel.close()
 
-    server.trigger.pull_trigger(close_all)
-    thread.join(timeout=5)
+    try:
+        server.trigger.pull_trigger(close_all)
+    except OSError:
+        # Seen about once in twenty runs of tests/api on a loaded machine: the server had already
+        # closed everything (its trigger, every channel) and its loop had ended, so there is
+        # nothing left to stop. Anything else is a real failure.
+        if not (server.trigger._closed and not server._map):
+            raise
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the API server's loop did not end"
     server.task_dispatcher.shutdown()
 
 
