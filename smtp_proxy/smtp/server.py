@@ -132,6 +132,7 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         # wake them without touching a TLS connection from another thread.
         self.drain_fd, self._drain_w = os.pipe()
         self.force_fd, self._force_w = os.pipe()
+        self._drain_once = threading.Lock()
         super().__init__(address, SessionHandler)
 
     @property
@@ -218,7 +219,13 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         log.exception("unhandled error in SMTP session", extra={"event": "smtp.session_error"})
 
     def drain(self, timeout: float = DRAIN_SECONDS) -> None:
-        """Stop accepting; idle sessions get 421 now, busy ones up to ``timeout`` seconds."""
+        """Stop accepting; idle sessions get 421 now, busy ones up to ``timeout`` seconds.
+
+        Once only: the pipes are closed by number at the end, and a second close could hit a
+        descriptor number that the process has handed out again since.
+        """
+        if not self._drain_once.acquire(blocking=False):
+            return
         self.draining.set()
         self.shutdown()
         self.server_close()

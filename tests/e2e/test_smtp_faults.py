@@ -317,3 +317,17 @@ def test_sighup_picks_up_a_renewed_certificate(
     Path(raw["tls"]["key_file"]).write_bytes(renewed_key.read_bytes())
     listener_process.process.send_signal(signal.SIGHUP)
     _wait_for(lambda: served_certificate() != before)
+
+
+def test_a_second_drain_closes_nothing(start_listener) -> None:
+    """The drain closes its pipes by number; a second drain must not close whatever reuses them."""
+    listener: Listener = start_listener()
+    listener.server.drain(timeout=0.1)
+    reader, writer = os.pipe()  # likely to get the numbers the drain just freed
+    try:
+        listener.server.drain(timeout=0.1)  # and the fixture drains once more at teardown
+        os.write(writer, b"still open")
+        assert os.read(reader, 64) == b"still open"
+    finally:
+        os.close(reader)
+        os.close(writer)
