@@ -19,6 +19,7 @@ import pytest
 from smtp_proxy.config import Config, config_from_dict, load_config
 from smtp_proxy.logs import apply_level
 from smtp_proxy.reload import ConfigWatcher
+from tests.waiting import wait_for
 
 DEADLINE = 5.0
 DEBOUNCE = 0.05
@@ -30,16 +31,6 @@ SIGHUP_DEBOUNCE = 2.0
 BASE = "smtp:\n  hostname: mx1.example.com\nlogging:\n  level: warning\n  format: json\n"
 DEBUG = "smtp:\n  hostname: mx1.example.com\nlogging:\n  level: debug\n  format: json\n"
 ERROR = "smtp:\n  hostname: mx1.example.com\nlogging:\n  level: error\n  format: json\n"
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def write_in_place(path: Path, text: str) -> None:

@@ -6,15 +6,7 @@ import threading
 import time
 
 from smtp_proxy.delivery.deadline import Watchdog
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
+from tests.waiting import wait_for
 
 
 def test_callbacks_run_at_their_deadlines_in_deadline_order() -> None:
@@ -23,7 +15,7 @@ def test_callbacks_run_at_their_deadlines_in_deadline_order() -> None:
     start = time.monotonic()
     for name, delay in (("late", 0.30), ("early", 0.10), ("middle", 0.20)):
         watchdog.watch(start + delay, lambda name=name: fired.append((name, time.monotonic() - start)))
-    assert wait_until(lambda: len(fired) == 3)
+    assert wait_for(lambda: len(fired) == 3)
     assert [name for name, _ in fired] == ["early", "middle", "late"]
     for (_, at), due in zip(fired, (0.10, 0.20, 0.30), strict=True):
         assert due <= at < due + 0.5
@@ -47,7 +39,7 @@ def test_a_cancelled_callback_never_runs() -> None:
     token = watchdog.watch(time.monotonic() + 0.1, lambda: fired.append("cancelled"))
     watchdog.watch(time.monotonic() + 0.2, lambda: fired.append("kept"))
     watchdog.cancel(token)
-    assert wait_until(lambda: fired == ["kept"])
+    assert wait_for(lambda: fired == ["kept"])
     time.sleep(0.1)
     assert fired == ["kept"]
 
