@@ -62,6 +62,17 @@ class SmtpConfig:
     max_message_size: int = _opt(26_214_400, "int", min=1024)
     max_recipients: int = _opt(100, "int", min=1)
     metrics_port: int | None = _opt(9101, "port", nullable=True)
+    # Fair use of the listener between clients and tenants; 0 turns the per-IP cap off.
+    max_connections_per_ip: int = _opt(20, "int", min=0)
+    auth_timeout: float = _opt(60.0, "duration", min=0.1)
+    max_session_time: float = _opt(1800.0, "duration", min=1)
+    max_data_in_flight: int = _opt(536_870_912, "int", min=65_536)
+    # From:/Sender: addresses must be in the account's allowed domains (per account exemption).
+    header_from_check: bool = _opt(True, "bool")
+    # AUTH throttle: failures per client address (IPv6 by /64) and per user name, per window.
+    auth_failures_per_ip: int = _opt(10, "int", min=1)
+    auth_failures_per_user: int = _opt(10, "int", min=1)
+    auth_failure_window: float = _opt(900.0, "duration", min=1)
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,10 @@ class ApiConfig:
     # waitress has one inactivity timeout: nothing received and nothing sent for this long.
     read_timeout: float = _opt(10.0, "duration", min=0.1)
     rate_limit: str = _opt("100/minute", "rate_limit")
-    rate_limit_storage: str = _opt("memory://", "str")
+    # Empty: limits.storage. Kept for configs written before the limits section.
+    rate_limit_storage: str = _opt("", "str")
+    # Per client address, for requests without a valid key, before any database lookup.
+    unauthenticated_rate_limit: str = _opt("60/minute", "rate_limit")
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,8 @@ class SecurityConfig:
     # Keys that still decrypt data written before a rotation; never used to encrypt.
     previous_encryption_keys: tuple[str, ...] = _opt((), "key_list")
     bcrypt_cost: int = _opt(12, "int", min=4, max=16)
+    # One sender domain, one tenant: a domain (or pattern) another active account holds is refused.
+    unique_sender_domains: bool = _opt(True, "bool")
 
 
 # The ESPs' public API base URLs; tests aim them at local fakes. ``{region}`` is the SES region.
@@ -146,6 +162,42 @@ class DeliveryConfig:
     retention: float = _opt(2_592_000.0, "duration", min=60)
     metrics_host: str = _opt("0.0.0.0", "str")
     metrics_port: int | None = _opt(9102, "port", nullable=True)
+    # Fair delivery: providers tried per attempt, the attempt's time bound (None: twice
+    # connect_timeout + send_timeout) and one account's messages in flight per worker process
+    # (None: half of workers, at least 1).
+    max_failover: int = _opt(3, "int", min=1)
+    attempt_budget: float | None = _opt(None, "duration", min=0.1, nullable=True)
+    max_in_flight_per_account: int | None = _opt(None, "int", min=1, nullable=True)
+
+    @property
+    def effective_attempt_budget(self) -> float:
+        if self.attempt_budget is not None:
+            return self.attempt_budget
+        return 2 * (self.connect_timeout + self.send_timeout)
+
+    @property
+    def effective_max_in_flight_per_account(self) -> int:
+        if self.max_in_flight_per_account is not None:
+            return self.max_in_flight_per_account
+        return max(1, self.workers // 2)
+
+
+# The per-account sending limits, in the order the usage endpoint lists them.
+SENDING_LIMITS = ("messages_per_minute", "messages_per_hour", "messages_per_day", "recipients_per_day")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Shared counters and per-tenant quotas; an account's own ``limits`` override the defaults."""
+
+    # memory:// counts per process; redis://host:port is shared by every instance.
+    storage: str = _opt("memory://", "str")
+    messages_per_minute: int | None = _opt(None, "int", min=1, nullable=True)
+    messages_per_hour: int | None = _opt(None, "int", min=1, nullable=True)
+    messages_per_day: int | None = _opt(None, "int", min=1, nullable=True)
+    recipients_per_day: int | None = _opt(None, "int", min=1, nullable=True)
+    max_providers_per_account: int = _opt(50, "int", min=1)
+    max_rules_per_account: int = _opt(200, "int", min=1)
 
 
 @dataclass(frozen=True)
@@ -157,7 +209,13 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str | None = field(default=None, compare=False)
+
+    @property
+    def api_rate_limit_storage(self) -> str:
+        """Where the API's rate-limit counters live: ``api.rate_limit_storage`` or ``limits.storage``."""
+        return self.api.rate_limit_storage or self.limits.storage
 
     def changed_keys(self, other: Config) -> list[str]:
         """Dotted keys whose values differ between two configs."""
@@ -180,6 +238,7 @@ _SECTIONS: dict[str, type] = {
     "tls": TlsConfig,
     "security": SecurityConfig,
     "delivery": DeliveryConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -364,6 +423,9 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(
             "delivery.lease", "must be at least twice connect_timeout + send_timeout (one attempt's bound)"
         )
+    storage = config.limits.storage
+    if not re.match(r"^(memory|redis|rediss|redis\+sentinel|redis\+cluster)://", storage):
+        raise ConfigError("limits.storage", f"expected memory:// or redis://host:port, got {storage!r}")
     sec = config.security
     if sec.encryption_key and sec.encryption_key_file:
         raise ConfigError("security.encryption_key_file", "set either encryption_key or encryption_key_file")

@@ -40,6 +40,8 @@ RESTART_KEYS = (
     "api.read_timeout",
     "api.rate_limit",
     "api.rate_limit_storage",
+    "api.unauthenticated_rate_limit",
+    "limits.storage",
     "database.url",
     "database.pool_min",
     "database.pool_max",

@@ -97,6 +97,11 @@ class Account(Base):
     allowed_domains: Mapped[list[Any]] = mapped_column(default=list)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Admin-only: From:/Sender: may name any domain (a tenant that sends on behalf of others).
+    allow_any_header_from: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Admin-only sending limits overriding the config's defaults: {"messages_per_hour": 500, ...};
+    # a key set to null means unlimited, a key left out takes the default.
+    limits: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -151,8 +156,10 @@ class Message(Base):
         # A page of one status, newest first (GET /api/v1/messages?status=...).
         Index(None, "account_id", "status", "created_at", "id"),
         Index(None, "account_id", "created_at"),
-        # The worker's claim query: due messages of one status, oldest first.
+        # The worker's claim query: due messages of one status, oldest first; and per account,
+        # so that one account's backlog cannot hide another's new message.
         Index(None, "status", "next_attempt_at"),
+        Index(None, "account_id", "status", "next_attempt_at"),
         # The retention purge: finished messages that still hold a body, oldest first.
         Index(
             "ix_messages_purgeable",
