@@ -109,7 +109,7 @@ class SendingLimits:
                 key, seconds, ends = self._key(account_id, name, now)
                 amount = recipients if what == "recipients" else 1
                 self.storage.incr(key, max(1, math.ceil(ends - now)) + 1, amount=amount)
-        except Exception as error:  # the storage's own errors vary by backend
+        except self.storage.base_exceptions as error:
             self._unavailable(error)
 
     def usage(self, account_id: uuid.UUID, limits: Mapping[str, int | None]) -> list[WindowUsage]:
@@ -124,7 +124,7 @@ class SendingLimits:
     def _get(self, key: str) -> int:
         try:
             return int(self.storage.get(key))
-        except Exception as error:
+        except self.storage.base_exceptions as error:
             self._unavailable(error)
             return 0
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from pytest_postgresql.executors import PostgreSQLExecutor
 from sqlalchemy import create_engine
 
@@ -123,3 +127,42 @@ def make_config(encryption_key: str):
         return config_from_dict(raw, env={})
 
     return make
+
+
+@pytest.fixture
+def redis_url(tmp_path) -> Iterator[str]:
+    """A throwaway redis-server on 127.0.0.1, stopped by its pid."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is missing: ./scripts/test installs it"
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
