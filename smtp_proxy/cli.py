@@ -360,7 +360,12 @@ def tls_dev_cert(out_dir: str, hostname: str) -> None:
     """Write a self-signed certificate and key for development (cert.pem, key.pem)."""
     from smtp_proxy.devcert import write_self_signed
 
-    cert, key = write_self_signed(Path(out_dir), hostname)
+    try:
+        cert, key = write_self_signed(Path(out_dir), hostname)
+    except OSError as exc:
+        name = exc.filename2 or exc.filename  # for a rename, filename2 is the target
+        where = f" {name}" if name else ""
+        raise Failure(f"cannot write the certificate or key{where}: {exc.strerror or exc}") from None
     click.echo(f"wrote {cert} and {key}")
 
 

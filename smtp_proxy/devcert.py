@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -14,7 +16,10 @@ from cryptography.x509.oid import NameOID
 
 
 def write_self_signed(out_dir: Path, hostname: str = "localhost", days: int = 365) -> tuple[Path, Path]:
-    """Write ``cert.pem`` and ``key.pem`` (mode 0600) valid for hostname, localhost and 127.0.0.1."""
+    """Write ``cert.pem`` (mode 0644) and ``key.pem`` (0600), valid for hostname, localhost and 127.0.0.1.
+
+    Each file is created fresh and renamed into place: a symlink there is replaced, not followed.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
@@ -34,13 +39,38 @@ def write_self_signed(out_dir: Path, hostname: str = "localhost", days: int = 36
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     cert_path, key_path = out_dir / "cert.pem", out_dir / "key.pem"
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key_bytes)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_fresh(key_path, key_bytes, 0o600)
+    _write_fresh(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
+
+
+def _write_fresh(path: Path, data: bytes, mode: int) -> None:
+    """Put data at path as a new file with exactly ``mode``, whatever was there before.
+
+    The bytes go to a temporary file in the same directory, created with
+    O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600 (``tempfile.mkstemp``), fsynced, then renamed
+    over path. A symlink at path is replaced, never followed (the file it points to is
+    untouched), and an old file's mode or owner is never kept. A failure leaves path as it was.
+    """
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)  # exact: the umask cannot widen or narrow it
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
