@@ -8,12 +8,16 @@ Rules of this module (after h11's ``_state.py``):
    tested with plain strings.
 2. The caller feeds bytes with ``receive()`` and gets back a list of outputs:
    ``Reply`` objects to send in order, events that need an outside answer
-   (``TlsRequested``, ``CredentialsOffered``, ``MessageReceived``), and
-   ``MessageRejected`` notices that need none. While an
-   event is unanswered the session is paused: further input is only buffered,
-   so pipelined commands wait their turn (RFC 2920). The caller answers with
-   ``tls_started()``, ``credentials_checked()``, ``message_queued()`` or
-   ``message_deferred()``, each of which returns the next outputs.
+   (``TlsRequested``, ``CredentialsOffered``, ``MailFromOffered``,
+   ``MessageReceived``), and ``MessageRejected`` notices that need none. While
+   an event is unanswered the session is paused: further input is only
+   buffered, so pipelined commands wait their turn (RFC 2920). The caller
+   answers with ``tls_started()``, ``credentials_checked()``,
+   ``mail_checked()`` (the account's state and sending rate, which the core
+   cannot know), ``message_queued()`` or ``message_deferred()``, each of which
+   returns the next outputs. Clocks are the caller's too: it calls
+   ``timed_out()``, ``auth_timed_out()`` or ``session_expired()`` when its
+   timers fire, at a moment it picks with ``idle`` and ``authenticated``.
 3. Connection state (``Connection``) and transaction state (``Envelope``) are
    separate objects. RSET, EHLO, STARTTLS and the end of DATA replace the
    envelope, so nothing leaks from one message into the next.
@@ -91,6 +95,11 @@ class Account(Protocol):
     @property
     def allowed_domains(self) -> tuple[str, ...]: ...
 
+    @property
+    def header_from_check(self) -> bool:
+        """True: the From:/Sender: header addresses must be in ``allowed_domains`` too."""
+        ...
+
 
 @dataclass(frozen=True)
 class SessionPolicy:
@@ -119,6 +128,16 @@ class CredentialsOffered:
 
 
 @dataclass(frozen=True)
+class MailFromOffered:
+    """MAIL FROM passed the core's checks: may this account start a transaction now?
+
+    Answer with ``mail_checked()``; ``sender`` is the parsed address, "" for the null sender.
+    """
+
+    sender: str
+
+
+@dataclass(frozen=True)
 class MessageReceived:
     """A complete message: store it, then answer ``message_queued()`` or ``message_deferred()``."""
 
@@ -138,7 +157,7 @@ class MessageRejected:
     reply: Reply
 
 
-Event = TlsRequested | CredentialsOffered | MessageReceived
+Event = TlsRequested | CredentialsOffered | MailFromOffered | MessageReceived
 Output = Reply | Event | MessageRejected
 
 
@@ -148,6 +167,9 @@ class Envelope:
 
     sender: Path | None = None
     recipients: list[str] = field(default_factory=list)
+    # The caller's per-transaction recipient budget (mail_checked), and its refusal.
+    recipients_left: int | None = None
+    recipients_refusal: Reply | None = None
 
 
 @dataclass(slots=True)
@@ -305,6 +327,15 @@ class SmtpSession:
     def paused(self) -> bool:
         return self._waiting_for is not None
 
+    @property
+    def idle(self) -> bool:
+        """No transaction open and no answer awaited: a timer may close the session cleanly now."""
+        return self.state in (State.GREETED, State.READY) and self._waiting_for is None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.connection.account is not None
+
     def greeting(self) -> list[Output]:
         return [R.greeting(self.policy.hostname)]
 
@@ -339,6 +370,32 @@ class SmtpSession:
             return [reply, *self._process()]
         return [self._error(R.R535_AUTH_INVALID), *self._process()]
 
+    def mail_checked(
+        self,
+        refusal: Reply | None = None,
+        *,
+        recipients_left: int | None = None,
+        recipients_refusal: Reply | None = None,
+    ) -> list[Output]:
+        """The caller's verdict on ``MailFromOffered``.
+
+        ``refusal`` None starts the transaction; a closing refusal ends the session; any other
+        is sent as is (a policy answer, not a client error) and no transaction starts.
+        ``recipients_left`` caps the distinct recipients of this transaction; RCPT beyond it
+        gets ``recipients_refusal`` (452 4.5.3 when none is given) and the envelope keeps the
+        recipients accepted so far, so DATA still works for them.
+        """
+        self._resume(MailFromOffered)
+        if refusal is not None:
+            self.envelope = Envelope()
+            if refusal.close:
+                return [self._close(refusal)]
+            return [refusal, *self._process()]
+        self.envelope.recipients_left = recipients_left
+        self.envelope.recipients_refusal = recipients_refusal
+        self.state = State.MAIL
+        return [R.R250_SENDER_OK, *self._process()]
+
     def message_queued(self, message_id: str) -> list[Output]:
         """The message is committed: only now the 250 (RFC 5321 6.1)."""
         self._resume(MessageReceived)
@@ -353,6 +410,14 @@ class SmtpSession:
 
     def timed_out(self) -> list[Output]:
         return [self._close(R.R421_IDLE_TIMEOUT)]
+
+    def auth_timed_out(self) -> list[Output]:
+        """The client took too long to authenticate (the caller's clock)."""
+        return [self._close(R.R421_AUTH_TIMEOUT)]
+
+    def session_expired(self) -> list[Output]:
+        """The session reached its maximum lifetime (the caller's clock)."""
+        return [self._close(R.R421_SESSION_TIME)]
 
     def shutting_down(self) -> list[Output]:
         return [self._close(R.R421_SHUTTING_DOWN)]
@@ -608,9 +673,10 @@ class SmtpSession:
         assert account is not None
         if not domain_allowed(path.domain, account.allowed_domains):
             return [self._error(R.R553_SENDER_NOT_ALLOWED)]
+        # The state stays READY until mail_checked() starts the transaction.
         self.envelope = Envelope(sender=path)
-        self.state = State.MAIL
-        return [R.R250_SENDER_OK]
+        self._pause(MailFromOffered)
+        return [MailFromOffered(path.address)]
 
     def _on_rcpt(self, argument: str) -> list[Output]:
         refusal = self._ready_for_mail()
@@ -626,6 +692,10 @@ class SmtpSession:
             return [R.R250_RECIPIENT_OK]
         if len(self.envelope.recipients) >= self.policy.max_recipients:
             return [R.R452_TOO_MANY_RECIPIENTS]  # RFC 5321 4.5.3.1.10
+        left = self.envelope.recipients_left
+        if left is not None and len(self.envelope.recipients) >= left:
+            # The account's recipient budget: a policy answer, so not counted as a client error.
+            return [self.envelope.recipients_refusal or R.R452_TOO_MANY_RECIPIENTS]
         self.envelope.recipients.append(path.address)
         self.state = State.RCPT
         return [R.R250_RECIPIENT_OK]

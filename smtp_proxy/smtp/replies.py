@@ -54,8 +54,16 @@ R421_IDLE_TIMEOUT = _r(421, "4.4.2", "Idle timeout, closing connection", close=T
 R421_SHUTTING_DOWN = _r(421, "4.3.2", "Service shutting down, try again later", close=True)
 R421_TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing connection", close=True)
 R421_INTERNAL_ERROR = _r(421, "4.3.0", "Internal error, closing connection", close=True)
+R421_AUTH_TIMEOUT = _r(421, "4.7.0", "Authentication time limit reached, closing connection", close=True)
+R421_SESSION_TIME = _r(421, "4.7.0", "Session time limit reached, closing connection", close=True)
+R421_ACCOUNT_DISABLED = _r(421, "4.7.0", "Account disabled, closing connection", close=True)
+R421_TOO_MANY_FROM_IP = _r(
+    421, "4.7.0", "Too many connections from your address, try again later", close=True
+)
 R451_STORAGE_DOWN = _r(451, "4.3.0", "Temporary storage failure, try again later")
 R452_TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")
+# RFC 3463 3.4: 4.3.1 "mail system full"; here the listener's memory for messages in flight.
+R452_DATA_IN_FLIGHT = _r(452, "4.3.1", "Insufficient system storage, try again later")
 R454_TLS_UNAVAILABLE = _r(454, "4.7.0", "TLS not available")
 R454_AUTH_TEMPORARY = _r(454, "4.7.0", "Temporary authentication failure, try again later")
 R454_AUTH_THROTTLED = _r(454, "4.7.0", "Too many failed authentication attempts, try again later")
@@ -63,6 +71,7 @@ R454_AUTH_THROTTLED = _r(454, "4.7.0", "Too many failed authentication attempts,
 # 5xx: permanent
 R500_UNRECOGNIZED = _r(500, "5.5.2", "Syntax error, command unrecognized")
 R500_LINE_TOO_LONG = _r(500, "5.5.2", "Line too long")
+R500_AUTH_LINE_TOO_LONG = _r(500, "5.5.6", "Authentication Exchange line is too long")  # RFC 4954 6
 R500_HTTP = _r(500, "5.5.2", "This is an SMTP service, not HTTP", close=True)
 R501_SYNTAX = _r(501, "5.5.4", "Syntax error in parameters or arguments")
 R501_EHLO_SYNTAX = _r(501, "5.5.4", "Syntax: EHLO hostname")
@@ -82,6 +91,7 @@ R504_UNKNOWN_MECHANISM = _r(504, "5.5.4", "Unrecognized authentication mechanism
 R530_STARTTLS_FIRST = _r(530, "5.7.0", "Must issue a STARTTLS command first")
 R530_AUTH_REQUIRED = _r(530, "5.7.0", "Authentication required")
 R535_AUTH_INVALID = _r(535, "5.7.8", "Authentication credentials invalid")
+R550_HEADER_FROM = _r(550, "5.7.1", "From: header address not allowed for this account")
 R552_TOO_BIG = _r(552, "5.3.4", "Message size exceeds fixed maximum message size")
 R553_SENDER_NOT_ALLOWED = _r(553, "5.7.1", "Sender address not allowed for this account")
 R554_BARE_CR = _r(554, "5.6.0", "Bare CR in message data; lines must end with CRLF")
@@ -104,6 +114,11 @@ def ehlo(hostname: str, extensions: list[str]) -> Reply:
 
 def queued(message_id: str) -> Reply:
     return _r(250, "2.0.0", f"Ok: queued as {message_id}")
+
+
+def rate_exceeded(seconds: int) -> Reply:
+    """451 4.7.1 (RFC 3463 3.8: delivery not authorized, a policy that may lift) with the wait."""
+    return _r(451, "4.7.1", f"Sending rate exceeded for this account, try again in {seconds} seconds")
 
 
 def challenge(text: str) -> Reply:

@@ -1,9 +1,11 @@
 """A small driver for the pure SMTP core (smtp_proxy.smtp.protocol), offered as fixtures.
 
 The driver feeds bytes to an ``SmtpSession`` and answers its events the way the server
-adapter would; ``wire()`` renders outputs to the exact bytes a client would read, so tests
-can compare reply lines verbatim. ``FakeAccount`` is plain data that satisfies the core's
-``Account`` protocol, not a stand-in for code under test.
+adapter would. It answers ``MailFromOffered`` itself: it accepts, unless a test sets
+``mail_refusal`` or ``recipients_left``, or turns ``answer_mail`` off to answer by hand.
+``wire()`` renders outputs to the exact bytes a client would read, so tests can compare
+reply lines verbatim. ``FakeAccount`` is plain data that satisfies the core's ``Account``
+protocol, not a stand-in for code under test.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 import pytest
 
 from smtp_proxy.smtp.protocol import (
+    Account,
     AuthOutcome,
     CredentialsOffered,
+    MailFromOffered,
     MessageReceived,
     MessageRejected,
     Output,
@@ -35,6 +39,7 @@ DEFAULT_MAX_RECIPIENTS = 50
 class FakeAccount:
     name: str
     allowed_domains: tuple[str, ...]
+    header_from_check: bool = True
 
 
 def plain_response(username: str, password: str, authzid: str = "") -> str:
@@ -64,20 +69,54 @@ class Driver:
             tls_active=tls_active,
         )
         self.session = SmtpSession(self.policy)
+        # How the driver answers MailFromOffered, as the adapter would after its own checks.
+        self.answer_mail = True
+        self.mail_refusal: Reply | None = None
+        self.recipients_left: int | None = None
+        self.recipients_refusal: Reply | None = None
+        self.mail_offers: list[MailFromOffered] = []
 
     # --- feeding -------------------------------------------------------------------------------
 
     def send(self, data: str | bytes) -> list[Output]:
         if isinstance(data, str):
             data = data.encode("utf-8")
-        return self.session.receive(data)
+        return self.resolve(self.session.receive(data))
 
     def send_chunks(self, data: bytes, size: int) -> list[Output]:
         """Feed ``data`` in pieces of ``size`` bytes; the outputs of all calls, in order."""
         out: list[Output] = []
         for start in range(0, len(data), size):
-            out.extend(self.session.receive(data[start : start + size]))
+            out.extend(self.resolve(self.session.receive(data[start : start + size])))
         return out
+
+    def resolve(self, outputs: list[Output]) -> list[Output]:
+        """Answer each trailing MailFromOffered (when ``answer_mail``); the event stays in the list."""
+        out = list(outputs)
+        while self.answer_mail and out and isinstance(out[-1], MailFromOffered):
+            self.mail_offers.append(out[-1])
+            out.extend(
+                self.session.mail_checked(
+                    self.mail_refusal,
+                    recipients_left=self.recipients_left,
+                    recipients_refusal=self.recipients_refusal,
+                )
+            )
+        return out
+
+    # --- answering the core's events, then resolving what follows -------------------------------
+
+    def message_queued(self, message_id: str) -> list[Output]:
+        return self.resolve(self.session.message_queued(message_id))
+
+    def message_deferred(self) -> list[Output]:
+        return self.resolve(self.session.message_deferred())
+
+    def credentials_checked(self, outcome: AuthOutcome, account: Account | None = None) -> list[Output]:
+        return self.resolve(self.session.credentials_checked(outcome, account))
+
+    def tls_started(self) -> list[Output]:
+        return self.resolve(self.session.tls_started())
 
     # --- rendering -----------------------------------------------------------------------------
 

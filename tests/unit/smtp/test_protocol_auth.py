@@ -70,7 +70,7 @@ def test_auth_plain_with_initial_response_offers_credentials(secure_driver, plai
     out = driver.send(f"AUTH PLAIN {plain('alice', 'pa ss:wörd')}\r\n")
     assert out == [CredentialsOffered(mechanism="PLAIN", username="alice", password="pa ss:wörd")]
     assert driver.session.paused
-    assert driver.wire(driver.session.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
+    assert driver.wire(driver.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
     assert driver.session.connection.account == account(driver)
 
 
@@ -95,7 +95,7 @@ def test_auth_plain_without_initial_response_sends_empty_challenge(secure_driver
     assert driver.wire(driver.send(b"AUTH PLAIN\r\n")) == b"334 \r\n"
     out = driver.send(f"{plain('alice', 'secret')}\r\n")
     assert out == [CredentialsOffered("PLAIN", "alice", "secret")]
-    assert driver.wire(driver.session.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
+    assert driver.wire(driver.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
 
 
 def test_auth_plain_empty_response_is_535(secure_driver) -> None:
@@ -176,7 +176,7 @@ def test_auth_login_sends_both_challenges(secure_driver) -> None:
     assert driver.wire(driver.send(f"{b64('alice')}\r\n")) == PASSWORD
     out = driver.send(f"{b64('secret')}\r\n")
     assert out == [CredentialsOffered(mechanism="LOGIN", username="alice", password="secret")]
-    assert driver.wire(driver.session.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
+    assert driver.wire(driver.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
 
 
 def test_auth_login_with_initial_response_goes_to_password_challenge(secure_driver) -> None:
@@ -280,7 +280,7 @@ def test_auth_during_transaction_is_503(authed_driver, plain) -> None:
 def test_auth_outcome_invalid_is_535(secure_driver, plain) -> None:
     driver = secure_driver
     driver.send(f"AUTH PLAIN {plain('alice', 'wrong')}\r\n")
-    out = driver.session.credentials_checked(AuthOutcome.INVALID)
+    out = driver.credentials_checked(AuthOutcome.INVALID)
     assert driver.wire(out) == INVALID
     assert driver.session.connection.account is None
     assert driver.wire(driver.send(b"MAIL FROM:<alice@example.com>\r\n")) == (
@@ -291,7 +291,7 @@ def test_auth_outcome_invalid_is_535(secure_driver, plain) -> None:
 def test_auth_outcome_temporary_is_454(secure_driver, plain) -> None:
     driver = secure_driver
     driver.send(f"AUTH PLAIN {plain('alice', 'secret')}\r\n")
-    out = driver.session.credentials_checked(AuthOutcome.TEMPORARY)
+    out = driver.credentials_checked(AuthOutcome.TEMPORARY)
     assert driver.wire(out) == b"454 4.7.0 Temporary authentication failure, try again later\r\n"
     assert not driver.session.closed
 
@@ -299,7 +299,7 @@ def test_auth_outcome_temporary_is_454(secure_driver, plain) -> None:
 def test_auth_outcome_throttled_is_454(secure_driver, plain) -> None:
     driver = secure_driver
     driver.send(f"AUTH PLAIN {plain('alice', 'secret')}\r\n")
-    out = driver.session.credentials_checked(AuthOutcome.THROTTLED)
+    out = driver.credentials_checked(AuthOutcome.THROTTLED)
     assert driver.wire(out) == b"454 4.7.0 Too many failed authentication attempts, try again later\r\n"
     assert not driver.session.closed
 
@@ -307,7 +307,7 @@ def test_auth_outcome_throttled_is_454(secure_driver, plain) -> None:
 def test_auth_outcome_too_many_sessions_is_421_and_closes(secure_driver, plain) -> None:
     driver = secure_driver
     driver.send(f"AUTH PLAIN {plain('alice', 'secret')}\r\nNOOP\r\n")
-    out = driver.session.credentials_checked(AuthOutcome.TOO_MANY_SESSIONS)
+    out = driver.credentials_checked(AuthOutcome.TOO_MANY_SESSIONS)
     assert driver.wire(out) == b"421 4.7.0 Too many concurrent sessions for this account\r\n"
     assert out[-1].close
     assert driver.session.closed
@@ -317,10 +317,10 @@ def test_auth_outcome_too_many_sessions_is_421_and_closes(secure_driver, plain) 
 def test_auth_retry_after_failure_succeeds(secure_driver, plain) -> None:
     driver = secure_driver
     driver.send(f"AUTH PLAIN {plain('alice', 'wrong')}\r\n")
-    assert driver.wire(driver.session.credentials_checked(AuthOutcome.INVALID)) == INVALID
+    assert driver.wire(driver.credentials_checked(AuthOutcome.INVALID)) == INVALID
     out = driver.send(f"AUTH PLAIN {plain('alice', 'secret')}\r\n")
     assert out == [CredentialsOffered("PLAIN", "alice", "secret")]
-    assert driver.wire(driver.session.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
+    assert driver.wire(driver.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
     assert driver.codes(driver.send(b"MAIL FROM:<alice@example.com>\r\n")) == [250]
 
 
@@ -328,9 +328,9 @@ def test_auth_retry_after_temporary_failure_succeeds(secure_driver, plain) -> No
     driver = secure_driver
     driver.send(f"AUTH LOGIN {b64('alice')}\r\n")
     driver.send(f"{b64('secret')}\r\n")
-    assert driver.codes(driver.session.credentials_checked(AuthOutcome.TEMPORARY)) == [454]
+    assert driver.codes(driver.credentials_checked(AuthOutcome.TEMPORARY)) == [454]
     driver.send(f"AUTH PLAIN {plain('alice', 'secret')}\r\n")
-    assert driver.wire(driver.session.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
+    assert driver.wire(driver.credentials_checked(AuthOutcome.OK, account(driver))) == AUTH_OK
 
 
 def test_credentials_offered_repr_hides_password(secure_driver, plain) -> None:

@@ -138,7 +138,7 @@ def test_data_chunking_does_not_change_result(authed_driver, size: int) -> None:
     assert driver.codes(out) == [250, 250, 354]
     assert driver.received(out) == [expected_message()]
     assert driver.received(out)[0].data == TRICKY_STORED
-    assert driver.wire(driver.session.message_queued("Q1")) == QUEUED % b"Q1" + b"221 2.0.0 Bye\r\n"
+    assert driver.wire(driver.message_queued("Q1")) == QUEUED % b"Q1" + b"221 2.0.0 Bye\r\n"
 
 
 def test_data_split_at_every_boundary_gives_same_result(make_driver) -> None:
@@ -148,14 +148,14 @@ def test_data_split_at_every_boundary_gives_same_result(make_driver) -> None:
         out = driver.send(stream[:cut]) + driver.send(stream[cut:])
         assert driver.codes(out) == [250, 250, 354], cut
         assert driver.received(out) == [expected_message()], cut
-        assert driver.codes(driver.session.message_queued("Q")) == [250, 221], cut
+        assert driver.codes(driver.message_queued("Q")) == [250, 221], cut
 
 
 def test_data_pipelined_quit_answered_after_message_queued(authed_driver) -> None:
     driver = authed_driver
     out = data_stream(driver, b"hello\r\n", after=b"QUIT\r\n")
     assert out == [MessageReceived(SENDER, (RECIPIENT,), b"hello\r\n")]
-    out = driver.session.message_queued("id")
+    out = driver.message_queued("id")
     assert driver.wire(out) == b"250 2.0.0 Ok: queued as id\r\n221 2.0.0 Bye\r\n"
     assert out[-1].close
     assert driver.session.closed
@@ -164,18 +164,18 @@ def test_data_pipelined_quit_answered_after_message_queued(authed_driver) -> Non
 def test_data_message_deferred_is_451_and_session_stays_usable(authed_driver) -> None:
     driver = authed_driver
     data_stream(driver, b"hello\r\n")
-    out = driver.session.message_deferred()
+    out = driver.message_deferred()
     assert driver.wire(out) == b"451 4.3.0 Temporary storage failure, try again later\r\n"
     assert not driver.session.closed
     out = data_stream(driver, b"again\r\n")
     assert only_message(driver, out).data == b"again\r\n"
-    assert driver.wire(driver.session.message_queued("Q2")) == QUEUED % b"Q2"
+    assert driver.wire(driver.message_queued("Q2")) == QUEUED % b"Q2"
 
 
 def test_data_two_messages_in_one_session(authed_driver) -> None:
     driver = authed_driver
     first = only_message(driver, data_stream(driver, b"one\r\n"))
-    driver.session.message_queued("Q1")
+    driver.message_queued("Q1")
     second = only_message(driver, data_stream(driver, b"two\r\n"))
     assert (first.data, second.data) == (b"one\r\n", b"two\r\n")
 
@@ -211,7 +211,7 @@ def test_data_smuggling_variant_gives_one_outcome(authed_driver, variant: bytes,
         assert b"smuggled\r\n" in message.data
         assert message.recipients == (RECIPIENT,)
         # The pipelined NOOP waits for the answer; no second message follows it.
-        out = driver.session.message_queued("Q1")
+        out = driver.message_queued("Q1")
         assert driver.wire(out) == QUEUED % b"Q1" + b"250 2.0.0 OK\r\n"
         assert driver.received(out) == []
     assert not driver.session.paused

@@ -160,14 +160,14 @@ def test_starttls_discards_pipelined_commands_cve_2011_0411(driver) -> None:
     assert driver.wire(out) == b"220 2.0.0 Ready to start TLS\r\n"
     assert out[-1] == TlsRequested()
     # Nothing of what was injected in plain text is answered once TLS is up.
-    assert driver.session.tls_started() == []
+    assert driver.tls_started() == []
     assert driver.wire(driver.send(b"EHLO client.test\r\n")) == EHLO_TLS
 
 
 def test_starttls_discards_pipelined_partial_line(driver) -> None:
     driver.ehlo()
     driver.send(b"STARTTLS\r\nNOOP")
-    assert driver.session.tls_started() == []
+    assert driver.tls_started() == []
     # The half line "NOOP" sent in plain text must not be glued to the first line under TLS.
     assert driver.wire(driver.send(b"EHLO client.test\r\n")) == EHLO_TLS
 
@@ -341,7 +341,7 @@ def test_pipelined_commands_behind_auth_wait_for_answer(secure_driver, plain) ->
     driver = secure_driver
     out = driver.send(f"AUTH PLAIN {plain('alice', 'secret')}\r\nMAIL FROM:<alice@example.com>\r\nNOOP\r\n")
     assert out == [CredentialsOffered("PLAIN", "alice", "secret")]
-    out = driver.session.credentials_checked(AuthOutcome.OK, driver.Account("alice", ("example.com",)))
+    out = driver.credentials_checked(AuthOutcome.OK, driver.Account("alice", ("example.com",)))
     assert driver.wire(out) == (
         b"235 2.7.0 Authentication successful\r\n250 2.1.0 Sender OK\r\n250 2.0.0 OK\r\n"
     )
@@ -355,7 +355,7 @@ def test_pipelined_commands_behind_end_of_data_wait_for_answer(authed_driver) ->
     )
     assert driver.codes(out) == [250, 250, 354]
     assert out[-1] == MessageReceived("alice@example.com", ("bob@dest.test",), b"hello\r\n")
-    out = driver.session.message_queued("Q1")
+    out = driver.message_queued("Q1")
     assert driver.wire(out) == b"250 2.0.0 Ok: queued as Q1\r\n" + OK + b"250 2.1.0 Sender OK\r\n"
 
 
@@ -365,7 +365,7 @@ def test_receive_while_paused_buffers_and_returns_nothing(secure_driver, plain) 
     assert driver.session.paused
     assert driver.send(b"NOOP\r\n") == []
     assert driver.send(b"RSET\r\n") == []
-    out = driver.session.credentials_checked(AuthOutcome.OK, driver.Account("alice", ("example.com",)))
+    out = driver.credentials_checked(AuthOutcome.OK, driver.Account("alice", ("example.com",)))
     assert driver.codes(out) == [235, 250, 250]
     assert not driver.session.paused
 
@@ -390,7 +390,7 @@ def test_answer_raises_runtime_error_after_event_answered(driver) -> None:
     driver.ehlo()
     driver.starttls()
     with pytest.raises(RuntimeError):
-        driver.session.tls_started()
+        driver.tls_started()
 
 
 # --- closing from the outside --------------------------------------------------------------------
@@ -418,7 +418,7 @@ def test_input_received_while_starttls_is_pending_never_runs_inside_tls(driver) 
     driver.send("STARTTLS\r\n")
     # Plaintext that arrives between the 220 and the handshake (CVE-2011-0411).
     assert driver.send("MAIL FROM:<a@example.com>\r\n") == []
-    assert driver.session.tls_started() == []
+    assert driver.tls_started() == []
     assert driver.codes(driver.send("NOOP\r\n")) == [250]
 
 
@@ -426,5 +426,5 @@ def test_answering_the_wrong_event_is_a_caller_error(driver) -> None:
     driver.send("EHLO client.test\r\n")
     driver.send("STARTTLS\r\n")
     with pytest.raises(RuntimeError):
-        driver.session.message_queued("id")
-    assert driver.session.tls_started() == []
+        driver.message_queued("id")
+    assert driver.tls_started() == []

@@ -303,7 +303,7 @@ def test_next_transaction_starts_empty_after_message(authed_driver) -> None:
     driver = authed_driver
     driver.send(MAIL + b"RCPT TO:<bob@dest.test>\r\nDATA\r\n")
     finish(driver)
-    driver.session.message_queued("Q1")
+    driver.message_queued("Q1")
     assert driver.wire(driver.send(b"RCPT TO:<carol@dest.test>\r\n")) == NEED_MAIL
     driver.send(MAIL + b"RCPT TO:<carol@dest.test>\r\nDATA\r\n")
     assert finish(driver).recipients == ("carol@dest.test",)

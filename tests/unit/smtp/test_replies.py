@@ -18,6 +18,7 @@ BUILT = {
     "queued": replies.queued("0123456789abcdef"),
     "challenge-empty": replies.challenge(""),
     "challenge": replies.challenge("VXNlcm5hbWU6"),
+    "rate_exceeded": replies.rate_exceeded(30),
 }
 ALL = {**NAMED, **BUILT}
 # RFC 3463 2: class "." subject "." detail, 1-3 digits each; the class is 2, 4 or 5.
@@ -109,3 +110,9 @@ def test_reply_built_replies_do_not_close(name: str) -> None:
 
 def test_reply_greeting_has_no_enhanced_status() -> None:
     assert replies.greeting("mx.test").to_bytes() == b"220 mx.test ESMTP smtp-proxy\r\n"
+
+
+def test_reply_rate_exceeded_names_the_wait() -> None:
+    assert replies.rate_exceeded(42).to_bytes() == (
+        b"451 4.7.1 Sending rate exceeded for this account, try again in 42 seconds\r\n"
+    )
