@@ -7,25 +7,54 @@ disjoint batches, without waiting on each other. A claimed message is
 to the claim; a claim whose worker died runs out, and the message is claimed
 again. Outcomes are written only while the claim still holds.
 
-SQLite has no row locks: its single writer serialises whole claims, which is
+Claims are fair across accounts. For each active account, the subquery takes
+that account's oldest due messages from the (account_id, status,
+next_attempt_at) index, no more than the account's allowance (the per-account
+cap less what the claiming process already has in flight for it), and the
+batch is filled by rank: every account's first message before any account's
+second. So one account's backlog of a million waits behind nobody, and
+nobody waits behind it. The cost grows with the number of accounts (one index
+probe each), not with the number of queued messages.
+
+Messages of a deactivated account are never claimed: they wait, with one
+delivery-log line saying why (``hold_waiting``), go out at the first claim
+after the account is active again, and fail at ``delivery.max_age``
+(``fail_held``).
+
+SQLite has no row locks and no LATERAL: a window function ranks each account's
+due messages instead, and its single writer serialises whole claims, which is
 enough for the one worker an embedded install runs.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, case, func, insert, select, update
+from sqlalchemy import Integer, Uuid, and_, bindparam, case, exists, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from smtp_proxy.db.models import DeliveryLog, DeliveryStatus, EspProvider, MessageStatus, RoutingRule
+from smtp_proxy.db.models import (
+    Account,
+    DeliveryLog,
+    DeliveryStatus,
+    EspProvider,
+    MessageStatus,
+    RoutingRule,
+)
 from smtp_proxy.db.models import Message as MessageModel
+from smtp_proxy.db.types import UtcDateTime
 
 _M = MessageModel.__table__.c
+_A = Account.__table__.c
 _LOGS = DeliveryLog.__table__
+_L = _LOGS.c
+# What a deactivated account's waiting messages say in their delivery log.
+HELD_TEXT = "held: the account is deactivated"
 
 # What a worker needs of a claimed message.
 _CLAIMED_COLUMNS = (
@@ -59,50 +88,127 @@ class Claim(NamedTuple):
     messages: list[Claimed]
 
 
-def _claim_statement(status: MessageStatus) -> Any:
-    due = (
-        select(_M.id)
-        .where(_M.status == status, _M.next_attempt_at <= bindparam("now"))
-        .order_by(_M.next_attempt_at)
-        .limit(bindparam("limit"))
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+# PostgreSQL: per active account below its cap, a LATERAL index walk over (account_id, status,
+# next_attempt_at) for its oldest due messages, locked with SKIP LOCKED, at most its allowance (the
+# LIMIT may name the outer row: a lateral reference); the batch is then filled by rank across
+# accounts, an account's rank starting after what is in flight for it. A row locked but left out by
+# the outer LIMIT stays locked only until the claim commits. RETURNING is qualified (chosen.id).
+_CLAIM_POSTGRESQL = """
+UPDATE messages AS m
+SET status = 'processing', lease_id = :lease_id, next_attempt_at = :until,
+    attempts = m.attempts + 1, updated_at = :now
+FROM (
+    SELECT due.id
+    FROM accounts AS a
+    LEFT JOIN unnest(CAST(:busy_ids AS uuid[]), CAST(:busy_counts AS integer[])) AS busy(account_id, used)
+           ON busy.account_id = a.id
+    CROSS JOIN LATERAL (
+        SELECT d.id, d.next_attempt_at
+        FROM messages AS d
+        WHERE d.account_id = a.id AND d.status = :status AND d.next_attempt_at <= :now
+        ORDER BY d.next_attempt_at
+        LIMIT :per_account - coalesce(busy.used, 0)
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE a.active AND coalesce(busy.used, 0) < :per_account
+    ORDER BY row_number() OVER (PARTITION BY a.id ORDER BY due.next_attempt_at) + coalesce(busy.used, 0),
+             due.next_attempt_at
+    LIMIT :limit
+) AS chosen
+WHERE m.id = chosen.id
+RETURNING m.id, m.account_id, m.sender, m.recipients, m.headers, m.body_encrypted, m.attempts,
+          m.correlation_id, m.created_at
+"""
+
+# SQLite: no LATERAL and no row locks (one writer); a window function ranks each active account's
+# due messages, which reads all of them: enough for the one embedded worker's queue. Its RETURNING
+# takes bare column names only.
+_CLAIM_SQLITE = """
+UPDATE messages
+SET status = 'processing', lease_id = :lease_id, next_attempt_at = :until,
+    attempts = attempts + 1, updated_at = :now
+WHERE id IN (
+    SELECT id FROM (
+        SELECT d.id, d.next_attempt_at,
+               row_number() OVER (PARTITION BY d.account_id ORDER BY d.next_attempt_at)
+               + coalesce((SELECT json_extract(b.value, '$[1]') FROM json_each(:busy) AS b
+                           WHERE json_extract(b.value, '$[0]') = d.account_id), 0) AS rank
+        FROM messages AS d JOIN accounts AS a ON a.id = d.account_id
+        WHERE d.status = :status AND d.next_attempt_at <= :now AND a.active
     )
-    return (
-        update(MessageModel.__table__)
-        .where(_M.id.in_(due))
-        .values(
-            status=MessageStatus.PROCESSING,
-            lease_id=bindparam("lease_id"),
-            next_attempt_at=bindparam("until"),
-            attempts=_M.attempts + 1,
-            updated_at=bindparam("now"),
-        )
-        .returning(*_CLAIMED_COLUMNS)
-    )
+    WHERE rank <= :per_account
+    ORDER BY rank, next_attempt_at
+    LIMIT :limit
+)
+RETURNING id, account_id, sender, recipients, headers, body_encrypted, attempts, correlation_id, created_at
+"""
+
+_CLAIM_BINDS = (
+    bindparam("lease_id", type_=Uuid()),
+    bindparam("until", type_=UtcDateTime()),
+    bindparam("now", type_=UtcDateTime()),
+    bindparam("status", type_=_M.status.type),
+    bindparam("per_account", type_=Integer()),
+    bindparam("limit", type_=Integer()),
+)
 
 
-# Built once. Leases that ran out first (their worker died), then the queue, oldest due first;
-# two statements so that each walks the (status, next_attempt_at) index in order.
-_CLAIM_EXPIRED = _claim_statement(MessageStatus.PROCESSING)
-_CLAIM_QUEUED = _claim_statement(MessageStatus.QUEUED)
+def _claim_statement(sql: str) -> Any:
+    return text(sql).bindparams(*_CLAIM_BINDS).columns(*_CLAIMED_COLUMNS)
 
 
-def claim(session: Session, *, limit: int, lease: float, now: datetime) -> Claim:
-    """Claim up to ``limit`` due messages for ``lease`` seconds; the caller commits.
+# Built once, for each database. Leases that ran out first (their worker died), then the queue.
+_CLAIMS = {"postgresql": _claim_statement(_CLAIM_POSTGRESQL), "sqlite": _claim_statement(_CLAIM_SQLITE)}
 
-    Each claim counts as an attempt, so that a message that kills its worker
-    every time still reaches ``max_attempts``.
+
+def claim(
+    session: Session,
+    *,
+    limit: int,
+    lease: float,
+    now: datetime,
+    per_account: int | None = None,
+    in_flight: Mapping[uuid.UUID, int] | None = None,
+) -> Claim:
+    """Claim up to ``limit`` due messages for ``lease`` seconds, fairly across accounts; the caller commits.
+
+    No account gets more than ``per_account`` less its count in ``in_flight`` (what the caller
+    already holds of it; default: no cap but ``limit``). Deactivated accounts get nothing. Each
+    claim counts as an attempt, so that a message that kills its worker every time still reaches
+    ``max_attempts``.
     """
     lease_id = uuid.uuid4()
     until = now + timedelta(seconds=lease)
-    params = {"now": now, "until": until, "lease_id": lease_id, "limit": limit}
-    rows = list(session.execute(_CLAIM_EXPIRED, params))
-    if len(rows) < limit:
-        rows += session.execute(_CLAIM_QUEUED, {**params, "limit": limit - len(rows)})
+    cap = limit if per_account is None else per_account
+    busy = {account: count for account, count in (in_flight or {}).items() if count > 0}
+    statement = _CLAIMS[session.get_bind().dialect.name]
+    rows: list[Any] = []
+    for status in (MessageStatus.PROCESSING, MessageStatus.QUEUED):
+        if len(rows) >= limit:
+            break
+        params = {
+            "now": now,
+            "until": until,
+            "lease_id": lease_id,
+            "status": status,
+            "per_account": cap,
+            "limit": limit - len(rows),
+            **_busy_params(session, busy),
+        }
+        taken = list(session.execute(statement, params))
+        for row in taken:
+            busy[row.account_id] = busy.get(row.account_id, 0) + 1
+        rows += taken
     messages = [Claimed(*row) for row in rows]
     messages.sort(key=lambda m: (m.created_at, m.id))
     return Claim(lease_id, until, messages)
+
+
+def _busy_params(session: Session, busy: Mapping[uuid.UUID, int]) -> dict[str, Any]:
+    """What each account has in flight, as the dialect's statement takes it."""
+    if session.get_bind().dialect.name == "sqlite":  # Uuid is stored as 32 hex digits there
+        return {"busy": json.dumps([[account.hex, count] for account, count in busy.items()])}
+    return {"busy_ids": [str(account) for account in busy], "busy_counts": list(busy.values())}
 
 
 def _held(message_id: Any, lease_id: Any) -> Any:
@@ -219,6 +325,134 @@ def release(session: Session, lease_id: uuid.UUID, message_ids: list[uuid.UUID],
         )
     )
     return result.rowcount
+
+
+def hold(session: Session, message_id: uuid.UUID, lease_id: uuid.UUID, now: datetime) -> bool:
+    """Give back a claimed message whose account turned out deactivated, with the held line.
+
+    Like ``release``: the claim does not count as an attempt, and the message is due at once, so
+    that it goes out at the first claim after the account is active again. The caller commits.
+    """
+    if not release(session, lease_id, [message_id], now):
+        return False
+    log_attempts(session, message_id, [Attempt(None, DeliveryStatus.DEFERRED, None, HELD_TEXT, now)])
+    return True
+
+
+def account_active(session: Session, account_id: uuid.UUID) -> bool:
+    """Whether the account exists and is active."""
+    return bool(session.scalar(select(_A.active).where(_A.id == account_id)))
+
+
+def inactive_accounts(session: Session) -> dict[uuid.UUID, datetime]:
+    """The deactivated accounts, with when each was last changed."""
+    rows = session.execute(select(_A.id, _A.updated_at).where(_A.active.is_(False)))
+    return {account_id: updated_at for account_id, updated_at in rows}
+
+
+def sweep_lock(session: Session) -> bool:
+    """Whether this transaction may sweep held messages: one process at a time (PostgreSQL).
+
+    Two processes writing held lines at once could both find a message without one. The lock is
+    a transaction-level advisory lock: it goes with the commit. SQLite has one worker only.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(_SWEEP_LOCK))))
+
+
+# An arbitrary constant that names the held-message sweep among advisory locks.
+_SWEEP_LOCK = 0x736D7470_686F6C64 % (2**63)
+
+
+def _waiting(now: datetime) -> Any:
+    """Queued, or claimed under a lease that ran out (its worker died)."""
+    return or_(
+        _M.status == MessageStatus.QUEUED,
+        and_(_M.status == MessageStatus.PROCESSING, _M.next_attempt_at < now),
+    )
+
+
+def hold_waiting(session: Session, account_id: uuid.UUID, now: datetime, batch_size: int = 1000) -> int:
+    """Write the held line on one batch of a deactivated account's waiting messages; the caller commits.
+
+    Only on messages without one since they last changed, so that each gets it once, not at every
+    sweep. A claim that ran out becomes queued again (it keeps its attempt count and due time).
+    Returns how many were held; repeat while a full batch was.
+    """
+    logged = exists().where(
+        _L.message_id == _M.id, _L.response_text == HELD_TEXT, _L.created_at >= _M.updated_at
+    )
+    batch = (
+        select(_M.id)
+        .where(_M.account_id == account_id, _waiting(now), ~logged)
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    ids = session.scalars(
+        update(MessageModel.__table__)
+        .where(_M.id.in_(batch))
+        .values(status=MessageStatus.QUEUED, lease_id=None, updated_at=now)
+        .returning(_M.id)
+    ).all()
+    _log_each(session, ids, DeliveryStatus.DEFERRED, HELD_TEXT, now)
+    return len(ids)
+
+
+def fail_held(
+    session: Session,
+    account_ids: list[uuid.UUID],
+    created_before: datetime,
+    now: datetime,
+    reason: str,
+    batch_size: int = 1000,
+) -> int:
+    """Fail one batch of deactivated accounts' waiting messages created before the cutoff.
+
+    The (account_id, status, created_at) index finds them without reading the rest of the
+    queue. The caller commits and repeats while a full batch went.
+    """
+    if not account_ids:
+        return 0
+    batch = (
+        select(_M.id)
+        .where(_M.account_id.in_(account_ids), _waiting(now), _M.created_at < created_before)
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    ids = session.scalars(
+        update(MessageModel.__table__)
+        .where(_M.id.in_(batch))
+        .values(
+            status=MessageStatus.FAILED, lease_id=None, processed_at=now, next_attempt_at=now, updated_at=now
+        )
+        .returning(_M.id)
+    ).all()
+    _log_each(session, ids, DeliveryStatus.FAILED, reason, now)
+    return len(ids)
+
+
+def _log_each(
+    session: Session, message_ids: list[uuid.UUID], status: DeliveryStatus, text_: str, now: datetime
+) -> None:
+    if message_ids:
+        session.execute(
+            insert(_LOGS),
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "message_id": message_id,
+                    "provider_id": None,
+                    "status": status,
+                    "response_code": None,
+                    "response_text": text_,
+                    "created_at": now,
+                }
+                for message_id in message_ids
+            ],
+        )
 
 
 def purge_bodies(session: Session, older_than: datetime, batch_size: int = 1000) -> int:

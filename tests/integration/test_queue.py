@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections import Counter
 from datetime import timedelta
 
 from sqlalchemy import select, update
 
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
+from smtp_proxy.db.models import Account, DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.storage import queue
@@ -191,7 +192,7 @@ def test_depth_counts_waiting_and_in_delivery(database: Database, cipher: Cipher
 
 def test_routes_leave_out_disabled_rules_and_providers(database: Database, cipher: Cipher) -> None:
     account = new_account(database).account
-    other = new_account(database, "bob").account
+    other = new_account(database, "bob", domains=("bob.example",)).account
     on = new_provider(database, cipher, account.id, "on", api_key="k")
     off = new_provider(database, cipher, account.id, "off", api_key="k", enabled=False)
     new_rule(database, account.id, on.id, "second", 5)
@@ -273,3 +274,125 @@ def test_an_outcome_for_a_provider_deleted_meanwhile_is_still_written(
         (kept.id, "busy"),
         (None, "ok"),
     ]
+
+
+# --- fair claims ----------------------------------------------------------------------------------
+
+
+def deactivate(db: Database, account_id: uuid.UUID, active: bool = False) -> None:
+    with db.transaction() as session:
+        session.execute(update(Account).where(Account.id == account_id).values(active=active))
+
+
+def test_a_backlog_does_not_delay_another_accounts_new_message(database: Database, cipher: Cipher) -> None:
+    """A's 300 due messages are older than B's one, yet B's is in the first claim."""
+    a = new_account(database, "alice").account
+    b = new_account(database, "bob", domains=("bob.example",)).account
+    backlog = enqueue(database, cipher, a.id, 300)
+    (fresh_one,) = enqueue(database, cipher, b.id)
+    taken = claim(database, limit=10)
+    assert fresh_one in [m.id for m in taken.messages]
+    assert [m.id for m in taken.messages if m.account_id == a.id] == backlog[:9]  # A's oldest first
+
+
+def test_each_accounts_first_message_comes_before_any_accounts_second(
+    database: Database, cipher: Cipher
+) -> None:
+    a = new_account(database, "alice").account
+    b = new_account(database, "bob", domains=("bob.example",)).account
+    c = new_account(database, "carol", domains=("carol.example",)).account
+    for account in (a, b, c):
+        enqueue(database, cipher, account.id, 3)
+    taken = claim(database, limit=4)
+    assert sorted(Counter(m.account_id for m in taken.messages).values()) == [1, 1, 2]
+
+
+def test_the_per_account_cap_counts_what_the_claimer_has_in_flight(
+    database: Database, cipher: Cipher
+) -> None:
+    a = new_account(database, "alice").account
+    b = new_account(database, "bob", domains=("bob.example",)).account
+    enqueue(database, cipher, a.id, 10)
+    enqueue(database, cipher, b.id, 10)
+
+    def take(in_flight: dict[uuid.UUID, int]) -> Counter[uuid.UUID]:
+        with database.transaction() as session:
+            taken = queue.claim(
+                session, limit=50, lease=LEASE, now=utcnow(), per_account=3, in_flight=in_flight
+            )
+        return Counter(m.account_id for m in taken.messages)
+
+    assert take({a.id: 2}) == {a.id: 1, b.id: 3}
+    assert take({a.id: 3, b.id: 1}) == {b.id: 2}
+    assert take({a.id: 5, b.id: 0}) == {b.id: 3}
+
+
+def test_expired_leases_come_first_and_count_toward_the_cap(database: Database, cipher: Cipher) -> None:
+    account = new_account(database).account
+    ids = enqueue(database, cipher, account.id, 6)
+    first = claim(database, limit=2, lease=1)
+    later = utcnow() + timedelta(seconds=2)
+    with database.transaction() as session:
+        taken = queue.claim(session, limit=10, lease=LEASE, now=later, per_account=3)
+    assert {m.id for m in first.messages} <= {m.id for m in taken.messages}
+    assert len(taken.messages) == 3 and {m.id for m in taken.messages} < set(ids)
+
+
+def test_a_deactivated_accounts_messages_are_not_claimed_until_it_is_active_again(
+    database: Database, cipher: Cipher
+) -> None:
+    a = new_account(database, "alice").account
+    b = new_account(database, "bob", domains=("bob.example",)).account
+    held = enqueue(database, cipher, a.id, 2)
+    expired = claim(database, limit=1, lease=1).messages[0].id  # one of A's, its worker gone
+    (theirs,) = enqueue(database, cipher, b.id)
+    deactivate(database, a.id)
+    later = utcnow() + timedelta(seconds=2)
+    assert [m.id for m in claim(database, now=later).messages] == [theirs]
+    deactivate(database, a.id, active=True)
+    again = claim(database, now=later).messages
+    assert {m.id for m in again} == set(held) and expired in held
+    assert {m.id: m.attempts for m in again} == {expired: 2, next(i for i in held if i != expired): 1}
+
+
+def test_held_messages_get_one_line_each_and_fail_at_max_age(database: Database, cipher: Cipher) -> None:
+    account = new_account(database).account
+    old, recent = enqueue(database, cipher, account.id, 2)
+    deactivate(database, account.id)
+    with database.transaction() as session:
+        assert queue.inactive_accounts(session).keys() == {account.id}
+    now = utcnow()
+    with database.transaction() as session:
+        assert queue.sweep_lock(session)
+        assert queue.hold_waiting(session, account.id, now) == 2
+    with database.transaction() as session:
+        assert queue.hold_waiting(session, account.id, utcnow()) == 0  # once, not every sweep
+    with database.transaction() as session:
+        session.execute(
+            update(Message).where(Message.id == old).values(created_at=utcnow() - timedelta(days=6))
+        )
+    cutoff = utcnow() - timedelta(days=5)
+    with database.transaction() as session:
+        assert queue.fail_held(session, [account.id], cutoff, utcnow(), "too old", batch_size=10) == 1
+    assert row(database, old).status is MessageStatus.FAILED and row(database, old).processed_at is not None
+    assert row(database, recent).status is MessageStatus.QUEUED and row(database, recent).attempts == 0
+    assert [(e.status, e.response_text) for e in logs(database, old)] == [
+        (DeliveryStatus.DEFERRED, queue.HELD_TEXT),
+        (DeliveryStatus.FAILED, "too old"),
+    ]
+    assert [e.response_text for e in logs(database, recent)] == [queue.HELD_TEXT]
+
+
+def test_hold_gives_a_claimed_message_back_without_counting_the_attempt(
+    database: Database, cipher: Cipher
+) -> None:
+    account = new_account(database).account
+    (message_id,) = enqueue(database, cipher, account.id)
+    taken = claim(database)
+    with database.transaction() as session:
+        assert queue.hold(session, message_id, taken.lease_id, utcnow())
+    stored = row(database, message_id)
+    assert (stored.status, stored.attempts, stored.lease_id) == (MessageStatus.QUEUED, 0, None)
+    assert [e.response_text for e in logs(database, message_id)] == [queue.HELD_TEXT]
+    with database.transaction() as session:  # its line counts: the sweep does not write another
+        assert queue.hold_waiting(session, account.id, utcnow()) == 0
