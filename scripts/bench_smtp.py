@@ -56,6 +56,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from benchlib import migrated_database, serve, stop  # also puts the checkout on sys.path
 from sqlalchemy import create_engine, insert, select
@@ -137,7 +138,7 @@ def _worker(port: int, threads: int, per_session: int, deadline: float, queue: m
     """One load process: `threads` clients in a loop until the deadline; reports latencies."""
     context = _client_context()
     latencies: list[float] = []
-    errors = [0]
+    errors: dict[str, int] = {}  # what went wrong (the exception, its first 80 characters) -> times
     lock = threading.Lock()
 
     def loop() -> None:
@@ -148,9 +149,10 @@ def _worker(port: int, threads: int, per_session: int, deadline: float, queue: m
                 for _ in range(per_session):
                     client.message()
                 client.quit()
-            except (OSError, RuntimeError, ConnectionError):
+            except (OSError, RuntimeError, ConnectionError) as error:
+                kind = f"{type(error).__name__}: {error}"[:80]
                 with lock:
-                    errors[0] += 1
+                    errors[kind] = errors.get(kind, 0) + 1
                 continue
             with lock:
                 latencies.append(time.perf_counter() - started)
@@ -160,10 +162,10 @@ def _worker(port: int, threads: int, per_session: int, deadline: float, queue: m
         thread.start()
     for thread in pool:
         thread.join()
-    queue.put((latencies, errors[0]))
+    queue.put((latencies, errors))
 
 
-def run_load(port: int, clients: int, per_session: int, seconds: float) -> dict[str, float]:
+def run_load(port: int, clients: int, per_session: int, seconds: float) -> dict[str, Any]:
     processes = min(4, clients)
     per_process = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
     deadline = time.time() + seconds
@@ -180,14 +182,18 @@ def run_load(port: int, clients: int, per_session: int, seconds: float) -> dict[
         worker.join(timeout=30)
     elapsed = time.perf_counter() - started
     latencies = sorted(x for lats, _ in results for x in lats)
-    errors = sum(e for _, e in results)
+    kinds: dict[str, int] = {}
+    for _, errors in results:
+        for kind, count in errors.items():
+            kinds[kind] = kinds.get(kind, 0) + count
     return {
         "sessions": len(latencies),
         "sessions_per_s": len(latencies) / elapsed,
         "messages_per_s": len(latencies) * per_session / elapsed,
         "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
         "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan"),
-        "errors": errors,
+        "errors": sum(kinds.values()),
+        "error_kinds": kinds,
     }
 
 
@@ -663,7 +669,7 @@ def limits_phase(bench: Bench, args: argparse.Namespace) -> None:
         "memory": {"storage": "memory://", **HIGH_LIMITS},
         "redis": {"storage": redis_url, **HIGH_LIMITS},
     }
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     try:
         for round_ in range(args.limits_rounds):
             order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
@@ -685,6 +691,9 @@ def limits_phase(bench: Bench, args: argparse.Namespace) -> None:
                     f"({result['sessions']} sessions, {result['errors']} errors, "
                     f"{result['redis_counted']:.0f} counted in Redis)"
                 )
+                if result["error_kinds"]:
+                    worst = sorted(result["error_kinds"].items(), key=lambda item: -item[1])[:3]
+                    print(f"    errors: {'; '.join(f'{count} x {kind}' for kind, count in worst)}")
     finally:
         stop_redis(redis_process)
 
