@@ -36,3 +36,11 @@ LEASES_LOST = Counter(
     "smtp_proxy_delivery_leases_lost_total", "Messages whose claim ran out before their outcome was written"
 )
 PURGED = Counter("smtp_proxy_retention_purged_bodies_total", "Message bodies dropped by the retention purge")
+FAILOVER_STOPPED = Counter(
+    "smtp_proxy_delivery_failover_stopped_total",
+    "Attempts that left providers untried, by why (max_failover, attempt_budget)",
+    ["reason"],
+)
+HELD = Counter(
+    "smtp_proxy_delivery_held_total", "Messages found waiting for a deactivated account (logged once each)"
+)

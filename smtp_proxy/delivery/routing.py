@@ -101,3 +101,14 @@ def plan(rules: Iterable[Rule], envelope: Envelope, rng: random.Random) -> list[
             chosen += first
             passed_over += rest
     return chosen + passed_over
+
+
+def once_per_provider(plan: Iterable[Rule]) -> list[Rule]:
+    """The plan with each provider once, at its first place: two rules naming one provider try it once."""
+    seen: set[Any] = set()
+    kept: list[Rule] = []
+    for rule in plan:
+        if rule.provider_id not in seen:
+            seen.add(rule.provider_id)
+            kept.append(rule)
+    return kept

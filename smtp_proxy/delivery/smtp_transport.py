@@ -8,6 +8,11 @@ Decisions a reader would otherwise have to guess:
 - The host is resolved once and checked (``network.resolve_public``); the socket connects to those
   addresses only, while TLS verifies the certificate against the host *name* (DNS rebinding cannot
   move the connection, and a literal IP host is verified against the IP).
+- Everything that fails before a TCP connection stands (the name does not resolve, it resolves to a
+  private address, the connection is refused, it times out) is one deferred outcome with one text,
+  ``could not connect to host:port``: the delivery log is the tenant's, and telling these apart
+  would let a tenant map the operator's DNS and network. The operator's log has the detail
+  (``delivery.connect_failed``, ``delivery.private_address_refused``).
 - tls "none" means the operator chose plain text: STARTTLS is not attempted even when offered, and
   a provider with a username is refused outright (failed) instead of sending its password in clear.
 - tls "starttls" requires STARTTLS. A server that does not offer it (or AUTH, when a username is
@@ -21,9 +26,10 @@ Decisions a reader would otherwise have to guess:
 - The body is sent as received. Only two things change on the wire: a message that does not end in
   CRLF gets one (DATA can only end after a line break), and a bare CR or LF, which the SMTP
   listener never stores, becomes CRLF, so no provider can be shown a smuggled end of data.
-- One attempt takes at most ``connect_timeout + send_timeout`` in all (``deadline.WATCHDOG`` shuts
-  the socket down then), and a reply at most ``MAX_REPLY`` bytes: a tenant's host that answers
-  slowly but never finishes, or endlessly, cannot hold a worker thread or fill its memory.
+- One attempt takes at most ``connect_timeout + send_timeout`` in all, or less when the worker's
+  ``deadline`` (what is left of the message's attempt budget) comes sooner (``deadline.WATCHDOG``
+  shuts the socket down then), and a reply at most ``MAX_REPLY`` bytes: a tenant's host that
+  answers slowly but never finishes, or endlessly, cannot hold a worker thread or fill its memory.
 - Network errors, timeouts, TLS failures and disconnects defer with a short text. A timeout after
   the body was sent may mean the provider took the message anyway: the retry can duplicate it, which
   RFC 5321 6.1 accepts as the price of never losing mail.
@@ -68,7 +74,6 @@ CHUNK = 256 * 1024
 QUIT_TIMEOUT = 5.0
 # smtplib caps each reply line at 8 KiB but not the number of lines.
 MAX_REPLY = 64 * 1024
-PRIVATE_HOST_TEXT = "provider host resolves to a private address (delivery.allow_private_networks is off)"
 
 # Control characters would split the command line; angle brackets would let an address close the
 # path early and smuggle ESMTP parameters into MAIL or RCPT.
@@ -85,8 +90,13 @@ class _Stop(Exception):
         self.outcome = outcome
 
 
-def send(target: Target, message: Outgoing, settings: DeliveryConfig) -> Outcome:
-    """Deliver message to the provider's SMTP host and say how it went; never raises for the network."""
+def send(
+    target: Target, message: Outgoing, settings: DeliveryConfig, deadline: float | None = None
+) -> Outcome:
+    """Deliver message to the provider's SMTP host and say how it went; never raises for the network.
+
+    ``deadline`` (time.monotonic) cuts the attempt short of ``connect_timeout + send_timeout``.
+    """
     smtp_config: Mapping[str, Any] = target.smtp_config or {}
     host = str(smtp_config.get("host") or "")
     port = int(smtp_config.get("port") or 0)
@@ -110,30 +120,37 @@ def send(target: Target, message: Outgoing, settings: DeliveryConfig) -> Outcome
     try:
         addresses = network.resolve_public(host, port, settings.allow_private_networks)
     except network.ResolutionError as error:
-        return deferred(None, str(error))
+        _log_connect_failure(host, port, error, None)
+        return deferred(None, connect_failure_text(host, port))
     except network.PrivateAddressError as error:
-        # The address goes to the operator's log only: the tenant's delivery log must not become a
-        # way to map the operator's internal DNS.
+        # Deferred like a name that does not resolve, so that neither the text nor the status tells
+        # the tenant which of its host names lead into the operator's network.
         log.warning(
-            "smtp provider host resolves to a private address",
+            "smtp provider host resolves to a private address (delivery.allow_private_networks is off)",
             extra={"event": "delivery.private_address_refused", "host": host, "address": error.address},
         )
-        return failed(None, PRIVATE_HOST_TEXT)
+        return deferred(None, connect_failure_text(host, port))
 
     client = PinnedSMTP(
         host, context if tls == "implicit" else None, settings.connect_timeout, settings.send_timeout
     )
-    limit = settings.connect_timeout + settings.send_timeout
-    watch = WATCHDOG.watch(time.monotonic() + limit, client.expire)
+    started = time.monotonic()
+    limit, why = settings.connect_timeout + settings.send_timeout, "connect_timeout + send_timeout"
+    if deadline is not None and deadline - started < limit:
+        limit, why = max(0.0, deadline - started), "the rest of the attempt budget"
+    watch = WATCHDOG.watch(started + limit, client.expire)
     try:
         _connect(client, addresses, port)
         outcome = _session(client, message, tls, context, username, password)
     except _Stop as stop:
         outcome = stop.outcome
     except OSError as error:  # socket and ssl errors, and every smtplib.SMTPException
-        if client.expired:
-            text = f"gave up during {client.step} with {host}:{port}: the attempt took {limit:g}s"
-            outcome = deferred(None, text + " (connect_timeout + send_timeout)")
+        if not client.tcp_connected:
+            _log_connect_failure(host, port, error, client.address)
+            outcome = deferred(None, connect_failure_text(host, port))
+        elif client.expired:
+            text = f"gave up during {client.step} with {host}:{port}: the attempt took {limit:.3g}s"
+            outcome = deferred(None, f"{text} ({why})")
         else:
             outcome = deferred(None, _describe(error, client.step, host, port))
     finally:
@@ -497,6 +514,26 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def connect_failure_text(host: str, port: int) -> str:
+    """The one delivery-log text for every failure before a TCP connection stands."""
+    return f"could not connect to {host}:{port}"
+
+
+def _log_connect_failure(host: str, port: int, error: BaseException, address: network.Address | None) -> None:
+    """The detail the tenant's text leaves out, for the operator."""
+    log.warning(
+        "could not connect to the smtp provider",
+        extra={
+            "event": "delivery.connect_failed",
+            "host": host,
+            "port": port,
+            "address": address.ip if address is not None else None,
+            "error": type(error).__name__,
+            "reason": _reason(error),
+        },
+    )
+
+
 def _describe(error: BaseException, step: str, host: str, port: int) -> str:
     """One line for a network-level failure, with no traceback."""
     where = f"{host}:{port}"
@@ -508,6 +545,4 @@ def _describe(error: BaseException, step: str, host: str, port: int) -> str:
         return f"timed out during {step} with {where}"  # smtplib turns a read timeout into a disconnect
     if isinstance(error, smtplib.SMTPServerDisconnected):
         return f"connection to {where} lost during {step}: {error}"
-    if step == "connect":
-        return f"cannot connect to {where}: {_reason(error)}"
     return f"error during {step} with {where}: {_reason(error)}"

@@ -1,8 +1,10 @@
-"""One entry point for every provider type: ``send(target, message, settings) -> Outcome``."""
+"""One entry point for every provider type: ``send(target, message, settings, deadline) -> Outcome``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 from smtp_proxy.config import DeliveryConfig
@@ -20,15 +22,38 @@ TRANSPORTS: dict[ProviderType, Transport] = {
     ProviderType.MAILGUN: mailgun.send,
     ProviderType.SES: ses.send,
 }
+# Timeouts are never cut below this, so that a nearly spent budget still makes a valid setting.
+MIN_TIMEOUT = 0.1
 
 
-def send(target: Target, message: Outgoing, settings: DeliveryConfig) -> Outcome:
-    """Hand one message to one provider. A bug in a transport defers; it never loses the message."""
+def send(
+    target: Target, message: Outgoing, settings: DeliveryConfig, deadline: float | None = None
+) -> Outcome:
+    """Hand one message to one provider. A bug in a transport defers; it never loses the message.
+
+    ``deadline`` (time.monotonic) is the end of the message's attempt budget. The smtp transport
+    cuts its session there (its watchdog); the HTTP transports get timeouts no longer than what is
+    left, which bounds each connect and each read: enough for the endpoints the operator
+    configures, which, unlike an smtp provider's host, no tenant chooses.
+    """
     try:
-        return TRANSPORTS[target.provider_type](target, message, settings)
+        if target.provider_type is ProviderType.SMTP and deadline is not None:
+            return smtp_transport.send(target, message, settings, deadline)
+        return TRANSPORTS[target.provider_type](target, message, within(settings, deadline))
     except Exception:
         log.exception(
             "transport error",
             extra={"event": "delivery.transport_error", "provider_type": str(target.provider_type)},
         )
         return deferred(None, "internal error in the delivery transport")
+
+
+def within(settings: DeliveryConfig, deadline: float | None) -> DeliveryConfig:
+    """The settings with connect and send timeouts no longer than the time left before deadline."""
+    if deadline is None:
+        return settings
+    left = max(MIN_TIMEOUT, deadline - time.monotonic())
+    if settings.connect_timeout <= left and settings.send_timeout <= left:
+        return settings
+    connect, send_ = min(settings.connect_timeout, left), min(settings.send_timeout, left)
+    return dataclasses.replace(settings, connect_timeout=connect, send_timeout=send_)

@@ -10,6 +10,22 @@ delivery is at least once, never lost.
 SIGTERM (``stop``) stops claiming, lets deliveries in flight finish for up to
 ``DRAIN_SECONDS``, and gives the claimed messages that had not started back to
 the queue.
+
+Fair delivery: one tenant must not be able to stop delivery for the others.
+
+- An attempt tries each provider once (two rules naming one provider: once), at
+  most ``delivery.max_failover`` of them, within ``effective_attempt_budget``
+  seconds: no provider is started with less than ``connect_timeout`` of the
+  budget left (it could not even connect), and the one running is cut at the
+  budget's end. What is left waits for the next attempt (backoff), and the
+  delivery log says why. The lease is extended only as far as the budget's end.
+- This process holds at most ``effective_max_in_flight_per_account`` messages
+  of one account, running or claimed and waiting here; the claim hands out due
+  messages fairly across accounts (``storage.queue``). A slow tenant fills its
+  own share of the threads, not everyone's.
+- A deactivated account's messages are not claimed. Housekeeping writes one
+  "held" line on each and fails those older than ``delivery.max_age``; a message
+  claimed just before the deactivation is given back when its turn comes.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -46,6 +63,9 @@ ROUTES_TTL = 5.0
 DEPTH_INTERVAL = 15.0
 PURGE_INTERVAL = 600.0
 PURGE_BATCH = 1000
+HOLD_BATCH = 1000
+# The lease covers the running provider and this long to write the outcome after it.
+LEASE_MARGIN = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -56,27 +76,35 @@ class _Route:
 
 
 class RouteCache:
-    """Each account's usable routes, read at most every ``ROUTES_TTL`` seconds."""
+    """Each account's usable routes and whether it is active, read at most every ``ROUTES_TTL`` seconds."""
 
     def __init__(self, database: Database, cipher: Cipher, ttl: float = ROUTES_TTL) -> None:
         self.database, self.cipher, self.ttl = database, cipher, ttl
-        self._entries: dict[uuid.UUID, tuple[float, list[_Route]]] = {}
+        self._entries: dict[uuid.UUID, tuple[float, bool, list[_Route]]] = {}
         self._lock = threading.Lock()
 
     def get(self, account_id: uuid.UUID, *, fresh: bool = False) -> list[_Route]:
         """The account's routes; ``fresh`` reads them again whatever the cache holds."""
+        return self._entry(account_id, fresh)[2]
+
+    def active(self, account_id: uuid.UUID) -> bool:
+        """Whether the account is active (False once it is deactivated or gone)."""
+        return self._entry(account_id, False)[1]
+
+    def _entry(self, account_id: uuid.UUID, fresh: bool) -> tuple[float, bool, list[_Route]]:
         now = time.monotonic()
         entry = self._entries.get(account_id)
         if entry is not None and entry[0] > now and not fresh:
-            return entry[1]
+            return entry
         with self.database.read() as session:
+            active = queue.account_active(session, account_id)
             rows = queue.routes(session, account_id)
-        built = [self._route(row) for row in rows]
+        entry = (now + self.ttl, active, [self._route(row) for row in rows])
         with self._lock:
             if len(self._entries) > 10_000:
                 self._entries.clear()
-            self._entries[account_id] = (now + self.ttl, built)
-        return built
+            self._entries[account_id] = entry
+        return entry
 
     def _route(self, row: queue.Route) -> _Route:
         provider = row.provider
@@ -124,6 +152,11 @@ class Worker:
         self._cond = threading.Condition()
         self._unstarted: dict[uuid.UUID, uuid.UUID] = {}  # message id -> lease id
         self._running = 0
+        # Per account: messages claimed by this process and not finished (running or waiting here).
+        self._in_flight: Counter[uuid.UUID] = Counter()
+        self._slot_freed = False  # an account at its cap finished one since the last claim
+        # Deactivated accounts whose waiting messages have their held line, as of their updated_at.
+        self._swept: dict[uuid.UUID, datetime] = {}
         self._stopping = threading.Event()
         self._drain_deadline = float("inf")
         self._threads: list[threading.Thread] = []
@@ -183,14 +216,29 @@ class Worker:
             if self.stopping:
                 return
             claimed = self.claim_once(settings)
-            if claimed is None or len(claimed) < settings.batch_size:
+            if claimed is None:
                 self._stopping.wait(settings.poll_interval)
+            elif len(claimed) < settings.batch_size:
+                # Nothing more is due, or the accounts with due messages are at their cap: claim
+                # again after the poll interval, or as soon as such an account has a free slot.
+                with self._cond:
+                    self._cond.wait_for(lambda: self._slot_freed or self.stopping, settings.poll_interval)
 
     def claim_once(self, settings: DeliveryConfig) -> list[queue.Claimed] | None:
         """Claim one batch and queue it for the delivery threads; None when the database is away."""
+        with self._cond:
+            in_flight = dict(self._in_flight)
+            self._slot_freed = False
         try:
             with self.database.transaction() as session:
-                claim = queue.claim(session, limit=settings.batch_size, lease=settings.lease, now=utcnow())
+                claim = queue.claim(
+                    session,
+                    limit=settings.batch_size,
+                    lease=settings.lease,
+                    now=utcnow(),
+                    per_account=settings.effective_max_in_flight_per_account,
+                    in_flight=in_flight,
+                )
         except DatabaseUnavailable:
             return None
         except Exception:
@@ -199,8 +247,25 @@ class Worker:
         with self._cond:
             for message in claim.messages:
                 self._unstarted[message.id] = claim.lease_id
+                self._in_flight[message.account_id] += 1
                 self._work.put((claim.lease_id, claim.until, message))
         return claim.messages
+
+    def _finished(self, account_id: uuid.UUID) -> None:
+        """One of the account's messages is no longer in flight here; the caller holds ``_cond``."""
+        count = self._in_flight[account_id]
+        if count <= 1:
+            del self._in_flight[account_id]
+        else:
+            self._in_flight[account_id] = count - 1
+        if count >= self.settings.effective_max_in_flight_per_account:
+            self._slot_freed = True
+        self._cond.notify_all()
+
+    def in_flight(self) -> dict[uuid.UUID, int]:
+        """Per account, the messages this process has claimed and not finished (for tests and metrics)."""
+        with self._cond:
+            return dict(self._in_flight)
 
     def _release(self, unstarted: dict[uuid.UUID, uuid.UUID]) -> int:
         by_lease: dict[uuid.UUID, list[uuid.UUID]] = {}
@@ -228,6 +293,7 @@ class Worker:
             lease_id, until, message = item
             with self._cond:
                 if self.stopping or self._unstarted.pop(message.id, None) is None:
+                    self._finished(message.account_id)
                     continue  # released, or to be released by stop()
                 self._running += 1
             try:
@@ -241,15 +307,22 @@ class Worker:
             finally:
                 with self._cond:
                     self._running -= 1
-                    self._cond.notify_all()
+                    self._finished(message.account_id)
 
     def deliver(self, lease_id: uuid.UUID, until: datetime, message: queue.Claimed) -> None:
         """Route one claimed message, try its providers in order, and write the outcome."""
         settings = self.settings
+        budget = settings.effective_attempt_budget
+        deadline = time.monotonic() + budget
+        ends = utcnow() + timedelta(seconds=budget)
         try:
             routes = self.routes.get(message.account_id)
+            active = self.routes.active(message.account_id)
         except DatabaseUnavailable:
             return  # claimed again after the lease
+        if not active:
+            self._hold(lease_id, message)
+            return
         attempts: list[queue.Attempt] = []
         final: Outcome | None = None
         final_route: _Route | None = None
@@ -272,9 +345,23 @@ class Worker:
             if not plan:
                 final = Outcome(DeliveryStatus.FAILED, None, "no routing rule matches this message")
                 attempts.append(queue.Attempt(None, final.status, None, final.text, utcnow()))
-            for rule in plan:
+            providers = routing.once_per_provider(plan)
+            for tried, rule in enumerate(providers):
+                stop = self._stop_failover(tried, deadline, budget, settings)
+                if stop is not None:
+                    attempts.append(queue.Attempt(None, DeliveryStatus.DEFERRED, None, stop, utcnow()))
+                    log.info(
+                        "failover stopped",
+                        extra={
+                            "event": "delivery.failover_stopped",
+                            "message_id": str(message.id),
+                            "reason": stop,
+                            "providers_left": len(providers) - tried,
+                        },
+                    )
+                    break
                 route = by_rule[rule.id]
-                until = self._keep_lease(message.id, lease_id, until, settings)
+                until = self._keep_lease(message.id, lease_id, until, settings, ends)
                 if until is None:
                     metrics.LEASES_LOST.inc()
                     log.warning(
@@ -282,7 +369,7 @@ class Worker:
                         extra={"event": "delivery.lease_lost", "message_id": str(message.id)},
                     )
                     return
-                final, final_route = self._attempt(route, outgoing, settings), route
+                final, final_route = self._attempt(route, outgoing, settings, deadline), route
                 attempts.append(
                     queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())
                 )
@@ -290,6 +377,37 @@ class Worker:
                     break
         assert final is not None
         self._conclude(message, lease_id, until, final, final_route, attempts, settings, body)
+
+    @staticmethod
+    def _stop_failover(tried: int, deadline: float, budget: float, settings: DeliveryConfig) -> str | None:
+        """Why no further provider is started in this attempt, or None to go on.
+
+        The first provider always starts. A later one needs ``connect_timeout`` of the budget
+        left: with less it could not even connect, and would only be cut short by the budget.
+        """
+        if tried == 0:
+            return None
+        if tried >= settings.max_failover:
+            metrics.FAILOVER_STOPPED.labels("max_failover").inc()
+            return f"failover stopped after {tried} providers (delivery.max_failover); the rest wait"
+        if deadline - time.monotonic() < settings.connect_timeout:
+            metrics.FAILOVER_STOPPED.labels("attempt_budget").inc()
+            return f"failover stopped: attempt budget of {budget:g}s spent (delivery.attempt_budget)"
+        return None
+
+    def _hold(self, lease_id: uuid.UUID, message: queue.Claimed) -> None:
+        """Give back a message claimed before its account was deactivated, uncounted, with the held line."""
+        try:
+            with self.database.transaction() as session:
+                held = queue.hold(session, message.id, lease_id, utcnow())
+        except DatabaseUnavailable:
+            return  # its lease runs out; the claim passes it over while the account is inactive
+        if held:
+            metrics.HELD.inc()
+            log.info(
+                "message held: the account is deactivated",
+                extra={"event": "delivery.held", "message_id": str(message.id)},
+            )
 
     def _body(self, message: queue.Claimed) -> bytes | Outcome:
         if message.body_encrypted is None:
@@ -303,24 +421,37 @@ class Worker:
             )
             return deferred(None, "the stored message cannot be decrypted (check the encryption keys)")
 
-    def _attempt(self, route: _Route, outgoing: Outgoing, settings: DeliveryConfig) -> Outcome:
+    def _attempt(
+        self, route: _Route, outgoing: Outgoing, settings: DeliveryConfig, deadline: float
+    ) -> Outcome:
         if route.target is None:
             outcome = deferred(None, "the provider's stored secrets cannot be decrypted")
         else:
             started = time.monotonic()
-            outcome = transports.send(route.target, outgoing, settings)
+            outcome = transports.send(route.target, outgoing, settings, deadline)
             metrics.ATTEMPT_SECONDS.labels(route.provider_type).observe(time.monotonic() - started)
         metrics.ATTEMPTS.labels(route.provider_type, str(outcome.status)).inc()
         return outcome
 
     def _keep_lease(
-        self, message_id: uuid.UUID, lease_id: uuid.UUID, until: datetime, settings: DeliveryConfig
+        self,
+        message_id: uuid.UUID,
+        lease_id: uuid.UUID,
+        until: datetime,
+        settings: DeliveryConfig,
+        ends: datetime,
     ) -> datetime | None:
-        """The lease's end, extended first when one more provider could outlast it; None if lost."""
+        """The lease's end, extended first when the next provider could outlast it; None if lost.
+
+        The next provider takes ``connect_timeout + send_timeout`` at most, and never runs past
+        ``ends``, the attempt budget's end: the lease is extended by ``delivery.lease`` at most,
+        and never beyond the budget's end plus the time to write the outcome.
+        """
         now = utcnow()
-        if until - now > timedelta(seconds=settings.connect_timeout + settings.send_timeout + 5):
+        needed = min(ends, now + timedelta(seconds=settings.connect_timeout + settings.send_timeout))
+        if until >= needed + LEASE_MARGIN:
             return until
-        longer = now + timedelta(seconds=settings.lease)
+        longer = max(needed, min(now + timedelta(seconds=settings.lease), ends)) + LEASE_MARGIN
         try:
             with self.database.autocommit() as connection:
                 held = queue.extend(connection, message_id, lease_id, longer)
@@ -450,9 +581,66 @@ class Worker:
         while not self.stopping:
             self.refresh_depth()
             if time.monotonic() >= next_purge:
+                self._swept.clear()  # a message requeued after its account's sweep gets its line now
                 self.purge()
                 next_purge = time.monotonic() + PURGE_INTERVAL
+            self.sweep_held()
             self._stopping.wait(DEPTH_INTERVAL)
+
+    def sweep_held(self) -> tuple[int, int]:
+        """Deactivated accounts' waiting messages: fail those past max_age, write the held line on the rest.
+
+        Each account is swept once after its deactivation (and again every ``PURGE_INTERVAL``, for
+        a message that came back to the queue meanwhile), not at every pass: a held message gets
+        one line, not one every few seconds. Returns (held, failed).
+        """
+        settings = self.settings
+        try:
+            with self.database.read() as session:
+                inactive = queue.inactive_accounts(session)
+        except DatabaseUnavailable:
+            return 0, 0
+        self._swept = {account: at for account, at in self._swept.items() if inactive.get(account) == at}
+        if not inactive:
+            return 0, 0
+        now = utcnow()
+        reason = f"{queue.HELD_TEXT}; gave up: not delivered within delivery.max_age ({settings.max_age:g}s)"
+        cutoff = now - timedelta(seconds=settings.max_age)
+        failed = self._sweep(
+            lambda session: queue.fail_held(session, list(inactive), cutoff, now, reason, HOLD_BATCH)
+        )
+        held = 0
+        for account, changed_at in inactive.items():
+            if account in self._swept or self.stopping:
+                continue
+            count = self._sweep(lambda session, a=account: queue.hold_waiting(session, a, now, HOLD_BATCH))
+            if count is None:
+                break  # another process sweeps, or the database is away: next pass
+            held += count
+            self._swept[account] = changed_at
+        if held or failed:
+            log.info(
+                "messages of deactivated accounts held or failed",
+                extra={"event": "delivery.held_swept", "held": held, "failed": failed or 0},
+            )
+        metrics.HELD.inc(held)
+        return held, failed or 0
+
+    def _sweep(self, batch: Callable[[Any], int]) -> int | None:
+        """Run one sweep in batches of HOLD_BATCH; None when another process has the sweep lock."""
+        total = 0
+        while not self.stopping:
+            try:
+                with self.database.transaction() as session:
+                    if not queue.sweep_lock(session):
+                        return None
+                    count = batch(session)
+            except DatabaseUnavailable:
+                return None
+            total += count
+            if count < HOLD_BATCH:
+                break
+        return total
 
     def refresh_depth(self) -> None:
         try:

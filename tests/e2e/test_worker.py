@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from sqlalchemy import func, select, update
 
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
+from smtp_proxy.db.models import Account, DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.delivery.worker import Worker
@@ -65,7 +66,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "c
 class Queue:
     """A tenant on the test database, with helpers to give it providers, rules and messages."""
 
-    def __init__(self, config: Config, account_name: str = "tenant") -> None:
+    def __init__(
+        self, config: Config, account_name: str = "tenant", domains: tuple[str, ...] = ("example.com",)
+    ) -> None:
         self.config = config
         self.database = Database(config.database)
         self.cipher = Cipher.from_config(config.security)
@@ -78,7 +81,7 @@ class Queue:
                     session,
                     name=account_name,
                     email="ops@example.com",
-                    allowed_domains=["example.com"],
+                    allowed_domains=list(domains),
                     bcrypt_cost=4,
                 ).account.id
         self.database.remove_session()
@@ -337,12 +340,33 @@ def test_rules_route_by_recipient_domain_and_skip_disabled_providers(
 def test_a_private_provider_host_is_refused_unless_allowed(
     tenant: Queue, sink: SmtpSink, start_worker
 ) -> None:
+    """Deferred with the text of any failure to connect: the tenant cannot tell it is private."""
     tenant.rule(tenant.smtp_provider(sink, "internal"), 0)
     (message_id,) = tenant.enqueue()
-    start_worker(allow_private_networks=False)
-    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed")
+    start_worker(allow_private_networks=False, retry_base="1h", retry_max="1h")
+    (log,) = wait_for(lambda: tenant.logs(message_id), what="an attempt")
+    assert (log.status, log.response_text) == (
+        DeliveryStatus.DEFERRED,
+        f"could not connect to {sink.host}:{sink.port}",
+    )
+    assert tenant.message(message_id).status is MessageStatus.QUEUED
     assert sink.connections == 0
-    assert "private" in tenant.logs(message_id)[0].response_text
+
+
+def test_a_provider_nobody_listens_for_reads_could_not_connect(tenant: Queue, start_worker) -> None:
+    port = free_port()  # nothing listens there
+    provider = tenant.provider(
+        "gone", ProviderType.SMTP, smtp_config={"host": "127.0.0.1", "port": port, "tls": "none"}
+    )
+    tenant.rule(provider, 0)
+    (message_id,) = tenant.enqueue()
+    start_worker(retry_base="1h", retry_max="1h")
+    (log,) = wait_for(lambda: tenant.logs(message_id), what="an attempt")
+    assert (log.status, log.response_text, log.provider_id) == (
+        DeliveryStatus.DEFERRED,
+        f"could not connect to 127.0.0.1:{port}",
+        provider,
+    )
 
 
 def test_retention_drops_old_bodies_and_keeps_the_rest(tenant: Queue, sink: SmtpSink, start_worker) -> None:
@@ -483,7 +507,10 @@ def test_sigterm_finishes_deliveries_in_flight_and_releases_the_rest(
     sink.delay_data(1.0)
     tenant.rule(tenant.smtp_provider(sink, "main"), 0)
     tenant.enqueue(20)
-    process = worker_process(workers=2, batch_size=20, send_timeout="5s", lease="20s")
+    # The cap lets the whole batch be claimed: some of it waits locally, to be released.
+    process = worker_process(
+        workers=2, batch_size=20, send_timeout="5s", lease="20s", max_in_flight_per_account=20
+    )
     wait_for(lambda: sink.connections >= 2, what="two sends in flight")
     time.sleep(0.2)
     assert process.terminate(timeout=20) == 0
@@ -583,7 +610,13 @@ def test_a_slow_failover_chain_keeps_its_lease_so_no_other_worker_takes_the_mess
             tenant.rule(tenant.smtp_provider(each, f"slow-{n}"), n)
         tenant.rule(tenant.smtp_provider(sink, "last"), 9)
         (message_id,) = tenant.enqueue()
-        settings = {"lease": "3s", "connect_timeout": "500ms", "send_timeout": "1s"}
+        settings = {
+            "lease": "3s",
+            "connect_timeout": "500ms",
+            "send_timeout": "1s",
+            "max_failover": 4,
+            "attempt_budget": "20s",
+        }
         start_worker(**settings)
         time.sleep(0.3)
         start_worker(**settings)  # would re-claim the message if its lease ran out
@@ -653,3 +686,182 @@ def test_a_rule_added_just_now_is_seen_before_a_message_fails_for_want_of_one(
     (routed,) = tenant.enqueue()
     sink.wait_for(1, timeout=20)
     wait_for(lambda: tenant.message(routed).status is MessageStatus.DELIVERED, what="delivered")
+
+
+# --- fair delivery --------------------------------------------------------------------------------
+
+
+class HoldingServer:
+    """A provider's SMTP host that accepts connections and says nothing until ``release``, then 421.
+
+    Counts the connections open at once, so a test can see how many delivery threads one
+    tenant's messages hold.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.listener.getsockname()[1]
+        self.released = threading.Event()
+        self._lock = threading.Lock()
+        self.open = self.most_open = self.accepted = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def provider_config(self) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.port, "tls": "none"}
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.open += 1
+                self.accepted += 1
+                self.most_open = max(self.most_open, self.open)
+            threading.Thread(target=self._hold, args=(connection,), daemon=True).start()
+
+    def _hold(self, connection: socket.socket) -> None:
+        with connection:
+            self.released.wait(30)
+            try:
+                connection.sendall(b"421 4.3.2 busy, try later\r\n")
+            except OSError:
+                pass
+            with self._lock:
+                self.open -= 1
+
+    def close(self) -> None:
+        self.released.set()
+        self._closing = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the thread
+        except OSError:
+            pass
+        self.listener.close()
+        self._thread.join(5)
+
+
+def test_one_provider_per_attempt_once_each_and_at_most_max_failover(tenant: Queue, start_worker) -> None:
+    """Five rules, all failing for now, two naming one provider: three distinct providers are tried."""
+    sinks = [SmtpSink().start() for _ in range(4)]
+    try:
+        for each in sinks:
+            each.reply_to_rcpt(451, "4.3.2 try again later")
+        ids = [tenant.smtp_provider(each, f"busy-{n}") for n, each in enumerate(sinks)]
+        for priority, provider in enumerate([ids[0], ids[0], ids[1], ids[2], ids[3]]):
+            tenant.rule(provider, priority)
+        (message_id,) = tenant.enqueue()
+        start_worker(max_failover=3, retry_base="1h", retry_max="1h")
+        logs = wait_for(lambda: len(tenant.logs(message_id)) >= 4 and tenant.logs(message_id), what="4 lines")
+        message = tenant.message(message_id)
+        assert (message.status, message.attempts) == (MessageStatus.QUEUED, 1)
+        assert [(entry.provider_id, entry.status) for entry in logs] == [
+            (ids[0], DeliveryStatus.DEFERRED),
+            (ids[1], DeliveryStatus.DEFERRED),
+            (ids[2], DeliveryStatus.DEFERRED),
+            (None, DeliveryStatus.DEFERRED),
+        ]
+        assert (
+            logs[-1].response_text
+            == "failover stopped after 3 providers (delivery.max_failover); the rest wait"
+        )
+        assert [each.connections for each in sinks] == [1, 1, 1, 0]
+    finally:
+        for each in sinks:
+            each.stop()
+
+
+def test_the_attempt_budget_cuts_a_slow_provider_and_stops_failover(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    """A provider slower than the whole budget is cut at its end; the next one is not started."""
+    with SmtpSink() as slow:
+        slow.delay_data(10.0)
+        slow_id = tenant.smtp_provider(slow, "slow")
+        tenant.rule(slow_id, 0)
+        tenant.rule(tenant.smtp_provider(sink, "spare"), 1)
+        (message_id,) = tenant.enqueue()
+        started = time.monotonic()
+        start_worker(
+            attempt_budget="1500ms",
+            connect_timeout="500ms",
+            send_timeout="5s",
+            lease="12s",
+            retry_base="1h",
+            retry_max="1h",
+        )
+        logs = wait_for(lambda: len(tenant.logs(message_id)) >= 2 and tenant.logs(message_id), what="2 lines")
+        elapsed = time.monotonic() - started
+    assert [(entry.provider_id, entry.status) for entry in logs] == [
+        (slow_id, DeliveryStatus.DEFERRED),
+        (None, DeliveryStatus.DEFERRED),
+    ]
+    assert logs[0].response_text.startswith("gave up during end of DATA with 127.0.0.1:")
+    assert logs[0].response_text.endswith("(the rest of the attempt budget)")
+    assert logs[1].response_text == "failover stopped: attempt budget of 1.5s spent (delivery.attempt_budget)"
+    assert 1.5 <= (logs[1].created_at - tenant.message(message_id).created_at).total_seconds()
+    assert elapsed < 5.0  # not the provider's 10 s, nor its 5 s send_timeout
+    assert sink.connections == 0 and tenant.message(message_id).status is MessageStatus.QUEUED
+
+
+def test_one_account_holds_at_most_its_share_of_the_threads(
+    tenant: Queue, sink: SmtpSink, delivery_config, start_worker
+) -> None:
+    """Account A's provider holds every connection; B's messages still go out on the other threads."""
+    holding = HoldingServer()
+    other = Queue(delivery_config(), account_name="other", domains=("other.example",))
+    try:
+        tenant.rule(tenant.provider("holding", ProviderType.SMTP, smtp_config=holding.provider_config()), 0)
+        other.rule(other.smtp_provider(sink, "sink"), 0)
+        tenant.enqueue(10)  # A's, older than B's
+        theirs = other.enqueue(10)
+        worker = start_worker(workers=4, max_in_flight_per_account=2, send_timeout="20s", lease="60s")
+        sink.wait_for(10, timeout=30)
+        wait_for(lambda: all(other.message(i).status is MessageStatus.DELIVERED for i in theirs), what="B's")
+        assert holding.open == 2 and holding.most_open == 2  # A's two, held all along
+        assert worker.in_flight() == {tenant.account_id: 2}
+        holding.released.set()
+        wait_for(lambda: holding.accepted >= 4, what="A's next messages")
+        assert holding.most_open == 2
+    finally:
+        holding.close()
+        other.database.dispose()
+
+
+def test_a_deactivated_accounts_mail_is_held_then_delivered_or_failed_at_max_age(
+    tenant: Queue, sink: SmtpSink, start_worker
+) -> None:
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    old, *held = tenant.enqueue(3)
+    with tenant.database.transaction() as session:
+        session.execute(
+            update(Message).where(Message.id == old).values(created_at=utcnow() - timedelta(days=6))
+        )
+        session.execute(update(Account).where(Account.id == tenant.account_id).values(active=False))
+    start_worker(max_age="5d")
+    wait_for(lambda: all(tenant.logs(i) for i in held), what="the held lines")
+    wait_for(lambda: tenant.message(old).status is MessageStatus.FAILED, what="the old one failed")
+    (failure,) = tenant.logs(old)
+    assert failure.status is DeliveryStatus.FAILED
+    assert failure.response_text == (
+        "held: the account is deactivated; gave up: not delivered within delivery.max_age (432000s)"
+    )
+    time.sleep(0.5)  # ten polls: time for a wrong claim to show
+    for message_id in held:
+        message = tenant.message(message_id)
+        assert (message.status, message.attempts) == (MessageStatus.QUEUED, 0)  # no attempt spent
+        assert [(e.status, e.response_text) for e in tenant.logs(message_id)] == [
+            (DeliveryStatus.DEFERRED, "held: the account is deactivated")
+        ]
+    assert sink.connections == 0
+    with tenant.database.transaction() as session:
+        session.execute(update(Account).where(Account.id == tenant.account_id).values(active=True))
+    reactivated = time.monotonic()
+    sink.wait_for(2, timeout=20)
+    assert time.monotonic() - reactivated < 5.0  # within a few polls, not after a backoff
+    wait_for(lambda: all(tenant.message(i).status is MessageStatus.DELIVERED for i in held), what="delivered")
+    assert [e.status for e in tenant.logs(held[0])] == [DeliveryStatus.DEFERRED, DeliveryStatus.DELIVERED]
+    assert tenant.message(held[0]).attempts == 1

@@ -484,7 +484,7 @@ def test_connection_refused_defers() -> None:
     outcome = smtp_transport.send(target(config), message(), settings())
     assert time.monotonic() - started < 1.5  # no wait for connect_timeout
     assert outcome.status is DEFERRED and outcome.code is None
-    assert outcome.text == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+    assert outcome.text == f"could not connect to 127.0.0.1:{port}"
 
 
 def test_slow_data_reply_defers_after_send_timeout(start_sink: Callable[..., SmtpSink]) -> None:
@@ -597,6 +597,23 @@ def test_a_reply_trickled_forever_is_cut_at_the_attempts_deadline(
     assert hostile.thread.is_alive() is False
 
 
+def test_the_workers_deadline_cuts_the_attempt_sooner() -> None:
+    """What is left of the message's attempt budget bounds the attempt, whatever the timeouts."""
+    hostile = ScriptedServer(trickle)
+    try:
+        config = {"host": "127.0.0.1", "port": hostile.port, "tls": "none"}
+        started = time.monotonic()
+        outcome = smtp_transport.send(
+            target(config), message(), settings(connect_timeout=1.0, send_timeout=5.0), started + 0.6
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        hostile.close()
+    assert outcome.status is DEFERRED
+    assert outcome.text.endswith("(the rest of the attempt budget)") and "during EHLO" in outcome.text
+    assert 0.5 <= elapsed < 1.5
+
+
 def test_an_endless_reply_is_cut_at_64_kib() -> None:
     """smtplib caps a line, not the number of lines: without a cap this fills the worker's memory."""
 
@@ -644,7 +661,7 @@ def test_a_long_but_finite_reply_is_still_read() -> None:
 def test_private_host_is_refused_without_connecting(start_sink: Callable[..., SmtpSink], host: str) -> None:
     sink = start_sink()
     outcome = send(sink, smtp={"host": host}, allow_private=False)
-    assert outcome == Outcome(FAILED, None, smtp_transport.PRIVATE_HOST_TEXT)
+    assert outcome == Outcome(DEFERRED, None, f"could not connect to {host}:{sink.port}")
     assert sink.connections == 0
 
 
@@ -655,9 +672,52 @@ def test_unresolvable_host_defers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(network.socket, "getaddrinfo", fail)
     config = {"host": "mx.example", "port": 25, "tls": "none"}
     outcome = smtp_transport.send(target(config), message(), settings())
-    assert outcome == Outcome(
-        DEFERRED, None, "cannot resolve mx.example: Temporary failure in name resolution"
-    )
+    assert outcome == Outcome(DEFERRED, None, "could not connect to mx.example:25")
+
+
+def test_every_failure_to_connect_reads_the_same_to_the_tenant(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unresolvable, private, refused and timed out: one text and one status; the operator's log tells."""
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)  # a full backlog: connects time out
+    filler = socket.create_connection(full.getsockname())
+    refused, timing_out = closed_port(), full.getsockname()[1]
+    resolve_as(monkeypatch, "private.example", "10.1.2.3")
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        if host == "nowhere.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(network.socket, "getaddrinfo", getaddrinfo)
+    cases = [("nowhere.example", 25, True), ("private.example", 25, False)]
+    cases += [("127.0.0.1", refused, True), ("127.0.0.1", timing_out, True)]
+    try:
+        with caplog.at_level("WARNING", logger="smtp_proxy.delivery"):
+            outcomes = [
+                smtp_transport.send(
+                    target({"host": host, "port": port, "tls": "none"}),
+                    message(),
+                    settings(allow_private=allowed, connect_timeout=0.5),
+                )
+                for host, port, allowed in cases
+            ]
+    finally:
+        filler.close()
+        full.close()
+    assert outcomes == [
+        Outcome(DEFERRED, None, f"could not connect to {host}:{port}") for host, port, _ in cases
+    ]
+    details = [
+        (r.__dict__.get("event"), r.__dict__.get("error"), r.__dict__.get("address")) for r in caplog.records
+    ]
+    assert details == [
+        ("delivery.connect_failed", "ResolutionError", None),
+        ("delivery.private_address_refused", None, "10.1.2.3"),
+        ("delivery.connect_failed", "ConnectionRefusedError", "127.0.0.1"),
+        ("delivery.connect_failed", "TimeoutError", "127.0.0.1"),
+    ]
 
 
 def test_unreadable_ca_file_defers(start_sink: Callable[..., SmtpSink], tmp_path: Path) -> None:

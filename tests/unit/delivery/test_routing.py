@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from smtp_proxy.delivery.routing import Envelope, Rule, matches, plan
+from smtp_proxy.delivery.routing import Envelope, Rule, matches, once_per_provider, plan
 
 MESSAGE = Envelope(
     sender="app@shop.example.com",
@@ -119,3 +119,9 @@ def test_a_weight_stored_as_a_float_counts_like_the_integer() -> None:
 @pytest.mark.parametrize("weight", [None, True, "50", 0, 101, -5])
 def test_a_weight_out_of_range_or_not_a_number_counts_as_full(weight: object) -> None:
     assert rule("r", 1, weight=weight).weight == 100
+
+
+def test_once_per_provider_keeps_each_providers_first_rule_in_order() -> None:
+    first, again, other = rule("a", 0), Rule("b", 1, {}, "p-a"), rule("c", 2)
+    assert once_per_provider([first, again, other]) == [first, other]
+    assert once_per_provider([]) == []
