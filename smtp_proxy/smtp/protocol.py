@@ -4,8 +4,8 @@ Rules of this module (after h11's ``_state.py``):
 
 1. No I/O. It never touches a socket, ``ssl``, the database, the config loader
    or a clock; it imports only the standard library and its sibling modules
-   ``replies``, ``addresses`` and ``sasl``. Every RFC corner can therefore be
-   tested with plain strings.
+   ``replies``, ``addresses``, ``sasl`` and ``alignment``. Every RFC corner can
+   therefore be tested with plain strings.
 2. The caller feeds bytes with ``receive()`` and gets back a list of outputs:
    ``Reply`` objects to send in order, events that need an outside answer
    (``TlsRequested``, ``CredentialsOffered``, ``MailFromOffered``,
@@ -35,7 +35,15 @@ Security properties that live here:
 - Command lines are capped at 512 octets (RFC 5321 4.5.3.1.4), AUTH lines at
   ``MAX_AUTH_LINE``; an overlong line costs bounded memory, and the verdict
   on an oversize or malformed message waits until the real terminator
-  (RFC 5321 4.2.5), so the session stays in step with the client.
+  (RFC 5321 4.2.5), so the session stays in step with the client. An overlong
+  SASL response ends the AUTH exchange (RFC 4954 4).
+- DATA held in memory costs about its size, and every byte of it is taken
+  from the caller's ``DataBudget`` (``max_data_in_flight``) before it is kept;
+  when the budget runs out the message is read to its end and refused with a
+  452, and the session goes on.
+- When the account asks for it, the From:/Sender: header addresses must be in
+  the account's domains too (``alignment``); otherwise 550 and nothing is
+  stored.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from smtp_proxy.smtp import alignment
 from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.addresses import Path, PathError, domain_allowed, parse_mail_from, parse_rcpt_to
 from smtp_proxy.smtp.replies import Reply
@@ -64,6 +73,9 @@ MAX_AUTH_LINE = 4096  # AUTH with an initial response, and SASL responses (RFC 4
 MAX_PENDING_DATA = 65536
 _HTTP_REQUEST = re.compile(rb"^(GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) \S+ HTTP/\d")
 _EHLO_ARG = re.compile(r"^[\x21-\x7e]{1,255}$")
+# A dot stuffed at the start of a line, unless the line is "." alone: that one is kept (it
+# ends nothing after a bare LF, and the terminator is found before this applies).
+_STUFFED = re.compile(rb"\n\.(?!\r?\n)")
 
 
 class State(enum.Enum):
@@ -76,6 +88,9 @@ class State(enum.Enum):
     RCPT = enum.auto()  # at least one RCPT TO accepted
     DATA = enum.auto()  # reading message data
     CLOSED = enum.auto()
+
+
+_SASL_STATES = frozenset({State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_SECRET})
 
 
 class AuthOutcome(enum.Enum):
@@ -99,6 +114,18 @@ class Account(Protocol):
     def header_from_check(self) -> bool:
         """True: the From:/Sender: header addresses must be in ``allowed_domains`` too."""
         ...
+
+
+class DataBudget(Protocol):
+    """The listener's bound on message bytes held in memory (``max_data_in_flight``).
+
+    One object is shared by every session of a listener, so it must be thread-safe
+    (``smtp_proxy.smtp.budget.InFlightBudget``). ``take`` is all or nothing.
+    """
+
+    def take(self, size: int) -> bool: ...
+
+    def give(self, size: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -139,11 +166,16 @@ class MailFromOffered:
 
 @dataclass(frozen=True)
 class MessageReceived:
-    """A complete message: store it, then answer ``message_queued()`` or ``message_deferred()``."""
+    """A complete message: store it, then answer ``message_queued()`` or ``message_deferred()``.
+
+    ``held`` bytes of the session's ``DataBudget`` are still taken for ``data``: the caller
+    gives them back (``budget.give(held)``) once the message is stored or dropped.
+    """
 
     sender: str
     recipients: tuple[str, ...]
     data: bytes = field(repr=False)
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,8 +185,9 @@ class MessageRejected:
     sender: str
     recipients: int
     size: int
-    reason: str  # "too_big" or "bare_cr"
+    reason: str  # "too_big", "bare_cr", "server_busy" (the DataBudget ran out) or "header_from"
     reply: Reply
+    detail: str = ""  # for "header_from": the header address that is not allowed
 
 
 Event = TlsRequested | CredentialsOffered | MailFromOffered | MessageReceived
@@ -172,27 +205,75 @@ class Envelope:
     recipients_refusal: Reply | None = None
 
 
-@dataclass(slots=True)
 class _DataReader:
-    """Framing of DATA: finds CRLF.CRLF, unstuffs dots, defers the verdict to the end."""
+    """Framing of DATA: finds CRLF.CRLF, unstuffs dots, defers the verdict to the end.
 
-    limit: int
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-    too_big: bool = False
-    bare_cr: bool = False
-    # True when the last line given ended with a real CRLF (so a "." line may end the data).
-    after_crlf: bool = True
-    # True when the bytes so far end in the middle of a line (a long line passed on in pieces).
-    mid_line: bool = False
+    The content is kept in one bytearray, so a message costs about its size whatever its line
+    endings (a list of lines cost ~15x for short lines). Each piece kept is first taken from
+    the listener's ``DataBudget``. Once the verdict is certain (too big, bare CR, budget
+    exhausted) the content is dropped and given back; the rest is only framed and counted.
+    """
 
-    def _keep(self, content: bytes) -> None:
-        self.size += len(content)
+    __slots__ = (
+        "limit",
+        "budget",
+        "content",
+        "held",
+        "size",
+        "too_big",
+        "bare_cr",
+        "over_budget",
+        "after_crlf",
+        "mid_line",
+    )
+
+    def __init__(self, limit: int, budget: DataBudget | None) -> None:
+        self.limit = limit
+        self.budget = budget
+        self.content = bytearray()
+        self.held = 0  # bytes taken from the budget, not yet given back
+        self.size = 0  # content octets received, kept or not
+        self.too_big = False
+        self.bare_cr = False
+        self.over_budget = False
+        # True when the last line given ended with a real CRLF (so a "." line may end the data).
+        self.after_crlf = True
+        # True when the bytes so far end in the middle of a line (a long line passed on in pieces).
+        self.mid_line = False
+
+    @property
+    def refused(self) -> bool:
+        return self.too_big or self.bare_cr or self.over_budget
+
+    def release(self) -> None:
+        """Drop the content and give its bytes back to the budget; idempotent."""
+        if self.held and self.budget is not None:
+            self.budget.give(self.held)
+        self.held = 0
+        self.content = bytearray()
+
+    def _keep(self, content: bytes | bytearray | memoryview) -> None:
+        size = len(content)
+        self.size += size
         if self.size > self.limit:
-            self.too_big = True
-            self.chunks.clear()
-        elif not self.too_big:
-            self.chunks.append(content)
+            # The size verdict wins over the others (552 is permanent and says why).
+            if not self.too_big:
+                self.too_big = True
+                self.release()  # RFC 5321 4.2.5: the verdict waits for the terminator, the memory need not
+        elif self.refused:
+            return
+        elif self.budget is not None and not self.budget.take(size):
+            self.over_budget = True
+            self.release()
+        else:
+            if self.budget is not None:
+                self.held += size
+            self.content += content
+
+    def _saw_bare_cr(self) -> None:
+        if not self.bare_cr:
+            self.bare_cr = True
+            self.release()
 
     def feed(self, buffer: bytearray) -> bool:
         """Consume complete lines from ``buffer``; True once the terminator was read."""
@@ -205,64 +286,75 @@ class _DataReader:
                 self._content_piece(piece)
             return False
         region = bytes(buffer[:end])
-        if not self.mid_line and self.after_crlf and _clean(region):
-            return self._fast(region, buffer)
+        if not self.mid_line:
+            carriage_returns = region.count(b"\r")
+            if carriage_returns == region.count(b"\r\n"):
+                return self._bulk(region, buffer, bare_lf=region.count(b"\n") != carriage_returns)
         return self._lines(region, buffer)
 
     def _content_piece(self, piece: bytes) -> None:
         if b"\r" in piece:
-            self.bare_cr = True
+            self._saw_bare_cr()
         if not self.mid_line and piece.startswith(b"."):
             piece = piece[1:]
         self.mid_line = True
         self.after_crlf = False
         self._keep(piece)
 
-    def _fast(self, region: bytes, buffer: bytearray) -> bool:
-        """All lines end in CRLF and we are at a line start: let C do the scanning."""
-        text = b"\r\n" + region
+    def _bulk(self, region: bytes, buffer: bytearray, bare_lf: bool) -> bool:
+        """At a line start and no bare CR in sight: let C do the scanning, line endings mixed or not."""
+        # The prefix stands for the end of the line before, so that the first line of the region
+        # is framed like the others: "\r\n.\r\n" is the terminator only after a real CRLF.
+        prefix = b"\r\n" if self.after_crlf else b"\n"
+        text = prefix + region
         stop = text.find(b"\r\n.\r\n")
+        if stop >= 0:
+            text = text[: stop + 2]  # the content keeps the CRLF of its last line
+        if b"\n." in text:  # RFC 5321 4.5.2 transparency
+            if b"\n.\n" in text or b"\n.\r\n" in text:
+                text = _STUFFED.sub(b"\n", text)  # a "." line alone is kept
+            else:
+                text = text.replace(b"\n.", b"\n")
+        if bare_lf:
+            text = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # bare LF endings become CRLF
+        self._keep(memoryview(text)[text.index(b"\n") + 1 :])  # without the prefix
         if stop < 0:
-            self._keep(text.replace(b"\r\n.", b"\r\n")[2:])
+            self.after_crlf = region.endswith(b"\r\n")
             del buffer[: len(region)]
             return False
-        self._keep(text[: stop + 2].replace(b"\r\n.", b"\r\n")[2:])
-        del buffer[: stop + 3]  # the content, then ".\r\n" (stop counts the two prefix bytes)
+        del buffer[: stop - len(prefix) + 5]  # the content, then ".\r\n"
         return True
 
     def _lines(self, region: bytes, buffer: bytearray) -> bool:
-        """The careful path: one line at a time, for bare CR/LF and long lines."""
-        consumed = 0
-        for line in region.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                # A bare CR inside a line: splitlines() cut at it; glue happens by carrying on.
-                self.bare_cr = True
-                consumed += len(line)
-                self._content_piece(line)
-                continue
-            consumed += len(line)
-            crlf = line.endswith(b"\r\n")
-            body = line[:-2] if crlf else line[:-1]
+        """The careful path: one line at a time, after a bare CR or a long line's pieces."""
+        kept = bytearray()
+        position, done = 0, False
+        while position < len(region):
+            newline = region.index(b"\n", position)
+            crlf = newline > position and region[newline - 1] == 0x0D
+            body = region[position : newline - 1 if crlf else newline]
+            position = newline + 1
+            if b"\r" in body:
+                self._saw_bare_cr()
             at_line_start = not self.mid_line
             if crlf and at_line_start and self.after_crlf and body == b".":
-                del buffer[:consumed]
-                return True
+                done = True
+                break
             if at_line_start and body.startswith(b".") and body != b".":
                 body = body[1:]  # RFC 5321 4.5.2 transparency
-            self._keep(body + b"\r\n")  # a bare LF line ending is normalised to CRLF
+            kept += body
+            kept += b"\r\n"  # a bare LF line ending is normalised to CRLF
             self.mid_line = False
             self.after_crlf = crlf
-        del buffer[:consumed]
-        return False
+        self._keep(kept)
+        del buffer[:position]
+        return done
 
     def message(self) -> bytes:
-        return b"".join(self.chunks)
-
-
-def _clean(region: bytes) -> bool:
-    """True when every CR and LF in the region belongs to a CRLF pair."""
-    pairs = region.count(b"\r\n")
-    return region.count(b"\r") == pairs and region.count(b"\n") == pairs
+        """The content, once; the bytes stay counted in ``held`` for the caller to give back."""
+        data = bytes(self.content)
+        self.content = bytearray()
+        return data
 
 
 class Connection:
@@ -304,10 +396,12 @@ class SmtpSession:
         "_discarding",
         "_login_username",
         "_data",
+        "_budget",
     )
 
-    def __init__(self, policy: SessionPolicy) -> None:
+    def __init__(self, policy: SessionPolicy, data_budget: DataBudget | None = None) -> None:
         self.policy = policy
+        self._budget = data_budget
         self.state = State.GREETED
         self.connection = Connection(policy)
         self.envelope = Envelope()
@@ -422,6 +516,17 @@ class SmtpSession:
     def shutting_down(self) -> list[Output]:
         return [self._close(R.R421_SHUTTING_DOWN)]
 
+    def abandon(self) -> None:
+        """Give back the DATA bytes the session holds (the connection ended mid-DATA); idempotent.
+
+        Bytes already handed over in ``MessageReceived.held`` are the caller's to give back.
+        Should the session be fed after this, the message is refused (452), never handed over
+        with a part missing.
+        """
+        if self._data is not None:
+            self._data.release()
+            self._data.over_budget = True
+
     # --- input framing -----------------------------------------------------------------------------
 
     def _resume(self, event: type) -> None:
@@ -433,6 +538,8 @@ class SmtpSession:
         self._waiting_for = event
 
     def _close(self, reply: Reply) -> Reply:
+        self.abandon()
+        self._data = None
         self.state = State.CLOSED
         self._buffer.clear()
         return reply
@@ -460,7 +567,7 @@ class SmtpSession:
                     return None
                 del self._buffer[: newline + 1]
                 self._discarding = False
-                out.append(self._error(R.R500_LINE_TOO_LONG))
+                out.append(self._line_too_long())
                 if self.closed:
                     return None
                 continue
@@ -474,14 +581,24 @@ class SmtpSession:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) + 2 > self._line_limit(line):
-                out.append(self._error(R.R500_LINE_TOO_LONG))
+                out.append(self._line_too_long())
                 if self.closed:
                     return None
                 continue
             return line
 
+    def _line_too_long(self) -> Reply:
+        """The reply to an overlong line, which was dropped unread."""
+        if self.state in _SASL_STATES:
+            # RFC 4954 4 and 6: the exchange ends with 500 5.5.6. Left open, the client's next
+            # command would be read as a SASL response (and counted as a credential).
+            self.state = State.READY
+            self._login_username = ""
+            return self._error(R.R500_AUTH_LINE_TOO_LONG)
+        return self._error(R.R500_LINE_TOO_LONG)
+
     def _line_limit(self, line: bytes) -> int:
-        if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_SECRET):
+        if self.state in _SASL_STATES:
             return MAX_AUTH_LINE
         if line[:5].upper() == b"AUTH ":
             return MAX_AUTH_LINE
@@ -495,23 +612,39 @@ class SmtpSession:
         envelope, self.envelope = self.envelope, Envelope()
         self.state = State.READY
         assert envelope.sender is not None
-        if reader.too_big or reader.bare_cr:
-            reason, reply = ("too_big", R.R552_TOO_BIG) if reader.too_big else ("bare_cr", R.R554_BARE_CR)
-            self.connection.messages_rejected += 1
-            out.append(
-                MessageRejected(envelope.sender.address, len(envelope.recipients), reader.size, reason, reply)
-            )
-            out.append(reply)
+        sender, detail = envelope.sender.address, ""
+        if reader.too_big:
+            reason, reply = "too_big", R.R552_TOO_BIG
+        elif reader.bare_cr:
+            reason, reply = "bare_cr", R.R554_BARE_CR
+        elif reader.over_budget:
+            reason, reply = "server_busy", R.R452_DATA_IN_FLIGHT  # the listener's memory, not the client
         else:
-            out.append(MessageReceived(envelope.sender.address, tuple(envelope.recipients), reader.message()))
-            self._pause(MessageReceived)
+            data = reader.message()
+            misaligned = self._misaligned_header(data, sender)
+            if misaligned is None:
+                out.append(MessageReceived(sender, tuple(envelope.recipients), data, held=reader.held))
+                self._pause(MessageReceived)
+                return True
+            reader.release()
+            reason, reply, detail = "header_from", R.R550_HEADER_FROM, misaligned
+        self.connection.messages_rejected += 1
+        out.append(MessageRejected(sender, len(envelope.recipients), reader.size, reason, reply, detail))
+        out.append(reply)
         return True
+
+    def _misaligned_header(self, data: bytes, sender: str) -> str | None:
+        """A From:/Sender: address outside the account's domains, when the account is checked."""
+        account = self.connection.account
+        if account is None or not account.header_from_check:
+            return None
+        return alignment.misaligned_header_address(data, account.allowed_domains, sender)
 
     # --- commands ----------------------------------------------------------------------------------
 
     def _dispatch(self, raw: bytes) -> list[Output]:
         self.connection.commands += 1
-        if self.state in (State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_SECRET):
+        if self.state in _SASL_STATES:
             return self._on_sasl_response(raw)
         if self.connection.commands == 1 and _HTTP_REQUEST.match(raw):
             return [self._close(R.R500_HTTP)]
@@ -711,7 +844,7 @@ class SmtpSession:
         if self.state is not State.RCPT:
             return [self._error(R.R503_NEED_RCPT)]
         self.state = State.DATA
-        self._data = _DataReader(limit=self.policy.max_message_size)
+        self._data = _DataReader(self.policy.max_message_size, self._budget)
         return [R.R354_START_DATA]
 
     def _on_rset(self, argument: str) -> list[Output]:

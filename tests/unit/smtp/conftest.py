@@ -20,6 +20,7 @@ from smtp_proxy.smtp.protocol import (
     Account,
     AuthOutcome,
     CredentialsOffered,
+    DataBudget,
     MailFromOffered,
     MessageReceived,
     MessageRejected,
@@ -60,6 +61,7 @@ class Driver:
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
         tls_available: bool = True,
         tls_active: bool = False,
+        data_budget: DataBudget | None = None,
     ) -> None:
         self.policy = SessionPolicy(
             hostname=HOSTNAME,
@@ -68,7 +70,7 @@ class Driver:
             tls_available=tls_available,
             tls_active=tls_active,
         )
-        self.session = SmtpSession(self.policy)
+        self.session = SmtpSession(self.policy, data_budget)
         # How the driver answers MailFromOffered, as the adapter would after its own checks.
         self.answer_mail = True
         self.mail_refusal: Reply | None = None
@@ -196,7 +198,7 @@ class Driver:
 
 @pytest.fixture
 def make_driver() -> Callable[..., Driver]:
-    """A factory: ``make_driver(max_message_size=..., max_recipients=..., tls_available=...)``."""
+    """A factory: ``make_driver(max_message_size=..., max_recipients=..., data_budget=...)``."""
     return Driver
 
 

@@ -447,3 +447,34 @@ def test_data_reader_matches_reference_for_random_streams(make_driver, seed: int
         assert ("ok", first.data) == expected
     else:
         assert (first.reason, b"") == expected
+
+
+def test_data_bare_lf_line_then_crlf_lines_in_the_next_read(authed_driver) -> None:
+    # A read that starts after a bare LF and holds no bare LF itself (a slip here once cut a byte).
+    driver = authed_driver
+    driver.open_data(SENDER, [RECIPIENT])
+    assert driver.send(b"ab\n") == []
+    assert driver.send(b".\r\n") == []  # after a bare LF, "." CRLF is content, not the end
+    message = only_message(driver, driver.send(b"end\r\n.\r\n"))
+    assert message.data == b"ab\r\n.\r\nend\r\n"
+
+
+NO_BARE_CR_TOKENS = [b"a", b".", b"..", b"\n", b"\r\n", b"\r\n", b"\r\n.", b"\n.", b".\r\n", b".\n", b" "]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_data_reader_matches_reference_without_bare_cr(make_driver, seed: int) -> None:
+    """The bulk path (mixed CRLF and bare LF endings) against the line-by-line reference."""
+    rng = random.Random(seed)
+    stream = b"".join(rng.choice(NO_BARE_CR_TOKENS) for _ in range(rng.randint(0, 80))) + b"\r\n.\r\n"
+    expected = reference_outcome(stream, 1_000_000)
+    driver = make_driver().authenticated()
+    driver.open_data(SENDER, [RECIPIENT])
+    out = []
+    position = 0
+    while position < len(stream):
+        size = rng.choice([1, 2, 3, 7, 64])
+        out.extend(driver.send(stream[position : position + size]))
+        position += size
+    (message,) = driver.received(out)
+    assert ("ok", message.data) == expected
