@@ -20,7 +20,7 @@ from flask import Flask
 from flask.cli import FlaskGroup, ScriptInfo
 
 from smtp_proxy import __version__, crypto
-from smtp_proxy.config import Config, load_config
+from smtp_proxy.config import SENDING_LIMITS, Config, load_config
 from smtp_proxy.db.session import Database, safe_url
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import (
@@ -34,6 +34,7 @@ from smtp_proxy.errors import (
 from smtp_proxy.logs import configure_logging
 from smtp_proxy.reload import ConfigWatcher, start_watcher
 from smtp_proxy.storage import accounts as account_store
+from smtp_proxy.storage.audit import CLI
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -214,6 +215,8 @@ def _account_json(account: Any) -> dict[str, Any]:
         "allowed_domains": account.allowed_domains,
         "is_admin": account.is_admin,
         "active": account.active,
+        "allow_any_header_from": bool(account.allow_any_header_from),
+        "limits": dict(account.limits or {}),
         "created_at": iso_timestamp(account.created_at),
     }
 
@@ -225,20 +228,79 @@ def _read_password_stdin() -> str:
     return line.rstrip("\r\n")
 
 
+_DEFAULT = object()  # --limit NAME=default: drop the account's own value
+
+
+def _parse_limits(values: tuple[str, ...]) -> dict[str, Any]:
+    """``--limit NAME=VALUE`` options: VALUE an integer, ``none`` (unlimited) or ``default``."""
+    parsed: dict[str, Any] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip().lower()
+        if not sep or name not in SENDING_LIMITS:
+            raise ValidationError(
+                "--limit", f"expected NAME=VALUE with NAME one of {', '.join(SENDING_LIMITS)}, got {item!r}"
+            )
+        if raw == "none":
+            parsed[name] = None
+        elif raw == "default":
+            parsed[name] = _DEFAULT
+        elif raw.isascii() and raw.isdigit() and int(raw) > 0:
+            parsed[name] = int(raw)
+        else:
+            problem = f"{name}: expected a positive integer, none or default, got {raw!r}"
+            raise ValidationError("--limit", problem)
+    return parsed
+
+
+def _merge_limits(own: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(own)
+    for name, value in given.items():
+        if value is _DEFAULT:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    return merged
+
+
+_LIMIT_HELP = (
+    "An own sending limit, NAME=VALUE (repeat): NAME one of "
+    + ", ".join(SENDING_LIMITS)
+    + "; VALUE a positive integer, none (unlimited) or default (the config's)."
+)
+
+
 @accounts.command("create")
 @click.option("--name", required=True, help="Account name; also the SMTP AUTH user name.")
 @click.option("--email", required=True, help="Contact address of the tenant.")
 @click.option("--domain", "domains", multiple=True, required=True, help="Allowed sender domain (repeat).")
 @click.option("--admin", is_flag=True, help="May manage all accounts through the API.")
+@click.option(
+    "--allow-any-header-from", is_flag=True, help="From:/Sender: may name any domain (sends for others)."
+)
+@click.option("--limit", "limit_options", multiple=True, metavar="NAME=VALUE", help=_LIMIT_HELP)
 @click.option("--password-stdin", is_flag=True, help="Read the SMTP password from stdin (else generated).")
 @click.pass_context
 @handle_errors
 def accounts_create(
-    ctx: click.Context, name: str, email: str, domains: tuple[str, ...], admin: bool, password_stdin: bool
+    ctx: click.Context,
+    name: str,
+    email: str,
+    domains: tuple[str, ...],
+    admin: bool,
+    allow_any_header_from: bool,
+    limit_options: tuple[str, ...],
+    password_stdin: bool,
 ) -> None:
-    """Create an account and print its credentials once, as JSON."""
+    """Create an account and print its credentials once, as JSON.
+
+    A domain (or *. pattern) overlapping one of another active account is refused,
+    unless security.unique_sender_domains is false.
+    """
     runtime = runtime_of(ctx)
+    limits = _merge_limits({}, _parse_limits(limit_options))
     password = _read_password_stdin() if password_stdin else None
+    security = runtime.config.security
     with runtime.database.transaction() as session:
         created = account_store.create_account(
             session,
@@ -247,7 +309,11 @@ def accounts_create(
             allowed_domains=list(domains),
             password=password,
             is_admin=admin,
-            bcrypt_cost=runtime.config.security.bcrypt_cost,
+            allow_any_header_from=allow_any_header_from,
+            limits=limits,
+            unique_domains=security.unique_sender_domains,
+            bcrypt_cost=security.bcrypt_cost,
+            actor=CLI,
         )
     _emit(
         {
@@ -257,6 +323,64 @@ def accounts_create(
             "password": created.password,
         }
     )
+
+
+@accounts.command("update")
+@click.argument("name")
+@click.option("--domain", "domains", multiple=True, help="Allowed sender domain (repeat); replaces the list.")
+@click.option(
+    "--allow-any-header-from/--no-allow-any-header-from",
+    default=None,
+    help="From:/Sender: may name any domain, or only the allowed ones.",
+)
+@click.option("--limit", "limit_options", multiple=True, metavar="NAME=VALUE", help=_LIMIT_HELP)
+@click.option("--admin/--no-admin", default=None, help="May manage all accounts through the API, or not.")
+@click.option("--activate", is_flag=True, help="Reactivate a deactivated account.")
+@click.pass_context
+@handle_errors
+def accounts_update(
+    ctx: click.Context,
+    name: str,
+    domains: tuple[str, ...],
+    allow_any_header_from: bool | None,
+    limit_options: tuple[str, ...],
+    admin: bool | None,
+    activate: bool,
+) -> None:
+    """Change an account's domains, header-From exemption, limits or admin flag; print it as JSON.
+
+    Limits given are set one by one; the others keep their value. A domain (or a
+    reactivated account's domain) that another active account holds is refused,
+    unless security.unique_sender_domains is false.
+    """
+    runtime = runtime_of(ctx)
+    given_limits = _parse_limits(limit_options)
+    changes: dict[str, Any] = {}
+    if domains:
+        changes["allowed_domains"] = list(domains)
+    if allow_any_header_from is not None:
+        changes["allow_any_header_from"] = allow_any_header_from
+    if admin is not None:
+        changes["is_admin"] = admin
+    if activate:
+        changes["active"] = True
+    if not changes and not given_limits:
+        raise ValidationError("update", "nothing to change; see --help")
+    security = runtime.config.security
+    with runtime.database.transaction() as session:
+        account = account_store.get_account_by_name(session, name)
+        if given_limits:
+            changes["limits"] = _merge_limits(dict(account.limits or {}), given_limits)
+        account_store.update_account(
+            session,
+            account,
+            changes,
+            actor=CLI,
+            bcrypt_cost=security.bcrypt_cost,
+            unique_domains=security.unique_sender_domains,
+        )
+        body = _account_json(account)
+    _emit(body)
 
 
 @accounts.command("list")

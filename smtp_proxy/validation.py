@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import idna
 
+from smtp_proxy.config import SENDING_LIMITS
 from smtp_proxy.errors import ValidationError
 
 # An account name is also the SMTP AUTH user name, so keep it to plain ASCII.
 _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+MAX_LIMIT = 2_147_483_647  # a sending limit above this is a typo, not a quota
 
 
 def account_name(value: object) -> str:
@@ -68,3 +71,57 @@ def email(value: object, field: str = "email") -> str:
     if not _LOCAL_PART.fullmatch(local) or local.startswith(".") or local.endswith(".") or ".." in local:
         raise ValidationError(field, f"not a valid email address: {value!r}")
     return f"{local}@{domain(host, field)}"
+
+
+def limit_overrides(value: object, field: str = "limits") -> dict[str, int | None]:
+    """An account's own sending limits: a subset of SENDING_LIMITS, each a positive integer or null.
+
+    A name left out takes the config's default; null means unlimited.
+    """
+    if not isinstance(value, dict):
+        raise ValidationError(field, "must be an object")
+    overrides: dict[str, int | None] = {}
+    for name, limit in value.items():
+        if name not in SENDING_LIMITS:
+            raise ValidationError(f"{field}.{name}", "is not a known limit: " + ", ".join(SENDING_LIMITS))
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValidationError(f"{field}.{name}", "must be a positive integer or null (unlimited)")
+        if limit is not None and limit > MAX_LIMIT:
+            raise ValidationError(f"{field}.{name}", f"must be at most {MAX_LIMIT}")
+        overrides[name] = limit
+    return {name: overrides[name] for name in SENDING_LIMITS if name in overrides}
+
+
+# --- sender domains: one domain, one tenant ------------------------------------------------------------
+#
+# What a pattern covers is what smtp.addresses.domain_allowed accepts: "example.com" exactly that
+# domain; "*.example.com" every subdomain at any depth, but not example.com itself.
+
+
+def _bare(pattern: str) -> str:
+    return pattern.strip().lower().rstrip(".")
+
+
+def patterns_overlap(first: str, second: str) -> bool:
+    """Whether some domain is covered by both patterns (so the two cannot go to two tenants)."""
+    a, b = _bare(first), _bare(second)
+    a_wild, b_wild = a.startswith("*."), b.startswith("*.")
+    if a_wild and b_wild:
+        # *.x and *.y share a name exactly when one base is the other or lies under it.
+        x, y = a[2:], b[2:]
+        return x == y or x.endswith("." + y) or y.endswith("." + x)
+    if a_wild:
+        return b.endswith(a[1:])  # a[1:] keeps the dot: b is a strict subdomain
+    if b_wild:
+        return a.endswith(b[1:])
+    return a == b
+
+
+def first_overlap(wanted: Iterable[str], held: Iterable[str]) -> tuple[str, str] | None:
+    """The first (wanted, held) pair of patterns that overlap, or None."""
+    held = list(held)
+    for pattern in wanted:
+        for other in held:
+            if patterns_overlap(pattern, other):
+                return pattern, other
+    return None

@@ -17,6 +17,7 @@ from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.logs import new_correlation_id, set_correlation_id
+from smtp_proxy.sending_limits import SendingLimits, open_storage
 
 log = logging.getLogger("smtp_proxy.api")
 
@@ -36,6 +37,10 @@ def create_app(config: Config, database: Database | None = None) -> Flask:
     app.extensions["smtp_proxy.cipher"] = Cipher.from_config(config.security)
     app.extensions["smtp_proxy.db"] = database or Database(config.database)
     app.extensions["smtp_proxy.key_cache"] = KeyCache()
+    app.extensions["smtp_proxy.rate_limit"] = RateLimit(config)  # applied by api/auth.py
+    # The usage endpoint reads the sending counters here. With memory:// they are this
+    # process's own (another process's counts are not seen); with redis:// every instance's.
+    app.extensions["smtp_proxy.sending_limits"] = SendingLimits(open_storage(config.limits.storage))
 
     @app.before_request
     def _correlate() -> None:
@@ -70,7 +75,6 @@ def create_app(config: Config, database: Database | None = None) -> Flask:
     errors.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(v1.bp)
-    app.extensions["smtp_proxy.rate_limit"] = RateLimit(config.api)  # checked by /api/v1 (v1.py)
     # Per app, not the process-wide default registry: a process may build several apps.
     registry = CollectorRegistry()
     PrometheusMetrics(app, registry=registry, group_by="endpoint", default_labels={})

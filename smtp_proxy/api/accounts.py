@@ -6,19 +6,19 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
 from smtp_proxy import crypto, validation
 from smtp_proxy.api import schemas
 from smtp_proxy.api.auth import forget_account, principal, require_admin
-from smtp_proxy.api.context import database
-from smtp_proxy.api.errors import ApiError, invalid
+from smtp_proxy.api.context import config, database, key_cache, sending_limits
+from smtp_proxy.api.errors import forbidden_fields, invalid
 from smtp_proxy.db.models import Account
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import NotFound, ValidationError
+from smtp_proxy.sending_limits import effective_limits
 from smtp_proxy.storage import accounts as store
-from smtp_proxy.storage import audit
 
 bp = Blueprint("accounts", __name__, url_prefix="/accounts")
 
@@ -31,21 +31,23 @@ def render(account: Account) -> dict[str, Any]:
         "allowed_domains": list(account.allowed_domains or []),
         "is_admin": bool(account.is_admin),
         "active": bool(account.active),
+        "allow_any_header_from": bool(account.allow_any_header_from),
+        "limits": dict(account.limits or {}),
         "created_at": iso_timestamp(account.created_at),
         "updated_at": iso_timestamp(account.updated_at),
     }
 
 
-def _bcrypt_cost() -> int:
-    return current_app.extensions["smtp_proxy.config"].security.bcrypt_cost
-
-
 def _visible(session, account_id: uuid.UUID) -> Account:
     """The account if the caller may see it: an admin any, a tenant only itself (else 404)."""
+    _check_visible(account_id)
+    return store.get_account(session, account_id)
+
+
+def _check_visible(account_id: uuid.UUID) -> None:
     caller = principal()
     if not caller.is_admin and account_id != caller.id:
         raise NotFound("no such account")
-    return store.get_account(session, account_id)
 
 
 def _checked(data: dict[str, Any]) -> dict[str, Any]:
@@ -55,6 +57,7 @@ def _checked(data: dict[str, Any]) -> dict[str, Any]:
         "email": validation.email,
         "allowed_domains": validation.domain_patterns,
         "password": crypto.check_password_policy,
+        "limits": validation.limit_overrides,
     }
     values = dict(data)
     fields: dict[str, str] = {}
@@ -76,6 +79,7 @@ def _checked(data: dict[str, Any]) -> dict[str, Any]:
 def create() -> ResponseReturnValue:
     caller = require_admin()
     data = _checked(schemas.body("AccountCreate"))
+    settings = config()
     with database().transaction() as session:
         created = store.create_account(
             session,
@@ -84,7 +88,10 @@ def create() -> ResponseReturnValue:
             allowed_domains=data["allowed_domains"],
             password=data.get("password"),
             is_admin=data.get("is_admin", False),
-            bcrypt_cost=_bcrypt_cost(),
+            allow_any_header_from=data.get("allow_any_header_from", False),
+            limits=data.get("limits"),
+            unique_domains=settings.security.unique_sender_domains,
+            bcrypt_cost=settings.security.bcrypt_cost,
             actor=caller.actor,
         )
         body = {**render(created.account), "api_key": created.api_key, "password": created.password}
@@ -111,34 +118,50 @@ def get(account_id: uuid.UUID) -> ResponseReturnValue:
 @bp.put("/<uuid:account_id>")
 def update(account_id: uuid.UUID) -> ResponseReturnValue:
     caller = principal()
-    data = _checked(schemas.body("AccountUpdate"))
-    if "is_admin" in data and not caller.is_admin:
-        raise ApiError(403, "only an admin may change is_admin")
+    _check_visible(account_id)  # another tenant's account: 404 before anything else
+    raw = schemas.json_object()
+    if not caller.is_admin:
+        # Sender identity and quotas are the operator's: naming one is refused, whatever its value.
+        named = [name for name in store.OPERATOR_FIELDS if name in raw]
+        if named:
+            raise forbidden_fields(named)
+    schemas.check("AccountUpdate", raw)
+    data = _checked(raw)
+    settings = config()
     with database().transaction() as session:
         account = _visible(session, account_id)
-        changed: list[str] = []
-        for name in ("email", "allowed_domains", "is_admin"):
-            if name in data:
-                setattr(account, name, data[name])
-                changed.append(name)
-        if "password" in data:
-            account.password_hash = crypto.hash_password(data["password"], _bcrypt_cost())
-            changed.append("password")
-        if changed:  # one audit row for the whole change
-            audit.record(
-                session,
-                actor=caller.actor,
-                action="update",
-                entity=store.ENTITY,
-                entity_id=account.id,
-                account_id=account.id,
-                fields=changed,
-            )
-        session.flush()
+        was_active = bool(account.active)
+        store.update_account(
+            session,
+            account,
+            data,
+            actor=caller.actor,
+            bcrypt_cost=settings.security.bcrypt_cost,
+            unique_domains=settings.security.unique_sender_domains,
+        )
         body = render(account)
-    if "is_admin" in data:
+        digest = account.api_key_digest
+    if "is_admin" in data or "active" in data:
         forget_account(account_id)
+    if body["active"] and not was_active:
+        key_cache().forget_unknown(digest)  # its key may be remembered as unknown since
     return body
+
+
+@bp.get("/<uuid:account_id>/usage")
+def usage(account_id: uuid.UUID) -> ResponseReturnValue:
+    with database().read() as session:
+        account = _visible(session, account_id)
+        own = dict(account.limits or {})
+    counters = sending_limits()
+    windows = counters.usage(account_id, effective_limits(config().limits, own))
+    return {
+        "account_id": str(account_id),
+        "shared": not config().limits.storage.startswith("memory://"),
+        "windows": [
+            {"name": w.name, "limit": w.limit, "used": w.used, "resets_in": w.resets_in} for w in windows
+        ],
+    }
 
 
 @bp.delete("/<uuid:account_id>")

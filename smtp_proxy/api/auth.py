@@ -4,6 +4,18 @@ The key's SHA-256 digest is looked up in the database; answers are cached for
 a few seconds per process (a tenant tool makes bursts of calls), and the
 entry is dropped at once when this process rotates the key or deactivates
 the account. Another API instance sees such a change within the TTL.
+
+Order of work for each request (``authenticate``), cheapest first:
+
+1. no key, or a malformed one: counted against the client address
+   (``api.unauthenticated_rate_limit``), then 401;
+2. a key this process verified a moment ago: counted against the key
+   (``api.rate_limit``);
+3. a digest this process found unknown a moment ago (the negative cache):
+   counted against the address, then 401, with no query;
+4. otherwise, when the address is over its limit already, 429 with no query;
+   else one query. An unknown key is remembered and counted against the
+   address; a valid one is cached and counted against the key.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,10 +32,12 @@ from flask import current_app, g, request
 from smtp_proxy import crypto
 from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import ApiError
+from smtp_proxy.api.rate_limit import RateLimit, client_address
 from smtp_proxy.storage.audit import Actor
 from smtp_proxy.storage.auth import find_key_holder
 
 CACHE_TTL_SECONDS = 5.0
+UNKNOWN_TTL_SECONDS = 5.0
 CACHE_SIZE = 10_000
 
 
@@ -40,13 +55,24 @@ class Principal:
 
 
 class KeyCache:
-    """digest -> Principal for CACHE_TTL_SECONDS; only active accounts are cached."""
+    """digest -> Principal for ``ttl`` seconds (active accounts only), and unknown digests for
+    ``unknown_ttl``; each table holds at most ``size`` entries, least recently used out."""
 
-    def __init__(self, ttl: float = CACHE_TTL_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl: float = CACHE_TTL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        unknown_ttl: float = UNKNOWN_TTL_SECONDS,
+        size: int = CACHE_SIZE,
+    ) -> None:
         self._ttl = ttl
+        self._unknown_ttl = unknown_ttl
+        self._size = size
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._entries: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()
 
     def get(self, digest: str) -> Principal | None:
         with self._lock:
@@ -56,18 +82,47 @@ class KeyCache:
             if entry[1] <= self._clock():
                 del self._entries[digest]
                 return None
+            self._entries.move_to_end(digest)
             return entry[0]
 
     def put(self, digest: str, principal: Principal) -> None:
         with self._lock:
-            if len(self._entries) >= CACHE_SIZE:
-                self._entries.clear()
             self._entries[digest] = (principal, self._clock() + self._ttl)
+            self._entries.move_to_end(digest)
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def is_unknown(self, digest: str) -> bool:
+        """Whether this digest was found to belong to no active account a moment ago."""
+        with self._lock:
+            expires = self._unknown.get(digest)
+            if expires is None:
+                return False
+            if expires <= self._clock():
+                del self._unknown[digest]
+                return False
+            return True
+
+    def put_unknown(self, digest: str) -> None:
+        with self._lock:
+            self._unknown[digest] = self._clock() + self._unknown_ttl
+            self._unknown.move_to_end(digest)
+            if len(self._unknown) > self._size:
+                self._unknown.popitem(last=False)
+
+    def forget_unknown(self, digest: str) -> None:
+        """A reactivated account's key works here at once, not after ``unknown_ttl``."""
+        with self._lock:
+            self._unknown.pop(digest, None)
 
     def drop_account(self, account_id: uuid.UUID) -> None:
+        # A scan, but only on a key rotation or a (de)activation, never per request.
         with self._lock:
             for digest in [d for d, (p, _) in self._entries.items() if p.id == account_id]:
                 del self._entries[digest]
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self._unknown)
 
 
 def _unauthorized(message: str) -> ApiError:
@@ -87,17 +142,36 @@ def bearer_key() -> str:
 
 
 def authenticate() -> Principal:
-    """Resolve the caller (cached); 401 for an unknown key or a deactivated account."""
-    digest = crypto.api_key_digest(bearer_key())
+    """Resolve the caller (see the module docstring for the order).
+
+    401 for a missing, malformed or unknown key or a deactivated account; 429
+    over the key's limit, or over the address's limit for requests without a
+    valid key.
+    """
+    limiter: RateLimit = current_app.extensions["smtp_proxy.rate_limit"]
     cache: KeyCache = current_app.extensions["smtp_proxy.key_cache"]
+    address = client_address(request.remote_addr)
+    try:
+        key = bearer_key()
+    except ApiError:
+        limiter.hit_address(address)
+        raise
+    digest = crypto.api_key_digest(key)
     principal = cache.get(digest)
     if principal is None:
+        if cache.is_unknown(digest):
+            limiter.hit_address(address)
+            raise _unauthorized("the API key is not valid")
+        limiter.check_address(address)  # a flooding address gets its 429 without a query
         with database().autocommit() as connection:
             holder = find_key_holder(connection, digest)
         if holder is None:
+            cache.put_unknown(digest)
+            limiter.hit_address(address)
             raise _unauthorized("the API key is not valid")
         principal = Principal(holder.id, holder.name, holder.is_admin)
         cache.put(digest, principal)
+    limiter.hit_key(digest)
     g.principal = principal
     return principal
 

@@ -14,6 +14,8 @@ from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from smtp_proxy.errors import Conflict, DatabaseUnavailable, NotFound, ValidationError
+from smtp_proxy.storage.accounts import DomainTaken
+from smtp_proxy.storage.providers import QuotaExceeded
 
 log = logging.getLogger("smtp_proxy.api")
 
@@ -62,6 +64,17 @@ def invalid(fields: dict[str, str]) -> ApiError:
     return ApiError(422, f"invalid fields: {names}", fields=fields)
 
 
+def forbidden_fields(names: list[str]) -> ApiError:
+    """403 ``forbidden_field``: the caller named fields only an admin may set."""
+    listed = ", ".join(names)
+    return ApiError(
+        403,
+        f"only an admin may set {listed}",
+        code="forbidden_field",
+        fields={name: "only an admin may set this field" for name in names},
+    )
+
+
 def error_response(error: ApiError) -> Response:
     body: dict[str, object] = {"code": error.code, "message": error.message}
     if error.fields:
@@ -87,6 +100,17 @@ def register(app: Flask) -> None:
     @app.errorhandler(Conflict)
     def _conflict(error: Conflict) -> Response:
         return error_response(ApiError(409, str(error) or "already exists"))
+
+    @app.errorhandler(DomainTaken)
+    def _domain_taken(error: DomainTaken) -> Response:
+        return error_response(
+            ApiError(409, str(error), code="domain_taken", fields={"allowed_domains": str(error)})
+        )
+
+    @app.errorhandler(QuotaExceeded)
+    def _quota(error: QuotaExceeded) -> Response:
+        message = f"limit reached: {error}"
+        return error_response(ApiError(422, message, fields={"body": message}))
 
     @app.errorhandler(ValidationError)
     def _invalid(error: ValidationError) -> Response:

@@ -11,7 +11,10 @@ from smtp_proxy.api.schemas import SCHEMAS, Schema, list_of, page_of
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 _COMMON_ERRORS = {
     "401": "Missing, malformed or unknown API key, or a deactivated account.",
-    "429": "Rate limited; see Retry-After.",
+    "429": (
+        "Rate limited; see Retry-After. A verified key has api.rate_limit; requests without a "
+        "valid key share api.unauthenticated_rate_limit per client address."
+    ),
     "503": "The database is not answering; see Retry-After.",
 }
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
@@ -47,6 +50,8 @@ def _op(
     body: str | None = None,
     errors: tuple[str, ...] = (),
     params: list[dict[str, Any]] | None = None,
+    notes: dict[str, str] | None = None,
+    description: str | None = None,
 ) -> dict[str, Any]:
     status, schema = ok
     responses: dict[str, Any] = {
@@ -63,11 +68,14 @@ def _op(
         "415": "The body is not application/json.",
         "422": "Invalid fields; error.fields names each one.",
     }
+    descriptions.update(notes or {})
     for code in errors:
         responses[code] = {"description": descriptions[code], "content": _ERROR}
     for code, text in _COMMON_ERRORS.items():
         responses[code] = {"description": text, "content": _ERROR}
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if description:
+        operation["description"] = description
     if body:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
     if params:
@@ -86,6 +94,7 @@ def document() -> dict[str, Any]:
                 ("201", _ref("AccountCreated")),
                 body="AccountCreate",
                 errors=(*_WRITE, "403", "409"),
+                notes={"409": "The name is taken (conflict), or a domain is (domain_taken)."},
             ),
             "get": _op("List accounts (an admin all, a tenant itself)", ("200", list_of("Account"))),
         },
@@ -96,9 +105,26 @@ def document() -> dict[str, Any]:
                 "Update an account",
                 ("200", _ref("Account")),
                 body="AccountUpdate",
-                errors=(*_WRITE, "403", "404"),
+                errors=(*_WRITE, "403", "404", "409"),
+                notes={
+                    "403": "A tenant named a field only an admin may set (forbidden_field).",
+                    "409": "A domain is granted to another active account (domain_taken).",
+                },
             ),
             "delete": _op("Deactivate an account (data kept)", ("204", None), errors=("404",)),
+        },
+        "/accounts/{id}/usage": {
+            "parameters": [_ID],
+            "get": _op(
+                "Sending counts and limits of an account (an admin any, a tenant itself)",
+                ("200", _ref("Usage")),
+                errors=("404",),
+                description=(
+                    "Read from limits.storage. With memory:// each process counts on its own, and this "
+                    "shows only what was counted in the API's own process; with redis:// the counts of "
+                    "every listener, API and worker instance."
+                ),
+            ),
         },
         "/accounts/{id}/rotate-key": {
             "parameters": [_ID],
@@ -108,7 +134,11 @@ def document() -> dict[str, Any]:
         },
         "/providers": {
             "post": _op(
-                "Add a provider", ("201", _ref("Provider")), body="ProviderCreate", errors=(*_WRITE, "409")
+                "Add a provider",
+                ("201", _ref("Provider")),
+                body="ProviderCreate",
+                errors=(*_WRITE, "409"),
+                notes={"422": "Invalid fields, or limits.max_providers_per_account reached."},
             ),
             "get": _op("List providers", ("200", list_of("Provider"))),
         },
@@ -125,7 +155,11 @@ def document() -> dict[str, Any]:
         },
         "/routing-rules": {
             "post": _op(
-                "Add a routing rule", ("201", _ref("RoutingRule")), body="RoutingRuleCreate", errors=_WRITE
+                "Add a routing rule",
+                ("201", _ref("RoutingRule")),
+                body="RoutingRuleCreate",
+                errors=_WRITE,
+                notes={"422": "Invalid fields, or limits.max_rules_per_account reached."},
             ),
             "get": _op("List routing rules, lowest priority first", ("200", list_of("RoutingRule"))),
         },

@@ -10,7 +10,7 @@ from flask.typing import ResponseReturnValue
 
 from smtp_proxy.api import pages, schemas
 from smtp_proxy.api.auth import principal
-from smtp_proxy.api.context import cipher, database
+from smtp_proxy.api.context import cipher, config, database
 from smtp_proxy.api.errors import invalid
 from smtp_proxy.db.models import EspProvider
 from smtp_proxy.db.types import iso_timestamp
@@ -62,6 +62,7 @@ def create() -> ResponseReturnValue:
             settings=data.get("settings"),
             smtp_config=data.get("smtp_config"),
             enabled=data.get("enabled", True),
+            max_providers=config().limits.max_providers_per_account,
             actor=caller.actor,
         )
         body = render(provider)

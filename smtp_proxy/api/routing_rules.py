@@ -11,7 +11,7 @@ from flask.typing import ResponseReturnValue
 from smtp_proxy import validation
 from smtp_proxy.api import schemas
 from smtp_proxy.api.auth import principal
-from smtp_proxy.api.context import database
+from smtp_proxy.api.context import config, database
 from smtp_proxy.api.errors import invalid
 from smtp_proxy.db.models import RoutingRule
 from smtp_proxy.db.types import iso_timestamp
@@ -75,6 +75,7 @@ def create() -> ResponseReturnValue:
                 priority=data["priority"],
                 conditions=conditions,
                 enabled=data.get("enabled", True),
+                max_rules=config().limits.max_rules_per_account,
                 actor=caller.actor,
             )
         except NotFound as error:

@@ -15,6 +15,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaError
 
 from smtp_proxy.api.errors import ApiError, invalid
+from smtp_proxy.config import SENDING_LIMITS
+from smtp_proxy.validation import MAX_LIMIT
 
 Schema = dict[str, Any]
 
@@ -48,7 +50,22 @@ ACCOUNT_FIELDS: Schema = {
             "generated (and shown once) when left out at creation."
         ),
     },
-    "is_admin": {"type": "boolean"},
+    "is_admin": {"type": "boolean", "description": "Set by an admin only."},
+    "allow_any_header_from": {
+        "type": "boolean",
+        "description": (
+            "Set by an admin only. The From:/Sender: headers may name any domain, not only "
+            "allowed_domains (a tenant that sends on behalf of others)."
+        ),
+    },
+    "limits": {"$ref": "#/components/schemas/AccountLimits"},
+}
+ACCOUNT_UPDATE_FIELDS: Schema = {
+    **{k: v for k, v in ACCOUNT_FIELDS.items() if k != "name"},
+    "active": {
+        "type": "boolean",
+        "description": "Set by an admin only. false deactivates (as DELETE does), true reactivates.",
+    },
 }
 
 PROVIDER_FIELDS: Schema = {
@@ -83,18 +100,39 @@ SCHEMAS: dict[str, Schema] = {
             }
         },
     },
+    "AccountLimits": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            name: {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_LIMIT} for name in SENDING_LIMITS
+        },
+        "description": (
+            "Set by an admin only. The account's own sending limits: a limit left out takes the "
+            "config's default (limits.<name>), null means unlimited. A PUT replaces the whole object; "
+            "{} goes back to every default."
+        ),
+    },
     "AccountCreate": {
         "type": "object",
         "additionalProperties": False,
         "required": ["name", "email", "allowed_domains"],
         "properties": ACCOUNT_FIELDS,
+        "description": (
+            "allowed_domains must not overlap a domain (or *. pattern) of another active account "
+            "(409 domain_taken) unless security.unique_sender_domains is false."
+        ),
     },
     "AccountUpdate": {
         "type": "object",
         "additionalProperties": False,
         "minProperties": 1,
-        "properties": {k: v for k, v in ACCOUNT_FIELDS.items() if k != "name"},
-        "description": "Only an admin may change is_admin.",
+        "properties": ACCOUNT_UPDATE_FIELDS,
+        "description": (
+            "A tenant may change its own email and password. allowed_domains, is_admin, active, "
+            "allow_any_header_from and limits are the operator's: an admin sets them, a tenant naming "
+            "one gets 403 forbidden_field. Granting a domain another active account holds, or "
+            "reactivating an account whose domain was granted since, is 409 domain_taken."
+        ),
     },
     "Account": {
         "type": "object",
@@ -105,6 +143,8 @@ SCHEMAS: dict[str, Schema] = {
             "allowed_domains",
             "is_admin",
             "active",
+            "allow_any_header_from",
+            "limits",
             "created_at",
             "updated_at",
         ],
@@ -115,9 +155,48 @@ SCHEMAS: dict[str, Schema] = {
             "allowed_domains": {"type": "array", "items": {"type": "string"}},
             "is_admin": {"type": "boolean"},
             "active": {"type": "boolean"},
+            "allow_any_header_from": {"type": "boolean"},
+            "limits": {
+                "$ref": "#/components/schemas/AccountLimits",
+                "description": "The account's own overrides only; GET .../usage shows the limits in force.",
+            },
             "created_at": _TIME,
             "updated_at": _TIME,
         },
+    },
+    "UsageWindow": {
+        "type": "object",
+        "required": ["name", "limit", "used", "resets_in"],
+        "properties": {
+            "name": {"enum": list(SENDING_LIMITS)},
+            "limit": {
+                "type": ["integer", "null"],
+                "description": "In force: the account's own, else the config's default; null: unlimited.",
+            },
+            "used": {"type": "integer", "minimum": 0, "description": "Messages (or recipients) counted."},
+            "resets_in": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Seconds until the window starts over.",
+            },
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "required": ["account_id", "shared", "windows"],
+        "properties": {
+            "account_id": _UUID,
+            "shared": {
+                "type": "boolean",
+                "description": (
+                    "true: the counts live in limits.storage on redis, shared by every instance. "
+                    "false (memory://): only what was counted in this API's own process (under "
+                    "`serve all`, the process that also runs the listener)."
+                ),
+            },
+            "windows": {"type": "array", "items": {"$ref": "#/components/schemas/UsageWindow"}},
+        },
+        "description": "Each window is fixed and aligned to the clock: the minute, the hour, the UTC day.",
     },
     "AccountCreated": {
         "allOf": [{"$ref": "#/components/schemas/Account"}],
@@ -475,12 +554,19 @@ def _no_constant(name: str) -> Any:
 
 
 def body(name: str) -> dict[str, Any]:
-    """The request's JSON object, validated against ``SCHEMAS[name]``.
+    """The request's JSON object (``json_object``) checked against ``SCHEMAS[name]``; 422 for bad fields."""
+    data = json_object()
+    check(name, data)
+    return data
+
+
+def json_object() -> dict[str, Any]:
+    """The request's JSON object, not yet checked against a schema.
 
     415 for another content type; 400 for malformed JSON (NaN and Infinity
     included), a non-object, or nesting deeper than MAX_DEPTH; 413 over
-    MAX_BODY_BYTES (Flask's MAX_CONTENT_LENGTH); 422 for bad fields, among
-    them strings the database cannot hold (a NUL, a lone surrogate).
+    MAX_BODY_BYTES (Flask's MAX_CONTENT_LENGTH); 422 for strings the database
+    cannot hold (a NUL, a lone surrogate).
     """
     if request.mimetype != "application/json":
         raise ApiError(415, "the request body must be application/json")
@@ -495,7 +581,6 @@ def body(name: str) -> dict[str, Any]:
     _check_strings(data, "", 0, fields)
     if fields:
         raise invalid(fields)
-    check(name, data)
     return data
 
 

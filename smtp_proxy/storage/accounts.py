@@ -1,20 +1,71 @@
-"""Accounts: creation with one-time credentials, lookups, rotation, deactivation."""
+"""Accounts: creation with one-time credentials, lookups, updates, rotation, deactivation.
+
+A sender domain belongs to one tenant: granting a domain (or a ``*.`` pattern)
+that overlaps one an active account holds is refused with ``DomainTaken``
+unless the caller passes ``unique_domains=False`` (``security.unique_sender_domains``).
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from smtp_proxy import crypto, validation
 from smtp_proxy.db.models import Account
-from smtp_proxy.errors import Conflict, NotFound
+from smtp_proxy.errors import Conflict, NotFound, ValidationError
 from smtp_proxy.storage import audit
 from smtp_proxy.storage.audit import CLI, Actor
 
 ENTITY = "account"
+# Fields update_account takes; the last five are the operator's (admins and the CLI only).
+UPDATABLE = ("email", "password", "allowed_domains", "is_admin", "active", "allow_any_header_from", "limits")
+OPERATOR_FIELDS = ("allowed_domains", "is_admin", "active", "allow_any_header_from", "limits")
+# An arbitrary constant naming "the grant of sender domains" in pg_advisory_xact_lock
+# (db/migrate.py uses another for migrations).
+_DOMAIN_LOCK_ID = 0x736D74705F646F6D  # "smtp_dom"
+
+
+class DomainTaken(Conflict):
+    """A domain pattern overlaps one that another active account holds."""
+
+    def __init__(self, domain: str, held: str, *, reactivating: bool = False) -> None:
+        overlap = "" if domain == held else f" (it overlaps {held})"
+        if reactivating:
+            message = f"cannot reactivate: {domain} is now granted to another active account{overlap}"
+        else:
+            message = f"{domain} is already granted to another active account{overlap}"
+        super().__init__(message)
+        self.domain = domain
+        self.held = held
+
+
+def check_domains_free(
+    session: Session, domains: Iterable[str], *, exclude: uuid.UUID | None, reactivating: bool = False
+) -> None:
+    """Raise DomainTaken when a pattern overlaps one of another active account.
+
+    On PostgreSQL this first takes a transaction-scoped advisory lock, so that two
+    grants running at once are checked one after the other and the second sees the
+    first once it commits (READ COMMITTED: each statement reads the latest commits).
+    SQLite has a single writer, which serialises the writing transactions anyway.
+    """
+    domains = list(domains)
+    if not domains:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _DOMAIN_LOCK_ID})
+    query = select(Account.allowed_domains).where(Account.active.is_(True))
+    if exclude is not None:
+        query = query.where(Account.id != exclude)
+    for held in session.scalars(query):
+        clash = validation.first_overlap(domains, held or ())
+        if clash is not None:
+            raise DomainTaken(*clash, reactivating=reactivating)
 
 
 @dataclass(frozen=True)
@@ -35,16 +86,26 @@ def create_account(
     bcrypt_cost: int,
     password: str | None = None,
     is_admin: bool = False,
+    allow_any_header_from: bool = False,
+    limits: Mapping[str, int | None] | None = None,
+    unique_domains: bool = True,
     actor: Actor = CLI,
 ) -> NewAccount:
-    """Validate, hash and add an account. Raises ValidationError or Conflict."""
+    """Validate, hash and add an account.
+
+    Raises ValidationError, Conflict for a taken name, or DomainTaken (unless
+    ``unique_domains`` is False) for a domain another active account holds.
+    """
     name = validation.account_name(name)
     email = validation.email(email)
     domains = validation.domain_patterns(allowed_domains)
+    overrides = validation.limit_overrides(dict(limits or {}))
     password = password if password is not None else crypto.generate_password()
     password_hash = crypto.hash_password(password, bcrypt_cost)
     if session.scalar(select(Account.id).where(Account.name == name)) is not None:
         raise Conflict(f"an account named {name!r} already exists")
+    if unique_domains:
+        check_domains_free(session, domains, exclude=None)
     api_key = crypto.generate_api_key()
     account = Account(
         id=uuid.uuid4(),
@@ -55,8 +116,13 @@ def create_account(
         api_key_digest=crypto.api_key_digest(api_key),
         is_admin=is_admin,
         active=True,
+        allow_any_header_from=bool(allow_any_header_from),
+        limits=overrides,
     )
     session.add(account)
+    fields = ["name", "email", "allowed_domains", "is_admin", "password", "api_key"]
+    fields += ["allow_any_header_from"] if allow_any_header_from else []
+    fields += ["limits"] if overrides else []
     audit.record(
         session,
         actor=actor,
@@ -64,7 +130,7 @@ def create_account(
         entity=ENTITY,
         entity_id=account.id,
         account_id=account.id,
-        fields=("name", "email", "allowed_domains", "is_admin", "password", "api_key"),
+        fields=fields,
     )
     session.flush()
     return NewAccount(account, api_key, password)
@@ -110,6 +176,66 @@ def rotate_api_key(session: Session, account: Account, actor: Actor = CLI) -> st
     account.api_key_digest = crypto.api_key_digest(api_key)
     _audit_update(session, account, actor, ("api_key",))
     return api_key
+
+
+def update_account(
+    session: Session,
+    account: Account,
+    changes: Mapping[str, Any],
+    *,
+    actor: Actor,
+    bcrypt_cost: int,
+    unique_domains: bool,
+) -> list[str]:
+    """Apply a partial update of the fields in UPDATABLE, with one audit row; the names changed.
+
+    Whether the caller may set the operator's fields is the caller's decision (the API
+    allows them to admins only). ``active: False`` is a deactivation, audited as one;
+    ``active: True`` reactivates. A grant of domains (new domains for an active account,
+    or a reactivation) is checked against the other active accounts unless
+    ``unique_domains`` is False. Raises ValidationError or DomainTaken; nothing is
+    changed then.
+    """
+    unknown = sorted(set(changes) - set(UPDATABLE))
+    if unknown:
+        raise ValidationError(unknown[0], "is not a field that can be changed")
+    values = dict(changes)
+    if "email" in values:
+        values["email"] = validation.email(values["email"])
+    if "allowed_domains" in values:
+        values["allowed_domains"] = validation.domain_patterns(values["allowed_domains"])
+    if "limits" in values:
+        values["limits"] = validation.limit_overrides(values["limits"])
+    for flag in ("is_admin", "active", "allow_any_header_from"):
+        if flag in values and not isinstance(values[flag], bool):
+            raise ValidationError(flag, "must be true or false")
+    if "password" in values:
+        if not isinstance(values["password"], str):
+            raise ValidationError("password", "must be a string")
+        crypto.check_password_policy(values["password"])
+
+    was_active = bool(account.active)
+    active = values.get("active", was_active)
+    reactivating = active and not was_active
+    if unique_domains and active and ("allowed_domains" in values or reactivating):
+        domains = values.get("allowed_domains", account.allowed_domains or [])
+        check_domains_free(session, domains, exclude=account.id, reactivating=reactivating)
+
+    for name in ("email", "allowed_domains", "is_admin", "active", "allow_any_header_from", "limits"):
+        if name in values:
+            setattr(account, name, values[name])
+    if "password" in values:
+        account.password_hash = crypto.hash_password(values["password"], bcrypt_cost)
+    if not values:
+        return []
+    action = "update"
+    if was_active and not active:
+        action = "deactivate"
+    elif reactivating:
+        action = "reactivate"
+    fields = tuple(name for name in UPDATABLE if name in values)
+    _audit_update(session, account, actor, fields, action=action)
+    return list(fields)
 
 
 def deactivate_account(session: Session, account: Account, actor: Actor = CLI) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import EspProvider, ProviderType, RoutingRule
+from smtp_proxy.db.models import Account, EspProvider, ProviderType, RoutingRule
 from smtp_proxy.errors import Conflict, NotFound
 from smtp_proxy.storage import audit, json_rows
 from smtp_proxy.storage.audit import CLI, Actor
@@ -19,6 +19,31 @@ from smtp_proxy.storage.audit import CLI, Actor
 ENTITY = "provider"
 RULE_ENTITY = "routing_rule"  # routing_rules.ENTITY, which imports this module
 _UNSET: Any = object()
+
+
+class QuotaExceeded(Exception):
+    """An account already has as many rows of a kind as ``setting`` allows."""
+
+    def __init__(self, what: str, limit: int, setting: str) -> None:
+        super().__init__(f"an account may have at most {limit} {what} ({setting})")
+        self.what = what
+        self.limit = limit
+        self.setting = setting
+
+
+def check_quota(session: Session, account_id: uuid.UUID, model: Any, limit: int | None, setting: str) -> None:
+    """Raise QuotaExceeded when the account holds ``limit`` rows of ``model`` already.
+
+    The account's row is locked first (PostgreSQL; SQLite has one writer), so two
+    creates at once are counted one after the other and cannot both take the last place.
+    """
+    if limit is None:
+        return
+    session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+    count = session.scalar(select(func.count()).select_from(model).where(model.account_id == account_id))
+    if (count or 0) >= limit:
+        what = "providers" if model is EspProvider else "routing rules"
+        raise QuotaExceeded(what, limit, setting)
 
 
 @dataclass(frozen=True)
@@ -48,9 +73,15 @@ def create_provider(
     settings: dict[str, Any] | None = None,
     smtp_config: dict[str, Any] | None = None,
     enabled: bool = True,
+    max_providers: int | None = None,
     actor: Actor = CLI,
 ) -> EspProvider:
-    """Add a provider; ``smtp_config["password"]`` is split off and sealed."""
+    """Add a provider; ``smtp_config["password"]`` is split off and sealed.
+
+    Raises Conflict for a taken name, QuotaExceeded when the account already has
+    ``max_providers`` (``limits.max_providers_per_account``; None: no cap).
+    """
+    check_quota(session, account_id, EspProvider, max_providers, "limits.max_providers_per_account")
     _check_unique_name(session, account_id, name)
     provider_id = uuid.uuid4()
     public_smtp, smtp_password = _split_smtp_config(smtp_config)

@@ -12,7 +12,7 @@ from smtp_proxy.db.models import RoutingRule
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.storage import audit
 from smtp_proxy.storage.audit import CLI, Actor
-from smtp_proxy.storage.providers import RULE_ENTITY, get_provider
+from smtp_proxy.storage.providers import RULE_ENTITY, check_quota, get_provider
 
 ENTITY = RULE_ENTITY
 _FIELDS = ("name", "provider_id", "priority", "conditions", "enabled")
@@ -32,11 +32,17 @@ def create_rule(
     priority: int,
     conditions: dict[str, Any] | None = None,
     enabled: bool = True,
+    max_rules: int | None = None,
     actor: Actor = CLI,
 ) -> RoutingRule:
-    """Add a rule; the provider must be the same tenant's (else NotFound)."""
+    """Add a rule; the provider must be the same tenant's (else NotFound).
+
+    Raises QuotaExceeded when the account already has ``max_rules``
+    (``limits.max_rules_per_account``; None: no cap).
+    """
     _check_priority(priority)
     get_provider(session, account_id, provider_id)
+    check_quota(session, account_id, RoutingRule, max_rules, "limits.max_rules_per_account")
     rule = RoutingRule(
         id=uuid.uuid4(),
         account_id=account_id,

@@ -80,15 +80,23 @@ class ApiServer:
         return client
 
     def tenant(self, name: str | None = None, **fields: Any) -> Tenant:
-        """A new tenant account, created by the admin through POST /api/v1/accounts."""
+        """A new tenant account, created by the admin through POST /api/v1/accounts.
+
+        Each tenant gets a sender domain of its own (one domain, one tenant).
+        """
         self._counter[0] += 1
         name = name or f"tenant{self._counter[0]}-{uuid.uuid4().hex[:6]}"
-        body = {"name": name, "email": f"{name}@example.com", "allowed_domains": ["example.com"], **fields}
+        body = {"name": name, "email": f"{name}@example.com", "allowed_domains": [own_domain()], **fields}
         response = self.admin.post("/api/v1/accounts", json=body)
         assert response.status_code == 201, response.text
         data = response.json()
         key = data["api_key"]
         return Tenant(data["id"], data["name"], key, data["password"], self.client(key))
+
+
+def own_domain() -> str:
+    """A sender domain no other account of the test holds."""
+    return f"t{uuid.uuid4().hex[:12]}.example.net"
 
 
 def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
@@ -120,18 +128,20 @@ def stop(server: Any, thread: threading.Thread) -> None:
 
 @pytest.fixture
 def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
-    """Start the API app under waitress; ``api`` overrides config keys (e.g. rate_limit)."""
+    """Start the API app under waitress; ``api`` overrides config keys (e.g. rate_limit), and
+    ``sections`` whole config sections (e.g. ``limits={...}``)."""
     started: list[tuple[Any, threading.Thread, Database, ApiServer]] = []
 
-    def start(**api: Any) -> ApiServer:
-        config = make_config(pg_url, api={"rate_limit": "100000/minute", **api})
+    def start(sections: dict[str, dict[str, Any]] | None = None, **api: Any) -> ApiServer:
+        api = {"rate_limit": "100000/minute", "unauthenticated_rate_limit": "100000/minute", **api}
+        config = make_config(pg_url, api=api, **(sections or {}))
         database = Database(config.database)
         with database.transaction() as session:
             admin = accounts.create_account(
                 session,
                 name=f"admin-{uuid.uuid4().hex[:8]}",
                 email="admin@example.com",
-                allowed_domains=["example.com"],
+                allowed_domains=[own_domain()],
                 is_admin=True,
                 bcrypt_cost=4,
             )

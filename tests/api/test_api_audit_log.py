@@ -122,12 +122,12 @@ def test_account_changes_write_one_row_each(api: ApiServer) -> None:
     steps: list[tuple[Client, str, str, dict[str, Any] | None, tuple[str, list[str]], str]] = [
         (tenant.client, "PUT", path, {"email": "new@example.com"}, ("update", ["email"]), tenant.name),
         (
-            tenant.client,
+            api.admin,
             "PUT",
             path,
             {"allowed_domains": ["example.org"]},
             ("update", ["allowed_domains"]),
-            tenant.name,
+            admin,
         ),
         (tenant.client, "PUT", path, {"password": "the-new-password"}, ("update", ["password"]), tenant.name),
         (api.admin, "PUT", path, {"is_admin": True}, ("update", ["is_admin"]), admin),
@@ -152,7 +152,7 @@ def test_account_update_of_several_fields_writes_one_row(api: ApiServer) -> None
     tenant = api.tenant()
     seen = ids(everything(api.admin))
     body = {"email": "both@example.com", "allowed_domains": ["example.net"], "password": "another-password"}
-    assert tenant.client.put(f"{ACCOUNTS}/{tenant.id}", json=body).status_code == 200
+    assert api.admin.put(f"{ACCOUNTS}/{tenant.id}", json=body).status_code == 200
     rows = new_entries(api.admin, seen)
     assert [summary(row) for row in rows] == [
         ("update", "account", tenant.id, ["allowed_domains", "email", "password"])
@@ -238,6 +238,7 @@ def test_failed_changes_write_no_rows(api: ApiServer) -> None:
     )
     assert mailgun.status_code == 201, mailgun.text
     bobs_provider = sendgrid(bob.client, "bobs")
+    bob_domain = bob.client.get(f"{ACCOUNTS}/{bob.id}").json()["allowed_domains"][0]
     rule_id = rule(alice.client, provider["id"])["id"]
     before_rows = row_count(api)
     before_entries = everything(api.admin)
@@ -275,13 +276,25 @@ def test_failed_changes_write_no_rows(api: ApiServer) -> None:
             422,
         ),
         (
-            alice.client,
+            api.admin,
             "PUT",
             f"{ACCOUNTS}/{alice.id}",
             {"email": "x@example.com", "allowed_domains": ["no way"]},
             422,
         ),
         (alice.client, "PUT", f"{ACCOUNTS}/{alice.id}", {"is_admin": True}, 403),
+        (alice.client, "PUT", f"{ACCOUNTS}/{alice.id}", {"email": "x@example.com", "active": True}, 403),
+        (alice.client, "PUT", f"{ACCOUNTS}/{alice.id}", {"allowed_domains": ["alice.example"]}, 403),
+        (alice.client, "PUT", f"{ACCOUNTS}/{alice.id}", {"limits": {}}, 403),
+        (alice.client, "PUT", f"{ACCOUNTS}/{alice.id}", {"allow_any_header_from": False}, 403),
+        (api.admin, "PUT", f"{ACCOUNTS}/{alice.id}", {"allowed_domains": [bob_domain]}, 409),
+        (
+            api.admin,
+            "POST",
+            ACCOUNTS,
+            {"name": "erin", "email": "e@example.com", "allowed_domains": [bob_domain]},
+            409,
+        ),
         (alice.client, "PUT", f"{ACCOUNTS}/{bob.id}", {"email": "x@example.com"}, 404),
         (alice.client, "DELETE", f"{ACCOUNTS}/{bob.id}", None, 404),
         (alice.client, "POST", f"{ACCOUNTS}/{bob.id}/rotate-key", None, 404),
@@ -469,6 +482,7 @@ def test_entries_name_fields_but_never_hold_secret_values(api: ApiServer) -> Non
         assert secret not in raw_changes, secret
 
     names = {"name", "email", "allowed_domains", "is_admin", "password", "api_key", "active"}
+    names |= {"allow_any_header_from", "limits"}
     names |= {"provider_type", "settings", "smtp_config", "smtp_password", "enabled"}
     names |= {"provider_id", "priority", "conditions"}
     for entry in everything(api.admin):

@@ -378,6 +378,7 @@ EXPECTED_OPERATIONS = {
     ("/accounts/{id}", "put"),
     ("/accounts/{id}", "delete"),
     ("/accounts/{id}/rotate-key", "post"),
+    ("/accounts/{id}/usage", "get"),
     ("/providers", "get"),
     ("/providers", "post"),
     ("/providers/{id}", "get"),

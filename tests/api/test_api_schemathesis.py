@@ -185,6 +185,7 @@ def targets(seeded: Seeded, account_id: str) -> dict[str, str]:
     caller's own rotate-key (the run would lose its key); "" keeps a random id."""
     return {
         "GET /accounts/{id}": account_id,
+        "GET /accounts/{id}/usage": account_id,
         "PUT /accounts/{id}": account_id,
         "GET /providers/{id}": seeded.provider_id,
         "PUT /providers/{id}": seeded.provider_id,
@@ -197,7 +198,7 @@ def targets(seeded: Seeded, account_id: str) -> dict[str, str]:
 
 def assert_meaningful(statuses: dict[str, set[int]], existing: dict[str, str]) -> None:
     """The run reached every operation, past authentication, listed real rows, found existing ones."""
-    assert len(statuses) == 19 + len(existing), sorted(statuses)
+    assert len(statuses) == 20 + len(existing), sorted(statuses)
     for name, seen in statuses.items():
         assert 401 not in seen, (name, seen)
         assert all(status < 500 for status in seen), (name, seen)

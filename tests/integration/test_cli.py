@@ -128,9 +128,10 @@ def assert_one_line_error(
 
 
 def create(cli: Cli, name: str = "alice", *extra: str, stdin: str | None = None) -> dict:
+    """An account whose sender domain is ``<name>.example.com`` (one domain, one tenant)."""
     return cli.json(
-        "accounts", "create", "--name", name, "--email", f"{name}@example.com", "--domain", "example.com",
-        *extra, stdin=stdin,
+        "accounts", "create", "--name", name, "--email", f"{name}@example.com",
+        "--domain", f"{name}.example.com", *extra, stdin=stdin,
     )  # fmt: skip
 
 
@@ -224,9 +225,21 @@ def test_accounts_list(cli: Cli) -> None:
     assert [a["name"] for a in listed] == ["alice", "bob"]
     assert [a["id"] for a in listed] == [alice["id"], bob["id"]]
     first = listed[0]
-    assert set(first) == {"id", "name", "email", "allowed_domains", "is_admin", "active", "created_at"}
+    assert set(first) == {
+        "id",
+        "name",
+        "email",
+        "allowed_domains",
+        "is_admin",
+        "active",
+        "allow_any_header_from",
+        "limits",
+        "created_at",
+    }
     assert first["email"] == "alice@example.com"
-    assert first["allowed_domains"] == ["example.com", "*.example.org"]
+    assert first["allowed_domains"] == ["alice.example.com", "*.example.org"]
+    assert first["allow_any_header_from"] is False
+    assert first["limits"] == {}
     assert first["is_admin"] is True
     assert first["active"] is True
     assert first["created_at"].endswith("+00:00")

@@ -57,11 +57,13 @@ def new_account(
     db: Database,
     name: str = "alice",
     *,
-    domains: tuple[str, ...] = ("example.com",),
+    domains: tuple[str, ...] | None = None,
     password: str | None = None,
     is_admin: bool = False,
     actor: Actor = audit.CLI,
 ) -> NewAccount:
+    """An account; its sender domain is ``<name>.example.com`` unless ``domains`` are given."""
+    domains = domains if domains is not None else (f"{name}.example.com",)
     with db.transaction() as session:
         created = accounts.create_account(
             session,
@@ -326,7 +328,7 @@ def test_deactivate_keeps_data_blocks_key_and_is_idempotent(database: Database, 
 
 def _change_create(session: Session, _cipher: Cipher) -> None:
     accounts.create_account(
-        session, name="bob", email="bob@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+        session, name="bob", email="bob@example.com", allowed_domains=["bob.example.com"], bcrypt_cost=4
     )
 
 
