@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "smtp_proxy"
-CORE = ["smtp/protocol.py", "smtp/replies.py", "smtp/addresses.py", "smtp/sasl.py", "smtp/trace.py"]
+CORE = [
+    "smtp/protocol.py",
+    "smtp/replies.py",
+    "smtp/addresses.py",
+    "smtp/sasl.py",
+    "smtp/trace.py",
+    "smtp/alignment.py",
+]
 CORE_ALLOWED = {
     "__future__",
     "binascii",
@@ -16,15 +23,19 @@ CORE_ALLOWED = {
     "collections.abc",
     "dataclasses",
     "datetime",
+    "email.errors",
+    "email.policy",
     "email.utils",
     "enum",
     "ipaddress",
+    "itertools",
     "re",
     "typing",
     "smtp_proxy.smtp",
     "smtp_proxy.smtp.replies",
     "smtp_proxy.smtp.addresses",
     "smtp_proxy.smtp.sasl",
+    "smtp_proxy.smtp.alignment",
 }
 
 
