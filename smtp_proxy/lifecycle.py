@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +28,9 @@ from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.memory import FreeMemoryReleaser, freeze_startup_objects, limit_arenas
 from smtp_proxy.reload import ConfigWatcher
+from smtp_proxy.sending_limits import SendingLimits, open_storage
+from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
+from smtp_proxy.smtp.budget import InFlightBudget
 from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.server import DRAIN_SECONDS, SESSION_THREAD_STACK, SmtpServer
 from smtp_proxy.smtp.tls import TlsContextHolder
@@ -86,8 +90,30 @@ class SmtpListeners:
         limit_arenas(SESSION_MALLOC_ARENAS)
         release_memory = FreeMemoryReleaser()
         verifier = CredentialVerifier(database, dummy_cost=config.security.bcrypt_cost)
-        throttle = AuthThrottle()
+        # One storage for the process: the sending limits and the AUTH counters, shared with
+        # every other instance when it is Redis (limits.storage needs a restart to change).
+        counters = open_storage(config.limits.storage)
+        _log_counters(config.limits.storage)
         smtp = config.smtp
+        throttle = AuthThrottle(
+            counters,
+            per_ip=smtp.auth_failures_per_ip,
+            per_user=smtp.auth_failures_per_user,
+            window=smtp.auth_failure_window,
+        )
+        if watcher is not None:
+            watcher.subscribe(
+                lambda new, _old: throttle.configure(
+                    per_ip=new.smtp.auth_failures_per_ip,
+                    per_user=new.smtp.auth_failures_per_user,
+                    window=new.smtp.auth_failure_window,
+                )
+            )
+        mail_policy = MailPolicy(AccountStates(database), SendingLimits(counters))
+        # Both ports draw on one budget: it bounds the process's memory, not a port's.
+        data_budget = InFlightBudget(smtp.max_data_in_flight)
+        if watcher is not None:
+            watcher.subscribe(self._resize_budget)
         ports = [(smtp.port, False)] + ([(smtp.implicit_tls_port, True)] if smtp.implicit_tls_port else [])
         self.servers: list[SmtpServer] = []
         try:
@@ -103,6 +129,8 @@ class SmtpListeners:
                         tls=tls,
                         implicit_tls=implicit,
                         on_quiet=release_memory,
+                        mail_policy=mail_policy,
+                        data_budget=data_budget,
                     )
                 self.servers.append(server)
         except OSError:
@@ -110,6 +138,13 @@ class SmtpListeners:
                 server.server_close()
             raise
         self.threads: list[threading.Thread] = []
+
+    def _resize_budget(self, new: Config, old: Config) -> None:
+        """A new max_data_in_flight: new sessions share a new budget (sessions open keep theirs)."""
+        if new.smtp.max_data_in_flight != old.smtp.max_data_in_flight:
+            budget = InFlightBudget(new.smtp.max_data_in_flight)
+            for server in self.servers:
+                server.data_budget = budget
 
     def start(self) -> None:
         self.threads = [threading.Thread(target=s.serve_forever, name="smtp-accept") for s in self.servers]
@@ -135,6 +170,19 @@ class SmtpListeners:
         for thread in drains + self.threads:
             thread.join()
         log.info("smtp stopped", extra={"event": "smtp.stopped"})
+
+
+def _log_counters(uri: str) -> None:
+    """One line at start-up: where the sending-limit and AUTH counters live (no password)."""
+    parts = urllib.parse.urlsplit(uri)
+    where = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if "@" in parts.netloc else uri
+    shared = parts.scheme != "memory"
+    message = (
+        "smtp counters shared: sending limits and AUTH failures are counted in limits.storage"
+        if shared
+        else "smtp counters in memory://: sending limits and AUTH failures are counted per process"
+    )
+    log.info(message, extra={"event": "smtp.counters", "storage": where, "shared": shared})
 
 
 def start_metrics(port: int | None, host: str, registry: CollectorRegistry = REGISTRY) -> Any:

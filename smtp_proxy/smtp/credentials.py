@@ -19,8 +19,10 @@ socket, no protocol. Every piece exists because bcrypt is deliberately slow
   from sessions that are already authenticated.
 * An unknown, deactivated or impossible user name still costs one bcrypt check
   against a dummy hash, so response time does not tell which accounts exist.
-* ``AuthThrottle`` slows and then refuses a client IP after repeated failures,
-  which makes online guessing slow without an outside tool.
+* ``AuthThrottle`` counts every attempt per client address (IPv6 by /64) and
+  per user name before it is judged, in the shared ``limits`` storage, and
+  refuses past a limit without running bcrypt; ``authenticate`` is that order
+  (count, decide, verify), which holds however many connections guess at once.
 * ``log_auth_failure`` writes one stable JSON shape for outside tools. For
   fail2ban, with the JSON log on stdout (journald) or in a file::
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -44,24 +47,33 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from limits.storage import MemoryStorage, Storage
 
 from smtp_proxy import crypto
 from smtp_proxy.db.session import Database
+from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.storage.auth import Login, find_login
 
 # Enough for every account that submits regularly; a miss only costs one bcrypt check.
 CACHE_MAX_ENTRIES = 10_000
 DEFAULT_DUMMY_COST = 12
+# While the shared throttle storage is down, how often to ask whether it is back.
+STORAGE_PROBE_SECONDS = 5.0
+
+log = logging.getLogger("smtp_proxy.smtp")
 
 
 @dataclass(frozen=True)
 class AuthenticatedAccount:
-    """What the session needs after AUTH: who, and which sender domains it may use."""
+    """What the session needs after AUTH: who, which sender domains it may use, and whether
+    the core checks the message's From:/Sender: addresses against them."""
 
     id: uuid.UUID
     name: str
     allowed_domains: tuple[str, ...]
+    header_from_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -198,104 +210,224 @@ class CredentialVerifier:
 
 def _account(login: Login) -> AuthenticatedAccount:
     # Built from this attempt's lookup, so a change of allowed domains also applies at once.
-    return AuthenticatedAccount(id=login.id, name=login.name, allowed_domains=tuple(login.allowed_domains))
+    return AuthenticatedAccount(
+        id=login.id,
+        name=login.name,
+        allowed_domains=tuple(login.allowed_domains),
+        header_from_check=not login.allow_any_header_from,
+    )
 
 
-@dataclass
-class _Failures:
-    times: list[float]
-    refused_until: float = 0.0
+def throttle_address(ip: str) -> str:
+    """The address an AUTH attempt is counted under: IPv4 as is, IPv6 by its /64.
+
+    One IPv6 host can hold a whole /64, so counting its addresses one by one would
+    count nothing. An IPv4-mapped IPv6 address counts as the IPv4 address.
+    """
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@dataclass(frozen=True)
+class AuthAttempt:
+    """One AUTH attempt, already counted: whether it may be judged, and what to give back."""
+
+    refused: str | None  # None: check the password; "ip" or "user": 454 without a check
+    ip_key: str
+    user_keys: tuple[str, str]  # this window's and the previous one's
 
 
 class AuthThrottle:
-    """Per client IP: a growing delay after failed AUTH, then a temporary refusal.
+    """Counts every AUTH attempt per client address and per user name, then decides.
 
-    Callers may pass an IPv6 client's /64 prefix as ``ip``, since one host can hold a whole /64.
+    The counters live in the ``limits`` library's storage (``limits.storage``), so several
+    listener processes or hosts share them through Redis. ``begin`` increments a counter
+    before it compares it with its limit (``Storage.incr`` answers the new count
+    atomically, in Redis too): first the address's, then the user name's. N connections
+    guessing at once therefore get N distinct counts, and at most ``per_ip`` of them are
+    judged; the rest are refused without bcrypt. An attempt the address's count refuses
+    leaves the user name's counter alone, so a flood from one address leaves no key for
+    each name it tries. A refused attempt gives its increments back (a refusal is not a
+    guess); a failed one keeps them; a success clears the user name's counter and gives
+    back only its own increment of the address's, which otherwise decays with time alone.
+
+    Windows are sliding, approximated from two fixed ones (this window's count plus the
+    previous window's, weighted by the part of it still inside the sliding window).
+
+    No delay is added before answering: the counts already bound the guesses, and a sleep
+    would only hold session threads and slow a legitimate client's parallel logins.
+
+    When the shared storage does not answer, the attempt is counted in a storage of this
+    process instead, so a Redis outage weakens the throttle to one per process rather than
+    switching it off.
     """
 
     def __init__(
         self,
+        storage: Storage | None = None,
         *,
-        base_delay: float = 0.5,
-        max_delay: float = 5.0,
-        refuse_after: int = 10,
+        per_ip: int = 10,
+        per_user: int = 10,
         window: float = 900.0,
-        refuse_for: float = 300.0,
-        max_tracked: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        if refuse_after < 1 or max_tracked < 1:
-            raise ValueError("refuse_after and max_tracked must be at least 1")
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self.refuse_after = refuse_after
-        self.window = window
-        self.refuse_for = refuse_for
-        self.max_tracked = max_tracked
+        self.storage = storage if storage is not None else MemoryStorage()
+        self._fallback: Storage | None = None  # made on the first failure of the shared storage
         self._clock = clock
-        self._lock = threading.Lock()
-        # Least recently failed first, so the bound drops the IPs that stopped trying.
-        self._ips: OrderedDict[str, _Failures] = OrderedDict()
+        self._degraded = False
+        self._next_probe = 0.0
+        self.configure(per_ip=per_ip, per_user=per_user, window=window)
 
-    def delay_for(self, ip: str) -> float:
-        """Seconds to wait before answering this IP's next AUTH: 0 without recent failures."""
+    def configure(self, *, per_ip: int, per_user: int, window: float) -> None:
+        """Set the limits (the listener calls it with the live config before each attempt)."""
+        if per_ip < 1 or per_user < 1 or window <= 0:
+            raise ValueError("per_ip and per_user must be at least 1, window positive")
+        self.per_ip, self.per_user, self.window = per_ip, per_user, window
+
+    def begin(self, ip: str, username: str) -> AuthAttempt:
+        """Count this attempt, then decide whether its password may be checked."""
         now = self._clock()
-        with self._lock:
-            count = len(self._recent(ip, now))
-        if count == 0:
-            return 0.0
-        # Capping the exponent first keeps 2**n finite for a long run of failures.
-        return min(self.base_delay * 2.0 ** min(count - 1, 64), self.max_delay)
+        window = self.window
+        bucket = int(now // window)
+        # The part of the previous fixed window that still lies inside the sliding one.
+        weight = 1.0 - (now - bucket * window) / window
+        expiry = math.ceil(2 * window) + 1
+        user = hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        ip_key = f"smtp-proxy/auth/ip/{throttle_address(ip)}/{window:g}/{bucket}"
+        ip_prev = f"smtp-proxy/auth/ip/{throttle_address(ip)}/{window:g}/{bucket - 1}"
+        user_key = f"smtp-proxy/auth/user/{user}/{window:g}/{bucket}"
+        user_prev = f"smtp-proxy/auth/user/{user}/{window:g}/{bucket - 1}"
+        storage = self._storage()
+        refused = None
+        counted_user = False
+        try:
+            ip_count = storage.incr(ip_key, expiry) + self._weighted(storage, ip_prev, weight)
+            if ip_count > self.per_ip:
+                # Refused by the address's count alone: the user name's counter is not touched,
+                # so a flood from one address leaves no key for each name it tries.
+                refused = "ip"
+            else:
+                counted_user = True
+                user_count = storage.incr(user_key, expiry) + self._weighted(storage, user_prev, weight)
+                if user_count > self.per_user:
+                    refused = "user"
+        except storage.base_exceptions as error:
+            if storage is self._fallback:
+                raise
+            self._unavailable(error)
+            return self.begin(ip, username)
+        attempt = AuthAttempt(refused, ip_key, (user_key, user_prev))
+        if refused is not None:
+            self._give_back(attempt, user=counted_user)
+        return attempt
 
-    def refused(self, ip: str) -> bool:
-        """True while this IP is locked out after ``refuse_after`` failures within ``window``."""
-        now = self._clock()
-        with self._lock:
-            record = self._ips.get(ip)
-            return record is not None and now < record.refused_until
+    @staticmethod
+    def _weighted(storage: Storage, key: str, weight: float) -> int:
+        """The previous window's count, as much of it as still lies inside the sliding window."""
+        return math.floor(max(0, storage.get(key)) * weight)
 
-    def failure(self, ip: str) -> None:
-        now = self._clock()
-        with self._lock:
-            times = self._recent(ip, now)
-            record = self._ips.pop(ip, None) or _Failures([])
-            # Only the last refuse_after failures matter, which bounds memory per IP.
-            record.times = [*times, now][-self.refuse_after :]
-            if len(record.times) >= self.refuse_after:
-                record.refused_until = now + self.refuse_for
-            self._ips[ip] = record
-            self._prune(now)
+    def abandoned(self, attempt: AuthAttempt) -> None:
+        """No password was checked (the database did not answer): the attempt gives its counts back."""
+        self._give_back(attempt, user=True)
 
-    def success(self, ip: str) -> None:
-        """A successful AUTH clears the IP's failures."""
-        with self._lock:
-            self._ips.pop(ip, None)
+    def failed(self, attempt: AuthAttempt) -> None:
+        """A wrong password: the attempt's increments stay counted (nothing to do)."""
 
-    def tracked(self) -> int:
-        """How many IPs are held in memory (for tests and a gauge)."""
-        with self._lock:
-            return len(self._ips)
+    def succeeded(self, attempt: AuthAttempt) -> None:
+        """Clear the user name's counter; give back this attempt's own increment of the address's."""
+        storage = self._storage()
+        try:
+            for key in attempt.user_keys:
+                storage.clear(key)
+        except storage.base_exceptions as error:
+            self._unavailable(error)
+        self._give_back(attempt, user=False)
 
-    def _recent(self, ip: str, now: float) -> list[float]:
-        """The IP's failures within the window; the caller holds the lock."""
-        record = self._ips.get(ip)
-        if record is None:
-            return []
-        record.times = [t for t in record.times if now - t < self.window]
-        if not record.times and now >= record.refused_until:
-            del self._ips[ip]
-        return record.times
+    def _give_back(self, attempt: AuthAttempt, *, user: bool) -> None:
+        storage = self._storage()
+        expiry = math.ceil(2 * self.window) + 1
+        try:
+            storage.incr(attempt.ip_key, expiry, amount=-1)
+            if user:
+                storage.incr(attempt.user_keys[0], expiry, amount=-1)
+        except storage.base_exceptions as error:
+            self._unavailable(error)
 
-    def _prune(self, now: float) -> None:
-        """Drop forgotten IPs from the old end, then the oldest beyond ``max_tracked``."""
-        while self._ips:
-            ip, record = next(iter(self._ips.items()))
-            last = record.times[-1] if record.times else -math.inf
-            if now - last < self.window or now < record.refused_until:
-                break
-            del self._ips[ip]
-        while len(self._ips) > self.max_tracked:
-            self._ips.popitem(last=False)
+    def _storage(self) -> Storage:
+        """The shared storage; while it is down, this process's, asking again every few seconds."""
+        if not self._degraded or self._fallback is None:
+            return self.storage
+        now = time.monotonic()
+        if now < self._next_probe:
+            return self._fallback
+        self._next_probe = now + STORAGE_PROBE_SECONDS
+        try:
+            answers = bool(self.storage.check())
+        except Exception:  # noqa: BLE001 - whatever the ping raises, the storage is still down
+            answers = False
+        if not answers:
+            return self._fallback
+        self._degraded = False
+        log.info("AUTH throttle storage answers again", extra={"event": "smtp.auth_throttle_recovered"})
+        return self.storage
+
+    def _unavailable(self, error: Exception) -> None:
+        if not self._degraded:
+            if self._fallback is None:
+                self._fallback = MemoryStorage()
+            self._degraded = True
+            self._next_probe = time.monotonic() + STORAGE_PROBE_SECONDS
+            log.warning(
+                "AUTH throttle storage unavailable; counting in this process until it answers",
+                extra={"event": "smtp.auth_throttle_degraded", "error_class": type(error).__name__},
+            )
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    account: AuthenticatedAccount | None
+    # None, or "throttled_ip", "throttled_user", "invalid_credentials", "database_unavailable"
+    failure: str | None
+
+
+def authenticate(
+    verifier: CredentialVerifier,
+    throttle: AuthThrottle,
+    *,
+    client_ip: str,
+    username: str,
+    password: str,
+    header_from_check: bool = True,
+) -> AuthResult:
+    """One AUTH attempt in the order that holds under parallel guessing: count, decide, then verify.
+
+    ``header_from_check`` is ``smtp.header_from_check``; an account exempt from it
+    (``allow_any_header_from``) is exempt either way. Raises nothing for a database
+    outage: that is the ``database_unavailable`` failure, and the attempt is not
+    counted, since no password was checked.
+    """
+    attempt = throttle.begin(client_ip, username)
+    if attempt.refused is not None:
+        return AuthResult(None, f"throttled_{attempt.refused}")
+    try:
+        account = verifier.verify(username, password)
+    except DatabaseUnavailable:
+        throttle.abandoned(attempt)
+        return AuthResult(None, "database_unavailable")
+    if account is None:
+        throttle.failed(attempt)
+        return AuthResult(None, "invalid_credentials")
+    throttle.succeeded(attempt)
+    if not header_from_check and account.header_from_check:
+        account = replace(account, header_from_check=False)
+    return AuthResult(account, None)
 
 
 def log_auth_failure(

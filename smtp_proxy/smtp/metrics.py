@@ -23,3 +23,25 @@ COMMIT_SECONDS = Histogram(
     "From the end of DATA to the committed message",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+LIMIT_REJECTIONS = Counter(
+    "smtp_proxy_smtp_limit_rejections_total",
+    "Connections, sessions, transactions, recipients and messages refused by a fair-use limit or a"
+    " tenant policy, by reason",
+    ["reason"],
+)
+# Every reason the listener uses, so each series exists (at 0) from the start.
+LIMIT_REASONS = (
+    "per_ip",
+    "auth_timeout",
+    "session_time",
+    "account_disabled",
+    "sender_domain",
+    "messages_per_minute",
+    "messages_per_hour",
+    "messages_per_day",
+    "recipients_per_day",
+    "data_in_flight",
+    "header_from",
+)
+for _reason in LIMIT_REASONS:
+    LIMIT_REJECTIONS.labels(_reason)

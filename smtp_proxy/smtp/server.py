@@ -8,9 +8,14 @@ buffered ``StreamRequestHandler``), so no hidden buffer can carry plaintext
 across STARTTLS.
 
 Limits follow the live config (hot reload): every check reads
-``server.config``. Over ``smtp.max_connections`` a connection is answered
+``server.config``. Over ``smtp.max_connections`` (or
+``smtp.max_connections_per_ip`` from one address) a connection is answered
 421 in ``verify_request`` on the accept thread and closed, so it never costs
-a session thread.
+a session thread. The session's clocks live here too: a session not
+authenticated within ``smtp.auth_timeout`` is closed whatever it sends, and
+any session is closed once idle after ``smtp.max_session_time``. The AUTH
+order (count, decide, verify) is ``credentials.authenticate``; the MAIL FROM
+policy (account state, sending limits) is ``account_state.MailPolicy``.
 """
 
 from __future__ import annotations
@@ -37,23 +42,27 @@ from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.logs import new_correlation_id, set_correlation_id
+from smtp_proxy.sending_limits import SendingLimits, open_storage
 from smtp_proxy.smtp import metrics
 from smtp_proxy.smtp import replies as R
+from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
+from smtp_proxy.smtp.budget import InFlightBudget
 from smtp_proxy.smtp.credentials import (
     AuthenticatedAccount,
     AuthThrottle,
     CredentialVerifier,
+    authenticate,
     log_auth_failure,
 )
 from smtp_proxy.smtp.protocol import (
     AuthOutcome,
     CredentialsOffered,
+    MailFromOffered,
     MessageReceived,
     MessageRejected,
     Output,
     SessionPolicy,
     SmtpSession,
-    State,
     TlsRequested,
 )
 from smtp_proxy.smtp.replies import Reply
@@ -67,6 +76,9 @@ log = logging.getLogger("smtp_proxy.smtp")
 SESSION_THREAD_STACK = 512 * 1024
 RECV_SIZE = 65536
 DRAIN_SECONDS = 30.0
+# The core's MessageRejected reasons that a fair-use limit or a tenant policy gave, and their
+# name in smtp_proxy_smtp_limit_rejections_total.
+POLICY_REJECTIONS = {"server_busy": "data_in_flight", "header_from": "header_from"}
 
 
 class AccountSessions:
@@ -113,13 +125,25 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         tls: TlsContextHolder | None,
         implicit_tls: bool = False,
         on_quiet: Callable[[], object] | None = None,
+        mail_policy: MailPolicy | None = None,
+        data_budget: InFlightBudget | None = None,
     ) -> None:
+        """``mail_policy`` and ``data_budget`` are shared by every listener of a process
+        (``lifecycle.SmtpListeners``); without them, this server makes its own, its sending
+        limits in ``limits.storage``."""
         self._config = config
         self._on_quiet = on_quiet
         self.database = database
         self.cipher = cipher
         self.verifier = verifier
         self.throttle = throttle
+        if mail_policy is None:
+            limits = SendingLimits(open_storage(config().limits.storage))
+            mail_policy = MailPolicy(AccountStates(database), limits)
+        self.mail_policy = mail_policy
+        if data_budget is None:
+            data_budget = InFlightBudget(config().smtp.max_data_in_flight)
+        self.data_budget = data_budget
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.account_sessions = AccountSessions()
@@ -127,6 +151,7 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._active: set[SessionHandler] = set()
         self._pending = 0  # accepted, thread not yet registered
+        self._per_ip: dict[str, int] = {}  # open connections (pending or active) per client address
         self._policies: tuple[Config, dict[bool, SessionPolicy]] | None = None
         # Session threads wait in poll() on their socket and these pipes, so a drain can
         # wake them without touching a TLS connection from another thread.
@@ -145,25 +170,50 @@ class SmtpServer(socketserver.ThreadingTCPServer):
             return len(self._active) + self._pending
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """On the accept thread: over the limit, 421 at once and no session thread."""
+        """On the accept thread: over a limit, 421 at once and no session thread."""
+        smtp = self.config.smtp
+        ip = str(client_address[0])
         with self._lock:
-            over = len(self._active) + self._pending >= self.config.smtp.max_connections
-            if not over and not self.draining.is_set():
+            over = len(self._active) + self._pending >= smtp.max_connections
+            from_ip = self._per_ip.get(ip, 0)
+            over_ip = bool(smtp.max_connections_per_ip) and from_ip >= smtp.max_connections_per_ip
+            draining = self.draining.is_set()
+            if not over and not over_ip and not draining:
                 self._pending += 1
+                self._per_ip[ip] = from_ip + 1
                 return True
-        reply = R.R421_SHUTTING_DOWN if self.draining.is_set() else R.R421_TOO_MANY_CONNECTIONS
+        if draining:
+            reply, outcome = R.R421_SHUTTING_DOWN, "refused_draining"
+        elif over:
+            reply, outcome = R.R421_TOO_MANY_CONNECTIONS, "refused_limit"
+        else:
+            reply, outcome = R.R421_TOO_MANY_FROM_IP, "refused_per_ip"
+            metrics.LIMIT_REJECTIONS.labels("per_ip").inc()
         if not self.implicit_tls:  # a TLS client would not understand plaintext
             try:
                 request.setblocking(False)
                 request.send(reply.to_bytes())
             except OSError:
                 pass
-        metrics.SESSIONS.labels("refused_limit" if not self.draining.is_set() else "refused_draining").inc()
+        metrics.SESSIONS.labels(outcome).inc()
         log.warning(
             "connection refused",
-            extra={"event": "smtp.connection_refused", "client_ip": client_address[0], "code": reply.code},
+            extra={
+                "event": "smtp.connection_refused",
+                "client_ip": ip,
+                "code": reply.code,
+                "reason": outcome,
+            },
         )
         return False
+
+    def _release_ip(self, ip: str) -> None:
+        """The caller holds the lock."""
+        count = self._per_ip.get(ip, 0) - 1
+        if count > 0:
+            self._per_ip[ip] = count
+        else:
+            self._per_ip.pop(ip, None)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the session thread with ``_thread``, not ``threading.Thread``.
@@ -178,6 +228,7 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         except RuntimeError:  # no thread could be started: give the slot back
             with self._lock:
                 self._pending -= 1
+                self._release_ip(str(client_address[0]))
             raise
 
     def register(self, handler: SessionHandler) -> None:
@@ -189,6 +240,7 @@ class SmtpServer(socketserver.ThreadingTCPServer):
     def unregister(self, handler: SessionHandler) -> None:
         with self._lock:
             self._active.discard(handler)
+            self._release_ip(str(handler.client_address[0]))
             quiet = not self._active and not self._pending
         gil.PACING.ended()
         if quiet and self._on_quiet is not None:
@@ -261,12 +313,18 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.busy = False
         self.started = time.monotonic()
         self._poller = select.poll()
+        # The reply a RCPT past the day's recipient budget gets (to count it when it goes out).
+        self._recipients_refusal: Reply | None = None
 
     @property
     def idle(self) -> bool:
         """Waiting for a command outside a transaction: safe to close while draining."""
         session = self.session
-        return not self.busy and (session is None or session.state in (State.GREETED, State.READY))
+        return not self.busy and (session is None or session.idle)
+
+    @property
+    def authenticated(self) -> bool:
+        return self.session is not None and self.session.authenticated
 
     def handle(self) -> None:
         self.correlation_id: str | None = None
@@ -305,6 +363,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 pass
         if self.account is not None:
             self.server.account_sessions.release(self.account.id)
+        if self.session is not None:
+            self.session.abandon()  # the DATA a transfer cut short still held
         self.server.database.remove_session()
         self.server.unregister(self)
         metrics.ACTIVE_CONNECTIONS.dec()
@@ -337,8 +397,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 self.outcome = "shutdown"
                 self._send(self._core().shutting_down())
                 return
+            if self._expired():
+                return
             data = self._recv()
-            if data is None:
+            if data is None or self._expired():
                 return
             self.busy = True
             try:
@@ -356,8 +418,40 @@ class SessionHandler(socketserver.BaseRequestHandler):
         each is spared the core's objects until it does (or must be closed).
         """
         if self.session is None:
-            self.session = SmtpSession(self.server.policy(self.server.implicit_tls))
+            # Kept: a config reload may give the server a new budget while this session holds bytes.
+            self.data_budget = self.server.data_budget
+            self.session = SmtpSession(
+                self.server.policy(self.server.implicit_tls), data_budget=self.data_budget
+            )
         return self.session
+
+    # --- the session's clocks -----------------------------------------------------------------------
+
+    def _deadline(self) -> tuple[float, str] | None:
+        """The next moment a session clock may close this session, and which clock, or None.
+
+        The AUTH clock runs whatever the session does; the session clock only closes an idle
+        session, so a transaction in progress runs to its end and is checked after it.
+        """
+        smtp = self.server.config.smtp
+        clocks = []
+        if not self.authenticated:
+            clocks.append((self.started + smtp.auth_timeout, "auth_timeout"))
+        if self.idle:
+            clocks.append((self.started + smtp.max_session_time, "session_time"))
+        return min(clocks) if clocks else None
+
+    def _expired(self) -> bool:
+        """Close the session with 421 when a clock has run out (False: it goes on)."""
+        deadline = self._deadline()
+        if deadline is None or time.monotonic() < deadline[0]:
+            return False
+        reason = deadline[1]
+        self.outcome = reason
+        metrics.LIMIT_REJECTIONS.labels(reason).inc()
+        core = self._core()
+        self._send(core.auth_timed_out() if reason == "auth_timeout" else core.session_expired())
+        return True
 
     def _talked_first(self) -> bool:
         """A client that sends before our greeting is broken or a bot (RFC 5321 3.1)."""
@@ -366,14 +460,24 @@ class SessionHandler(socketserver.BaseRequestHandler):
         return bool(probe.poll(0))
 
     def _recv(self) -> bytes | None:
-        """The next bytes, or None when the session is over (EOF, timeout, drain)."""
+        """The next bytes, or None when the session is over (EOF, timeout, a session clock, drain)."""
         timeout = self.server.config.smtp.read_timeout
+        deadline = self._deadline()
+        clock_first = deadline is not None and deadline[0] - time.monotonic() < timeout
+        if clock_first:
+            assert deadline is not None
+            timeout = max(0.0, deadline[0] - time.monotonic())
         while not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
             # poll() on a line of its own: inside a comprehension, the comprehension's
             # function object would live on in every idle session while it waits.
             events = self._poller.poll(timeout * 1000)
             ready = [fd for fd, _mask in events]
             if not ready:
+                if clock_first:
+                    if self._expired():
+                        return None
+                    timeout = max(0.001, deadline[0] - time.monotonic())  # poll woke a hair early
+                    continue
                 self.outcome = "timeout"
                 self._send(self._core().timed_out())
                 return None
@@ -408,6 +512,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
         while pending:
             item = pending.pop(0)
             if isinstance(item, Reply):
+                if item is self._recipients_refusal:
+                    metrics.LIMIT_REJECTIONS.labels("recipients_per_day").inc()
                 batch.append(item.to_bytes())
                 if item.close:
                     if item.code == 221:
@@ -453,8 +559,13 @@ class SessionHandler(socketserver.BaseRequestHandler):
             return self.session.tls_started() if self._handshake() else None
         if isinstance(event, CredentialsOffered):
             return self._authenticate(event)
+        if isinstance(event, MailFromOffered):
+            return self._mail_from(event)
         if isinstance(event, MessageReceived):
-            return self._enqueue(event)
+            try:
+                return self._enqueue(event)
+            finally:
+                self.data_budget.give(event.held)  # stored or refused: no longer held
         raise TypeError(f"unknown event {event!r}")
 
     def _handshake(self) -> bool:
@@ -487,32 +598,26 @@ class SessionHandler(socketserver.BaseRequestHandler):
     def _authenticate(self, offered: CredentialsOffered) -> list[Output]:
         assert self.session is not None
         server, ip = self.server, self.client_ip
-        if server.throttle.refused(ip):
-            metrics.AUTH_FAILURES.labels("throttled").inc()
-            log_auth_failure(
-                log, client_ip=ip, username=offered.username, mechanism=offered.mechanism, reason="throttled"
-            )
-            return self.session.credentials_checked(AuthOutcome.THROTTLED)
-        delay = server.throttle.delay_for(ip)
-        if delay:
-            time.sleep(delay)
-        try:
-            account = server.verifier.verify(offered.username, offered.password)
-        except DatabaseUnavailable:
-            metrics.AUTH_FAILURES.labels("database_unavailable").inc()
-            return self.session.credentials_checked(AuthOutcome.TEMPORARY)
+        result = authenticate(
+            server.verifier,
+            server.throttle,
+            client_ip=ip,
+            username=offered.username,
+            password=offered.password,
+            header_from_check=server.config.smtp.header_from_check,
+        )
+        account = result.account
         if account is None:
-            server.throttle.failure(ip)
-            metrics.AUTH_FAILURES.labels("invalid_credentials").inc()
+            reason = result.failure or "invalid_credentials"
+            metrics.AUTH_FAILURES.labels(reason).inc()
+            if reason == "database_unavailable":
+                return self.session.credentials_checked(AuthOutcome.TEMPORARY)
             log_auth_failure(
-                log,
-                client_ip=ip,
-                username=offered.username,
-                mechanism=offered.mechanism,
-                reason="invalid_credentials",
+                log, client_ip=ip, username=offered.username, mechanism=offered.mechanism, reason=reason
             )
+            if reason.startswith("throttled"):
+                return self.session.credentials_checked(AuthOutcome.THROTTLED)
             return self.session.credentials_checked(AuthOutcome.INVALID)
-        server.throttle.success(ip)
         if not server.account_sessions.acquire(account.id, server.config.smtp.max_connections_per_account):
             self.outcome = "account_limit"
             log.warning(
@@ -523,6 +628,40 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.account = account
         log.debug("authenticated", extra={"event": "smtp.auth_ok", "client_ip": ip, "account": account.name})
         return self.session.credentials_checked(AuthOutcome.OK, account)
+
+    def _mail_from(self, offered: MailFromOffered) -> list[Output]:
+        """The account's current state and sending limits decide whether a transaction may start."""
+        session, account = self.session, self.account
+        assert session is not None and account is not None
+        try:
+            decision = self.server.mail_policy.check(account, offered.sender, self.server.config)
+        except DatabaseUnavailable:
+            return session.mail_checked(R.R451_STORAGE_DOWN)
+        if decision.account != account:
+            # Domains or the header-From exemption changed since AUTH: the core judges by these now.
+            self.account = session.connection.account = decision.account
+        self._recipients_refusal = decision.recipients_refusal
+        refusal = decision.refusal
+        if refusal is not None:
+            reason = decision.reason or "policy"
+            metrics.LIMIT_REJECTIONS.labels(reason).inc()
+            if refusal.close:
+                self.outcome = reason
+            log.info(
+                "transaction refused",
+                extra={
+                    "event": "smtp.mail_refused",
+                    "account": account.name,
+                    "sender": offered.sender,
+                    "reason": reason,
+                    "code": refusal.code,
+                },
+            )
+        return session.mail_checked(
+            refusal,
+            recipients_left=decision.recipients_left,
+            recipients_refusal=decision.recipients_refusal,
+        )
 
     def _enqueue(self, message: MessageReceived) -> list[Output]:
         assert self.session is not None and self.account is not None
@@ -556,6 +695,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
             )
             return self.session.message_deferred()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        # Counted once committed, before the 250: a message that was not stored costs no quota.
+        self.server.mail_policy.stored(self.account.id, len(message.recipients))
         metrics.MESSAGES.labels("accepted", "").inc()
         log.info(
             "message accepted",
@@ -585,6 +726,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def _log_rejected(self, rejected: MessageRejected) -> None:
         metrics.MESSAGES.labels("rejected", rejected.reason).inc()
+        limit = POLICY_REJECTIONS.get(rejected.reason)
+        if limit is not None:
+            metrics.LIMIT_REJECTIONS.labels(limit).inc()
         log.info(
             "message rejected",
             extra={

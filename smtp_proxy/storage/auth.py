@@ -1,14 +1,15 @@
 """The one lookup SMTP AUTH needs: an account's login columns by name.
 
 It runs on every AUTH attempt, cache hit or not, so that a password change or a
-deactivation takes effect at once; it therefore reads five columns and nothing
-else.
+deactivation takes effect at once, and at a live session's MAIL FROM once its
+account state is older than a few seconds; it therefore reads the login and
+sending-policy columns and nothing else.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection
@@ -25,11 +26,19 @@ class Login(NamedTuple):
     password_hash: str
     allowed_domains: list[str]
     active: bool
+    allow_any_header_from: bool
+    limits: dict[str, Any]  # the account's own sending limits over the config's defaults
 
 
 _accounts = Account.__table__.c
 _LOGIN = select(
-    _accounts.id, _accounts.name, _accounts.password_hash, _accounts.allowed_domains, _accounts.active
+    _accounts.id,
+    _accounts.name,
+    _accounts.password_hash,
+    _accounts.allowed_domains,
+    _accounts.active,
+    _accounts.allow_any_header_from,
+    _accounts.limits,
 ).where(_accounts.name == bindparam("name"))
 
 
@@ -47,7 +56,15 @@ def find_login(session: Session | Connection, name: str) -> Login | None:
     row = session.execute(_LOGIN, {"name": name}).one_or_none()
     if row is None:
         return None
-    return Login(row.id, row.name, row.password_hash, list(row.allowed_domains or ()), bool(row.active))
+    return Login(
+        row.id,
+        row.name,
+        row.password_hash,
+        list(row.allowed_domains or ()),
+        bool(row.active),
+        bool(row.allow_any_header_from),
+        dict(row.limits or {}),
+    )
 
 
 class KeyHolder(NamedTuple):

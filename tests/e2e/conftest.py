@@ -114,7 +114,7 @@ def start_listener(pg_url: str, make_config, tls_files) -> Iterator[Callable[...
             database=database,
             cipher=cipher,
             verifier=CredentialVerifier(database, dummy_cost=4),
-            throttle=AuthThrottle(base_delay=0.05, max_delay=0.2, refuse_after=5),
+            throttle=AuthThrottle(per_ip=5),
             tls=TlsContextHolder(config.tls),
             implicit_tls=implicit_tls,
             on_quiet=on_quiet,

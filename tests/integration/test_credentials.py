@@ -6,14 +6,16 @@ wraps the ``_check_hash`` seam.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
 import pytest
+from limits.storage import MemoryStorage
 
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
-from smtp_proxy.smtp.credentials import AuthenticatedAccount, CredentialVerifier
+from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier, authenticate
 from smtp_proxy.storage import accounts
 
 BCRYPT_COST = 4
@@ -66,7 +68,8 @@ def create(database: Database, name: str = "alice", password: str = PASSWORD) ->
             session,
             name=name,
             email=f"{name}@example.com",
-            allowed_domains=DOMAINS,
+            # One sender domain belongs to one active account (security.unique_sender_domains).
+            allowed_domains=DOMAINS if name == "alice" else [f"{name}.example.net"],
             bcrypt_cost=BCRYPT_COST,
             password=password,
         )
@@ -346,3 +349,70 @@ def test_verify_database_down_raises_database_unavailable(make_config) -> None:
 def test_verifier_rejects_zero_bcrypt_slots(database: Database) -> None:
     with pytest.raises(ValueError, match="bcrypt_slots"):
         CredentialVerifier(database, bcrypt_slots=0, dummy_cost=BCRYPT_COST)
+
+
+def test_verify_reads_the_header_from_exemption(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    assert verifier.verify("alice", PASSWORD).header_from_check is True
+    with database.transaction() as session:
+        accounts.get_account_by_name(session, "alice").allow_any_header_from = True
+    assert verifier.verify("alice", PASSWORD).header_from_check is False  # a cache hit re-reads it too
+
+
+def test_a_password_change_reaches_every_verifier_at_once(database: Database) -> None:
+    """Two listener processes: two verifiers, each with the old password in its cache."""
+    create(database)
+    first, second = make_verifier(database), make_verifier(database)
+    assert first.verify("alice", PASSWORD) and second.verify("alice", PASSWORD)
+    with database.transaction() as session:
+        accounts.set_password(
+            session, accounts.get_account_by_name(session, "alice"), BCRYPT_COST, "a brand new password"
+        )
+    assert first.verify("alice", PASSWORD) is None
+    assert second.verify("alice", PASSWORD) is None
+    assert first.verify("alice", "a brand new password") and second.verify("alice", "a brand new password")
+
+
+def test_authenticate_counts_then_judges_and_a_success_clears_the_user(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    throttle = AuthThrottle(MemoryStorage(), per_ip=3, per_user=2)
+    attempt = functools.partial(authenticate, verifier, throttle, client_ip="192.0.2.1")
+    assert attempt(username="alice", password="wrong").failure == "invalid_credentials"
+    ok = attempt(username="alice", password=PASSWORD)
+    assert ok.failure is None and ok.account is not None and ok.account.name == "alice"
+    assert attempt(username="alice", password="wrong").failure == "invalid_credentials"
+    assert attempt(username="alice", password="wrong").failure == "invalid_credentials"
+    checks = verifier.checks
+    assert attempt(username="alice", password=PASSWORD).failure == "throttled_ip"
+    assert verifier.checks == checks  # refused without bcrypt
+    elsewhere = authenticate(verifier, throttle, client_ip="192.0.2.2", username="alice", password=PASSWORD)
+    assert elsewhere.failure == "throttled_user"
+
+
+def test_authenticate_applies_the_config_header_from_switch(database: Database) -> None:
+    create(database)
+    verifier = make_verifier(database)
+    result = authenticate(
+        verifier,
+        AuthThrottle(),
+        client_ip="192.0.2.1",
+        username="alice",
+        password=PASSWORD,
+        header_from_check=False,
+    )
+    assert result.account is not None and result.account.header_from_check is False
+
+
+def test_authenticate_with_the_database_down_counts_nothing(make_config) -> None:
+    config = make_config("postgresql://u:p@127.0.0.1:1/x", database={"connect_timeout": "1s"})
+    db = Database(config.database)
+    throttle = AuthThrottle(MemoryStorage(), per_ip=1, per_user=1)
+    try:
+        verifier = make_verifier(db)
+        for _ in range(3):
+            result = authenticate(verifier, throttle, client_ip="192.0.2.1", username="alice", password="x")
+            assert result.failure == "database_unavailable"
+    finally:
+        db.dispose()

@@ -1,4 +1,4 @@
-"""AuthThrottle with a fake clock, and the shape of the AUTH failure log line."""
+"""AuthThrottle on the limits storage (memory and a real Redis), and the AUTH failure log line."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import re
 import threading
 
 import pytest
+from limits.storage import MemoryStorage, Storage
 
 from smtp_proxy.config import LoggingConfig
 from smtp_proxy.logs import configure_logging
+from smtp_proxy.sending_limits import open_storage
 from smtp_proxy.smtp import credentials
-from smtp_proxy.smtp.credentials import AuthThrottle, log_auth_failure
+from smtp_proxy.smtp.credentials import AuthAttempt, AuthThrottle, log_auth_failure, throttle_address
+from tests.conftest import free_port
 
 IP = "192.0.2.7"
 OTHER = "198.51.100.9"
@@ -21,7 +24,7 @@ OTHER = "198.51.100.9"
 
 class FakeClock:
     def __init__(self) -> None:
-        self.now = 5000.0
+        self.now = 9000.0  # the start of a 900 s window, so each test knows where it stands
 
     def __call__(self) -> float:
         return self.now
@@ -32,156 +35,163 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make(clock: FakeClock, **kwargs) -> AuthThrottle:
-    return AuthThrottle(clock=clock, **kwargs)
+def make(clock: FakeClock, storage: Storage | None = None, **kwargs) -> AuthThrottle:
+    kwargs.setdefault("per_ip", 3)
+    kwargs.setdefault("per_user", 5)
+    kwargs.setdefault("window", 900.0)
+    return AuthThrottle(storage or MemoryStorage(), clock=clock, **kwargs)
 
 
-def test_delay_grows_from_zero_and_is_capped(clock: FakeClock) -> None:
-    throttle = make(clock, refuse_after=100)
-    delays = []
-    for _ in range(7):
-        delays.append(throttle.delay_for(IP))
-        throttle.failure(IP)
-    assert delays == [0, 0.5, 1, 2, 4, 5, 5]
+def fail(throttle: AuthThrottle, ip: str = IP, user: str = "alice") -> AuthAttempt:
+    attempt = throttle.begin(ip, user)
+    if attempt.refused is None:
+        throttle.failed(attempt)
+    return attempt
 
 
-def test_delay_is_per_ip(clock: FakeClock) -> None:
+@pytest.mark.parametrize(
+    ("ip", "counted_as"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("not an address", "not an address"),
+    ],
+)
+def test_addresses_are_counted_by_ipv4_address_or_ipv6_64(ip: str, counted_as: str) -> None:
+    assert throttle_address(ip) == counted_as
+
+
+def test_the_attempt_past_the_address_limit_is_refused(clock: FakeClock) -> None:
     throttle = make(clock)
-    throttle.failure(IP)
-    throttle.failure(IP)
-    assert throttle.delay_for(IP) == 1
-    assert throttle.delay_for(OTHER) == 0
+    assert [fail(throttle).refused for _ in range(5)] == [None, None, None, "ip", "ip"]
+    assert throttle.begin(OTHER, "bob").refused is None
 
 
-def test_delay_stays_finite_after_many_failures(clock: FakeClock) -> None:
-    throttle = make(clock, refuse_after=5000)
-    for _ in range(3000):
-        throttle.failure(IP)
-    assert throttle.delay_for(IP) == 5
+def test_an_ipv6_host_cannot_escape_the_limit_by_changing_addresses_in_its_64(clock: FakeClock) -> None:
+    throttle = make(clock)
+    verdicts = [fail(throttle, f"2001:db8:0:1::{i}", f"user{i}").refused for i in range(1, 6)]
+    assert verdicts == [None, None, None, "ip", "ip"]
+    assert throttle.begin("2001:db8:0:2::1", "user9").refused is None  # another /64
 
 
-def test_refused_after_refuse_after_failures_within_window(clock: FakeClock) -> None:
-    throttle = make(clock, refuse_after=3, window=900, refuse_for=300)
-    throttle.failure(IP)
-    clock.now += 100
-    throttle.failure(IP)
-    assert not throttle.refused(IP)
-    clock.now += 100
-    throttle.failure(IP)
-    assert throttle.refused(IP)
-    assert not throttle.refused(OTHER)
+def test_the_user_name_limit_refuses_guesses_from_many_addresses(clock: FakeClock) -> None:
+    throttle = make(clock, per_ip=100, per_user=5)
+    verdicts = [fail(throttle, f"10.0.0.{i}", "alice").refused for i in range(8)]
+    assert verdicts == [None] * 5 + ["user"] * 3
+    assert throttle.begin("10.0.0.99", "bob").refused is None
 
 
-def test_refusal_is_released_after_refuse_for(clock: FakeClock) -> None:
-    throttle = make(clock, refuse_after=3, refuse_for=300)
+def test_refused_attempts_are_not_counted_as_guesses(clock: FakeClock) -> None:
+    throttle = make(clock, per_ip=3)
     for _ in range(3):
-        throttle.failure(IP)
-    clock.now += 299
-    assert throttle.refused(IP)
-    clock.now += 1
-    assert not throttle.refused(IP)
+        fail(throttle)
+    for _ in range(50):
+        assert fail(throttle).refused == "ip"
+    # One window later the three failures weigh 3 * (1 - 0.4) = 1.8 -> 1, so two more are judged;
+    # had the 50 refusals counted, nothing would be for a long time.
+    clock.now += 900 * 1.4
+    assert [fail(throttle).refused for _ in range(3)] == [None, None, "ip"]
 
 
-def test_failures_spread_wider_than_window_never_refuse(clock: FakeClock) -> None:
-    throttle = make(clock, refuse_after=3, window=900)
-    for _ in range(10):
-        throttle.failure(IP)
-        clock.now += 450
-    assert not throttle.refused(IP)
-
-
-def test_failures_older_than_window_are_forgotten(clock: FakeClock) -> None:
-    throttle = make(clock, window=900)
-    throttle.failure(IP)
-    throttle.failure(IP)
-    clock.now += 899
-    assert throttle.delay_for(IP) == 1
-    clock.now += 1
-    assert throttle.delay_for(IP) == 0
-    assert throttle.tracked() == 0
-
-
-def test_window_forgets_only_the_old_failures(clock: FakeClock) -> None:
-    throttle = make(clock, window=900)
-    throttle.failure(IP)
-    clock.now += 600
-    throttle.failure(IP)
-    throttle.failure(IP)
-    clock.now += 300
-    assert throttle.delay_for(IP) == 1
-
-
-def test_success_clears_failures(clock: FakeClock) -> None:
-    throttle = make(clock)
+def test_failures_slide_out_of_the_window(clock: FakeClock) -> None:
+    throttle = make(clock, per_ip=4)
     for _ in range(4):
-        throttle.failure(IP)
-    throttle.success(IP)
-    assert throttle.delay_for(IP) == 0
-    assert not throttle.refused(IP)
-    throttle.failure(IP)
-    assert throttle.delay_for(IP) == 0.5
+        fail(throttle)
+    assert throttle.begin(IP, "alice").refused == "ip"
+    clock.now += 900 * 1.5  # half of the previous window's four still count
+    assert [fail(throttle).refused for _ in range(3)] == [None, None, "ip"]
+    clock.now += 900  # two windows on: nothing of the first four is left
+    assert throttle.begin(IP, "alice").refused is None
 
 
-def test_memory_is_bounded_by_max_tracked_dropping_the_oldest(clock: FakeClock) -> None:
-    throttle = make(clock, max_tracked=100)
-    for i in range(1000):
-        throttle.failure(f"10.0.{i // 256}.{i % 256}")
-        clock.now += 0.01
-    assert throttle.tracked() == 100
-    assert throttle.delay_for("10.0.0.0") == 0
-    assert throttle.delay_for("10.0.3.231") == 0.5  # the 1000th
+def test_a_success_clears_its_user_name_but_not_the_address(clock: FakeClock) -> None:
+    throttle = make(clock, per_ip=4, per_user=3)
+    fail(throttle, IP, "alice")
+    fail(throttle, IP, "alice")
+    fail(throttle, IP, "bob")
+    fail(throttle, OTHER, "bob")
+    good = throttle.begin(IP, "alice")
+    assert good.refused is None
+    throttle.succeeded(good)
+    # The address keeps its three failures (the success gave back only its own attempt) ...
+    assert fail(throttle, IP, "carol").refused is None
+    assert throttle.begin(IP, "carol").refused == "ip"
+    # ... alice's count is gone, bob's is not.
+    assert [fail(throttle, f"10.9.0.{i}", "alice").refused for i in range(4)] == [None, None, None, "user"]
+    assert [fail(throttle, f"10.8.0.{i}", "bob").refused for i in range(2)] == [None, "user"]
 
 
-def test_memory_of_forgotten_ips_is_released(clock: FakeClock) -> None:
-    throttle = make(clock, window=900)
-    for i in range(50):
-        throttle.failure(f"10.1.0.{i}")
-    clock.now += 1000
-    throttle.failure(IP)
-    assert throttle.tracked() == 1
+def test_an_abandoned_attempt_gives_its_counts_back(clock: FakeClock) -> None:
+    throttle = make(clock, per_ip=2)
+    for _ in range(10):
+        throttle.abandoned(throttle.begin(IP, "alice"))
+    assert [fail(throttle).refused for _ in range(3)] == [None, None, "ip"]
 
 
-def test_a_refused_ip_is_kept_past_the_window_until_released(clock: FakeClock) -> None:
-    throttle = make(clock, refuse_after=2, window=10, refuse_for=300)
-    throttle.failure(IP)
-    throttle.failure(IP)
-    clock.now += 100
-    throttle.failure(OTHER)
-    assert throttle.refused(IP)
-    clock.now += 200
-    assert not throttle.refused(IP)
+def test_configure_applies_new_limits_and_rejects_nonsense(clock: FakeClock) -> None:
+    throttle = make(clock, per_ip=10)
+    for _ in range(3):
+        fail(throttle)
+    throttle.configure(per_ip=3, per_user=10, window=900)
+    assert throttle.begin(IP, "alice").refused == "ip"
+    with pytest.raises(ValueError):
+        throttle.configure(per_ip=0, per_user=1, window=1)
 
 
-def test_concurrent_failures_from_many_threads_are_all_counted() -> None:
-    # One more than the failures the threads make from IP: counting one short would never refuse.
-    throttle = AuthThrottle(refuse_after=3201, window=1e9, max_tracked=1000)
-    barrier = threading.Barrier(16)
+def _parallel_begins(throttles: list[AuthThrottle], count: int) -> list[str | None]:
+    barrier = threading.Barrier(count)
+    verdicts: list[str | None] = [None] * count
     errors: list[BaseException] = []
 
-    def hammer(n: int) -> None:
+    def attempt(i: int) -> None:
         try:
             barrier.wait()
-            for i in range(200):
-                throttle.failure(IP)
-                throttle.failure(f"10.2.{n}.{i}")
-                throttle.delay_for(IP)
-                throttle.refused(IP)
-                if i % 50 == 0:
-                    throttle.success(f"10.2.{n}.{i}")
+            verdicts[i] = throttles[i % len(throttles)].begin(IP, f"user{i}").refused
         except BaseException as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(16)]
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
     assert not errors
-    assert throttle.tracked() == 1000
-    assert throttle.delay_for(IP) == 5
-    assert not throttle.refused(IP)
-    throttle.failure(IP)
-    assert throttle.refused(IP)
+    return verdicts
+
+
+def test_parallel_attempts_cannot_all_get_a_verdict() -> None:
+    # None of them has finished (no failed()/succeeded() yet): only the count can stop them.
+    throttle = AuthThrottle(MemoryStorage(), per_ip=10, per_user=1000)
+    verdicts = _parallel_begins([throttle], 64)
+    assert verdicts.count(None) == 10
+    assert verdicts.count("ip") == 54
+
+
+def test_two_instances_on_one_redis_share_the_counts(redis_url: str) -> None:
+    first = AuthThrottle(open_storage(redis_url), per_ip=10, per_user=1000)
+    second = AuthThrottle(open_storage(redis_url), per_ip=10, per_user=1000)
+    verdicts = _parallel_begins([first, second], 64)
+    assert verdicts.count(None) == 10
+    # And a success on one instance clears the user name for the other.
+    for i in range(3):
+        second.failed(second.begin(f"10.7.0.{i}", "dora"))
+    second_throttle = AuthThrottle(open_storage(redis_url), per_ip=10, per_user=3)
+    assert second_throttle.begin("10.7.1.1", "dora").refused == "user"
+    ok = first.begin("10.7.1.2", "dora")
+    first.succeeded(ok)
+    assert second_throttle.begin("10.7.1.3", "dora").refused is None
+
+
+def test_without_its_shared_storage_the_throttle_counts_in_the_process(caplog) -> None:
+    port = free_port()  # nothing listens there
+    throttle = AuthThrottle(open_storage(f"redis://127.0.0.1:{port}/0"), per_ip=3, per_user=100)
+    with caplog.at_level(logging.WARNING, logger="smtp_proxy.smtp"):
+        verdicts = [fail(throttle).refused for _ in range(5)]
+    assert verdicts == [None, None, None, "ip", "ip"]
+    assert [r.event for r in caplog.records] == ["smtp.auth_throttle_degraded"]
 
 
 def test_log_auth_failure_writes_one_record_with_stable_fields(caplog: pytest.LogCaptureFixture) -> None:

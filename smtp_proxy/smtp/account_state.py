@@ -1,0 +1,190 @@
+"""The MAIL FROM policy: an account's current state from the database, and its sending limits.
+
+A session authenticates once and may then send for up to ``smtp.max_session_time``.
+What an admin changes meanwhile must still reach it, in every listener process, so
+the state a transaction depends on (active, allowed domains, the header-From
+exemption, the account's own limits) is read from the database, not from the
+session: ``AccountStates`` keeps each account's row for ``STATE_TTL`` seconds, and
+a MAIL FROM after that re-reads it with one query (``storage.auth.find_login``).
+A deactivation therefore ends a live session at its next MAIL FROM within a few
+seconds, whichever process holds it.
+
+``MailPolicy.check`` answers the core's ``MailFromOffered``: a deactivated account
+gets 421 and the session closes; an account over a sending limit gets ``451 4.7.1
+... try again in N seconds``; otherwise the transaction starts, its recipients
+capped by what is left of the day's recipient budget. ``MailPolicy.stored`` counts
+a message once it was committed; nothing is counted for one that was not.
+
+Imports storage, the sending limits, the protocol's replies and address matching;
+no socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from smtp_proxy.config import Config
+from smtp_proxy.db.session import Database
+from smtp_proxy.errors import DatabaseUnavailable
+from smtp_proxy.sending_limits import WINDOWS, SendingLimits, effective_limits
+from smtp_proxy.smtp import replies as R
+from smtp_proxy.smtp.addresses import domain_allowed
+from smtp_proxy.smtp.credentials import AuthenticatedAccount
+from smtp_proxy.smtp.replies import Reply
+from smtp_proxy.storage.auth import find_login
+
+log = logging.getLogger("smtp_proxy.smtp")
+
+# Seconds an account's state is trusted before a MAIL FROM reads it again; with the
+# database round trip, a change reaches every live session within about this long.
+STATE_TTL = 2.0
+MAX_STATES = 100_000
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """What a transaction depends on that an admin may change while a session is open."""
+
+    id: uuid.UUID
+    active: bool
+    allowed_domains: tuple[str, ...]
+    allow_any_header_from: bool
+    limits: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    state: AccountState
+    expires: float
+
+
+class AccountStates:
+    """Account states by id, each re-read from the database once older than ``ttl``; thread-safe."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        ttl: float = STATE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = MAX_STATES,
+    ) -> None:
+        self._database = database
+        self._ttl = ttl
+        self._clock = clock
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: dict[uuid.UUID, _Entry] = {}
+
+    def get(self, account_id: uuid.UUID, name: str) -> AccountState:
+        """The account's state, at most ``ttl`` seconds old.
+
+        An account that no longer exists under this name and id reads as inactive.
+        While the database does not answer, a state read before is used however old;
+        without one, ``DatabaseUnavailable`` is raised.
+        """
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(account_id)
+        if entry is not None and now < entry.expires:
+            return entry.state
+        try:
+            state = self._read(account_id, name)
+        except DatabaseUnavailable:
+            if entry is not None:
+                return entry.state
+            raise
+        finally:
+            self._database.remove_session()
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                self._prune(now)
+            self._entries[account_id] = _Entry(state, self._clock() + self._ttl)
+        return state
+
+    def _read(self, account_id: uuid.UUID, name: str) -> AccountState:
+        with self._database.autocommit() as connection:
+            login = find_login(connection, name)
+        if login is None or login.id != account_id:
+            return AccountState(account_id, False, (), False, {})
+        return AccountState(
+            login.id,
+            login.active,
+            tuple(login.allowed_domains),
+            login.allow_any_header_from,
+            dict(login.limits),
+        )
+
+    def _prune(self, now: float) -> None:
+        """Drop expired states, then the oldest half if all are fresh; the caller holds the lock."""
+        for key in [key for key, entry in self._entries.items() if entry.expires <= now]:
+            del self._entries[key]
+        if len(self._entries) >= self._max_entries:
+            for key in list(self._entries)[: len(self._entries) // 2]:
+                del self._entries[key]
+
+
+@dataclass(frozen=True)
+class MailDecision:
+    """The answer to a MAIL FROM, in the terms of ``SmtpSession.mail_checked``."""
+
+    refusal: Reply | None
+    reason: str | None  # why it was refused (metrics, logs): "account_disabled", "messages_per_minute", ...
+    account: AuthenticatedAccount  # with the current domains and header-From check
+    recipients_left: int | None = None
+    recipients_refusal: Reply | None = None
+
+
+class MailPolicy:
+    """Decides whether an authenticated account may start a transaction now; thread-safe."""
+
+    def __init__(self, states: AccountStates, limits: SendingLimits) -> None:
+        self.states = states
+        self.limits = limits
+
+    def check(self, account: AuthenticatedAccount, sender: str, config: Config) -> MailDecision:
+        """Raises ``DatabaseUnavailable`` when the account's state cannot be read at all."""
+        state = self.states.get(account.id, account.name)
+        current = replace(
+            account,
+            allowed_domains=state.allowed_domains,
+            header_from_check=config.smtp.header_from_check and not state.allow_any_header_from,
+        )
+        if not state.active:
+            return MailDecision(R.R421_ACCOUNT_DISABLED, "account_disabled", current)
+        domain = sender.rpartition("@")[2]
+        if not domain_allowed(domain, state.allowed_domains):
+            # The core checked the domains the session authenticated with; these are newer.
+            return MailDecision(R.R553_SENDER_NOT_ALLOWED, "sender_domain", current)
+        limits = effective_limits(config.limits, state.limits)
+        wait = self.limits.retry_after(account.id, limits)
+        if wait is not None:
+            return MailDecision(R.rate_exceeded(wait), self._exhausted(account.id, limits), current)
+        left = self.limits.recipients_left(account.id, limits)
+        if left is None:
+            return MailDecision(None, None, current)
+        count, seconds = left
+        return MailDecision(
+            None, None, current, recipients_left=count, recipients_refusal=R.rate_exceeded(seconds)
+        )
+
+    def stored(self, account_id: uuid.UUID, recipients: int) -> None:
+        """Count one committed message in every window."""
+        self.limits.record(account_id, recipients)
+
+    def _exhausted(self, account_id: uuid.UUID, limits: Mapping[str, int | None]) -> str:
+        """The name of the window that refused (for the metric): the one that resets last."""
+        spent = [
+            usage
+            for usage in self.limits.usage(account_id, limits)
+            if usage.limit is not None and usage.used >= usage.limit
+        ]
+        if not spent:
+            return "sending_limit"  # the counts moved on between the two reads
+        return max(spent, key=lambda usage: (usage.resets_in, -list(WINDOWS).index(usage.name))).name
