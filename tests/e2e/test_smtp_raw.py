@@ -193,4 +193,4 @@ def test_failed_auth_is_throttled_then_refused(listener: Listener, raw_client, c
         codes.append(client.reply()[:3])
         if codes[-1] == b"421":
             break
-    assert b"535" in codes and b"454" in codes  # throttled after refuse_after=5 failures
+    assert b"535" in codes and b"454" in codes  # 454 past per_ip=5 failures
