@@ -1,10 +1,12 @@
-"""A real API server (waitress on 127.0.0.1, a free port) over the throwaway PostgreSQL.
+"""A real API server (waitress on 127.0.0.1, a free port) over the throwaway PostgreSQL, and the
+same app behind Flask's test client (``make_app``) for tests that need to see inside it.
 
-Tests talk to it over HTTP with ``requests``, as tenant tooling would.
+Tests talk to the server over HTTP with ``requests``, as tenant tooling would.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 import waitress
+from flask import Flask
+from sqlalchemy import event
 
 from smtp_proxy.api import create_app
 from smtp_proxy.config import Config
@@ -166,3 +170,116 @@ def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
 @pytest.fixture
 def api(start_api) -> ApiServer:
     return start_api()
+
+
+# --- the app behind Flask's test client ------------------------------------------------------------
+
+
+class Reply:
+    """A test-client response with the ``requests`` surface the checks in checks.py use."""
+
+    def __init__(self, response: Any) -> None:
+        self.status_code = response.status_code
+        self.headers = response.headers
+        self.text = response.get_data(as_text=True)
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+class QueryCounter:
+    """Counts the SQL statements both of a Database's engines send (before_cursor_execute)."""
+
+    def __init__(self, database: Database) -> None:
+        self.count = 0
+        self._engines = [database.engine, database.autocommit_engine]
+        for engine in self._engines:
+            event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *_args: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        for engine in self._engines:
+            event.remove(engine, "before_cursor_execute", self._seen)
+
+
+@dataclass
+class AppUnderTest:
+    """create_app's app, its database and an admin key; requests go through Flask's test client."""
+
+    app: Flask
+    config: Config
+    database: Database
+    admin_key: str
+    admin_id: str
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        key: str | None = None,
+        *,
+        body: Any = None,
+        address: str = "192.0.2.10",
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        sent = dict(headers or {})
+        if key is not None:
+            sent["Authorization"] = f"Bearer {key}"
+        with self.app.test_client() as client:
+            response = client.open(
+                path,
+                method=method,
+                headers=sent,
+                json=body,
+                environ_base={"REMOTE_ADDR": address},
+            )
+        return Reply(response)
+
+    def tenant(self, name: str | None = None, **fields: Any) -> dict[str, Any]:
+        """A new account made by the admin; the creation's body (with api_key)."""
+        name = name or f"t-{uuid.uuid4().hex[:8]}"
+        body = {"name": name, "email": f"{name}@example.com", "allowed_domains": [own_domain()], **fields}
+        reply = self.call("POST", "/api/v1/accounts", self.admin_key, body=body)
+        assert reply.status_code == 201, reply.text
+        return reply.json()
+
+    def queries(self) -> QueryCounter:
+        return QueryCounter(self.database)
+
+
+@pytest.fixture
+def make_app(make_config) -> Iterator[Callable[..., AppUnderTest]]:
+    """``make_app(db_url, **sections)``: an app on that database with an admin account in it.
+
+    Rate limits are out of the way unless a test sets ``api={...}``.
+    """
+    made: list[AppUnderTest] = []
+
+    def make(db_url: str, **sections: dict[str, Any]) -> AppUnderTest:
+        api = {"rate_limit": "100000/minute", "unauthenticated_rate_limit": "100000/minute"}
+        api.update(sections.pop("api", {}))
+        config = make_config(db_url, api=api, **sections)
+        database = Database(config.database)
+        try:
+            with database.transaction() as session:
+                admin = accounts.create_account(
+                    session,
+                    name=f"admin-{uuid.uuid4().hex[:8]}",
+                    email="admin@example.com",
+                    allowed_domains=[own_domain()],
+                    is_admin=True,
+                    bcrypt_cost=4,
+                    unique_domains=False,  # a second app on one database adds a second admin
+                )
+                admin_key, admin_id = admin.api_key, str(admin.account.id)
+        finally:
+            database.remove_session()
+        under_test = AppUnderTest(create_app(config, database), config, database, admin_key, admin_id)
+        made.append(under_test)
+        return under_test
+
+    yield make
+    for under_test in made:
+        under_test.database.dispose()

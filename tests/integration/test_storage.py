@@ -32,6 +32,7 @@ from smtp_proxy.storage import accounts, audit, messages, providers, routing_rul
 from smtp_proxy.storage.accounts import NewAccount
 from smtp_proxy.storage.audit import Actor
 from tests.conftest import wait_until_accepting
+from tests.waiting import wait_for
 
 BCRYPT_COST = 4
 ACCOUNT_CREATE_FIELDS = ["allowed_domains", "api_key", "email", "is_admin", "name", "password"]
@@ -374,6 +375,117 @@ def test_transaction_that_raises_keeps_neither_change_nor_audit_row(
         assert [(e.action, e.entity) for e in audit.list_entries(session)] == [("create", "account")]
 
 
+def test_update_account_applies_each_field_with_one_audit_row(database: Database) -> None:
+    created = new_account(database, "alice")
+    root = new_account(database, "root", is_admin=True).account
+    admin = Actor("root", root.id)
+    changes = {
+        "email": "Ops@Example.ORG",
+        "allowed_domains": ["Shop.Example.", "*.shop.example"],
+        "is_admin": True,
+        "allow_any_header_from": True,
+        "limits": {"recipients_per_day": None, "messages_per_minute": 30},
+        "password": "a fresh password",
+    }
+    with database.transaction() as session:
+        account = accounts.get_account(session, created.account.id)
+        fields = accounts.update_account(
+            session, account, changes, actor=admin, bcrypt_cost=BCRYPT_COST, unique_domains=True
+        )
+    assert fields == ["email", "password", "allowed_domains", "is_admin", "allow_any_header_from", "limits"]
+    with fresh(database) as session:
+        stored = accounts.get_account(session, created.account.id)
+        assert stored.email == "Ops@example.org"
+        assert stored.allowed_domains == ["shop.example", "*.shop.example"]
+        assert stored.is_admin is True and stored.allow_any_header_from is True
+        assert stored.limits == {"messages_per_minute": 30, "recipients_per_day": None}
+        assert crypto.verify_password("a fresh password", stored.password_hash)
+    row = audit_rows(database, created.account.id)[0]
+    assert (row.action, row.actor, row.actor_id) == ("update", "root", admin.account_id)
+    assert row.changes == {"fields": sorted(fields)}
+    assert "a fresh password" not in json.dumps(row.changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"name": "renamed"}, "name"),
+        ({"allowed_domains": []}, "allowed_domains"),
+        ({"limits": {"messages_per_hour": 0}}, "limits.messages_per_hour"),
+        ({"limits": {"messages_per_week": 1}}, "limits.messages_per_week"),
+        ({"limits": {"messages_per_hour": True}}, "limits.messages_per_hour"),
+        ({"limits": "lots"}, "limits"),
+        ({"active": "yes"}, "active"),
+        ({"password": "short"}, "password"),
+    ],
+)
+def test_update_account_rejects_bad_values_and_changes_nothing(
+    database: Database, changes: dict, field: str
+) -> None:
+    created = new_account(database, "alice")
+    with pytest.raises(ValidationError) as caught, database.transaction() as session:
+        account = accounts.get_account(session, created.account.id)
+        accounts.update_account(
+            session, account, changes, actor=audit.CLI, bcrypt_cost=BCRYPT_COST, unique_domains=True
+        )
+    assert caught.value.field == field
+    with fresh(database) as session:
+        stored = accounts.get_account(session, created.account.id)
+        assert stored.allowed_domains == ["alice.example.com"] and stored.limits == {}
+    assert [row.action for row in audit_rows(database)] == ["create"]
+
+
+def test_domain_taken_on_create_update_and_reactivation(database: Database) -> None:
+    holder = new_account(database, "holder", domains=("*.shop.example",)).account
+    other = new_account(database, "other").account
+    with pytest.raises(accounts.DomainTaken) as caught:
+        new_account(database, "newcomer", domains=("eu.shop.example",))
+    assert (caught.value.domain, caught.value.held) == ("eu.shop.example", "*.shop.example")
+    assert "eu.shop.example" in str(caught.value) and "holder" not in str(caught.value)
+
+    def update(account_id: uuid.UUID, changes: dict, *, unique: bool = True) -> list[str]:
+        with database.transaction() as session:
+            account = accounts.get_account(session, account_id)
+            return accounts.update_account(
+                session, account, changes, actor=audit.CLI, bcrypt_cost=BCRYPT_COST, unique_domains=unique
+            )
+
+    with pytest.raises(accounts.DomainTaken):
+        update(other.id, {"allowed_domains": ["*.eu.shop.example"]})
+    assert update(other.id, {"allowed_domains": ["shop.example"]}) == ["allowed_domains"]  # not covered
+    assert update(holder.id, {"allowed_domains": ["*.shop.example", "x.shop.example"]})  # its own
+    # A deactivated holder frees the domain; it cannot come back while another holds it.
+    with database.transaction() as session:
+        accounts.deactivate_account(session, accounts.get_account(session, holder.id))
+    new_account(database, "successor", domains=("eu.shop.example",))
+    with pytest.raises(accounts.DomainTaken) as caught:
+        update(holder.id, {"active": True})
+    assert "reactivate" in str(caught.value)
+    assert update(holder.id, {"allowed_domains": ["*.shop.example"]}) == [
+        "allowed_domains"
+    ]  # inactive: no check
+    assert update(holder.id, {"active": True}, unique=False) == ["active"]
+    assert [row.action for row in audit_rows(database, holder.id)][:2] == ["reactivate", "update"]
+    with fresh(database) as session:
+        assert accounts.get_account(session, holder.id).active is True
+    assert len(audit_rows(database)) == 8  # 3 creates and 5 changes; the refusals wrote nothing
+
+
+def test_unique_domains_false_lets_two_accounts_share_one(database: Database) -> None:
+    new_account(database, "first", domains=("shared.example",))
+    with database.transaction() as session:
+        created = accounts.create_account(
+            session,
+            name="second",
+            email="s@example.com",
+            allowed_domains=["shared.example"],
+            bcrypt_cost=BCRYPT_COST,
+            unique_domains=False,
+            actor=audit.CLI,
+        )
+        assert created.account.allowed_domains == ["shared.example"]
+
+
 # --- providers ------------------------------------------------------------------------------------
 
 
@@ -576,6 +688,26 @@ def test_delete_provider_deletes_its_routing_rules(database: Database, cipher: C
     # The rule taken along is audited as deleted too, in the same transaction.
     deleted = {(e.entity, e.entity_id, e.account_id) for e in audit_rows(database) if e.action == "delete"}
     assert deleted == {("provider", doomed.id, owner.id), ("routing_rule", doomed_rule.id, owner.id)}
+
+
+def test_provider_and_rule_caps_count_per_account(database: Database, cipher: Cipher) -> None:
+    owner = new_account(database, "alice").account
+    other = new_account(database, "bob").account
+    first = new_provider(database, cipher, owner.id, "one", max_providers=2)
+    new_provider(database, cipher, owner.id, "two", max_providers=2)
+    with pytest.raises(providers.QuotaExceeded) as caught:
+        new_provider(database, cipher, owner.id, "three", max_providers=2)
+    assert "limits.max_providers_per_account" in str(caught.value) and "2" in str(caught.value)
+    new_provider(database, cipher, other.id, "three", max_providers=2)
+    new_provider(database, cipher, owner.id, "uncapped")  # None: no cap (the storage default)
+
+    new_rule(database, owner.id, first.id, "r1", 1, max_rules=1)
+    with pytest.raises(providers.QuotaExceeded) as caught:
+        new_rule(database, owner.id, first.id, "r2", 2, max_rules=1)
+    assert "limits.max_rules_per_account" in str(caught.value)
+    with fresh(database) as session:
+        assert len(providers.list_providers(session, owner.id)) == 3
+        assert len(routing_rules.list_rules(session, owner.id)) == 1
 
 
 # --- routing rules --------------------------------------------------------------------------------
@@ -909,6 +1041,57 @@ def _wait_for_lock_waiter(pg_url: str, dbname: str, timeout: float = 20.0) -> No
         raise AssertionError("the second writer never waited on the first one's row")
     finally:
         connection.close()
+
+
+def test_a_grant_waits_for_a_concurrent_grant_and_then_sees_it(pg_url: str, make_config) -> None:
+    """The domain check holds an advisory lock to the end of its transaction: a second grant
+    waits for the first to commit, then finds the domain taken."""
+    db = Database(make_config(pg_url).database)
+    holding, release = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def first() -> None:
+        with db.transaction() as session:
+            accounts.create_account(
+                session, name="first", email="f@example.com", allowed_domains=["*.race.example"],
+                bcrypt_cost=BCRYPT_COST, actor=audit.CLI,
+            )  # fmt: skip
+            holding.set()
+            release.wait(timeout=30)
+        db.remove_session()
+
+    def second() -> None:
+        try:
+            new_account(db, "second", domains=("eu.race.example",))
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome.append(error)
+        else:
+            outcome.append(None)
+        db.remove_session()
+
+    def waiting_for_the_lock() -> bool:
+        with db.autocommit() as connection:
+            query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            return connection.exec_driver_sql(query).scalar() == 1
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    try:
+        assert holding.wait(timeout=30)
+        threads.append(threading.Thread(target=second))
+        threads[1].start()
+        assert wait_for(waiting_for_the_lock, timeout=30)
+        assert outcome == []  # still waiting
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    try:
+        assert len(outcome) == 1 and isinstance(outcome[0], accounts.DomainTaken), outcome
+        with fresh(db) as session:
+            assert [a.name for a in accounts.list_accounts(session)] == ["first"]
+    finally:
+        db.dispose()
 
 
 def test_unreachable_database_is_database_unavailable(make_config) -> None:
