@@ -24,11 +24,12 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from smtp_proxy import systemd
 from smtp_proxy.config import Config
+from smtp_proxy.counters import open_storage
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.memory import FreeMemoryReleaser, freeze_startup_objects, limit_arenas
 from smtp_proxy.reload import ConfigWatcher
-from smtp_proxy.sending_limits import SendingLimits, open_storage
+from smtp_proxy.sending_limits import SendingLimits
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
 from smtp_proxy.smtp.budget import InFlightBudget
 from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier

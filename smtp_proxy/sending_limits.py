@@ -26,9 +26,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from limits.storage import Storage, storage_from_string
+from limits.storage import Storage
 
 from smtp_proxy.config import SENDING_LIMITS, LimitsConfig
+from smtp_proxy.counters import open_storage
+
+__all__ = ["SendingLimits", "WindowUsage", "effective_limits", "open_storage"]
 
 log = logging.getLogger("smtp_proxy.limits")
 
@@ -54,11 +57,6 @@ class WindowUsage:
     limit: int | None
     used: int
     resets_in: int  # seconds until this window starts over
-
-
-def open_storage(uri: str) -> Storage:
-    """The ``limits`` storage behind ``uri`` (memory:// or redis://...)."""
-    return storage_from_string(uri)
 
 
 class SendingLimits:

@@ -49,9 +49,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from limits.storage import MemoryStorage, Storage
+from limits.storage import Storage
 
 from smtp_proxy import crypto
+from smtp_proxy.counters import LocalCounters
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.storage.auth import Login, find_login
@@ -88,6 +89,7 @@ class _Flight:
 
     done: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
+    refused: str | None = None  # the throttle refused the leader: "ip" or "user"
     error: BaseException | None = None
 
 
@@ -126,22 +128,46 @@ class CredentialVerifier:
         self._dummy_hash = crypto.hash_password(crypto.generate_password(), dummy_cost)
 
     def verify(self, username: str, password: str) -> AuthenticatedAccount | None:
-        """The account when the credentials are right and it is active, else None.
+        """The account when the credentials are right and it is active, else None (no throttle).
 
         Blocks for up to one bcrypt check plus one query. Raises
         ``DatabaseUnavailable`` when the database does not answer.
         """
+        return self.check(username, password).account
+
+    def check(self, username: str, password: str, gate: _Gate | None = None) -> AuthResult:
+        """Verify under a throttle ``gate``: count each distinct guess, then decide, then bcrypt.
+
+        Where the gate counts decides what parallel logins cost: a verified credential
+        from the cache counts nothing (it is refused only while the address or the user
+        name is already over its limit, so the cache is no faster oracle than bcrypt);
+        connections offering the same credentials at once share one bcrypt check and one
+        count (a mailer opening twenty connections makes one guess, not twenty); every
+        other attempt, an unknown user's too, is counted before its check. Raises
+        ``DatabaseUnavailable`` when the database does not answer; nothing was counted then.
+        """
         with self._database.autocommit() as session:
             login = find_login(session, username)
         if login is None or not login.active:
+            refused = gate.begin() if gate is not None else None
+            if refused is not None:
+                return AuthResult(None, f"throttled_{refused}")
             self._bcrypt(password, self._dummy_hash)
-            return None
+            if gate is not None:
+                gate.failed()
+            return AuthResult(None, "invalid_credentials")
         key: _Key = (login.name, self._mac(password))
         if self._cached(key, login):
-            return _account(login)
-        if not self._single_flight(key, password, login.password_hash):
-            return None
-        return _account(login)
+            refused = gate.over() if gate is not None else None
+            if refused is not None:
+                return AuthResult(None, f"throttled_{refused}")
+            return AuthResult(_account(login), None)
+        flight = self._single_flight(key, password, login.password_hash, gate)
+        if flight.refused is not None:
+            return AuthResult(None, f"throttled_{flight.refused}")
+        if not flight.ok:
+            return AuthResult(None, "invalid_credentials")
+        return AuthResult(_account(login), None)
 
     def _check_hash(self, password: str, password_hash: str) -> bool:
         """The bcrypt step itself; a seam for tests that count or time it."""
@@ -170,7 +196,7 @@ class CredentialVerifier:
                 return False
             return True
 
-    def _single_flight(self, key: _Key, password: str, password_hash: str) -> bool:
+    def _single_flight(self, key: _Key, password: str, password_hash: str, gate: _Gate | None) -> _Flight:
         # The hash is part of the flight key: a caller that already sees a new
         # password hash must not take the answer computed for the old one.
         flight_key = (*key, password_hash)
@@ -183,9 +209,13 @@ class CredentialVerifier:
             flight.done.wait()
             if flight.error is not None:
                 raise flight.error
-            return flight.ok
+            return flight
         try:
-            flight.ok = self._bcrypt(password, password_hash)
+            flight.refused = gate.begin() if gate is not None else None
+            if flight.refused is None:
+                flight.ok = self._bcrypt(password, password_hash)
+                if gate is not None:
+                    gate.succeeded() if flight.ok else gate.failed()
         except BaseException as error:
             flight.error = error
             raise
@@ -195,7 +225,7 @@ class CredentialVerifier:
                     self._remember(key, password_hash)
                 del self._flights[flight_key]
             flight.done.set()
-        return flight.ok
+        return flight
 
     def _remember(self, key: _Key, password_hash: str) -> None:
         """Store a verified credential; the caller holds the lock."""
@@ -278,7 +308,7 @@ class AuthThrottle:
         window: float = 900.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.storage = storage if storage is not None else MemoryStorage()
+        self.storage = storage if storage is not None else LocalCounters()
         self._fallback: Storage | None = None  # made on the first failure of the shared storage
         self._clock = clock
         self._degraded = False
@@ -291,19 +321,40 @@ class AuthThrottle:
             raise ValueError("per_ip and per_user must be at least 1, window positive")
         self.per_ip, self.per_user, self.window = per_ip, per_user, window
 
-    def begin(self, ip: str, username: str) -> AuthAttempt:
-        """Count this attempt, then decide whether its password may be checked."""
+    def _keys(self, ip: str, username: str) -> tuple[float, str, str, str, str]:
+        """The weight of the previous window, and this and the previous window's keys."""
         now = self._clock()
         window = self.window
         bucket = int(now // window)
         # The part of the previous fixed window that still lies inside the sliding one.
         weight = 1.0 - (now - bucket * window) / window
-        expiry = math.ceil(2 * window) + 1
         user = hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        ip_key = f"smtp-proxy/auth/ip/{throttle_address(ip)}/{window:g}/{bucket}"
-        ip_prev = f"smtp-proxy/auth/ip/{throttle_address(ip)}/{window:g}/{bucket - 1}"
-        user_key = f"smtp-proxy/auth/user/{user}/{window:g}/{bucket}"
-        user_prev = f"smtp-proxy/auth/user/{user}/{window:g}/{bucket - 1}"
+        address = throttle_address(ip)
+        return (
+            weight,
+            f"smtp-proxy/auth/ip/{address}/{window:g}/{bucket}",
+            f"smtp-proxy/auth/ip/{address}/{window:g}/{bucket - 1}",
+            f"smtp-proxy/auth/user/{user}/{window:g}/{bucket}",
+            f"smtp-proxy/auth/user/{user}/{window:g}/{bucket - 1}",
+        )
+
+    def over(self, ip: str, username: str) -> str | None:
+        """ "ip" or "user" when that count already reached its limit; counts nothing."""
+        weight, ip_key, ip_prev, user_key, user_prev = self._keys(ip, username)
+        storage = self._storage()
+        try:
+            if storage.get(ip_key) + self._weighted(storage, ip_prev, weight) >= self.per_ip:
+                return "ip"
+            if storage.get(user_key) + self._weighted(storage, user_prev, weight) >= self.per_user:
+                return "user"
+        except storage.base_exceptions as error:
+            self._unavailable(error)
+        return None
+
+    def begin(self, ip: str, username: str) -> AuthAttempt:
+        """Count this attempt, then decide whether its password may be checked."""
+        weight, ip_key, ip_prev, user_key, user_prev = self._keys(ip, username)
+        expiry = math.ceil(2 * self.window) + 1
         storage = self._storage()
         refused = None
         counted_user = False
@@ -381,7 +432,7 @@ class AuthThrottle:
     def _unavailable(self, error: Exception) -> None:
         if not self._degraded:
             if self._fallback is None:
-                self._fallback = MemoryStorage()
+                self._fallback = LocalCounters()
             self._degraded = True
             self._next_probe = time.monotonic() + STORAGE_PROBE_SECONDS
             log.warning(
@@ -395,6 +446,33 @@ class AuthResult:
     account: AuthenticatedAccount | None
     # None, or "throttled_ip", "throttled_user", "invalid_credentials", "database_unavailable"
     failure: str | None
+
+
+class _Gate:
+    """One AUTH attempt's view of the throttle: count it (once), or only look, then settle it."""
+
+    __slots__ = ("_throttle", "_ip", "_username", "_attempt")
+
+    def __init__(self, throttle: AuthThrottle, ip: str, username: str) -> None:
+        self._throttle, self._ip, self._username = throttle, ip, username
+        self._attempt: AuthAttempt | None = None
+
+    def over(self) -> str | None:
+        """Whether the address or the user name is already over its limit, counting nothing."""
+        return self._throttle.over(self._ip, self._username)
+
+    def begin(self) -> str | None:
+        """Count this guess; "ip" or "user" when it is refused without a check."""
+        self._attempt = self._throttle.begin(self._ip, self._username)
+        return self._attempt.refused
+
+    def failed(self) -> None:
+        if self._attempt is not None:
+            self._throttle.failed(self._attempt)
+
+    def succeeded(self) -> None:
+        if self._attempt is not None:
+            self._throttle.succeeded(self._attempt)
 
 
 def authenticate(
@@ -413,21 +491,14 @@ def authenticate(
     outage: that is the ``database_unavailable`` failure, and the attempt is not
     counted, since no password was checked.
     """
-    attempt = throttle.begin(client_ip, username)
-    if attempt.refused is not None:
-        return AuthResult(None, f"throttled_{attempt.refused}")
     try:
-        account = verifier.verify(username, password)
+        result = verifier.check(username, password, _Gate(throttle, client_ip, username))
     except DatabaseUnavailable:
-        throttle.abandoned(attempt)
         return AuthResult(None, "database_unavailable")
-    if account is None:
-        throttle.failed(attempt)
-        return AuthResult(None, "invalid_credentials")
-    throttle.succeeded(attempt)
-    if not header_from_check and account.header_from_check:
-        account = replace(account, header_from_check=False)
-    return AuthResult(account, None)
+    account = result.account
+    if account is not None and not header_from_check and account.header_from_check:
+        return AuthResult(replace(account, header_from_check=False), None)
+    return result
 
 
 def log_auth_failure(

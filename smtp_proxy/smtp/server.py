@@ -38,11 +38,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from smtp_proxy import gil
 from smtp_proxy.config import Config
+from smtp_proxy.counters import open_storage
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.logs import new_correlation_id, set_correlation_id
-from smtp_proxy.sending_limits import SendingLimits, open_storage
+from smtp_proxy.sending_limits import SendingLimits
 from smtp_proxy.smtp import metrics
 from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy

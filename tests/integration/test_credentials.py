@@ -13,6 +13,7 @@ import time
 import pytest
 from limits.storage import MemoryStorage
 
+from smtp_proxy.counters import LocalCounters
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier, authenticate
@@ -416,3 +417,42 @@ def test_authenticate_with_the_database_down_counts_nothing(make_config) -> None
             assert result.failure == "database_unavailable"
     finally:
         db.dispose()
+
+
+def test_parallel_logins_with_the_same_credentials_count_as_one_guess(database: Database) -> None:
+    """A mailer opening many connections at once with a cold cache is one guess, not a flood."""
+    create(database)
+    verifier = make_verifier(database, hold=0.2)  # every connection arrives while the check runs
+    throttle = AuthThrottle(LocalCounters(), per_ip=2, per_user=2)
+    results = run_threads(
+        30,
+        lambda _i: authenticate(
+            verifier, throttle, client_ip="192.0.2.1", username="alice", password=PASSWORD
+        ),
+    )
+    assert [r.failure for r in results] == [None] * 30
+    assert verifier.checks == 1
+    # The address's count holds only failures: two more wrong guesses still get their verdict.
+    wrong = [
+        authenticate(verifier, throttle, client_ip="192.0.2.1", username="bob", password="x") for _ in "ab"
+    ]
+    assert [r.failure for r in wrong] == ["invalid_credentials"] * 2
+
+
+def test_a_cached_credential_is_refused_while_the_address_is_over_its_limit(database: Database) -> None:
+    """Else a locked-out guesser could go on testing passwords against the cache, at no cost."""
+    create(database)
+    verifier = make_verifier(database)
+    throttle = AuthThrottle(LocalCounters(), per_ip=2, per_user=100)
+    attempt = functools.partial(authenticate, verifier, throttle, client_ip="192.0.2.1", username="alice")
+    assert attempt(password=PASSWORD).failure is None  # now in the cache
+    assert [attempt(password=f"guess{i}").failure for i in range(3)] == [
+        "invalid_credentials",
+        "invalid_credentials",
+        "throttled_ip",
+    ]
+    checks = verifier.checks
+    assert attempt(password=PASSWORD).failure == "throttled_ip"
+    assert verifier.checks == checks
+    other = authenticate(verifier, throttle, client_ip="192.0.2.9", username="alice", password=PASSWORD)
+    assert other.failure is None
