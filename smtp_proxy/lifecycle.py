@@ -141,11 +141,10 @@ class SmtpListeners:
         self.threads: list[threading.Thread] = []
 
     def _resize_budget(self, new: Config, old: Config) -> None:
-        """A new max_data_in_flight: new sessions share a new budget (sessions open keep theirs)."""
+        """A new max_data_in_flight applies to the one budget every session shares, bytes held included."""
         if new.smtp.max_data_in_flight != old.smtp.max_data_in_flight:
-            budget = InFlightBudget(new.smtp.max_data_in_flight)
             for server in self.servers:
-                server.data_budget = budget
+                server.data_budget.limit = new.smtp.max_data_in_flight
 
     def start(self) -> None:
         self.threads = [threading.Thread(target=s.serve_forever, name="smtp-accept") for s in self.servers]

@@ -29,6 +29,14 @@ class InFlightBudget:
     def limit(self) -> int:
         return self._limit
 
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        """A new limit (a config reload); bytes already held stay held, new takes see the new limit."""
+        if limit < 1:
+            raise ValueError(f"the in-flight limit must be positive, not {limit}")
+        with self._lock:
+            self._limit = limit
+
     @property
     def held(self) -> int:
         return self._held

@@ -77,6 +77,9 @@ log = logging.getLogger("smtp_proxy.smtp")
 SESSION_THREAD_STACK = 512 * 1024
 RECV_SIZE = 65536
 DRAIN_SECONDS = 30.0
+# Past max_session_time a transaction may still finish, for at most this long: a client
+# keeping one open with NOOPs, or trickling its DATA, cannot hold the session forever.
+SESSION_GRACE = 300.0
 # The core's MessageRejected reasons that a fair-use limit or a tenant policy gave, and their
 # name in smtp_proxy_smtp_limit_rejections_total.
 POLICY_REJECTIONS = {"server_busy": "data_in_flight", "header_from": "header_from"}
@@ -431,15 +434,16 @@ class SessionHandler(socketserver.BaseRequestHandler):
     def _deadline(self) -> tuple[float, str] | None:
         """The next moment a session clock may close this session, and which clock, or None.
 
-        The AUTH clock runs whatever the session does; the session clock only closes an idle
-        session, so a transaction in progress runs to its end and is checked after it.
+        The AUTH clock runs whatever the session does; the session clock closes an idle
+        session, so a transaction in progress runs to its end and is checked after it,
+        within ``SESSION_GRACE``.
         """
         smtp = self.server.config.smtp
         clocks = []
         if not self.authenticated:
             clocks.append((self.started + smtp.auth_timeout, "auth_timeout"))
-        if self.idle:
-            clocks.append((self.started + smtp.max_session_time, "session_time"))
+        grace = 0.0 if self.idle else SESSION_GRACE
+        clocks.append((self.started + smtp.max_session_time + grace, "session_time"))
         return min(clocks) if clocks else None
 
     def _expired(self) -> bool:

@@ -19,6 +19,7 @@ from limits.storage import MemoryStorage
 from prometheus_client import REGISTRY
 
 from smtp_proxy.sending_limits import SendingLimits
+from smtp_proxy.smtp import server as server_module
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
 from smtp_proxy.storage import accounts
 from tests.e2e.conftest import Listener, RawClient
@@ -172,6 +173,31 @@ def test_max_session_time_ends_a_session_once_its_transaction_is_over(
     assert sending.closed()
     assert len(listener.stored()) == 1
     assert rejections("session_time") == before + 2
+
+
+def test_a_transaction_held_open_past_max_session_time_ends_after_the_grace(
+    start_listener, clients: list[RawClient], client_tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOOPs inside an open transaction reset read_timeout, but cannot hold the session forever."""
+    monkeypatch.setattr(server_module, "SESSION_GRACE", 1.0)
+    listener: Listener = start_listener(max_session_time=1)
+    started = time.monotonic()
+    holding = RawClient(listener.host, listener.port)
+    clients.append(holding)
+    holding.login(listener, client_tls)
+    holding.send(b"MAIL FROM:<app@example.com>\r\n")
+    assert holding.reply().startswith(b"250")
+    replies = []
+    while not replies or not replies[-1].startswith(b"421"):
+        assert time.monotonic() - started < 10, replies
+        # A NOOP each time the server has been quiet for a while: like a client keeping it open.
+        if not select.select([holding.sock], [], [], 0.25)[0]:
+            holding.send(b"NOOP\r\n")
+        replies.append(holding.reply())
+    assert len(replies) > 2  # the NOOPs were answered while the transaction was within its time
+    assert replies[-1] == b"421 4.7.0 Session time limit reached, closing connection\r\n"
+    assert 2.0 <= time.monotonic() - started < 5.0
+    assert holding.closed()
 
 
 # --- sending limits -------------------------------------------------------------------------------

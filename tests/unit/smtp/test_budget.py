@@ -85,3 +85,15 @@ def test_concurrent_take_and_give_balance_to_zero() -> None:
         thread.join()
     assert refused == []
     assert budget.held == 0
+
+
+def test_a_new_limit_applies_to_the_bytes_already_held() -> None:
+    """A config reload resizes the one budget every session shares; nothing held is forgotten."""
+    budget = InFlightBudget(100)
+    assert budget.take(80)
+    budget.limit = 50
+    assert not budget.take(1)
+    budget.give(40)
+    assert budget.take(10) and budget.held == 50
+    with pytest.raises(ValueError):
+        budget.limit = 0
