@@ -23,6 +23,7 @@ from smtp_proxy import __version__, crypto
 from smtp_proxy.db.migrate import head_revision
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts as account_store
+from smtp_proxy.storage import audit
 
 SMTP_PROXY = Path(sys.executable).with_name("smtp-proxy")
 CONFIG_YAML = """\
@@ -298,6 +299,130 @@ def test_deactivate(cli: Cli, storage: Database) -> None:
     # Again: still fine, still inactive.
     cli.ok("accounts", "deactivate", "alice")
     assert {a["name"]: a["active"] for a in cli.json("accounts", "list")} == {"alice": False, "bob": True}
+
+
+def test_accounts_create_with_header_from_exemption_and_limits(cli: Cli, storage: Database) -> None:
+    create(
+        cli, "alice", "--allow-any-header-from", "--limit", "messages_per_hour=100",
+        "--limit", "recipients_per_day=none", "--limit", "messages_per_day=5",
+    )  # fmt: skip
+    create(cli, "bob")
+    listed = {a["name"]: a for a in cli.json("accounts", "list")}
+    assert listed["alice"]["allow_any_header_from"] is True
+    assert listed["alice"]["limits"] == {
+        "messages_per_hour": 100,
+        "messages_per_day": 5,
+        "recipients_per_day": None,
+    }
+    assert listed["bob"]["allow_any_header_from"] is False and listed["bob"]["limits"] == {}
+    with storage.transaction() as session:
+        account = account_store.get_account_by_name(session, "alice")
+        rows = audit.list_entries(session, account.id)
+        assert [(r.action, r.actor) for r in rows] == [("create", "cli")]
+        assert {"allow_any_header_from", "limits"} <= set(rows[0].changes["fields"])
+
+
+def test_accounts_update_changes_domains_flags_and_limits_audited(cli: Cli, storage: Database) -> None:
+    create(cli, "alice", "--limit", "messages_per_hour=100", "--limit", "messages_per_day=1000")
+    shown = cli.json(
+        "accounts", "update", "alice", "--domain", "Shop.Example", "--domain", "*.shop.example",
+        "--allow-any-header-from", "--admin", "--limit", "messages_per_minute=10",
+        "--limit", "messages_per_hour=none", "--limit", "messages_per_day=default",
+    )  # fmt: skip
+    assert shown["allowed_domains"] == ["shop.example", "*.shop.example"]  # replaced, normalised
+    assert shown["allow_any_header_from"] is True and shown["is_admin"] is True
+    # Limits given are set one by one; "default" drops the account's own value.
+    assert shown["limits"] == {"messages_per_minute": 10, "messages_per_hour": None}
+    assert cli.json("accounts", "list")[0] == shown
+
+    shown = cli.json("accounts", "update", "alice", "--no-allow-any-header-from", "--no-admin")
+    assert shown["allow_any_header_from"] is False and shown["is_admin"] is False
+    assert shown["allowed_domains"] == ["shop.example", "*.shop.example"]  # untouched
+
+    cli.ok("accounts", "deactivate", "alice")
+    assert cli.json("accounts", "update", "alice", "--activate")["active"] is True
+    with storage.transaction() as session:
+        account = account_store.get_account_by_name(session, "alice")
+        rows = [
+            (r.action, r.actor, r.changes["fields"])
+            for r in reversed(audit.list_entries(session, account.id))
+        ]
+    assert rows[1:] == [
+        ("update", "cli", ["allow_any_header_from", "allowed_domains", "is_admin", "limits"]),
+        ("update", "cli", ["allow_any_header_from", "is_admin"]),
+        ("deactivate", "cli", ["active"]),
+        ("reactivate", "cli", ["active"]),
+    ]
+
+
+def test_a_taken_domain_fails_in_one_line_on_create_update_and_activate(cli: Cli) -> None:
+    create(cli, "holder", "--domain", "*.shop.example")
+    create(cli, "other")
+    before = cli.json("accounts", "list")
+
+    args = [
+        "accounts",
+        "create",
+        "--name",
+        "newcomer",
+        "--email",
+        "n@example.com",
+        "--domain",
+        "eu.shop.example",
+    ]
+    assert_one_line_error(cli.run(*args), "smtp-proxy: error: ", "eu.shop.example", "another active account")
+    result = cli.run("accounts", "update", "other", "--domain", "*.eu.shop.example")
+    assert_one_line_error(result, "*.eu.shop.example", "another active account")
+    assert cli.json("accounts", "list") == before
+
+    # A deactivated holder frees it; coming back while it is held fails.
+    cli.ok("accounts", "deactivate", "holder")
+    cli.ok("accounts", "update", "other", "--domain", "eu.shop.example")
+    result = cli.run("accounts", "update", "holder", "--activate")
+    assert_one_line_error(result, "cannot reactivate", "*.shop.example")
+    assert {a["name"]: a["active"] for a in cli.json("accounts", "list")}["holder"] is False
+
+
+def test_shared_domains_pass_when_unique_sender_domains_is_off(cli: Cli) -> None:
+    cli.config_path.write_text(CONFIG_YAML + "  unique_sender_domains: false\n")
+    create(cli, "first", "--domain", "shared.example")
+    create(cli, "second", "--domain", "shared.example")
+    cli.ok("accounts", "update", "first", "--domain", "*.shared.example")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["update", "alice", "--limit", "messages_per_week=5"], ("--limit", "messages_per_week")),
+        (["update", "alice", "--limit", "messages_per_hour"], ("--limit", "NAME=VALUE")),
+        (["update", "alice", "--limit", "messages_per_hour=0"], ("--limit", "positive integer")),
+        (["update", "alice", "--limit", "messages_per_hour=lots"], ("--limit", "positive integer")),
+        (["update", "alice"], ("nothing to change",)),
+        (["update", "alice", "--domain", "bad_domain.com"], ("allowed_domains:",)),
+        (["update", "nobody", "--admin"], ("nobody",)),
+        (
+            ["create", "--name", "x", "--email", "x@example.com", "--domain", "x.example", "--limit", "x=1"],
+            ("--limit",),
+        ),
+    ],
+    ids=[
+        "unknown-limit",
+        "no-value",
+        "zero",
+        "not-a-number",
+        "no-change",
+        "bad-domain",
+        "unknown-account",
+        "create",
+    ],
+)
+def test_bad_update_input_fails_in_one_line(
+    sqlite_cli: Cli, args: list[str], fragments: tuple[str, ...]
+) -> None:
+    create(sqlite_cli, "alice")
+    before = sqlite_cli.json("accounts", "list")
+    assert_one_line_error(sqlite_cli.run("accounts", *args), "smtp-proxy: error: ", *fragments)
+    assert sqlite_cli.json("accounts", "list") == before
 
 
 # --- errors ---------------------------------------------------------------------------------------
