@@ -4,6 +4,11 @@ Handlers here are the only place an exception becomes a response: storage
 errors map onto 404/409/422/503, werkzeug's HTTP errors keep their status with
 a JSON body, and anything else is a 500 whose body says nothing but the
 request id (the log line under that id has the details).
+
+``fields`` names the fields at fault: every rejected one on a 422
+``invalid_fields`` (``body`` for a reached limit such as
+limits.max_providers_per_account), the fields only an admin may set on a 403
+``forbidden_field``, and ``allowed_domains`` on a 409 ``domain_taken``.
 """
 
 from __future__ import annotations

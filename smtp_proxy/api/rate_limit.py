@@ -21,6 +21,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import limits
 from limits.storage import storage_from_string
@@ -37,7 +38,7 @@ _NAMESPACE = "smtp-proxy-api"
 class RateLimit:
     """Fixed windows; over a limit, 429 with Retry-After (seconds to the window's end)."""
 
-    def __init__(self, config: Config, clock=time.time) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.per_key = limits.parse(config.api.rate_limit)
         self.per_address = limits.parse(config.api.unauthenticated_rate_limit)
         self._clock = clock

@@ -4,8 +4,9 @@ Every error the API returns has the same envelope::
 
     {"error": {"code": "<stable code>", "message": "<text>", "fields": {...}}}
 
-``fields`` is present on 422 ``invalid_fields`` errors only. The checks here assert that envelope and that
-the body leaks no internals (stack traces, SQL, driver names, file paths) and none of the given secrets.
+``fields`` is present on 422 ``invalid_fields``, 403 ``forbidden_field`` and 409 ``domain_taken`` errors.
+The checks here assert that envelope and that the body leaks no internals (stack traces, SQL, driver
+names, file paths) and none of the given secrets.
 A test file that needs a stricter check (an exact content type, the request id format) layers it on top.
 """
 

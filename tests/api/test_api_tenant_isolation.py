@@ -12,11 +12,11 @@ import uuid
 from typing import Any
 
 import pytest
-from limits.storage import MemoryStorage, RedisStorage
+from limits.storage import RedisStorage
 from sqlalchemy import func, select
 
 from smtp_proxy.db.models import Account, AuditLog
-from smtp_proxy.sending_limits import SendingLimits
+from smtp_proxy.sending_limits import SendingLimits, open_storage
 from tests.api.checks import assert_error, assert_invalid
 from tests.api.conftest import AppUnderTest, own_domain
 
@@ -342,7 +342,10 @@ def windows(reply) -> dict[str, dict[str, Any]]:
 
 def test_usage_shows_effective_limits_and_counted_sends(make_app, pg_url: str) -> None:
     app: AppUnderTest = make_app(pg_url, limits={"messages_per_hour": 100, "recipients_per_day": 1000})
-    assert isinstance(app.app.extensions["smtp_proxy.sending_limits"].storage, MemoryStorage)
+    # create_app made the app's counters on limits.storage (memory://: this process's own).
+    assert isinstance(
+        app.app.extensions["smtp_proxy.sending_limits"].storage, type(open_storage("memory://"))
+    )
     counters = frozen_counters(app)
     tenant = app.tenant(limits={"messages_per_minute": 5, "recipients_per_day": None})
     path = f"{ACCOUNTS}/{tenant['id']}/usage"
