@@ -20,6 +20,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from limits.storage import Storage
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from smtp_proxy import systemd
@@ -80,8 +81,18 @@ SESSION_MALLOC_ARENAS = 2
 class SmtpListeners:
     """The submission listener (and the implicit-TLS one, if configured), accepting in threads."""
 
-    def __init__(self, config: Config, database: Database, watcher: ConfigWatcher | None) -> None:
-        """Bind every port. Raises ConfigError for a missing key or an unusable certificate, OSError."""
+    def __init__(
+        self,
+        config: Config,
+        database: Database,
+        watcher: ConfigWatcher | None,
+        counters: Storage | None = None,
+    ) -> None:
+        """Bind every port. Raises ConfigError for a missing key or an unusable certificate, OSError.
+
+        ``counters``: the process's counter storage when another part of it (``serve all``'s
+        API) already opened one, so that memory:// counts are the same for both.
+        """
         cipher = Cipher.from_config(config.security)
         tls = TlsContextHolder(config.tls)
         if watcher is not None:
@@ -93,7 +104,8 @@ class SmtpListeners:
         verifier = CredentialVerifier(database, dummy_cost=config.security.bcrypt_cost)
         # One storage for the process: the sending limits and the AUTH counters, shared with
         # every other instance when it is Redis (limits.storage needs a restart to change).
-        counters = open_storage(config.limits.storage)
+        if counters is None:
+            counters = open_storage(config.limits.storage)
         _log_counters(config.limits.storage)
         smtp = config.smtp
         throttle = AuthThrottle(
@@ -307,7 +319,9 @@ def serve_all(config: Config, database: Database, watcher: ConfigWatcher | None,
     server = create_api_server(config, app)
     worker = _worker(config, database, watcher)
     try:
-        listeners = SmtpListeners(config, database, watcher)
+        # One counter storage for the process: the usage endpoint sees the listener's counts.
+        counters = app.extensions["smtp_proxy.sending_limits"].storage
+        listeners = SmtpListeners(config, database, watcher, counters)
     except BaseException:
         server.close()
         raise

@@ -29,9 +29,6 @@ from typing import Any
 from limits.storage import Storage
 
 from smtp_proxy.config import SENDING_LIMITS, LimitsConfig
-from smtp_proxy.counters import open_storage
-
-__all__ = ["SendingLimits", "WindowUsage", "effective_limits", "open_storage"]
 
 log = logging.getLogger("smtp_proxy.limits")
 

@@ -14,10 +14,11 @@ from smtp_proxy.api.auth import KeyCache
 from smtp_proxy.api.rate_limit import RateLimit
 from smtp_proxy.api.schemas import MAX_BODY_BYTES
 from smtp_proxy.config import Config
+from smtp_proxy.counters import open_storage
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.logs import new_correlation_id, set_correlation_id
-from smtp_proxy.sending_limits import SendingLimits, open_storage
+from smtp_proxy.sending_limits import SendingLimits
 
 log = logging.getLogger("smtp_proxy.api")
 

@@ -15,8 +15,9 @@ import pytest
 from limits.storage import RedisStorage
 from sqlalchemy import func, select
 
+from smtp_proxy.counters import open_storage
 from smtp_proxy.db.models import Account, AuditLog
-from smtp_proxy.sending_limits import SendingLimits, open_storage
+from smtp_proxy.sending_limits import SendingLimits
 from tests.api.checks import assert_error, assert_invalid
 from tests.api.conftest import AppUnderTest, own_domain
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from smtp_proxy.config import config_from_dict
@@ -154,3 +155,54 @@ def test_a_deactivation_through_the_cli_ends_the_sessions_of_both_processes(
     assert time.monotonic() - changed < 5.0
     for process in (first, second):
         assert process.wait_for_event("smtp.mail_refused")["reason"] == "account_disabled"
+
+
+def test_serve_all_shows_the_listeners_counts_on_the_usage_endpoint(
+    tmp_path: Path, pg_url: str, encryption_key: str, tls_files, client_tls: ssl.SSLContext
+) -> None:
+    """memory:// counts per process: under serve all the API reads the same counters as the listener."""
+    database = Database(config_from_dict({"database": {"url": pg_url}}, env={}).database)
+    with database.transaction() as session:
+        created = accounts.create_account(
+            session,
+            name="tenant",
+            email="ops@example.com",
+            allowed_domains=["example.com"],
+            password=PASSWORD,
+            bcrypt_cost=4,
+        )
+        account_id, api_key = created.account.id, created.api_key
+    database.dispose()
+    smtp_port, api_port = free_port(), free_port()
+    config = {
+        "smtp": {"host": "127.0.0.1", "port": smtp_port, "hostname": "mx.test", "metrics_port": None},
+        "api": {"host": "127.0.0.1", "port": api_port},
+        "database": {"url": pg_url, "pool_min": 2, "pool_max": 10},
+        "tls": {"cert_file": str(tls_files[0]), "key_file": str(tls_files[1])},
+        "security": {"encryption_key": encryption_key, "bcrypt_cost": 4},
+        "delivery": {"metrics_port": None, "poll_interval": "10s"},
+        "limits": {"messages_per_hour": 10},
+    }
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = ServeProcess("all", path, tmp_path / "all.log")
+    try:
+        process.wait_accepting(smtp_port)
+        process.wait_accepting(api_port)
+        client = smtplib.SMTP("127.0.0.1", smtp_port, local_hostname="client.test", timeout=10)
+        client.starttls(context=client_tls)
+        client.login("tenant", PASSWORD)
+        client.sendmail("app@example.com", ["a@example.net", "b@example.net"], MESSAGE)
+        client.quit()
+        response = requests.get(
+            f"http://127.0.0.1:{api_port}/api/v1/accounts/{account_id}/usage",
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        windows = {w["name"]: w for w in response.json()["windows"]}
+        assert response.json()["shared"] is False
+        assert windows["messages_per_hour"]["used"] == 1 and windows["messages_per_hour"]["limit"] == 10
+        assert windows["recipients_per_day"]["used"] == 2
+    finally:
+        process.kill()

@@ -12,8 +12,8 @@ import pytest
 from limits.storage import MemoryStorage, Storage
 
 from smtp_proxy.config import LoggingConfig
+from smtp_proxy.counters import open_storage
 from smtp_proxy.logs import configure_logging
-from smtp_proxy.sending_limits import open_storage
 from smtp_proxy.smtp import credentials
 from smtp_proxy.smtp.credentials import AuthAttempt, AuthThrottle, log_auth_failure, throttle_address
 from tests.conftest import free_port
