@@ -4,6 +4,7 @@
 Run from the repository root after ./scripts/test has made the venv:
 
     .venv/bin/python scripts/bench_worker.py [--messages 5000] [--claims 300] [--large 1000000]
+        [--phases one,two,claim,noisy] [--idle-accounts 0]
 
 It starts a throwaway PostgreSQL cluster (fsync on: every outcome the worker
 commits is durable, as in production) and a local SMTP sink (aiosmtpd in a
@@ -26,8 +27,18 @@ only routing rule sends to the sink, and measures:
    --small rows in `messages` and with --large rows: two databases, mostly
    finished messages, plus the same few thousand queued ones in both. The
    claims alternate between the two, so that whatever else the machine does
-   meanwhile weighs on both alike. The claim walks the (status,
-   next_attempt_at) index, so the two must be about equal.
+   meanwhile weighs on both alike. The claim walks the (account_id, status,
+   next_attempt_at) index once per active account, so the two must be about
+   equal; --idle-accounts adds that many accounts with nothing queued to both
+   databases, to show what each account costs a claim.
+4. noisy neighbour: tenant A has --noisy messages and an smtp provider whose
+   server (a process of the bench's own on 127.0.0.1) accepts connections and
+   then answers one byte per second; tenant B has --noisy messages to the
+   sink. B's messages/s (first to last arrival) and p99 latency (created_at to
+   processed_at) are measured alone, then with A's queued before B's. The
+   target: with A, B keeps at least 80% of its throughput and at most twice
+   its p99. Timeouts are short here (1 s connect, 2 s send) so that each of A's
+   attempts ends in 3 s and the run in well under a minute.
 
 Everything listens on 127.0.0.1 only, every wait is bounded in time, and every
 process started is stopped by its pid, also on failure.
@@ -60,6 +71,7 @@ from sqlalchemy.engine import Engine
 
 from smtp_proxy.config import Config, config_from_dict
 from smtp_proxy.crypto import Cipher, generate_encryption_key
+from smtp_proxy.db.models import MessageStatus
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.storage import accounts, messages, providers, queue, routing_rules
@@ -168,6 +180,104 @@ class Sink:
             self.process.join(timeout=10)
 
 
+# --- the slow provider ---------------------------------------------------------------------------------
+
+SLOW_GREETING = b"220 slow.bench.test ESMTP at one byte per second, to every client, for ever\r\n"
+
+
+def _slow_main(port: int, control: Connection, parent_end: Connection) -> None:
+    """The noisy tenant's SMTP host: accept, then send one byte a second until the client hangs up.
+
+    Counts connections, and the most open at once: how many delivery threads tenant A held.
+    """
+    import asyncio
+
+    parent_end.close()
+    counts = {"accepted": 0, "open": 0, "most_open": 0}
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counts["accepted"] += 1
+        counts["open"] += 1
+        counts["most_open"] = max(counts["most_open"], counts["open"])
+        hung_up = asyncio.ensure_future(reader.read())  # EOF (or a reset) when the client closes
+        try:
+            while not hung_up.done():
+                for byte in SLOW_GREETING:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.wait([hung_up], timeout=1.0)
+                    if hung_up.done():
+                        break
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass  # the client hung up, or the bench is stopping
+        finally:
+            counts["open"] -= 1
+            hung_up.cancel()
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(trickle, "127.0.0.1", port, backlog=256)
+        loop = asyncio.get_running_loop()
+        control.send("ready")
+        async with server:
+            while True:
+                ready = await loop.run_in_executor(None, control.poll, 0.5)
+                if not ready:
+                    continue
+                try:
+                    command = control.recv()
+                except EOFError:  # the bench died
+                    return
+                if command == "counts":
+                    control.send(dict(counts))
+                elif command == "reset":
+                    counts.update(accepted=0, most_open=counts["open"])
+                    control.send("ok")
+                else:
+                    return
+
+    asyncio.run(serve())
+
+
+class SlowServer:
+    """The parent's handle on the slow provider process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._control, child = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("fork").Process(
+            target=_slow_main, args=(self.port, child, self._control), name="bench-slow", daemon=True
+        )
+        self.process.start()
+        child.close()
+        if not self._control.poll(30) or self._control.recv() != "ready":
+            self.stop()
+            raise SystemExit("the slow SMTP server did not start")
+
+    def _ask(self, command: str) -> Any:
+        self._control.send(command)
+        if not self._control.poll(30):
+            raise SystemExit("the slow SMTP server stopped answering")
+        return self._control.recv()
+
+    def counts(self) -> dict[str, int]:
+        return self._ask("counts")
+
+    def reset(self) -> None:
+        self._ask("reset")
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self._control.send("stop")
+            except OSError:
+                pass
+            self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=10)
+
+
 # --- processes and their CPU time ----------------------------------------------------------------------
 
 
@@ -258,6 +368,7 @@ def start_worker(workdir: Path, base: dict[str, Any], label: str) -> WorkerProce
 
 
 def _config_yaml(base: dict[str, Any], metrics_port: int) -> str:
+    extra = "".join(f"  {key}: {value}\n" for key, value in base.get("delivery", {}).items())
     return f"""
 database:
   url: {base["url"]}
@@ -273,7 +384,7 @@ delivery:
   allow_private_networks: true
   metrics_host: 127.0.0.1
   metrics_port: {metrics_port}
-"""
+{extra}"""
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -285,11 +396,13 @@ class Tenant:
     provider_id: uuid.UUID
 
 
-def seed_tenant(database: Database, cipher: Cipher, sink_port: int) -> Tenant:
-    """One account whose single rule sends everything to the sink over plain SMTP."""
+def seed_tenant(
+    database: Database, cipher: Cipher, sink_port: int, name: str = "bench", domain: str = "example.com"
+) -> Tenant:
+    """One account whose single rule sends everything to 127.0.0.1:sink_port over plain SMTP."""
     with database.transaction() as session:
         account = accounts.create_account(
-            session, name="bench", email="bench@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+            session, name=name, email=f"bench@{domain}", allowed_domains=[domain], bcrypt_cost=4
         ).account
         provider = providers.create_provider(
             session,
@@ -330,6 +443,20 @@ def enqueue(database: Database, cipher: Cipher, tenant: Tenant, run: str, count:
                     correlation_id=token,
                 )
     return set(tokens)
+
+
+def idle_accounts(database: Database, count: int) -> None:
+    """Accounts with nothing queued: each one is an index probe in every claim."""
+    for start in range(0, count, ENQUEUE_BATCH):
+        with database.transaction() as session:
+            for n in range(start, min(count, start + ENQUEUE_BATCH)):
+                accounts.create_account(
+                    session,
+                    name=f"idle-{n}",
+                    email="idle@example.com",
+                    allowed_domains=[f"idle-{n}.example"],
+                    bcrypt_cost=4,
+                )
 
 
 def empty_queue(engine: Engine) -> None:
@@ -579,7 +706,15 @@ def claim_latency(databases: list[Database], iterations: int) -> list[tuple[list
 
 
 def claim_database(
-    cluster: PgCluster, name: str, key: str, sink_port: int, *, rows: int, due: int, deferred: int
+    cluster: PgCluster,
+    name: str,
+    key: str,
+    sink_port: int,
+    *,
+    rows: int,
+    due: int,
+    deferred: int,
+    idle: int = 0,
 ) -> Database:
     """A database of its own with `rows` messages: `due` and `deferred` queued, the rest finished."""
     database = Database(
@@ -587,16 +722,26 @@ def claim_database(
     )
     cipher = Cipher.from_config(config_from_dict({"security": {"encryption_key": key}}, env={}).security)
     tenant = seed_tenant(database, cipher, sink_port)
+    idle_accounts(database, idle)
     fill(database.engine, tenant, finished=rows - due - deferred, due=due, deferred=deferred)
     return database
 
 
 def claim_plan(engine: Engine) -> list[str]:
     """EXPLAIN (ANALYZE, BUFFERS) of the queued-message claim, run in a transaction rolled back."""
-    compiled = queue._CLAIM_QUEUED.compile(dialect=engine.dialect)
+    compiled = queue._CLAIMS["postgresql"].compile(dialect=engine.dialect)
     now = utcnow()
     params = compiled.construct_params(
-        {"now": now, "until": now, "lease_id": uuid.uuid4(), "limit": CLAIM_LIMIT}
+        {
+            "now": now,
+            "until": now,
+            "lease_id": uuid.uuid4(),
+            "status": MessageStatus.QUEUED,
+            "per_account": CLAIM_LIMIT,
+            "limit": CLAIM_LIMIT,
+            "busy_ids": [],
+            "busy_counts": [],
+        }
     )
     # The driver gets the raw values (no bind processors here): UUID and enum members as text.
     params = {k: str(v) if isinstance(v, (uuid.UUID, enum.Enum)) else v for k, v in params.items()}
@@ -620,6 +765,168 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[max(0, int(len(ordered) * q) - 1)]
 
 
+# --- noisy neighbour ---------------------------------------------------------------------------------
+
+
+@dataclass
+class NoisyRun:
+    label: str
+    messages: int  # B's messages that reached the sink
+    seconds: float  # B: first to last arrival
+    latencies: list[float]  # B: created_at to processed_at, seconds, sorted
+    slow_accepted: int  # connections A's provider took during the run
+    slow_most_open: int  # the most of them open at once: A's delivery threads
+    a_attempts: int  # delivery-log lines of A's messages
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies, 0.99) if self.latencies else float("nan")
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) if self.latencies else float("nan")
+
+
+def account_counts(engine: Engine, account_id: uuid.UUID) -> dict[str, int]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT status::text, count(*) FROM messages WHERE account_id = :a GROUP BY status"),
+            {"a": account_id},
+        )
+        return {status: count for status, count in rows}
+
+
+def noisy_run(
+    *,
+    with_a: bool,
+    count: int,
+    timeout: float,
+    base: dict[str, Any],
+    workdir: Path,
+    sink: Sink,
+    slow: SlowServer,
+    database: Database,
+    cipher: Cipher,
+    a: Tenant,
+    b: Tenant,
+    running: list[WorkerProcess],
+) -> NoisyRun:
+    """Queue B's messages (after A's, when with_a), run one worker until B's are all delivered."""
+    label = "a-and-b" if with_a else "b-alone"
+    empty_queue(database.engine)
+    sink.take()
+    slow.reset()
+    if with_a:
+        enqueue(database, cipher, a, f"{label}-a", count)  # older than B's: first in line by age
+    expected = enqueue(database, cipher, b, f"{label}-b", count)
+    started = time.monotonic()
+    worker = start_worker(workdir, base, label)
+    running.append(worker)
+    try:
+        while True:
+            time.sleep(0.25)
+            if worker.process.poll() is not None:
+                raise SystemExit(f"the worker exited with {worker.process.returncode}:\n{worker.log_tail()}")
+            counts = account_counts(database.engine, b.account_id)
+            if counts.get("delivered", 0) + counts.get("failed", 0) >= count:
+                break
+            if time.monotonic() - started > timeout:
+                detail = "\n".join(last_attempts(database.engine)) or "(no failed attempts logged)"
+                raise SystemExit(
+                    f"noisy phase ({label}): B's {count} messages not delivered in {timeout:.0f} s: "
+                    f"{counts}\nlast failed attempts:\n{detail}\n"
+                    f"worker log:\n{worker.log_tail() or '(empty)'}"
+                )
+        slow_counts = slow.counts()
+    finally:
+        stop(worker.process)
+        running.remove(worker)
+    arrivals = [(token, at) for token, at in sink.take() if token in expected]
+    times = sorted(at for _, at in arrivals)
+    with database.engine.connect() as connection:
+        latencies = sorted(
+            float(seconds)
+            for (seconds,) in connection.execute(
+                text(
+                    "SELECT EXTRACT(EPOCH FROM processed_at - created_at) FROM messages "
+                    "WHERE account_id = :b AND status = 'delivered'"
+                ),
+                {"b": b.account_id},
+            )
+        )
+        a_attempts = connection.execute(
+            text(
+                "SELECT count(*) FROM delivery_logs JOIN messages ON messages.id = delivery_logs.message_id "
+                "WHERE messages.account_id = :a"
+            ),
+            {"a": a.account_id},
+        ).scalar_one()
+    return NoisyRun(
+        label=label,
+        messages=len({token for token, _ in arrivals}),
+        seconds=times[-1] - times[0] if len(times) > 1 else float("nan"),
+        latencies=latencies,
+        slow_accepted=slow_counts["accepted"],
+        slow_most_open=slow_counts["most_open"],
+        a_attempts=a_attempts,
+    )
+
+
+def noisy(
+    *,
+    cluster: PgCluster,
+    key: str,
+    count: int,
+    timeout: float,
+    threads: int,
+    batch: int,
+    workdir: Path,
+    sink: Sink,
+    slow: SlowServer,
+    running: list[WorkerProcess],
+) -> tuple[NoisyRun, NoisyRun]:
+    """B alone, then A and B together, on a database of their own."""
+    url = migrated_database(cluster, "noisy")
+    config = config_from_dict({"database": {"url": url}, "security": {"encryption_key": key}}, env={})
+    database = Database(config.database)
+    cipher = Cipher.from_config(config.security)
+    try:
+        a = seed_tenant(database, cipher, slow.port, name="noisy-a", domain="a.example.com")
+        b = seed_tenant(database, cipher, sink.port, name="quiet-b", domain="b.example.com")
+        delivery = {"connect_timeout": "1s", "send_timeout": "2s", "retry_base": "1s", "retry_max": "5s"}
+        base = {"url": url, "key": key, "threads": threads, "batch": batch, "delivery": delivery}
+        common = {
+            "count": count,
+            "timeout": timeout,
+            "base": base,
+            "workdir": workdir,
+            "sink": sink,
+            "slow": slow,
+            "database": database,
+            "cipher": cipher,
+            "a": a,
+            "b": b,
+            "running": running,
+        }
+        return noisy_run(with_a=False, **common), noisy_run(with_a=True, **common)
+    finally:
+        database.dispose()
+
+
+def print_noisy(alone: NoisyRun, together: NoisyRun) -> None:
+    for run in (alone, together):
+        print(
+            f"noisy neighbour, {run.label:7}: B {run.messages} delivered, {run.rate:6.1f} messages/s "
+            f"first to last arrival; B latency p50 {run.p50:5.2f} s p99 {run.p99:5.2f} s; A's provider: "
+            f"{run.slow_accepted} connections, at most {run.slow_most_open} at once "
+            f"({run.a_attempts} log lines)"
+        )
+
+
 # --- main --------------------------------------------------------------------------------------------
 
 
@@ -641,12 +948,18 @@ def main() -> None:
     parser.add_argument("--due", type=int, default=2000, help="queued messages due now, in both tables")
     parser.add_argument("--deferred", type=int, default=1000, help="queued messages due later, in both")
     parser.add_argument(
-        "--phases", default="one,two,claim", help="comma-separated subset of one,two,claim (default: all)"
+        "--idle-accounts", type=int, default=0, help="accounts with nothing queued, in both claim tests"
+    )
+    parser.add_argument("--noisy", type=int, default=1000, help="messages of each tenant, noisy phase")
+    parser.add_argument(
+        "--phases",
+        default="one,two,claim,noisy",
+        help="comma-separated subset of one,two,claim,noisy (default: all)",
     )
     args = parser.parse_args()
     phases = set(args.phases.split(","))
-    if not phases or not phases <= {"one", "two", "claim"}:
-        parser.error("--phases takes a comma-separated subset of one,two,claim")
+    if not phases or not phases <= {"one", "two", "claim", "noisy"}:
+        parser.error("--phases takes a comma-separated subset of one,two,claim,noisy")
     if args.messages < 1 or args.claims < 1:
         parser.error("--messages and --claims must be positive")
     if not args.due + args.deferred < args.small < args.large:
@@ -655,6 +968,7 @@ def main() -> None:
         parser.error(f"--due must be at least {CLAIM_LIMIT * 2}")
 
     sink = Sink()  # first: forked before the bench holds any connection or thread
+    slow = SlowServer() if "noisy" in phases else None
     # SIGTERM (a CI timeout, kill PID) ends the bench through the finally below, which stops its children.
     signal.signal(signal.SIGTERM, _terminated)
     cluster: PgCluster | None = None
@@ -664,6 +978,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="smtp-proxy-bench-worker-"))
     runs: list[Run] = []
     claims: dict[int, tuple[float, float, int]] = {}
+    noisy_runs: tuple[NoisyRun, NoisyRun] | None = None
     try:
         cluster = PgCluster.start(durable=True)
         url = migrated_database(cluster)
@@ -704,7 +1019,14 @@ def main() -> None:
                 name = f"claims_{size}"
                 claim_databases.append(
                     claim_database(
-                        cluster, name, key, sink.port, rows=size, due=args.due, deferred=args.deferred
+                        cluster,
+                        name,
+                        key,
+                        sink.port,
+                        rows=size,
+                        due=args.due,
+                        deferred=args.deferred,
+                        idle=args.idle_accounts,
                     )
                 )
                 print(f"{size:,} rows stored in {time.monotonic() - started:.1f} s")
@@ -721,10 +1043,26 @@ def main() -> None:
                 if smallest < CLAIM_LIMIT:
                     print(f"  note: a claim took only {smallest} messages", file=sys.stderr)
                 print(f"  plan: {plan_summary(claim_plan(claim_db.engine))}")
+        if slow is not None:
+            noisy_runs = noisy(
+                cluster=cluster,
+                key=key,
+                count=args.noisy,
+                timeout=args.timeout,
+                threads=args.threads,
+                batch=args.batch,
+                workdir=workdir,
+                sink=sink,
+                slow=slow,
+                running=running,
+            )
+            print_noisy(*noisy_runs)
     finally:
         for worker in running:
             stop(worker.process)
         sink.stop()
+        if slow is not None:
+            slow.stop()
         for open_database in [database, *claim_databases]:
             if open_database is not None:
                 open_database.dispose()
@@ -746,6 +1084,15 @@ def main() -> None:
         print(
             f"  claim latency      : {small:,} rows median {m1:.2f} ms p99 {p1:.2f} ms; "
             f"{large:,} rows median {m2:.2f} ms p99 {p2:.2f} ms  ({verdict}, x{m2 / m1:.2f})"
+        )
+    if noisy_runs is not None:
+        alone, together = noisy_runs
+        throughput_ratio, p99_ratio = together.rate / alone.rate, together.p99 / alone.p99
+        verdict = "met" if throughput_ratio >= 0.8 and p99_ratio <= 2.0 else "NOT met"
+        print(
+            f"  noisy neighbour    : B alone {alone.rate:.1f} messages/s p99 {alone.p99:.2f} s; with A "
+            f"{together.rate:.1f} messages/s p99 {together.p99:.2f} s; throughput x{throughput_ratio:.2f} "
+            f"(target >= 0.80), p99 x{p99_ratio:.2f} (target <= 2): {verdict}"
         )
     bad = [run for run in runs if run.duplicates or run.lost or run.unexpected]
     if bad:

@@ -154,7 +154,10 @@ class Worker:
         self._running = 0
         # Per account: messages claimed by this process and not finished (running or waiting here).
         self._in_flight: Counter[uuid.UUID] = Counter()
-        self._slot_freed = False  # an account at its cap finished one since the last claim
+        # Accounts the last claim gave all it could (they may have more due), and whether one of
+        # them finished a message since: then a claim is worth making before the poll interval.
+        self._capped: set[uuid.UUID] = set()
+        self._slot_freed = False
         # Deactivated accounts whose waiting messages have their held line, as of their updated_at.
         self._swept: dict[uuid.UUID, datetime] = {}
         self._stopping = threading.Event()
@@ -244,11 +247,15 @@ class Worker:
         except Exception:
             log.exception("claim failed", extra={"event": "worker.claim_error"})
             return None
+        cap = settings.effective_max_in_flight_per_account
+        taken = Counter(message.account_id for message in claim.messages)
         with self._cond:
             for message in claim.messages:
                 self._unstarted[message.id] = claim.lease_id
                 self._in_flight[message.account_id] += 1
                 self._work.put((claim.lease_id, claim.until, message))
+            accounts = in_flight.keys() | taken.keys()
+            self._capped = {a for a in accounts if in_flight.get(a, 0) + taken[a] >= cap}
         return claim.messages
 
     def _finished(self, account_id: uuid.UUID) -> None:
@@ -258,7 +265,7 @@ class Worker:
             del self._in_flight[account_id]
         else:
             self._in_flight[account_id] = count - 1
-        if count >= self.settings.effective_max_in_flight_per_account:
+        if account_id in self._capped:
             self._slot_freed = True
         self._cond.notify_all()
 

@@ -865,3 +865,28 @@ def test_a_deactivated_accounts_mail_is_held_then_delivered_or_failed_at_max_age
     wait_for(lambda: all(tenant.message(i).status is MessageStatus.DELIVERED for i in held), what="delivered")
     assert [e.status for e in tenant.logs(held[0])] == [DeliveryStatus.DEFERRED, DeliveryStatus.DELIVERED]
     assert tenant.message(held[0]).attempts == 1
+
+
+def test_a_message_claimed_before_its_account_was_deactivated_is_given_back_uncounted(
+    tenant: Queue, start_worker
+) -> None:
+    holding = HoldingServer()
+    try:
+        tenant.rule(tenant.provider("holding", ProviderType.SMTP, smtp_config=holding.provider_config()), 0)
+        ids = tenant.enqueue(2)
+        worker = start_worker(workers=1, max_in_flight_per_account=2, send_timeout="20s", lease="60s")
+        worker.routes.ttl = 0  # read the account's state for every message
+        wait_for(lambda: holding.open == 1, what="the first message at the provider")
+        wait_for(lambda: tenant.statuses()["processing"] == 2, what="the second claimed, waiting here")
+        with tenant.database.transaction() as session:
+            session.execute(update(Account).where(Account.id == tenant.account_id).values(active=False))
+        holding.released.set()  # the first one is deferred; then the second one's turn comes
+        wait_for(lambda: tenant.statuses()["queued"] == 2, what="both back in the queue")
+    finally:
+        holding.close()
+    sent, waiting = sorted((tenant.message(i) for i in ids), key=lambda m: -m.attempts)
+    assert (sent.attempts, waiting.attempts) == (1, 0)  # holding did not count as an attempt
+    assert [(e.status, e.response_text) for e in tenant.logs(waiting.id)] == [
+        (DeliveryStatus.DEFERRED, "held: the account is deactivated")
+    ]
+    assert holding.accepted == 1
