@@ -107,7 +107,7 @@ FROM (
         FROM messages AS d
         WHERE d.account_id = a.id AND d.status = :status AND d.next_attempt_at <= :now
         ORDER BY d.next_attempt_at
-        LIMIT :per_account - coalesce(busy.used, 0)
+        LIMIT greatest(:per_account - coalesce(busy.used, 0), 0)
         FOR UPDATE SKIP LOCKED
     ) AS due
     WHERE a.active AND coalesce(busy.used, 0) < :per_account
