@@ -314,7 +314,7 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
 
     create = run_cli(
         ["accounts", "create", "--name", "cli-tenant", "--email", "ops@example.com",
-         "--domain", "example.com", "--password-stdin"],
+         "--domain", "cli.example.com", "--password-stdin"],
         env, tmp_path, stdin=cli_password + "\n",
     )  # fmt: skip
     stderr.append(create.stderr)
@@ -327,7 +327,7 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
 
     duplicate = run_cli(
         ["accounts", "create", "--name", "cli-tenant", "--email", "ops@example.com",
-         "--domain", "example.com", "--password-stdin"],
+         "--domain", "cli.example.com", "--password-stdin"],
         env, tmp_path, stdin=cli_password + "\n",
     )  # fmt: skip
     stderr.append(duplicate.stderr)
