@@ -941,6 +941,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000, help="messages per throughput run")
     parser.add_argument("--threads", type=int, default=8, help="delivery.workers of each worker process")
     parser.add_argument("--batch", type=int, default=50, help="delivery.batch_size")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="delivery.max_in_flight_per_account of phases one and two (default: half of --threads)",
+    )
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds a throughput run may take")
     parser.add_argument("--claims", type=int, default=300, help="claims timed at each table size")
     parser.add_argument("--small", type=int, default=10_000, help="rows in messages, first claim test")
@@ -989,7 +995,9 @@ def main() -> None:
         database = Database(config.database)
         cipher = Cipher.from_config(config.security)
         tenant = seed_tenant(database, cipher, sink.port)
-        base = {"url": url, "key": key, "threads": args.threads, "batch": args.batch}
+        base: dict[str, Any] = {"url": url, "key": key, "threads": args.threads, "batch": args.batch}
+        if args.max_in_flight is not None:
+            base["delivery"] = {"max_in_flight_per_account": args.max_in_flight}
         print(
             f"smtp-proxy worker benchmark: {os.cpu_count()} cores, {args.messages} messages of 2 KiB "
             f"per run, {args.threads} threads x batches of {args.batch} per worker process, fsync on"

@@ -158,6 +158,7 @@ class Worker:
         # them finished a message since: then a claim is worth making before the poll interval.
         self._capped: set[uuid.UUID] = set()
         self._slot_freed = False
+        self._expired_checked = 0.0  # time.monotonic() of the last claim that looked for run-out leases
         # Deactivated accounts whose waiting messages have their held line, as of their updated_at.
         self._swept: dict[uuid.UUID, datetime] = {}
         self._stopping = threading.Event()
@@ -232,6 +233,9 @@ class Worker:
         with self._cond:
             in_flight = dict(self._in_flight)
             self._slot_freed = False
+        # Leases run out after minutes: looking for them once a poll interval is soon enough, and
+        # spares a statement to the claims made each time a capped account finishes a message.
+        expired = time.monotonic() - self._expired_checked >= settings.poll_interval
         try:
             with self.database.transaction() as session:
                 claim = queue.claim(
@@ -241,12 +245,15 @@ class Worker:
                     now=utcnow(),
                     per_account=settings.effective_max_in_flight_per_account,
                     in_flight=in_flight,
+                    expired=expired,
                 )
         except DatabaseUnavailable:
             return None
         except Exception:
             log.exception("claim failed", extra={"event": "worker.claim_error"})
             return None
+        if expired:
+            self._expired_checked = time.monotonic()
         cap = settings.effective_max_in_flight_per_account
         taken = Counter(message.account_id for message in claim.messages)
         with self._cond:

@@ -169,13 +169,15 @@ def claim(
     now: datetime,
     per_account: int | None = None,
     in_flight: Mapping[uuid.UUID, int] | None = None,
+    expired: bool = True,
 ) -> Claim:
     """Claim up to ``limit`` due messages for ``lease`` seconds, fairly across accounts; the caller commits.
 
     No account gets more than ``per_account`` less its count in ``in_flight`` (what the caller
-    already holds of it; default: no cap but ``limit``). Deactivated accounts get nothing. Each
-    claim counts as an attempt, so that a message that kills its worker every time still reaches
-    ``max_attempts``.
+    already holds of it; default: no cap but ``limit``). Deactivated accounts get nothing.
+    ``expired``: look for claims that ran out first (a caller that claims many times a second
+    may look only now and then: a lease runs out after minutes). Each claim counts as an
+    attempt, so that a message that kills its worker every time still reaches ``max_attempts``.
     """
     lease_id = uuid.uuid4()
     until = now + timedelta(seconds=lease)
@@ -183,7 +185,8 @@ def claim(
     busy = {account: count for account, count in (in_flight or {}).items() if count > 0}
     statement = _CLAIMS[session.get_bind().dialect.name]
     rows: list[Any] = []
-    for status in (MessageStatus.PROCESSING, MessageStatus.QUEUED):
+    statuses = (MessageStatus.PROCESSING, MessageStatus.QUEUED) if expired else (MessageStatus.QUEUED,)
+    for status in statuses:
         if len(rows) >= limit:
             break
         params = {

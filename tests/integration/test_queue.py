@@ -396,3 +396,13 @@ def test_hold_gives_a_claimed_message_back_without_counting_the_attempt(
     assert [e.response_text for e in logs(database, message_id)] == [queue.HELD_TEXT]
     with database.transaction() as session:  # its line counts: the sweep does not write another
         assert queue.hold_waiting(session, account.id, utcnow()) == 0
+
+
+def test_a_claim_told_not_to_look_for_run_out_leases_leaves_them(database: Database, cipher: Cipher) -> None:
+    account = new_account(database).account
+    (message_id,) = enqueue(database, cipher, account.id)
+    claim(database, lease=1)
+    later = utcnow() + timedelta(seconds=2)
+    with database.transaction() as session:
+        assert queue.claim(session, limit=10, lease=LEASE, now=later, expired=False).messages == []
+    assert [m.id for m in claim(database, now=later).messages] == [message_id]
