@@ -11,6 +11,7 @@ lazily and holds a bounded number of them, least recently used out.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,25 @@ from collections.abc import Callable
 from limits.storage import Storage, storage_from_string
 
 DEFAULT_MAX_KEYS = 200_000
+
+
+def counting_address(ip: str | None) -> str:
+    """The address a client is counted under: IPv4 as is, IPv6 by its /64.
+
+    One IPv6 host can hold a whole /64, so counting its addresses one by one would
+    count nothing. An IPv4-mapped IPv6 address counts as the IPv4 address.
+    """
+    if not ip:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class LocalCounters(Storage):

@@ -32,7 +32,8 @@ from flask import current_app, g, request
 from smtp_proxy import crypto
 from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import ApiError
-from smtp_proxy.api.rate_limit import RateLimit, client_address
+from smtp_proxy.api.rate_limit import RateLimit
+from smtp_proxy.counters import counting_address
 from smtp_proxy.storage.audit import Actor
 from smtp_proxy.storage.auth import find_key_holder
 
@@ -150,7 +151,7 @@ def authenticate() -> Principal:
     """
     limiter: RateLimit = current_app.extensions["smtp_proxy.rate_limit"]
     cache: KeyCache = current_app.extensions["smtp_proxy.key_cache"]
-    address = client_address(request.remote_addr)
+    address = counting_address(request.remote_addr)
     try:
         key = bearer_key()
     except ApiError:

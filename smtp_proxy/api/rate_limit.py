@@ -15,7 +15,6 @@ Only /api/v1 is limited: probes and /metrics never count.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import threading
@@ -135,18 +134,3 @@ class _LocalWindows:
 
     def __len__(self) -> int:
         return len(self._windows)
-
-
-def client_address(remote_addr: str | None) -> str:
-    """The address a request is counted under: IPv4 as is, IPv6 by its /64."""
-    if not remote_addr:
-        return "unknown"
-    try:
-        address = ipaddress.ip_address(remote_addr)
-    except ValueError:
-        return remote_addr
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)

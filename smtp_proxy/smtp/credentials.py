@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import math
 import os
@@ -52,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from limits.storage import Storage
 
 from smtp_proxy import crypto
-from smtp_proxy.counters import LocalCounters
+from smtp_proxy.counters import LocalCounters, counting_address
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.storage.auth import Login, find_login
@@ -248,23 +247,6 @@ def _account(login: Login) -> AuthenticatedAccount:
     )
 
 
-def throttle_address(ip: str) -> str:
-    """The address an AUTH attempt is counted under: IPv4 as is, IPv6 by its /64.
-
-    One IPv6 host can hold a whole /64, so counting its addresses one by one would
-    count nothing. An IPv4-mapped IPv6 address counts as the IPv4 address.
-    """
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
-
-
 @dataclass(frozen=True)
 class AuthAttempt:
     """One AUTH attempt, already counted: whether it may be judged, and what to give back."""
@@ -329,7 +311,7 @@ class AuthThrottle:
         # The part of the previous fixed window that still lies inside the sliding one.
         weight = 1.0 - (now - bucket * window) / window
         user = hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        address = throttle_address(ip)
+        address = counting_address(ip)
         return (
             weight,
             f"smtp-proxy/auth/ip/{address}/{window:g}/{bucket}",

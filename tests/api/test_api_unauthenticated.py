@@ -11,7 +11,8 @@ import secrets
 import uuid
 
 from smtp_proxy.api.auth import KeyCache, Principal
-from smtp_proxy.api.rate_limit import RateLimit, _LocalWindows, client_address
+from smtp_proxy.api.rate_limit import RateLimit, _LocalWindows
+from smtp_proxy.counters import counting_address
 from tests.api.checks import assert_error
 from tests.api.conftest import AppUnderTest, Client
 
@@ -138,11 +139,11 @@ def test_ipv6_clients_are_counted_per_64(make_app, pg_url: str) -> None:
 
 
 def test_client_address_groups_ipv6_by_64() -> None:
-    assert client_address("192.0.2.1") == "192.0.2.1"
-    assert client_address("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
-    assert client_address("::ffff:192.0.2.1") == "192.0.2.1"
-    assert client_address(None) == "unknown"
-    assert client_address("not an address") == "not an address"
+    assert counting_address("192.0.2.1") == "192.0.2.1"
+    assert counting_address("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert counting_address("::ffff:192.0.2.1") == "192.0.2.1"
+    assert counting_address(None) == "unknown"
+    assert counting_address("not an address") == "not an address"
 
 
 # --- bounded tables ---------------------------------------------------------------------------------

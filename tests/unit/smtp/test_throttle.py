@@ -12,10 +12,10 @@ import pytest
 from limits.storage import MemoryStorage, Storage
 
 from smtp_proxy.config import LoggingConfig
-from smtp_proxy.counters import open_storage
+from smtp_proxy.counters import counting_address, open_storage
 from smtp_proxy.logs import configure_logging
 from smtp_proxy.smtp import credentials
-from smtp_proxy.smtp.credentials import AuthAttempt, AuthThrottle, log_auth_failure, throttle_address
+from smtp_proxy.smtp.credentials import AuthAttempt, AuthThrottle, log_auth_failure
 from tests.conftest import free_port
 
 IP = "192.0.2.7"
@@ -61,7 +61,7 @@ def fail(throttle: AuthThrottle, ip: str = IP, user: str = "alice") -> AuthAttem
     ],
 )
 def test_addresses_are_counted_by_ipv4_address_or_ipv6_64(ip: str, counted_as: str) -> None:
-    assert throttle_address(ip) == counted_as
+    assert counting_address(ip) == counted_as
 
 
 def test_the_attempt_past_the_address_limit_is_refused(clock: FakeClock) -> None:
