@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from smtp_proxy.smtp import alignment
 from smtp_proxy.smtp.alignment import MAX_FIELDS, MAX_VALUE, misaligned_header_address
 
 ALLOWED = ("ok.example", "*.corp.example")
@@ -197,3 +198,48 @@ def test_too_many_fields_are_refused() -> None:
 def test_a_large_header_block_is_read_quickly() -> None:
     data = b"X-Filler: a\r\n" * 300_000 + b"From: ceo@bank.example\r\n\r\n"
     assert misaligned_header_address(data, ALLOWED, ENVELOPE) == "ceo@bank.example"
+
+
+PLAIN_VALUES = [
+    "app@example.com",
+    "App <app@example.com>",
+    "Bench Corp <bench@example.com>",
+    "o'brien@example.com",
+    "first.last+tag@sub.example.com",
+    "a-b_c <x@EXAMPLE.com>",
+    "ceo@bank.example",
+    "Bank <ceo@bank.example>",
+    "<app@example.com>",
+    "x@example.com.evil.example",
+    "~weird!#$%&*/^`{|}@example.com",
+]
+
+
+@pytest.mark.parametrize("value", PLAIN_VALUES)
+def test_the_plain_pattern_reads_a_value_as_the_full_parser_does(value: str) -> None:
+    """The shortcut for ordinary values must never disagree with the RFC 5322 parser."""
+    assert alignment._PLAIN.fullmatch(value) is not None
+    patterns = ["example.com", "*.example.com"]
+    assert alignment._refused_address(value, patterns, "example.com") == alignment._parsed_refusal(
+        value, patterns, "example.com"
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "=?utf-8?q?ceo@bank.example?= <me@example.com>",
+        '"ceo@bank.example" <me@example.com>',
+        "a@example.com, b@bank.example",
+        "team: a@example.com;",
+        "me@example.com (ceo@bank.example)",
+        "Name <a@example.com",
+        "a..b@example.com",
+        ".a@example.com",
+        "a@example.com.",
+        "a@[127.0.0.1]",
+        "Ceo <ceo@bank.example> <me@example.com>",
+    ],
+)
+def test_values_with_any_special_character_go_to_the_full_parser(value: str) -> None:
+    assert alignment._PLAIN.fullmatch(value) is None
