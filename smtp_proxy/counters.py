@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from limits.storage import Storage, storage_from_string
+from limits.storage import RedisStorage, Storage, storage_from_string
 
 DEFAULT_MAX_KEYS = 200_000
 
@@ -112,6 +112,28 @@ class LocalCounters(Storage):
             self._entries.popitem(last=False)
         while len(self._entries) > self._max_keys:
             self._entries.popitem(last=False)
+
+
+def get_many(storage: Storage, keys: list[str]) -> list[int]:
+    """Several counters in one round trip (MGET) where the storage is Redis."""
+    if isinstance(storage, RedisStorage):
+        values = storage.get_connection(True).mget([storage.prefixed_key(key) for key in keys])
+        return [int(value or 0) for value in values]
+    return [storage.get(key) for key in keys]
+
+
+def incr_many(storage: Storage, items: list[tuple[str, int, int]]) -> list[int]:
+    """``storage.incr`` for each (key, expiry, amount), in one pipelined round trip on Redis.
+
+    On Redis each increment runs the storage's own script (increment, and set the expiry
+    of a new counter), so the counters behave exactly as ``incr`` makes them.
+    """
+    if isinstance(storage, RedisStorage):
+        pipeline = storage.get_connection().pipeline(transaction=False)
+        for key, expiry, amount in items:
+            storage.lua_incr_expire([storage.prefixed_key(key)], [expiry, amount], client=pipeline)
+        return [int(value) for value in pipeline.execute()]
+    return [storage.incr(key, expiry, amount=amount) for key, expiry, amount in items]
 
 
 def open_storage(uri: str) -> Storage:

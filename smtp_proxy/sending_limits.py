@@ -29,6 +29,7 @@ from typing import Any
 from limits.storage import Storage
 
 from smtp_proxy.config import SENDING_LIMITS, LimitsConfig
+from smtp_proxy.counters import get_many, incr_many
 
 log = logging.getLogger("smtp_proxy.limits")
 
@@ -46,6 +47,15 @@ def effective_limits(defaults: LimitsConfig, own: Mapping[str, Any] | None) -> d
     """The limits in force for one account: its own where it names them (null = unlimited)."""
     own = own or {}
     return {name: own[name] if name in own else getattr(defaults, name) for name in SENDING_LIMITS}
+
+
+@dataclass(frozen=True)
+class LimitCheck:
+    """What MAIL FROM needs to know of an account's counts."""
+
+    wait: int | None  # seconds until one more message may go; None: it may go now
+    window: str | None  # the window that refused (the one that resets last)
+    recipients: tuple[int, int] | None  # (recipients left today, seconds to the day's end); None: no limit
 
 
 @dataclass(frozen=True)
@@ -69,59 +79,63 @@ class SendingLimits:
         ends = (bucket + 1) * seconds
         return f"smtp-proxy/send/{account_id}/{name}/{bucket}", seconds, ends
 
+    def check(self, account_id: uuid.UUID, limits: Mapping[str, int | None]) -> LimitCheck:
+        """Whether one more message may go now, and the day's recipients left: one read of the counts."""
+        now = self._clock()
+        names = [name for name in SENDING_LIMITS if limits.get(name) is not None]
+        if not names:
+            return LimitCheck(None, None, None)
+        keys = [self._key(account_id, name, now) for name in names]
+        counts = self._get_many([key for key, _seconds, _ends in keys])
+        wait, window, recipients = 0.0, None, None
+        for name, (_key, _seconds, ends), count in zip(names, keys, counts, strict=True):
+            limit = limits[name]
+            assert limit is not None
+            if name == "recipients_per_day":
+                recipients = (max(0, limit - count), max(1, math.ceil(ends - now)))
+            if count >= limit and ends - now > wait:
+                # The window that resets last names the refusal: only then may mail go again.
+                wait, window = ends - now, name
+        return LimitCheck(max(1, math.ceil(wait)) if window else None, window, recipients)
+
     def retry_after(self, account_id: uuid.UUID, limits: Mapping[str, int | None]) -> int | None:
         """Seconds until one more message may be sent, or None when it may be sent now."""
-        now = self._clock()
-        wait = 0.0
-        for name in ("messages_per_minute", "messages_per_hour", "messages_per_day"):
-            limit = limits.get(name)
-            if limit is None:
-                continue
-            key, _seconds, ends = self._key(account_id, name, now)
-            if self._get(key) >= limit:
-                wait = max(wait, ends - now)
-        recipients = self.recipients_left(account_id, limits)
-        if recipients is not None and recipients[0] <= 0:
-            wait = max(wait, recipients[1])
-        return max(1, math.ceil(wait)) if wait > 0 else None
+        return self.check(account_id, limits).wait
 
     def recipients_left(
         self, account_id: uuid.UUID, limits: Mapping[str, int | None]
     ) -> tuple[int, int] | None:
         """(recipients left today, seconds until the day's window ends), or None without a limit."""
-        limit = limits.get("recipients_per_day")
-        if limit is None:
-            return None
-        now = self._clock()
-        key, _seconds, ends = self._key(account_id, "recipients_per_day", now)
-        return max(0, limit - self._get(key)), max(1, math.ceil(ends - now))
+        return self.check(account_id, limits).recipients
 
     def record(self, account_id: uuid.UUID, recipients: int) -> None:
-        """Count one stored message with ``recipients`` recipients in every window."""
+        """Count one stored message with ``recipients`` recipients in every window (one round trip)."""
         now = self._clock()
+        items = []
+        for name, (what, _seconds) in WINDOWS.items():
+            key, _seconds, ends = self._key(account_id, name, now)
+            items.append((key, max(1, math.ceil(ends - now)) + 1, recipients if what == "recipients" else 1))
         try:
-            for name, (what, _seconds) in WINDOWS.items():
-                key, seconds, ends = self._key(account_id, name, now)
-                amount = recipients if what == "recipients" else 1
-                self.storage.incr(key, max(1, math.ceil(ends - now)) + 1, amount=amount)
+            incr_many(self.storage, items)
         except self.storage.base_exceptions as error:
             self._unavailable(error)
 
     def usage(self, account_id: uuid.UUID, limits: Mapping[str, int | None]) -> list[WindowUsage]:
         """Every window's count, limit and time to reset, for the usage endpoint."""
         now = self._clock()
-        result = []
-        for name in SENDING_LIMITS:
-            key, _seconds, ends = self._key(account_id, name, now)
-            result.append(WindowUsage(name, limits.get(name), self._get(key), max(1, math.ceil(ends - now))))
-        return result
+        keys = [self._key(account_id, name, now) for name in SENDING_LIMITS]
+        counts = self._get_many([key for key, _seconds, _ends in keys])
+        return [
+            WindowUsage(name, limits.get(name), count, max(1, math.ceil(ends - now)))
+            for name, (_key, _seconds, ends), count in zip(SENDING_LIMITS, keys, counts, strict=True)
+        ]
 
-    def _get(self, key: str) -> int:
+    def _get_many(self, keys: list[str]) -> list[int]:
         try:
-            return int(self.storage.get(key))
+            return get_many(self.storage, keys)
         except self.storage.base_exceptions as error:
             self._unavailable(error)
-            return 0
+            return [0] * len(keys)
 
     def _unavailable(self, error: Exception) -> None:
         log.warning(

@@ -32,7 +32,7 @@ from typing import Any
 from smtp_proxy.config import Config
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
-from smtp_proxy.sending_limits import WINDOWS, SendingLimits, effective_limits
+from smtp_proxy.sending_limits import SendingLimits, effective_limits
 from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.addresses import domain_allowed
 from smtp_proxy.smtp.credentials import AuthenticatedAccount
@@ -163,13 +163,12 @@ class MailPolicy:
             # The core checked the domains the session authenticated with; these are newer.
             return MailDecision(R.R553_SENDER_NOT_ALLOWED, "sender_domain", current)
         limits = effective_limits(config.limits, state.limits)
-        wait = self.limits.retry_after(account.id, limits)
-        if wait is not None:
-            return MailDecision(R.rate_exceeded(wait), self._exhausted(account.id, limits), current)
-        left = self.limits.recipients_left(account.id, limits)
-        if left is None:
+        verdict = self.limits.check(account.id, limits)
+        if verdict.wait is not None:
+            return MailDecision(R.rate_exceeded(verdict.wait), verdict.window, current)
+        if verdict.recipients is None:
             return MailDecision(None, None, current)
-        count, seconds = left
+        count, seconds = verdict.recipients
         return MailDecision(
             None, None, current, recipients_left=count, recipients_refusal=R.rate_exceeded(seconds)
         )
@@ -177,14 +176,3 @@ class MailPolicy:
     def stored(self, account_id: uuid.UUID, recipients: int) -> None:
         """Count one committed message in every window."""
         self.limits.record(account_id, recipients)
-
-    def _exhausted(self, account_id: uuid.UUID, limits: Mapping[str, int | None]) -> str:
-        """The name of the window that refused (for the metric): the one that resets last."""
-        spent = [
-            usage
-            for usage in self.limits.usage(account_id, limits)
-            if usage.limit is not None and usage.used >= usage.limit
-        ]
-        if not spent:
-            return "sending_limit"  # the counts moved on between the two reads
-        return max(spent, key=lambda usage: (usage.resets_in, -list(WINDOWS).index(usage.name))).name

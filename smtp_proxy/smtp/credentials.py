@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from limits.storage import Storage
 
 from smtp_proxy import crypto
-from smtp_proxy.counters import LocalCounters, counting_address
+from smtp_proxy.counters import LocalCounters, counting_address, get_many
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.storage.auth import Login, find_login
@@ -321,16 +321,20 @@ class AuthThrottle:
         )
 
     def over(self, ip: str, username: str) -> str | None:
-        """ "ip" or "user" when that count already reached its limit; counts nothing."""
+        """Which count ("ip" or "user") already reached its limit, or None; counts nothing."""
         weight, ip_key, ip_prev, user_key, user_prev = self._keys(ip, username)
         storage = self._storage()
         try:
-            if storage.get(ip_key) + self._weighted(storage, ip_prev, weight) >= self.per_ip:
-                return "ip"
-            if storage.get(user_key) + self._weighted(storage, user_prev, weight) >= self.per_user:
-                return "user"
+            ip_now, ip_before, user_now, user_before = get_many(
+                storage, [ip_key, ip_prev, user_key, user_prev]
+            )
         except storage.base_exceptions as error:
             self._unavailable(error)
+            return None
+        if ip_now + math.floor(max(0, ip_before) * weight) >= self.per_ip:
+            return "ip"
+        if user_now + math.floor(max(0, user_before) * weight) >= self.per_user:
+            return "user"
         return None
 
     def begin(self, ip: str, username: str) -> AuthAttempt:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from smtp_proxy.counters import LocalCounters, open_storage
+from smtp_proxy.counters import LocalCounters, get_many, incr_many, open_storage
 
 
 class Clock:
@@ -93,3 +94,14 @@ def test_open_storage_picks_local_counters_for_memory() -> None:
 def test_bad_bound() -> None:
     with pytest.raises(ValueError):
         LocalCounters(max_keys=0)
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_get_many_and_incr_many_behave_as_get_and_incr(where: str, request: pytest.FixtureRequest) -> None:
+    """The one-round-trip forms on Redis count exactly like the storage's own calls."""
+    storage = LocalCounters() if where == "memory" else open_storage(request.getfixturevalue("redis_url"))
+    assert incr_many(storage, [("a", 60, 1), ("b", 60, 5), ("a", 60, 2)]) == [1, 5, 3]
+    assert get_many(storage, ["a", "b", "missing"]) == [3, 5, 0]
+    assert storage.get("a") == 3
+    assert 0 < storage.get_expiry("b") - time.time() <= 61  # a new counter gets its expiry
+    assert incr_many(storage, [("b", 60, -1)]) == [4]
