@@ -123,16 +123,22 @@ def get_many(storage: Storage, keys: list[str]) -> list[int]:
 
 
 def incr_many(storage: Storage, items: list[tuple[str, int, int]]) -> list[int]:
-    """``storage.incr`` for each (key, expiry, amount), in one pipelined round trip on Redis.
+    """Add to counters whose key names their window, in one round trip on Redis.
 
-    On Redis each increment runs the storage's own script (increment, and set the expiry
-    of a new counter), so the counters behave exactly as ``incr`` makes them.
+    For each (key, expiry, amount): the new count. On Redis a pipeline of INCRBY and
+    EXPIRE, with the expiry set again on every call: that is only right for a counter whose
+    key names its window and whose expiry is that window's end, as the sending limits' are
+    (the ``limits`` storage's own script costs a round trip more in a pipeline, to check
+    that the script is loaded).
     """
     if isinstance(storage, RedisStorage):
         pipeline = storage.get_connection().pipeline(transaction=False)
         for key, expiry, amount in items:
-            storage.lua_incr_expire([storage.prefixed_key(key)], [expiry, amount], client=pipeline)
-        return [int(value) for value in pipeline.execute()]
+            name = storage.prefixed_key(key)
+            pipeline.incrby(name, amount)
+            pipeline.expire(name, expiry)
+        results = pipeline.execute()
+        return [int(value) for value in results[::2]]
     return [storage.incr(key, expiry, amount=amount) for key, expiry, amount in items]
 
 

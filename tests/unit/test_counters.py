@@ -98,7 +98,7 @@ def test_bad_bound() -> None:
 
 @pytest.mark.parametrize("where", ["memory", "redis"])
 def test_get_many_and_incr_many_behave_as_get_and_incr(where: str, request: pytest.FixtureRequest) -> None:
-    """The one-round-trip forms on Redis count exactly like the storage's own calls."""
+    """The one-round-trip forms on Redis count like the storage's own calls (window-named keys)."""
     storage = LocalCounters() if where == "memory" else open_storage(request.getfixturevalue("redis_url"))
     assert incr_many(storage, [("a", 60, 1), ("b", 60, 5), ("a", 60, 2)]) == [1, 5, 3]
     assert get_many(storage, ["a", "b", "missing"]) == [3, 5, 0]
