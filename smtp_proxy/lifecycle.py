@@ -122,7 +122,8 @@ class SmtpListeners:
                     window=new.smtp.auth_failure_window,
                 )
             )
-        mail_policy = MailPolicy(AccountStates(database), SendingLimits(counters))
+        self.sending_limits = SendingLimits(counters)
+        mail_policy = MailPolicy(AccountStates(database), self.sending_limits)
         # Both ports draw on one budget: it bounds the process's memory, not a port's.
         data_budget = InFlightBudget(smtp.max_data_in_flight)
         if watcher is not None:
@@ -181,6 +182,7 @@ class SmtpListeners:
             thread.start()
         for thread in drains + self.threads:
             thread.join()
+        self.sending_limits.flush()  # the last messages' counts, not yet sent to a shared storage
         log.info("smtp stopped", extra={"event": "smtp.stopped"})
 
 

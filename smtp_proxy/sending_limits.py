@@ -5,12 +5,15 @@ listener, API and worker instance, so that several instances behind a balancer e
 limit. Each window is a fixed one aligned to the epoch (the minute, the hour, the UTC day), so
 "try again in N seconds" and the usage endpoint need no stored expiry.
 
-A message is checked before it is accepted (``retry_after`` at MAIL FROM,
-``recipients_left`` at RCPT) and counted only once it was stored (``record``): nothing is
+A message is checked before it is accepted (``check`` at MAIL FROM: may it go, and how
+many recipients are left) and counted only once it was stored (``record``): nothing is
 counted for a message that was refused. Two sessions of one account that check at the same
 moment can both pass and overshoot a limit by what they send together; the next check sees
-both. Counters are kept for every window whether or not it has a limit, so the usage endpoint
-shows real counts and a limit set later applies to what was already sent.
+both. In a shared storage a process sends its counts every ``FLUSH_SECONDS`` from one
+thread (a round trip per message on the session's thread cost a sixth of the listener's
+throughput), so another instance sees them that much later. Counters are kept for every
+window whether or not it has a limit, so the usage endpoint shows real counts and a limit
+set later applies to what was already sent.
 
 When the storage does not answer, mail is not refused: the outage is logged and the message
 goes through uncounted (the relay's job is to accept mail; a quota is a fairness measure).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -29,9 +33,12 @@ from typing import Any
 from limits.storage import Storage
 
 from smtp_proxy.config import SENDING_LIMITS, LimitsConfig
-from smtp_proxy.counters import get_many, incr_many
+from smtp_proxy.counters import LocalCounters, get_many, incr_many
 
 log = logging.getLogger("smtp_proxy.limits")
+
+# How long a stored message may wait before it is counted in a shared storage.
+FLUSH_SECONDS = 0.05
 
 # name -> (what is counted, window seconds)
 WINDOWS: Mapping[str, tuple[str, int]] = {
@@ -72,6 +79,14 @@ class SendingLimits:
     def __init__(self, storage: Storage, clock: Callable[[], float] = time.time) -> None:
         self.storage = storage
         self._clock = clock
+        # A shared storage is a round trip away: stored messages are counted by one thread,
+        # FLUSH_SECONDS at a time, not on the session's thread. Until then this process's
+        # own reads add what it has not sent yet.
+        self._batched = not isinstance(storage, LocalCounters)
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[int]] = {}  # key -> [expiry, amount]
+        self._flusher: threading.Thread | None = None
+        self._wake = threading.Event()
 
     def _key(self, account_id: uuid.UUID, name: str, now: float) -> tuple[str, int, float]:
         _what, seconds = WINDOWS[name]
@@ -109,12 +124,37 @@ class SendingLimits:
         return self.check(account_id, limits).recipients
 
     def record(self, account_id: uuid.UUID, recipients: int) -> None:
-        """Count one stored message with ``recipients`` recipients in every window (one round trip)."""
+        """Count one stored message with ``recipients`` recipients in every window."""
         now = self._clock()
         items = []
         for name, (what, _seconds) in WINDOWS.items():
             key, _seconds, ends = self._key(account_id, name, now)
             items.append((key, max(1, math.ceil(ends - now)) + 1, recipients if what == "recipients" else 1))
+        if not self._batched:
+            self._send(items)
+            return
+        with self._lock:
+            for key, expiry, amount in items:
+                entry = self._pending.setdefault(key, [expiry, 0])
+                entry[0] = max(entry[0], expiry)
+                entry[1] += amount
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="limits-flush", daemon=True)
+                self._flusher.start()
+
+    def flush(self) -> None:
+        """Send the counts not sent yet (the flushing thread does it every FLUSH_SECONDS)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if pending:
+            self._send([(key, expiry, amount) for key, (expiry, amount) in pending.items()])
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_SECONDS)
+            self.flush()
+
+    def _send(self, items: list[tuple[str, int, int]]) -> None:
         try:
             incr_many(self.storage, items)
         except self.storage.base_exceptions as error:
@@ -132,10 +172,16 @@ class SendingLimits:
 
     def _get_many(self, keys: list[str]) -> list[int]:
         try:
-            return get_many(self.storage, keys)
+            counts = get_many(self.storage, keys)
         except self.storage.base_exceptions as error:
             self._unavailable(error)
-            return [0] * len(keys)
+            counts = [0] * len(keys)
+        if self._pending:
+            with self._lock:
+                counts = [
+                    count + self._pending.get(key, (0, 0))[1] for key, count in zip(keys, counts, strict=True)
+                ]
+        return counts
 
     def _unavailable(self, error: Exception) -> None:
         log.warning(

@@ -399,7 +399,9 @@ def test_usage_is_shared_by_apps_on_one_redis_and_not_by_memory(
     assert isinstance(first.app.extensions["smtp_proxy.sending_limits"].storage, RedisStorage)
     tenant = first.tenant()
     account_id = uuid.UUID(tenant["id"])
-    frozen_counters(first).record(account_id, 4)
+    counting = frozen_counters(first)
+    counting.record(account_id, 4)
+    counting.flush()  # sent to Redis at once rather than by its flushing thread
     frozen_counters(second)
     reply = second.call("GET", f"{ACCOUNTS}/{tenant['id']}/usage", tenant["api_key"])
     assert reply.json()["shared"] is True

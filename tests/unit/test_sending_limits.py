@@ -7,8 +7,9 @@ import uuid
 import pytest
 
 from smtp_proxy.config import LimitsConfig
-from smtp_proxy.counters import LocalCounters
+from smtp_proxy.counters import LocalCounters, open_storage
 from smtp_proxy.sending_limits import SendingLimits, effective_limits
+from tests.waiting import wait_for
 
 UNLIMITED = {name: None for name in effective_limits(LimitsConfig(), {})}
 
@@ -84,3 +85,20 @@ def test_an_accounts_own_limits_override_the_defaults_and_null_means_unlimited()
         "messages_per_day": 100,
         "recipients_per_day": 7,
     }
+
+
+def test_on_a_shared_storage_counts_are_sent_by_one_thread_and_seen_at_once_here(redis_url: str) -> None:
+    """The session thread does not wait for Redis to count; this process's reads add what is unsent."""
+    here = SendingLimits(open_storage(redis_url))
+    elsewhere = SendingLimits(open_storage(redis_url))
+    account = uuid.uuid4()
+    quota = {**UNLIMITED, "messages_per_day": 2}
+    here.record(account, recipients=1)
+    here.record(account, recipients=1)
+    assert here.retry_after(account, quota) is not None  # its own unsent counts
+    assert wait_for(lambda: elsewhere.retry_after(account, quota) is not None, timeout=5.0)
+    usage = {w.name: w.used for w in elsewhere.usage(account, quota)}
+    assert usage["messages_per_day"] == 2 and usage["recipients_per_day"] == 2
+    here.record(account, recipients=3)
+    here.flush()
+    assert {w.name: w.used for w in elsewhere.usage(account, quota)}["recipients_per_day"] == 5
