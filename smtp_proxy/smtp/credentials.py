@@ -61,6 +61,9 @@ CACHE_MAX_ENTRIES = 10_000
 DEFAULT_DUMMY_COST = 12
 # While the shared throttle storage is down, how often to ask whether it is back.
 STORAGE_PROBE_SECONDS = 5.0
+# How long a shared read that found an address and a user name under their limits is reused.
+CLEAR_SECONDS = 1.0
+CLEAR_ENTRIES = 10_000
 
 log = logging.getLogger("smtp_proxy.smtp")
 
@@ -295,6 +298,15 @@ class AuthThrottle:
         self._clock = clock
         self._degraded = False
         self._next_probe = 0.0
+        # Shared storage only: (address key, user key) -> until when a read found both under
+        # their limits. A verified login that reconnects for every message then costs no round
+        # trip; any guess this process counts (refused or wrong) forgets all of it, so a
+        # guesser's first miss here ends the shortcut. Across processes the read may be up to
+        # CLEAR_SECONDS old: at most one cached (correct) login per process passes just after
+        # another process saw the limit reached.
+        self._remote = not isinstance(self.storage, LocalCounters)
+        self._clear: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._clear_lock = threading.Lock()
         self.configure(per_ip=per_ip, per_user=per_user, window=window)
 
     def configure(self, *, per_ip: int, per_user: int, window: float) -> None:
@@ -323,6 +335,13 @@ class AuthThrottle:
     def over(self, ip: str, username: str) -> str | None:
         """Which count ("ip" or "user") already reached its limit, or None; counts nothing."""
         weight, ip_key, ip_prev, user_key, user_prev = self._keys(ip, username)
+        pair = (ip_key, user_key)
+        now = time.monotonic()
+        if self._remote:
+            with self._clear_lock:
+                until = self._clear.get(pair)
+            if until is not None and now < until:
+                return None
         storage = self._storage()
         try:
             ip_now, ip_before, user_now, user_before = get_many(
@@ -335,7 +354,18 @@ class AuthThrottle:
             return "ip"
         if user_now + math.floor(max(0, user_before) * weight) >= self.per_user:
             return "user"
+        if self._remote:
+            with self._clear_lock:
+                self._clear[pair] = now + CLEAR_SECONDS
+                self._clear.move_to_end(pair)
+                while len(self._clear) > CLEAR_ENTRIES:
+                    self._clear.popitem(last=False)
         return None
+
+    def _forget_clear(self) -> None:
+        if self._remote and self._clear:
+            with self._clear_lock:
+                self._clear.clear()
 
     def begin(self, ip: str, username: str) -> AuthAttempt:
         """Count this attempt, then decide whether its password may be checked."""
@@ -362,6 +392,7 @@ class AuthThrottle:
             return self.begin(ip, username)
         attempt = AuthAttempt(refused, ip_key, (user_key, user_prev))
         if refused is not None:
+            self._forget_clear()
             self._give_back(attempt, user=counted_user)
         return attempt
 
@@ -375,7 +406,8 @@ class AuthThrottle:
         self._give_back(attempt, user=True)
 
     def failed(self, attempt: AuthAttempt) -> None:
-        """A wrong password: the attempt's increments stay counted (nothing to do)."""
+        """A wrong password: the attempt's increments stay counted."""
+        self._forget_clear()
 
     def succeeded(self, attempt: AuthAttempt) -> None:
         """Clear the user name's counter; give back this attempt's own increment of the address's."""

@@ -13,7 +13,7 @@ import time
 import pytest
 from limits.storage import MemoryStorage
 
-from smtp_proxy.counters import LocalCounters
+from smtp_proxy.counters import LocalCounters, open_storage
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier, authenticate
@@ -456,3 +456,22 @@ def test_a_cached_credential_is_refused_while_the_address_is_over_its_limit(data
     assert verifier.checks == checks
     other = authenticate(verifier, throttle, client_ip="192.0.2.9", username="alice", password=PASSWORD)
     assert other.failure is None
+
+
+def test_on_a_shared_storage_a_guess_here_ends_the_shortcut_for_cached_logins(
+    database: Database, redis_url: str
+) -> None:
+    """A cached login skips the shared read for a second, but never after a miss in this process."""
+    create(database)
+    verifier = make_verifier(database)
+    here = AuthThrottle(open_storage(redis_url), per_ip=2, per_user=100)
+    elsewhere = AuthThrottle(open_storage(redis_url), per_ip=2, per_user=100)
+    attempt = functools.partial(authenticate, verifier, here, client_ip="192.0.2.1", username="alice")
+    assert attempt(password=PASSWORD).failure is None
+    assert attempt(password=PASSWORD).failure is None  # cached, and the address read as clear
+    # Another process sees the address reach its limit ...
+    for _ in range(2):
+        assert elsewhere.begin("192.0.2.1", "alice").refused is None
+    # ... and the first guess here is refused, which ends the shortcut at once.
+    assert attempt(password="g3").failure == "throttled_ip"
+    assert attempt(password=PASSWORD).failure == "throttled_ip"
