@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.migrate import upgrade
 from smtp_proxy.logs import set_correlation_id, stop_background_writer
 from tests.pgcluster import PgCluster, PgClusterError, admin_sql, free_port, wait_until_accepting
+from tests.waiting import wait_for
 
 __all__ = ["free_port", "wait_until_accepting"]
 
@@ -154,15 +154,15 @@ def redis_url(tmp_path) -> Iterator[str]:
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
+        assert wait_for(lambda: _answers(url), timeout=10), "redis-server did not start"
         yield url
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url).ping())
+    except redis.ConnectionError:
+        return False
