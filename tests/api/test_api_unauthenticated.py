@@ -10,9 +10,12 @@ from __future__ import annotations
 import secrets
 import uuid
 
+import pytest
+
 from smtp_proxy.api.auth import KeyCache, Principal
-from smtp_proxy.api.rate_limit import RateLimit, _LocalWindows
-from smtp_proxy.counters import counting_address
+from smtp_proxy.api.errors import ApiError
+from smtp_proxy.api.rate_limit import RateLimit
+from smtp_proxy.counters import LocalCounters, counting_address
 from tests.api.checks import assert_error
 from tests.api.conftest import AppUnderTest, Client
 
@@ -149,22 +152,30 @@ def test_client_address_groups_ipv6_by_64() -> None:
 # --- bounded tables ---------------------------------------------------------------------------------
 
 
-def test_local_windows_stay_bounded_and_drop_the_least_recently_used() -> None:
-    windows = _LocalWindows(max_keys=3)
-    for key in ("a", "b", "c"):
-        assert windows.hit(key, 2, 60, NOW) is None
-    assert windows.hit("a", 2, 60, NOW) is None  # a: 2 hits, and now the most recent
-    assert windows.hit("d", 2, 60, NOW) is None  # b, the least recently used, goes
-    assert len(windows) == 3
-    assert windows.hit("a", 2, 60, NOW) == 45  # a kept its count
-    assert windows.hit("b", 2, 60, NOW) is None  # b starts over
+def test_the_memory_limiter_stays_bounded_and_drops_the_least_recently_used(make_app, pg_url: str) -> None:
+    """The limiter counts in LocalCounters (one table per limit); a flood of addresses stays bounded."""
+    app: AppUnderTest = make_app(pg_url, api={"unauthenticated_rate_limit": "2/minute"})
+    limiter = frozen(app)
+    table = limiter._storage["ip"]
+    assert isinstance(table, LocalCounters) and table is not limiter._storage["key"]
+    table._max_keys = 3
+    for address in ("a", "b", "c"):
+        limiter.hit_address(address)
+    limiter.hit_address("a")  # a: 2 hits, and now the most recent
+    limiter.hit_address("d")  # b, the least recently used, goes
+    assert len(table) == 3
+    with pytest.raises(ApiError) as limited:
+        limiter.hit_address("a")  # a kept its count
+    assert limited.value.headers["Retry-After"] == "45"
+    limiter.hit_address("b")  # b starts over
     for number in range(10_000):
-        windows.hit(f"k{number}", 2, 60, NOW)
-    assert len(windows) == 3
-    # A new window starts every count over; a peek counts nothing.
-    assert windows.hit("k9999", 1, 60, NOW + 60, count=False) is None
-    assert windows.hit("k9999", 1, 60, NOW + 60) is None
-    assert windows.hit("k9999", 1, 60, NOW + 60, count=False) == 45
+        limiter.hit_address(f"k{number}")
+    assert len(table) == 3
+    # A peek counts nothing.
+    limiter.check_address("k9999")
+    limiter.hit_address("k9999")
+    with pytest.raises(ApiError):
+        limiter.check_address("k9999")
 
 
 def test_key_cache_is_bounded_and_forgets_unknown_digests_after_their_ttl() -> None:
