@@ -386,21 +386,15 @@ def hold_waiting(session: Session, account_id: uuid.UUID, now: datetime, batch_s
     logged = exists().where(
         _L.message_id == _M.id, _L.response_text == HELD_TEXT, _L.created_at >= _M.updated_at
     )
-    batch = (
-        select(_M.id)
-        .where(_M.account_id == account_id, _waiting(now), ~logged)
-        .limit(batch_size)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+    return _settle_batch(
+        session,
+        (_M.account_id == account_id, _waiting(now), ~logged),
+        {"status": MessageStatus.QUEUED, "lease_id": None, "updated_at": now},
+        DeliveryStatus.DEFERRED,
+        HELD_TEXT,
+        now,
+        batch_size,
     )
-    ids = session.scalars(
-        update(MessageModel.__table__)
-        .where(_M.id.in_(batch))
-        .values(status=MessageStatus.QUEUED, lease_id=None, updated_at=now)
-        .returning(_M.id)
-    ).all()
-    _log_each(session, ids, DeliveryStatus.DEFERRED, HELD_TEXT, now)
-    return len(ids)
 
 
 def fail_held(
@@ -418,22 +412,41 @@ def fail_held(
     """
     if not account_ids:
         return 0
+    return _settle_batch(
+        session,
+        (_M.account_id.in_(account_ids), _waiting(now), _M.created_at < created_before),
+        {
+            "status": MessageStatus.FAILED,
+            "lease_id": None,
+            "processed_at": now,
+            "next_attempt_at": now,
+            "updated_at": now,
+        },
+        DeliveryStatus.FAILED,
+        reason,
+        now,
+        batch_size,
+    )
+
+
+def _settle_batch(
+    session: Session,
+    conditions: tuple[Any, ...],
+    values: dict[str, Any],
+    status: DeliveryStatus,
+    text: str,
+    now: datetime,
+    batch_size: int,
+) -> int:
+    """Update one batch of the messages matching ``conditions`` (rows others hold are skipped)
+    and log ``text`` on each; how many were updated."""
     batch = (
-        select(_M.id)
-        .where(_M.account_id.in_(account_ids), _waiting(now), _M.created_at < created_before)
-        .limit(batch_size)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+        select(_M.id).where(*conditions).limit(batch_size).with_for_update(skip_locked=True).scalar_subquery()
     )
     ids = session.scalars(
-        update(MessageModel.__table__)
-        .where(_M.id.in_(batch))
-        .values(
-            status=MessageStatus.FAILED, lease_id=None, processed_at=now, next_attempt_at=now, updated_at=now
-        )
-        .returning(_M.id)
+        update(MessageModel.__table__).where(_M.id.in_(batch)).values(**values).returning(_M.id)
     ).all()
-    _log_each(session, ids, DeliveryStatus.FAILED, reason, now)
+    _log_each(session, ids, status, text, now)
     return len(ids)
 
 
