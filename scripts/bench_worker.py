@@ -60,6 +60,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -134,21 +135,23 @@ def _sink_main(port: int, control: Connection, parent_end: Connection) -> None:
         controller.stop()
 
 
-class Sink:
-    """The parent's handle on the sink process."""
+class ServerProcess:
+    """The parent's handle on a test server running in a child process, steered over a pipe."""
 
-    def __init__(self) -> None:
+    what = "server"
+
+    def __init__(self, target: Callable[..., None]) -> None:
         self.port = free_port()
         self._control, child = multiprocessing.Pipe()
         # fork: the bench has started nothing yet, and the child needs none of its state
         self.process = multiprocessing.get_context("fork").Process(
-            target=_sink_main, args=(self.port, child, self._control), name="bench-sink", daemon=True
+            target=target, args=(self.port, child, self._control), name=f"bench-{self.what}", daemon=True
         )
         self.process.start()
         child.close()
         if not self._control.poll(30) or self._control.recv() != "ready":
             self.stop()
-            raise SystemExit("the SMTP sink did not start")
+            raise SystemExit(f"the {self.what} did not start")
 
     @property
     def pid(self) -> int:
@@ -158,15 +161,8 @@ class Sink:
     def _ask(self, command: str) -> Any:
         self._control.send(command)
         if not self._control.poll(30):
-            raise SystemExit("the SMTP sink stopped answering")
+            raise SystemExit(f"the {self.what} stopped answering")
         return self._control.recv()
-
-    def count(self) -> int:
-        return self._ask("count")
-
-    def take(self) -> list[tuple[str, float]]:
-        """Every arrival since the last take, as (token, monotonic time); the sink forgets them."""
-        return self._ask("take")
 
     def stop(self) -> None:
         if self.process.is_alive():
@@ -178,6 +174,22 @@ class Sink:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=10)
+
+
+class Sink(ServerProcess):
+    """The local SMTP sink every fast provider delivers to."""
+
+    what = "SMTP sink"
+
+    def __init__(self) -> None:
+        super().__init__(_sink_main)
+
+    def count(self) -> int:
+        return self._ask("count")
+
+    def take(self) -> list[tuple[str, float]]:
+        """Every arrival since the last take, as (token, monotonic time); the sink forgets them."""
+        return self._ask("take")
 
 
 # --- the slow provider ---------------------------------------------------------------------------------
@@ -239,43 +251,19 @@ def _slow_main(port: int, control: Connection, parent_end: Connection) -> None:
     asyncio.run(serve())
 
 
-class SlowServer:
-    """The parent's handle on the slow provider process."""
+class SlowServer(ServerProcess):
+    """The provider that answers one byte a second."""
+
+    what = "slow SMTP server"
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self._control, child = multiprocessing.Pipe()
-        self.process = multiprocessing.get_context("fork").Process(
-            target=_slow_main, args=(self.port, child, self._control), name="bench-slow", daemon=True
-        )
-        self.process.start()
-        child.close()
-        if not self._control.poll(30) or self._control.recv() != "ready":
-            self.stop()
-            raise SystemExit("the slow SMTP server did not start")
-
-    def _ask(self, command: str) -> Any:
-        self._control.send(command)
-        if not self._control.poll(30):
-            raise SystemExit("the slow SMTP server stopped answering")
-        return self._control.recv()
+        super().__init__(_slow_main)
 
     def counts(self) -> dict[str, int]:
         return self._ask("counts")
 
     def reset(self) -> None:
         self._ask("reset")
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self._control.send("stop")
-            except OSError:
-                pass
-            self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=10)
 
 
 # --- processes and their CPU time ----------------------------------------------------------------------
