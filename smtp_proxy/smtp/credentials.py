@@ -401,10 +401,6 @@ class AuthThrottle:
         """The previous window's count, as much of it as still lies inside the sliding window."""
         return math.floor(max(0, storage.get(key)) * weight)
 
-    def abandoned(self, attempt: AuthAttempt) -> None:
-        """No password was checked (the database did not answer): the attempt gives its counts back."""
-        self._give_back(attempt, user=True)
-
     def failed(self, attempt: AuthAttempt) -> None:
         """A wrong password: the attempt's increments stay counted."""
         self._forget_clear()

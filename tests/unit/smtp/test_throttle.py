@@ -124,13 +124,6 @@ def test_a_success_clears_its_user_name_but_not_the_address(clock: FakeClock) ->
     assert [fail(throttle, f"10.8.0.{i}", "bob").refused for i in range(2)] == [None, "user"]
 
 
-def test_an_abandoned_attempt_gives_its_counts_back(clock: FakeClock) -> None:
-    throttle = make(clock, per_ip=2)
-    for _ in range(10):
-        throttle.abandoned(throttle.begin(IP, "alice"))
-    assert [fail(throttle).refused for _ in range(3)] == [None, None, "ip"]
-
-
 def test_configure_applies_new_limits_and_rejects_nonsense(clock: FakeClock) -> None:
     throttle = make(clock, per_ip=10)
     for _ in range(3):
