@@ -22,7 +22,7 @@ only routing rule sends to the sink, and measures:
    sink and PostgreSQL show which of them was the bottleneck.
 2. the same with TWO worker processes on the same queue; each one's share is
    read from its own metrics endpoint (smtp_proxy_delivery_messages_total).
-3. the latency of one claim (`storage.queue.claim`, 50 messages, in a
+3. the latency of one claim (`storage.delivery_queue.claim`, 50 messages, in a
    transaction that is rolled back so that the queue never drains) with
    --small rows in `messages` and with --large rows: two databases, mostly
    finished messages, plus the same few thousand queued ones in both. The
@@ -75,7 +75,7 @@ from smtp_proxy.crypto import Cipher, generate_encryption_key
 from smtp_proxy.db.models import MessageStatus
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
-from smtp_proxy.storage import accounts, messages, providers, queue, routing_rules
+from smtp_proxy.storage import accounts, delivery_queue, messages, providers, routing_rules
 from tests.pgcluster import PgCluster, free_port
 
 ENQUEUE_BATCH = 500
@@ -680,7 +680,7 @@ def claim_latency(databases: list[Database], iterations: int) -> list[tuple[list
             for index in order:
                 session = sessions[index]
                 started = time.perf_counter()
-                claim = queue.claim(session, limit=CLAIM_LIMIT, lease=300, now=utcnow())
+                claim = delivery_queue.claim(session, limit=CLAIM_LIMIT, lease=300, now=utcnow())
                 elapsed = time.perf_counter() - started
                 session.rollback()
                 smallest[index] = min(smallest[index], len(claim.messages))
@@ -717,7 +717,7 @@ def claim_database(
 
 def claim_plan(engine: Engine) -> list[str]:
     """EXPLAIN (ANALYZE, BUFFERS) of the queued-message claim, run in a transaction rolled back."""
-    compiled = queue._CLAIMS["postgresql"].compile(dialect=engine.dialect)
+    compiled = delivery_queue._CLAIMS["postgresql"].compile(dialect=engine.dialect)
     now = utcnow()
     params = compiled.construct_params(
         {

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from smtp_proxy.config import DeliveryConfig
 from smtp_proxy.db.models import ProviderType
-from smtp_proxy.delivery import mailgun, sendgrid, ses, smtp_transport
+from smtp_proxy.delivery import mailgun, sendgrid, ses, smtp_client
 from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred
 
 log = logging.getLogger("smtp_proxy.delivery")
@@ -17,7 +17,7 @@ log = logging.getLogger("smtp_proxy.delivery")
 Transport = Callable[[Target, Outgoing, DeliveryConfig], Outcome]
 
 TRANSPORTS: dict[ProviderType, Transport] = {
-    ProviderType.SMTP: smtp_transport.send,
+    ProviderType.SMTP: smtp_client.send,
     ProviderType.SENDGRID: sendgrid.send,
     ProviderType.MAILGUN: mailgun.send,
     ProviderType.SES: ses.send,
@@ -31,14 +31,14 @@ def send(
 ) -> Outcome:
     """Hand one message to one provider. A bug in a transport defers; it never loses the message.
 
-    ``deadline`` (time.monotonic) is the end of the message's attempt budget. The smtp transport
-    cuts its session there (its watchdog); the HTTP transports get timeouts no longer than what is
+    ``deadline`` (time.monotonic) is the end of the message's attempt budget. The SMTP client
+    (``smtp_client``) cuts its session there (its watchdog); the HTTP transports get timeouts no longer than what is
     left, which bounds each connect and each read: enough for the endpoints the operator
     configures, which, unlike an smtp provider's host, no tenant chooses.
     """
     try:
         if target.provider_type is ProviderType.SMTP and deadline is not None:
-            return smtp_transport.send(target, message, settings, deadline)
+            return smtp_client.send(target, message, settings, deadline)
         return TRANSPORTS[target.provider_type](target, message, within(settings, deadline))
     except Exception:
         log.exception(

@@ -1,6 +1,6 @@
 """The queue worker: claim due messages, route each, hand it to providers, write the outcome.
 
-One claim thread takes batches from the queue (``storage.queue.claim``) while
+One claim thread takes batches from the queue (``storage.delivery_queue.claim``) while
 ``delivery.workers`` threads deliver them, one message at a time each. A
 message's outcome is committed on its own, right after the provider answered,
 so that a crash re-sends as little as possible. A claim that outlives its
@@ -21,7 +21,7 @@ Fair delivery: one tenant must not be able to stop delivery for the others.
   delivery log says why. The lease is extended only as far as the budget's end.
 - This process holds at most ``effective_max_in_flight_per_account`` messages
   of one account, running or claimed and waiting here; the claim hands out due
-  messages fairly across accounts (``storage.queue``). A slow tenant fills its
+  messages fairly across accounts (``storage.delivery_queue``). A slow tenant fills its
   own share of the threads, not everyone's.
 - A deactivated account's messages are not claimed. Housekeeping writes one
   "held" line on each and fails those older than ``delivery.max_age``; a message
@@ -51,7 +51,7 @@ from smtp_proxy.delivery import backoff, metrics, routing, transports
 from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred
 from smtp_proxy.errors import DatabaseUnavailable, DecryptionError
 from smtp_proxy.logs import correlation
-from smtp_proxy.storage import queue
+from smtp_proxy.storage import delivery_queue
 from smtp_proxy.storage.messages import body_aad, enqueue_message
 from smtp_proxy.storage.providers import provider_secrets
 
@@ -97,8 +97,8 @@ class RouteCache:
         if entry is not None and entry[0] > now and not fresh:
             return entry
         with self.database.read() as session:
-            active = queue.account_active(session, account_id)
-            rows = queue.routes(session, account_id)
+            active = delivery_queue.account_active(session, account_id)
+            rows = delivery_queue.routes(session, account_id)
         entry = (now + self.ttl, active, [self._route(row) for row in rows])
         with self._lock:
             if len(self._entries) > 10_000:
@@ -106,7 +106,7 @@ class RouteCache:
             self._entries[account_id] = entry
         return entry
 
-    def _route(self, row: queue.Route) -> _Route:
+    def _route(self, row: delivery_queue.Route) -> _Route:
         provider = row.provider
         rule = routing.Rule(row.rule_id, row.priority, row.conditions, provider.id)
         try:
@@ -146,7 +146,7 @@ class Worker:
         self.rng = rng or random.Random()
         self.routes = RouteCache(database, cipher)
         self.threads = config().delivery.workers
-        self._work: thread_queue.SimpleQueue[tuple[uuid.UUID, datetime, queue.Claimed] | None] = (
+        self._work: thread_queue.SimpleQueue[tuple[uuid.UUID, datetime, delivery_queue.Claimed] | None] = (
             thread_queue.SimpleQueue()
         )
         self._cond = threading.Condition()
@@ -228,7 +228,7 @@ class Worker:
                 with self._cond:
                     self._cond.wait_for(lambda: self._slot_freed or self.stopping, settings.poll_interval)
 
-    def claim_once(self, settings: DeliveryConfig) -> list[queue.Claimed] | None:
+    def claim_once(self, settings: DeliveryConfig) -> list[delivery_queue.Claimed] | None:
         """Claim one batch and queue it for the delivery threads; None when the database is away."""
         with self._cond:
             in_flight = dict(self._in_flight)
@@ -238,7 +238,7 @@ class Worker:
         expired = time.monotonic() - self._expired_checked >= settings.poll_interval
         try:
             with self.database.transaction() as session:
-                claim = queue.claim(
+                claim = delivery_queue.claim(
                     session,
                     limit=settings.batch_size,
                     lease=settings.lease,
@@ -289,7 +289,7 @@ class Worker:
         for lease_id, ids in by_lease.items():
             try:
                 with self.database.transaction() as session:
-                    released += queue.release(session, lease_id, ids, utcnow())
+                    released += delivery_queue.release(session, lease_id, ids, utcnow())
             except DatabaseUnavailable:
                 log.warning(
                     "claimed messages not released; their lease will run out",
@@ -323,7 +323,7 @@ class Worker:
                     self._running -= 1
                     self._finished(message.account_id)
 
-    def deliver(self, lease_id: uuid.UUID, until: datetime, message: queue.Claimed) -> None:
+    def deliver(self, lease_id: uuid.UUID, until: datetime, message: delivery_queue.Claimed) -> None:
         """Route one claimed message, try its providers in order, and write the outcome."""
         settings = self.settings
         budget = settings.effective_attempt_budget
@@ -337,13 +337,13 @@ class Worker:
         if not active:
             self._hold(lease_id, message)
             return
-        attempts: list[queue.Attempt] = []
+        attempts: list[delivery_queue.Attempt] = []
         final: Outcome | None = None
         final_route: _Route | None = None
         body = self._body(message)
         if isinstance(body, Outcome):
             final = body
-            attempts.append(queue.Attempt(None, body.status, body.code, body.text, utcnow()))
+            attempts.append(delivery_queue.Attempt(None, body.status, body.code, body.text, utcnow()))
         else:
             outgoing = Outgoing(message.id, message.sender, tuple(message.recipients), body)
             envelope = routing.Envelope(message.sender, message.recipients, message.headers or [])
@@ -358,12 +358,12 @@ class Worker:
             by_rule = {route.rule.id: route for route in routes}
             if not plan:
                 final = Outcome(DeliveryStatus.FAILED, None, "no routing rule matches this message")
-                attempts.append(queue.Attempt(None, final.status, None, final.text, utcnow()))
+                attempts.append(delivery_queue.Attempt(None, final.status, None, final.text, utcnow()))
             providers = routing.once_per_provider(plan)
             for tried, rule in enumerate(providers):
                 stop = self._stop_failover(tried, deadline, budget, settings)
                 if stop is not None:
-                    attempts.append(queue.Attempt(None, DeliveryStatus.DEFERRED, None, stop, utcnow()))
+                    attempts.append(delivery_queue.Attempt(None, DeliveryStatus.DEFERRED, None, stop, utcnow()))
                     log.info(
                         "failover stopped",
                         extra={
@@ -385,7 +385,7 @@ class Worker:
                     return
                 final, final_route = self._attempt(route, outgoing, settings, deadline), route
                 attempts.append(
-                    queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())
+                    delivery_queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())
                 )
                 if not final.temporary:
                     break
@@ -409,11 +409,11 @@ class Worker:
             return f"failover stopped: attempt budget of {budget:g}s spent (delivery.attempt_budget)"
         return None
 
-    def _hold(self, lease_id: uuid.UUID, message: queue.Claimed) -> None:
+    def _hold(self, lease_id: uuid.UUID, message: delivery_queue.Claimed) -> None:
         """Give back a message claimed before its account was deactivated, uncounted, with the held line."""
         try:
             with self.database.transaction() as session:
-                held = queue.hold(session, message.id, lease_id, utcnow())
+                held = delivery_queue.hold(session, message.id, lease_id, utcnow())
         except DatabaseUnavailable:
             return  # its lease runs out; the claim passes it over while the account is inactive
         if held:
@@ -423,7 +423,7 @@ class Worker:
                 extra={"event": "delivery.held", "message_id": str(message.id)},
             )
 
-    def _body(self, message: queue.Claimed) -> bytes | Outcome:
+    def _body(self, message: delivery_queue.Claimed) -> bytes | Outcome:
         if message.body_encrypted is None:
             return Outcome(DeliveryStatus.FAILED, None, "the message body is gone (purged)")
         try:
@@ -468,19 +468,19 @@ class Worker:
         longer = max(needed, min(now + timedelta(seconds=settings.lease), ends)) + LEASE_MARGIN
         try:
             with self.database.autocommit() as connection:
-                held = queue.extend(connection, message_id, lease_id, longer)
+                held = delivery_queue.extend(connection, message_id, lease_id, longer)
         except DatabaseUnavailable:
             return until if until > now else None
         return longer if held else None
 
     def _conclude(
         self,
-        message: queue.Claimed,
+        message: delivery_queue.Claimed,
         lease_id: uuid.UUID,
         until: datetime,
         final: Outcome,
         route: _Route | None,
-        attempts: list[queue.Attempt],
+        attempts: list[delivery_queue.Attempt],
         settings: DeliveryConfig,
         body: bytes | Outcome,
     ) -> None:
@@ -493,7 +493,7 @@ class Worker:
             retry = backoff.next_try(message.attempts, message.created_at, now, settings, self.rng)
             if retry.at is None:
                 status = MessageStatus.FAILED
-                attempts.append(queue.Attempt(None, DeliveryStatus.FAILED, None, retry.reason, now))
+                attempts.append(delivery_queue.Attempt(None, DeliveryStatus.FAILED, None, retry.reason, now))
             else:
                 status, retry_at = MessageStatus.QUEUED, retry.at
         else:
@@ -503,10 +503,10 @@ class Worker:
         follow_up = backoff.next_try(message.attempts, message.created_at, now, settings, self.rng)
         if pending and follow_up.at is None:
             text = f"{len(pending)} recipient(s) refused for now, not retried: {follow_up.reason}"
-            attempts.append(queue.Attempt(None, DeliveryStatus.FAILED, None, text, now))
+            attempts.append(delivery_queue.Attempt(None, DeliveryStatus.FAILED, None, text, now))
 
         def write(session: Any) -> bool:
-            held = queue.finish(
+            held = delivery_queue.finish(
                 session,
                 message.id,
                 lease_id,
@@ -531,8 +531,8 @@ class Worker:
                     next_attempt_at=follow_up.at,
                 )
                 text = f"{len(pending)} recipient(s) refused for now: retried as message {extra.id}"
-                queue.log_attempts(
-                    session, message.id, [queue.Attempt(None, DeliveryStatus.DEFERRED, None, text, now)]
+                delivery_queue.log_attempts(
+                    session, message.id, [delivery_queue.Attempt(None, DeliveryStatus.DEFERRED, None, text, now)]
                 )
             return held
 
@@ -611,23 +611,23 @@ class Worker:
         settings = self.settings
         try:
             with self.database.read() as session:
-                inactive = queue.inactive_accounts(session)
+                inactive = delivery_queue.inactive_accounts(session)
         except DatabaseUnavailable:
             return 0, 0
         self._swept = {account: at for account, at in self._swept.items() if inactive.get(account) == at}
         if not inactive:
             return 0, 0
         now = utcnow()
-        reason = f"{queue.HELD_TEXT}; gave up: not delivered within delivery.max_age ({settings.max_age:g}s)"
+        reason = f"{delivery_queue.HELD_TEXT}; gave up: not delivered within delivery.max_age ({settings.max_age:g}s)"
         cutoff = now - timedelta(seconds=settings.max_age)
         failed = self._sweep(
-            lambda session: queue.fail_held(session, list(inactive), cutoff, now, reason, HOLD_BATCH)
+            lambda session: delivery_queue.fail_held(session, list(inactive), cutoff, now, reason, HOLD_BATCH)
         )
         held = 0
         for account, changed_at in inactive.items():
             if account in self._swept or self.stopping:
                 continue
-            count = self._sweep(lambda session, a=account: queue.hold_waiting(session, a, now, HOLD_BATCH))
+            count = self._sweep(lambda session, a=account: delivery_queue.hold_waiting(session, a, now, HOLD_BATCH))
             if count is None:
                 break  # another process sweeps, or the database is away: next pass
             held += count
@@ -646,7 +646,7 @@ class Worker:
         while not self.stopping:
             try:
                 with self.database.transaction() as session:
-                    if not queue.sweep_lock(session):
+                    if not delivery_queue.sweep_lock(session):
                         return None
                     count = batch(session)
             except DatabaseUnavailable:
@@ -659,7 +659,7 @@ class Worker:
     def refresh_depth(self) -> None:
         try:
             with self.database.read() as session:
-                counts = queue.depth(session)
+                counts = delivery_queue.depth(session)
         except DatabaseUnavailable:
             return
         for status, count in counts.items():
@@ -672,7 +672,7 @@ class Worker:
         while not self.stopping:
             try:
                 with self.database.transaction() as session:
-                    purged = queue.purge_bodies(session, cutoff, PURGE_BATCH)
+                    purged = delivery_queue.purge_bodies(session, cutoff, PURGE_BATCH)
             except DatabaseUnavailable:
                 break
             total += purged

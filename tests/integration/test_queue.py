@@ -13,7 +13,7 @@ from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import Account, DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
-from smtp_proxy.storage import queue
+from smtp_proxy.storage import delivery_queue
 from smtp_proxy.storage.messages import enqueue_message
 from tests.integration.test_storage import fresh, new_account, new_provider, new_rule
 
@@ -38,9 +38,9 @@ def enqueue(db: Database, cipher: Cipher, account_id: uuid.UUID, count: int = 1)
     return ids
 
 
-def claim(db: Database, limit: int = 10, lease: float = LEASE, now=None) -> queue.Claim:
+def claim(db: Database, limit: int = 10, lease: float = LEASE, now=None) -> delivery_queue.Claim:
     with db.transaction() as session:
-        return queue.claim(session, limit=limit, lease=lease, now=now or utcnow())
+        return delivery_queue.claim(session, limit=limit, lease=lease, now=now or utcnow())
 
 
 def row(db: Database, message_id: uuid.UUID) -> Message:
@@ -85,9 +85,9 @@ def test_a_lease_that_ran_out_is_claimed_again_and_fences_the_old_claim(
     second = claim(database, now=later)
     assert [m.id for m in second.messages] == [message_id] and second.messages[0].attempts == 2
     # The first worker comes back late: its outcome must not overwrite the second claim's.
-    attempt = queue.Attempt(provider.id, DeliveryStatus.DELIVERED, 250, "ok", utcnow())
+    attempt = delivery_queue.Attempt(provider.id, DeliveryStatus.DELIVERED, 250, "ok", utcnow())
     with database.transaction() as session:
-        held = queue.finish(
+        held = delivery_queue.finish(
             session,
             message_id,
             first.lease_id,
@@ -99,7 +99,7 @@ def test_a_lease_that_ran_out_is_claimed_again_and_fences_the_old_claim(
     assert row(database, message_id).status is MessageStatus.PROCESSING
     assert [entry.response_text for entry in logs(database, message_id)] == ["ok"]  # it did happen
     with database.transaction() as session:
-        assert queue.finish(
+        assert delivery_queue.finish(
             session,
             message_id,
             second.lease_id,
@@ -119,11 +119,11 @@ def test_finish_with_a_retry_requeues_at_the_given_time(database: Database, ciph
     taken = claim(database)
     retry_at = utcnow() + timedelta(minutes=5)
     attempts = [
-        queue.Attempt(None, DeliveryStatus.DEFERRED, 451, "try later", utcnow()),
-        queue.Attempt(None, DeliveryStatus.DEFERRED, None, "connection refused", utcnow()),
+        delivery_queue.Attempt(None, DeliveryStatus.DEFERRED, 451, "try later", utcnow()),
+        delivery_queue.Attempt(None, DeliveryStatus.DEFERRED, None, "connection refused", utcnow()),
     ]
     with database.transaction() as session:
-        assert queue.finish(
+        assert delivery_queue.finish(
             session,
             message_id,
             taken.lease_id,
@@ -153,8 +153,8 @@ def test_release_gives_unstarted_messages_back_without_counting_an_attempt(
     ids = enqueue(database, cipher, account.id, 3)
     taken = claim(database)
     with database.transaction() as session:
-        assert queue.release(session, taken.lease_id, ids[:2], utcnow()) == 2
-        assert queue.release(session, uuid.uuid4(), [ids[2]], utcnow()) == 0  # another claim's
+        assert delivery_queue.release(session, taken.lease_id, ids[:2], utcnow()) == 2
+        assert delivery_queue.release(session, uuid.uuid4(), [ids[2]], utcnow()) == 0  # another claim's
     assert [row(database, i).status for i in ids] == [MessageStatus.QUEUED] * 2 + [MessageStatus.PROCESSING]
     assert [m.attempts for m in claim(database).messages] == [1, 1]
 
@@ -165,17 +165,17 @@ def test_purge_drops_only_old_finished_bodies(database: Database, cipher: Cipher
     taken = claim(database, limit=3)
     old = utcnow() - timedelta(days=40)
     with database.transaction() as session:
-        queue.finish(session, ids[0], taken.lease_id, status=MessageStatus.DELIVERED, attempts=[], now=old)
-        queue.finish(session, ids[1], taken.lease_id, status=MessageStatus.FAILED, attempts=[], now=old)
-        queue.finish(
+        delivery_queue.finish(session, ids[0], taken.lease_id, status=MessageStatus.DELIVERED, attempts=[], now=old)
+        delivery_queue.finish(session, ids[1], taken.lease_id, status=MessageStatus.FAILED, attempts=[], now=old)
+        delivery_queue.finish(
             session, ids[2], taken.lease_id, status=MessageStatus.DELIVERED, attempts=[], now=utcnow()
         )
     cutoff = utcnow() - timedelta(days=30)
     with database.transaction() as session:
-        assert queue.purge_bodies(session, cutoff, batch_size=1) == 1
+        assert delivery_queue.purge_bodies(session, cutoff, batch_size=1) == 1
     with database.transaction() as session:
-        assert queue.purge_bodies(session, cutoff) == 1
-        assert queue.purge_bodies(session, cutoff) == 0
+        assert delivery_queue.purge_bodies(session, cutoff) == 1
+        assert delivery_queue.purge_bodies(session, cutoff) == 0
     bodies = [row(database, i).body_encrypted for i in ids]
     assert bodies[0] is None and bodies[1] is None
     assert bodies[2] is not None and bodies[3] is not None  # recent, and still queued
@@ -187,7 +187,7 @@ def test_depth_counts_waiting_and_in_delivery(database: Database, cipher: Cipher
     enqueue(database, cipher, account.id, 5)
     claim(database, limit=2)
     with database.transaction() as session:
-        assert queue.depth(session) == {"queued": 3, "processing": 2}
+        assert delivery_queue.depth(session) == {"queued": 3, "processing": 2}
 
 
 def test_routes_leave_out_disabled_rules_and_providers(database: Database, cipher: Cipher) -> None:
@@ -204,7 +204,7 @@ def test_routes_leave_out_disabled_rules_and_providers(database: Database, ciphe
     )
     new_rule(database, other.id, theirs.id, "not mine", 0)
     with database.read() as session:
-        found = queue.routes(session, account.id)
+        found = delivery_queue.routes(session, account.id)
     assert [(r.priority, r.conditions, r.provider.name) for r in found] == [
         (1, {"weight": 10}, "on"),
         (5, {}, "on"),
@@ -227,7 +227,7 @@ def test_concurrent_claims_take_disjoint_batches_without_waiting(
 
         def slow_claim() -> None:
             with db.transaction() as session:
-                first.extend(m.id for m in queue.claim(session, limit=3, lease=LEASE, now=utcnow()).messages)
+                first.extend(m.id for m in delivery_queue.claim(session, limit=3, lease=LEASE, now=utcnow()).messages)
                 holding.set()
                 release.wait(10)
             db.remove_session()
@@ -255,11 +255,11 @@ def test_an_outcome_for_a_provider_deleted_meanwhile_is_still_written(
     with database.transaction() as session:
         session.delete(session.get(type(provider), provider.id))
     attempts = [
-        queue.Attempt(kept.id, DeliveryStatus.DEFERRED, 503, "busy", utcnow()),
-        queue.Attempt(provider.id, DeliveryStatus.DELIVERED, 250, "ok", utcnow()),
+        delivery_queue.Attempt(kept.id, DeliveryStatus.DEFERRED, 503, "busy", utcnow()),
+        delivery_queue.Attempt(provider.id, DeliveryStatus.DELIVERED, 250, "ok", utcnow()),
     ]
     with database.transaction() as session:
-        assert queue.finish(
+        assert delivery_queue.finish(
             session,
             message_id,
             taken.lease_id,
@@ -317,7 +317,7 @@ def test_the_per_account_cap_counts_what_the_claimer_has_in_flight(
 
     def take(in_flight: dict[uuid.UUID, int]) -> Counter[uuid.UUID]:
         with database.transaction() as session:
-            taken = queue.claim(
+            taken = delivery_queue.claim(
                 session, limit=50, lease=LEASE, now=utcnow(), per_account=3, in_flight=in_flight
             )
         return Counter(m.account_id for m in taken.messages)
@@ -333,7 +333,7 @@ def test_expired_leases_come_first_and_count_toward_the_cap(database: Database, 
     first = claim(database, limit=2, lease=1)
     later = utcnow() + timedelta(seconds=2)
     with database.transaction() as session:
-        taken = queue.claim(session, limit=10, lease=LEASE, now=later, per_account=3)
+        taken = delivery_queue.claim(session, limit=10, lease=LEASE, now=later, per_account=3)
     assert {m.id for m in first.messages} <= {m.id for m in taken.messages}
     assert len(taken.messages) == 3 and {m.id for m in taken.messages} < set(ids)
 
@@ -360,27 +360,27 @@ def test_held_messages_get_one_line_each_and_fail_at_max_age(database: Database,
     old, recent = enqueue(database, cipher, account.id, 2)
     deactivate(database, account.id)
     with database.transaction() as session:
-        assert queue.inactive_accounts(session).keys() == {account.id}
+        assert delivery_queue.inactive_accounts(session).keys() == {account.id}
     now = utcnow()
     with database.transaction() as session:
-        assert queue.sweep_lock(session)
-        assert queue.hold_waiting(session, account.id, now) == 2
+        assert delivery_queue.sweep_lock(session)
+        assert delivery_queue.hold_waiting(session, account.id, now) == 2
     with database.transaction() as session:
-        assert queue.hold_waiting(session, account.id, utcnow()) == 0  # once, not every sweep
+        assert delivery_queue.hold_waiting(session, account.id, utcnow()) == 0  # once, not every sweep
     with database.transaction() as session:
         session.execute(
             update(Message).where(Message.id == old).values(created_at=utcnow() - timedelta(days=6))
         )
     cutoff = utcnow() - timedelta(days=5)
     with database.transaction() as session:
-        assert queue.fail_held(session, [account.id], cutoff, utcnow(), "too old", batch_size=10) == 1
+        assert delivery_queue.fail_held(session, [account.id], cutoff, utcnow(), "too old", batch_size=10) == 1
     assert row(database, old).status is MessageStatus.FAILED and row(database, old).processed_at is not None
     assert row(database, recent).status is MessageStatus.QUEUED and row(database, recent).attempts == 0
     assert [(e.status, e.response_text) for e in logs(database, old)] == [
-        (DeliveryStatus.DEFERRED, queue.HELD_TEXT),
+        (DeliveryStatus.DEFERRED, delivery_queue.HELD_TEXT),
         (DeliveryStatus.FAILED, "too old"),
     ]
-    assert [e.response_text for e in logs(database, recent)] == [queue.HELD_TEXT]
+    assert [e.response_text for e in logs(database, recent)] == [delivery_queue.HELD_TEXT]
 
 
 def test_hold_gives_a_claimed_message_back_without_counting_the_attempt(
@@ -390,12 +390,12 @@ def test_hold_gives_a_claimed_message_back_without_counting_the_attempt(
     (message_id,) = enqueue(database, cipher, account.id)
     taken = claim(database)
     with database.transaction() as session:
-        assert queue.hold(session, message_id, taken.lease_id, utcnow())
+        assert delivery_queue.hold(session, message_id, taken.lease_id, utcnow())
     stored = row(database, message_id)
     assert (stored.status, stored.attempts, stored.lease_id) == (MessageStatus.QUEUED, 0, None)
-    assert [e.response_text for e in logs(database, message_id)] == [queue.HELD_TEXT]
+    assert [e.response_text for e in logs(database, message_id)] == [delivery_queue.HELD_TEXT]
     with database.transaction() as session:  # its line counts: the sweep does not write another
-        assert queue.hold_waiting(session, account.id, utcnow()) == 0
+        assert delivery_queue.hold_waiting(session, account.id, utcnow()) == 0
 
 
 def test_a_claim_told_not_to_look_for_run_out_leases_leaves_them(database: Database, cipher: Cipher) -> None:
@@ -404,5 +404,5 @@ def test_a_claim_told_not_to_look_for_run_out_leases_leaves_them(database: Datab
     claim(database, lease=1)
     later = utcnow() + timedelta(seconds=2)
     with database.transaction() as session:
-        assert queue.claim(session, limit=10, lease=LEASE, now=later, expired=False).messages == []
+        assert delivery_queue.claim(session, limit=10, lease=LEASE, now=later, expired=False).messages == []
     assert [m.id for m in claim(database, now=later).messages] == [message_id]

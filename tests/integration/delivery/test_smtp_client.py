@@ -1,4 +1,4 @@
-"""The smtp provider transport against a real SMTP server (SmtpSink) over real sockets on 127.0.0.1.
+"""The SMTP client towards an outside host (``delivery.smtp_client``) against a real SMTP server (SmtpSink) over real sockets on 127.0.0.1.
 
 127.0.0.1 is private, so every test that expects a connection turns delivery.allow_private_networks
 on; the guard's own tests turn it off and check that the sink never saw a connection.
@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from smtp_proxy.config import DeliveryConfig, config_from_dict
 from smtp_proxy.db.models import DeliveryStatus, ProviderType
-from smtp_proxy.delivery import network, smtp_transport
+from smtp_proxy.delivery import network, smtp_client
 from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target
 from smtp_proxy.devcert import write_self_signed
 from tests.smtp_sink import SmtpSink
@@ -86,7 +86,7 @@ def send(
     password = kwargs.pop("password", PASSWORD if username else None)
     kwargs.setdefault("ca_file", sink.cert_file or "")
     delivery = settings(**kwargs)
-    return smtp_transport.send(target(config, password), outgoing or message(), delivery)
+    return smtp_client.send(target(config, password), outgoing or message(), delivery)
 
 
 def closed_port() -> int:
@@ -167,7 +167,7 @@ def test_untrusted_certificate_defers(start_sink: Callable[..., SmtpSink], tls: 
     """Without delivery.ca_file the self-signed certificate is not trusted: no delivery, try later."""
     sink = start_sink(tls=tls)
     config = sink.provider_config()
-    outcome = smtp_transport.send(target(config), message(), settings(ca_file=""))
+    outcome = smtp_client.send(target(config), message(), settings(ca_file=""))
     assert outcome.status is DEFERRED and outcome.code is None
     assert "certificate" in outcome.text and "self-signed" in outcome.text
     assert sink.messages == []
@@ -317,7 +317,7 @@ def test_body_arrives_intact(start_sink: Callable[..., SmtpSink], data: bytes, a
 def test_large_body_arrives_intact(start_sink: Callable[..., SmtpSink]) -> None:
     """Several write chunks, with dot lines at the chunk edges."""
     line = b"." + b"z" * 76 + b"\r\n"
-    data = line * (3 * smtp_transport.CHUNK // len(line) + 7)
+    data = line * (3 * smtp_client.CHUNK // len(line) + 7)
     sink = start_sink()
     assert send(sink, message(data)).delivered
     assert sink.messages[0].data == data
@@ -481,7 +481,7 @@ def test_connection_refused_defers() -> None:
     port = closed_port()
     config = {"host": "127.0.0.1", "port": port, "tls": "none"}
     started = time.monotonic()
-    outcome = smtp_transport.send(target(config), message(), settings())
+    outcome = smtp_client.send(target(config), message(), settings())
     assert time.monotonic() - started < 1.5  # no wait for connect_timeout
     assert outcome.status is DEFERRED and outcome.code is None
     assert outcome.text == f"could not connect to 127.0.0.1:{port}"
@@ -556,7 +556,7 @@ def test_greeting_problems_defer(script: bytes, code: int | None, text: str) -> 
     server = ScriptedServer(greet)
     try:
         config = {"host": "127.0.0.1", "port": server.port, "tls": "none"}
-        outcome = smtp_transport.send(target(config), message(), settings())
+        outcome = smtp_client.send(target(config), message(), settings())
     finally:
         server.close()
     assert outcome.status is DEFERRED and outcome.code == code
@@ -580,7 +580,7 @@ def test_a_reply_trickled_forever_is_cut_at_the_attempts_deadline(
     try:
         config = {"host": "127.0.0.1", "port": hostile.port, "tls": tls}
         started = time.monotonic()
-        outcome = smtp_transport.send(
+        outcome = smtp_client.send(
             target(config),
             message(),
             settings(ca_file=cert_pair[0], connect_timeout=0.5, send_timeout=1.0),
@@ -603,7 +603,7 @@ def test_the_workers_deadline_cuts_the_attempt_sooner() -> None:
     try:
         config = {"host": "127.0.0.1", "port": hostile.port, "tls": "none"}
         started = time.monotonic()
-        outcome = smtp_transport.send(
+        outcome = smtp_client.send(
             target(config), message(), settings(connect_timeout=1.0, send_timeout=5.0), started + 0.6
         )
         elapsed = time.monotonic() - started
@@ -627,7 +627,7 @@ def test_an_endless_reply_is_cut_at_64_kib() -> None:
     try:
         config = {"host": "127.0.0.1", "port": hostile.port, "tls": "none"}
         started = time.monotonic()
-        outcome = smtp_transport.send(target(config), message(), settings(send_timeout=30.0))
+        outcome = smtp_client.send(target(config), message(), settings(send_timeout=30.0))
         elapsed = time.monotonic() - started
     finally:
         hostile.close()
@@ -648,7 +648,7 @@ def test_a_long_but_finite_reply_is_still_read() -> None:
     hostile = ScriptedServer(chatty)
     try:
         config = {"host": "127.0.0.1", "port": hostile.port, "tls": "none"}
-        outcome = smtp_transport.send(target(config), message(), settings())
+        outcome = smtp_client.send(target(config), message(), settings())
     finally:
         hostile.close()
     assert outcome == Outcome(DEFERRED, 421, "MAIL FROM refused: 4.3.2 closing now")
@@ -671,7 +671,7 @@ def test_unresolvable_host_defers(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(network.socket, "getaddrinfo", fail)
     config = {"host": "mx.example", "port": 25, "tls": "none"}
-    outcome = smtp_transport.send(target(config), message(), settings())
+    outcome = smtp_client.send(target(config), message(), settings())
     assert outcome == Outcome(DEFERRED, None, "could not connect to mx.example:25")
 
 
@@ -696,7 +696,7 @@ def test_every_failure_to_connect_reads_the_same_to_the_tenant(
     try:
         with caplog.at_level("WARNING", logger="smtp_proxy.delivery"):
             outcomes = [
-                smtp_transport.send(
+                smtp_client.send(
                     target({"host": host, "port": port, "tls": "none"}),
                     message(),
                     settings(allow_private=allowed, connect_timeout=0.5),
@@ -760,11 +760,11 @@ def test_no_socket_is_left_open(start_sink: Callable[..., SmtpSink], cert_pair: 
         warnings.simplefilter("always", ResourceWarning)
         outcomes = [send(plain), send(secure)]
         outcomes.append(
-            smtp_transport.send(target(secure.provider_config()), message(), settings())
+            smtp_client.send(target(secure.provider_config()), message(), settings())
         )  # untrusted
         plain.delay_data(5.0)
         outcomes.append(send(plain, send_timeout=0.2))
-        outcomes.append(smtp_transport.send(target(closed), message(), settings()))
+        outcomes.append(smtp_client.send(target(closed), message(), settings()))
         gc.collect()
     assert [o.status for o in outcomes] == [DELIVERED, FAILED, DEFERRED, DEFERRED, DEFERRED]
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

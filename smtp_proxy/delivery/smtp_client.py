@@ -1,4 +1,6 @@
-"""The ``smtp`` provider: one message to any SMTP host, with smtplib, as one ``Outcome``.
+"""The ``smtp`` provider's client: one message to an outside SMTP host, with smtplib, as one ``Outcome``.
+
+The client side of SMTP, towards the provider's host; our own listener is the ``smtp`` package.
 
 The session is EHLO, STARTTLS (tls "starttls"), AUTH (when a username is set), MAIL, RCPT per
 recipient, DATA and QUIT; one connection per message.
