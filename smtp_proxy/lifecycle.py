@@ -252,7 +252,7 @@ def serve_worker(config: Config, database: Database, watcher: ConfigWatcher | No
     worker.start()
     stop = stop_signal()
     try:
-        systemd.ready(f"worker with {worker.threads} delivery threads")
+        systemd.ready(f"worker with {worker.delivery_thread_count} delivery threads")
         wait_for(stop)
     finally:
         systemd.stopping()

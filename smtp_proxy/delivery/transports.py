@@ -32,9 +32,9 @@ def send(
     """Hand one message to one provider. A bug in a transport defers; it never loses the message.
 
     ``deadline`` (time.monotonic) is the end of the message's attempt budget. The SMTP client
-    (``smtp_client``) cuts its session there (its watchdog); the HTTP transports get timeouts no longer than what is
-    left, which bounds each connect and each read: enough for the endpoints the operator
-    configures, which, unlike an smtp provider's host, no tenant chooses.
+    (``smtp_client``) cuts its session there (its watchdog); the HTTP transports get timeouts no
+    longer than what is left, which bounds each connect and each read: enough for the endpoints
+    the operator configures, which, unlike an smtp provider's host, no tenant chooses.
     """
     try:
         if target.provider_type is ProviderType.SMTP and deadline is not None:

@@ -1,4 +1,4 @@
-"""The queue worker: claim due messages, route each, hand it to providers, write the outcome.
+"""The queue worker: claim due messages, route each, hand it to providers, write the verdict.
 
 One claim thread takes batches from the queue (``storage.delivery_queue.claim``) while
 ``delivery.workers`` threads deliver them, one message at a time each. A
@@ -26,6 +26,10 @@ Fair delivery: one tenant must not be able to stop delivery for the others.
 - A deactivated account's messages are not claimed. Housekeeping writes one
   "held" line on each and fails those older than ``delivery.max_age``; a message
   claimed just before the deactivation is given back when its turn comes.
+
+What an outcome means for the message (status, retry, follow-up) is ``verdict``'s
+decision; the accounts' routes come from ``routes``, the upkeep thread is
+``housekeeping``.
 """
 
 from __future__ import annotations
@@ -38,95 +42,37 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from smtp_proxy.config import Config, DeliveryConfig
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import DeliveryStatus, MessageStatus
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
-from smtp_proxy.delivery import backoff, metrics, routing, transports
-from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred
+from smtp_proxy.delivery import metrics, routing, transports, verdict
+from smtp_proxy.delivery.housekeeping import Housekeeping
+from smtp_proxy.delivery.outcome import Outcome, Outgoing, deferred
+from smtp_proxy.delivery.routes import Route, RouteCache
 from smtp_proxy.errors import DatabaseUnavailable, DecryptionError
 from smtp_proxy.logs import correlation
 from smtp_proxy.storage import delivery_queue
 from smtp_proxy.storage.messages import body_aad, enqueue_message
-from smtp_proxy.storage.providers import provider_secrets
 
 log = logging.getLogger("smtp_proxy.delivery")
 
 DRAIN_SECONDS = 30.0
-# How long an account's rules and providers are reused before they are read again.
-ROUTES_TTL = 5.0
-DEPTH_INTERVAL = 15.0
-PURGE_INTERVAL = 600.0
-PURGE_BATCH = 1000
-HOLD_BATCH = 1000
 # The lease covers the running provider and this long to write the outcome after it.
 LEASE_MARGIN = timedelta(seconds=5)
 
 
-@dataclass(frozen=True)
-class _Route:
-    rule: routing.Rule
-    target: Target | None  # None: its secrets cannot be opened
-    provider_type: str
+class _Tried(NamedTuple):
+    """What dispatching one claimed message came to, before the verdict."""
 
-
-class RouteCache:
-    """Each account's usable routes and whether it is active, read at most every ``ROUTES_TTL`` seconds."""
-
-    def __init__(self, database: Database, cipher: Cipher, ttl: float = ROUTES_TTL) -> None:
-        self.database, self.cipher, self.ttl = database, cipher, ttl
-        self._entries: dict[uuid.UUID, tuple[float, bool, list[_Route]]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, account_id: uuid.UUID, *, fresh: bool = False) -> list[_Route]:
-        """The account's routes; ``fresh`` reads them again whatever the cache holds."""
-        return self._entry(account_id, fresh)[2]
-
-    def active(self, account_id: uuid.UUID) -> bool:
-        """Whether the account is active (False once it is deactivated or gone)."""
-        return self._entry(account_id, False)[1]
-
-    def _entry(self, account_id: uuid.UUID, fresh: bool) -> tuple[float, bool, list[_Route]]:
-        now = time.monotonic()
-        entry = self._entries.get(account_id)
-        if entry is not None and entry[0] > now and not fresh:
-            return entry
-        with self.database.read() as session:
-            active = delivery_queue.account_active(session, account_id)
-            rows = delivery_queue.routes(session, account_id)
-        entry = (now + self.ttl, active, [self._route(row) for row in rows])
-        with self._lock:
-            if len(self._entries) > 10_000:
-                self._entries.clear()
-            self._entries[account_id] = entry
-        return entry
-
-    def _route(self, row: delivery_queue.Route) -> _Route:
-        provider = row.provider
-        rule = routing.Rule(row.rule_id, row.priority, row.conditions, provider.id)
-        try:
-            secrets = provider_secrets(self.cipher, provider)
-        except DecryptionError:
-            log.error(
-                "provider secrets cannot be opened",
-                extra={"event": "delivery.provider_secrets_unreadable", "provider_id": str(provider.id)},
-            )
-            return _Route(rule, None, str(provider.provider_type))
-        target = Target(
-            id=provider.id,
-            name=provider.name,
-            provider_type=provider.provider_type,
-            settings=dict(provider.settings or {}),
-            smtp_config=dict(provider.smtp_config) if provider.smtp_config else None,
-            api_key=secrets.api_key,
-            smtp_password=secrets.smtp_password,
-        )
-        return _Route(rule, target, str(provider.provider_type))
+    final: Outcome
+    provider_id: uuid.UUID | None  # the provider that gave ``final``, if one did
+    attempts: list[delivery_queue.Attempt]  # the delivery log's lines so far
+    until: datetime  # the lease's end, as extended
 
 
 class Worker:
@@ -145,7 +91,7 @@ class Worker:
         self.cipher = cipher
         self.rng = rng or random.Random()
         self.routes = RouteCache(database, cipher)
-        self.threads = config().delivery.workers
+        self.delivery_thread_count = config().delivery.workers
         self._work: thread_queue.SimpleQueue[tuple[uuid.UUID, datetime, delivery_queue.Claimed] | None] = (
             thread_queue.SimpleQueue()
         )
@@ -159,9 +105,8 @@ class Worker:
         self._capped: set[uuid.UUID] = set()
         self._slot_freed = False
         self._expired_checked = 0.0  # time.monotonic() of the last claim that looked for run-out leases
-        # Deactivated accounts whose waiting messages have their held line, as of their updated_at.
-        self._swept: dict[uuid.UUID, datetime] = {}
         self._stopping = threading.Event()
+        self.housekeeping = Housekeeping(database, lambda: self.settings, self._stopping)
         self._drain_deadline = float("inf")
         self._threads: list[threading.Thread] = []
 
@@ -174,13 +119,15 @@ class Worker:
     def start(self) -> None:
         self._threads = [
             threading.Thread(target=self._deliver_loop, name=f"delivery-{n}", daemon=True)
-            for n in range(self.threads)
+            for n in range(self.delivery_thread_count)
         ]
         self._threads.append(threading.Thread(target=self._claim_loop, name="delivery-claim", daemon=True))
-        self._threads.append(threading.Thread(target=self._housekeeping, name="delivery-upkeep", daemon=True))
+        self._threads.append(
+            threading.Thread(target=self.housekeeping.run, name="delivery-upkeep", daemon=True)
+        )
         for thread in self._threads:
             thread.start()
-        log.info("worker started", extra={"event": "worker.started", "threads": self.threads})
+        log.info("worker started", extra={"event": "worker.started", "threads": self.delivery_thread_count})
 
     def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop claiming, wait up to ``drain`` seconds for deliveries in flight, release the rest."""
@@ -189,14 +136,14 @@ class Worker:
             self._drain_deadline = deadline
             self._stopping.set()
             self._cond.notify_all()
-        for thread in self._threads[self.threads :]:
+        for thread in self._threads[self.delivery_thread_count :]:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._cond:
             while self._running and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
             running, unstarted = self._running, dict(self._unstarted)
             self._unstarted.clear()
-        for _ in range(self.threads):
+        for _ in range(self.delivery_thread_count):
             self._work.put(None)
         released = self._release(unstarted)
         log.info(
@@ -215,7 +162,10 @@ class Worker:
             settings = self.settings
             with self._cond:
                 # Keep about one claim's worth waiting locally; more would only age under its lease.
-                while len(self._unstarted) >= max(settings.batch_size, self.threads) and not self.stopping:
+                while (
+                    len(self._unstarted) >= max(settings.batch_size, self.delivery_thread_count)
+                    and not self.stopping
+                ):
                     self._cond.wait(settings.poll_interval)
             if self.stopping:
                 return
@@ -339,7 +289,7 @@ class Worker:
             return
         attempts: list[delivery_queue.Attempt] = []
         final: Outcome | None = None
-        final_route: _Route | None = None
+        provider_id: uuid.UUID | None = None
         body = self._body(message)
         if isinstance(body, Outcome):
             final = body
@@ -363,7 +313,9 @@ class Worker:
             for tried, rule in enumerate(providers):
                 stop = self._stop_failover(tried, deadline, budget, settings)
                 if stop is not None:
-                    attempts.append(delivery_queue.Attempt(None, DeliveryStatus.DEFERRED, None, stop, utcnow()))
+                    attempts.append(
+                        delivery_queue.Attempt(None, DeliveryStatus.DEFERRED, None, stop, utcnow())
+                    )
                     log.info(
                         "failover stopped",
                         extra={
@@ -383,14 +335,15 @@ class Worker:
                         extra={"event": "delivery.lease_lost", "message_id": str(message.id)},
                     )
                     return
-                final, final_route = self._attempt(route, outgoing, settings, deadline), route
+                final = self._attempt(route, outgoing, settings, deadline)
+                provider_id = route.target.id if route.target is not None else None
                 attempts.append(
                     delivery_queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())
                 )
                 if not final.temporary:
                     break
         assert final is not None
-        self._conclude(message, lease_id, until, final, final_route, attempts, settings, body)
+        self._conclude(message, lease_id, _Tried(final, provider_id, attempts, until), body)
 
     @staticmethod
     def _stop_failover(tried: int, deadline: float, budget: float, settings: DeliveryConfig) -> str | None:
@@ -436,7 +389,7 @@ class Worker:
             return deferred(None, "the stored message cannot be decrypted (check the encryption keys)")
 
     def _attempt(
-        self, route: _Route, outgoing: Outgoing, settings: DeliveryConfig, deadline: float
+        self, route: Route, outgoing: Outgoing, settings: DeliveryConfig, deadline: float
     ) -> Outcome:
         if route.target is None:
             outcome = deferred(None, "the provider's stored secrets cannot be decrypted")
@@ -474,69 +427,46 @@ class Worker:
         return longer if held else None
 
     def _conclude(
-        self,
-        message: delivery_queue.Claimed,
-        lease_id: uuid.UUID,
-        until: datetime,
-        final: Outcome,
-        route: _Route | None,
-        attempts: list[delivery_queue.Attempt],
-        settings: DeliveryConfig,
-        body: bytes | Outcome,
+        self, message: delivery_queue.Claimed, lease_id: uuid.UUID, tried: _Tried, body: bytes | Outcome
     ) -> None:
+        """Write the verdict on the attempt (and any follow-up message) under the claim, then report it."""
         now = utcnow()
-        provider_id = route.target.id if route is not None and route.target is not None else None
-        retry_at: datetime | None = None
-        if final.delivered:
-            status = MessageStatus.DELIVERED
-        elif final.temporary:
-            retry = backoff.next_try(message.attempts, message.created_at, now, settings, self.rng)
-            if retry.at is None:
-                status = MessageStatus.FAILED
-                attempts.append(delivery_queue.Attempt(None, DeliveryStatus.FAILED, None, retry.reason, now))
-            else:
-                status, retry_at = MessageStatus.QUEUED, retry.at
-        else:
-            status = MessageStatus.FAILED
-        # Recipients the provider refused for now while it took the others: their own message.
-        pending = final.retry_recipients if final.delivered and isinstance(body, bytes) else ()
-        follow_up = backoff.next_try(message.attempts, message.created_at, now, settings, self.rng)
-        if pending and follow_up.at is None:
-            text = f"{len(pending)} recipient(s) refused for now, not retried: {follow_up.reason}"
-            attempts.append(delivery_queue.Attempt(None, DeliveryStatus.FAILED, None, text, now))
+        facts = verdict.MessageFacts(message.attempts, message.created_at, isinstance(body, bytes))
+        decided = verdict.decide(tried.final, facts, now, self.settings, self.rng)
+        attempts = tried.attempts + [_logged(note, now) for note in decided.notes]
+        follow_up = decided.follow_up
 
         def write(session: Any) -> bool:
             held = delivery_queue.finish(
                 session,
                 message.id,
                 lease_id,
-                status=status,
+                status=decided.status,
                 attempts=attempts,
                 now=now,
-                provider_id=provider_id,
-                next_attempt_at=retry_at,
+                provider_id=tried.provider_id,
+                next_attempt_at=decided.retry_at,
             )
-            if held and pending and follow_up.at is not None:
+            if held and follow_up is not None:
                 assert isinstance(body, bytes)
                 extra = enqueue_message(
                     session,
                     self.cipher,
                     account_id=message.account_id,
                     sender=message.sender,
-                    recipients=list(pending),
+                    recipients=list(follow_up.recipients),
                     data=body,
                     correlation_id=message.correlation_id,
                     attempts=message.attempts,
                     created_at=message.created_at,
-                    next_attempt_at=follow_up.at,
+                    next_attempt_at=follow_up.next_attempt_at,
                 )
-                text = f"{len(pending)} recipient(s) refused for now: retried as message {extra.id}"
                 delivery_queue.log_attempts(
-                    session, message.id, [delivery_queue.Attempt(None, DeliveryStatus.DEFERRED, None, text, now)]
+                    session, message.id, [_logged(follow_up.queued_as(extra.id), now)]
                 )
             return held
 
-        held = self._persist(write, until)
+        held = self._persist(write, tried.until)
         if held is None:
             return
         if not held:
@@ -546,6 +476,7 @@ class Worker:
                 extra={"event": "delivery.lease_lost", "message_id": str(message.id)},
             )
             return
+        status, retry_at = decided.status, decided.retry_at
         if status is MessageStatus.QUEUED:
             metrics.RETRIES.inc()
         else:
@@ -558,8 +489,8 @@ class Worker:
                 "event": f"delivery.{'deferred' if status is MessageStatus.QUEUED else status}",
                 "message_id": str(message.id),
                 "attempt": message.attempts,
-                "provider_id": str(provider_id) if provider_id else None,
-                "response_code": final.code,
+                "provider_id": str(tried.provider_id) if tried.provider_id else None,
+                "response_code": tried.final.code,
                 "retry_at": retry_at.isoformat() if retry_at else None,
             },
         )
@@ -588,97 +519,7 @@ class Worker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    # --- housekeeping ------------------------------------------------------------------------------
 
-    def _housekeeping(self) -> None:
-        next_purge = time.monotonic()
-        while not self.stopping:
-            self.refresh_depth()
-            if time.monotonic() >= next_purge:
-                self._swept.clear()  # a message requeued after its account's sweep gets its line now
-                self.purge()
-                next_purge = time.monotonic() + PURGE_INTERVAL
-            self.sweep_held()
-            self._stopping.wait(DEPTH_INTERVAL)
-
-    def sweep_held(self) -> tuple[int, int]:
-        """Deactivated accounts' waiting messages: fail those past max_age, write the held line on the rest.
-
-        Each account is swept once after its deactivation (and again every ``PURGE_INTERVAL``, for
-        a message that came back to the queue meanwhile), not at every pass: a held message gets
-        one line, not one every few seconds. Returns (held, failed).
-        """
-        settings = self.settings
-        try:
-            with self.database.read() as session:
-                inactive = delivery_queue.inactive_accounts(session)
-        except DatabaseUnavailable:
-            return 0, 0
-        self._swept = {account: at for account, at in self._swept.items() if inactive.get(account) == at}
-        if not inactive:
-            return 0, 0
-        now = utcnow()
-        reason = f"{delivery_queue.HELD_TEXT}; gave up: not delivered within delivery.max_age ({settings.max_age:g}s)"
-        cutoff = now - timedelta(seconds=settings.max_age)
-        failed = self._sweep(
-            lambda session: delivery_queue.fail_held(session, list(inactive), cutoff, now, reason, HOLD_BATCH)
-        )
-        held = 0
-        for account, changed_at in inactive.items():
-            if account in self._swept or self.stopping:
-                continue
-            count = self._sweep(lambda session, a=account: delivery_queue.hold_waiting(session, a, now, HOLD_BATCH))
-            if count is None:
-                break  # another process sweeps, or the database is away: next pass
-            held += count
-            self._swept[account] = changed_at
-        if held or failed:
-            log.info(
-                "messages of deactivated accounts held or failed",
-                extra={"event": "delivery.held_swept", "held": held, "failed": failed or 0},
-            )
-        metrics.HELD.inc(held)
-        return held, failed or 0
-
-    def _sweep(self, batch: Callable[[Any], int]) -> int | None:
-        """Run one sweep in batches of HOLD_BATCH; None when another process has the sweep lock."""
-        total = 0
-        while not self.stopping:
-            try:
-                with self.database.transaction() as session:
-                    if not delivery_queue.sweep_lock(session):
-                        return None
-                    count = batch(session)
-            except DatabaseUnavailable:
-                return None
-            total += count
-            if count < HOLD_BATCH:
-                break
-        return total
-
-    def refresh_depth(self) -> None:
-        try:
-            with self.database.read() as session:
-                counts = delivery_queue.depth(session)
-        except DatabaseUnavailable:
-            return
-        for status, count in counts.items():
-            metrics.QUEUE_DEPTH.labels(status).set(count)
-
-    def purge(self) -> int:
-        """Drop the bodies of messages finished more than ``delivery.retention`` ago, in batches."""
-        cutoff = utcnow() - timedelta(seconds=self.settings.retention)
-        total = 0
-        while not self.stopping:
-            try:
-                with self.database.transaction() as session:
-                    purged = delivery_queue.purge_bodies(session, cutoff, PURGE_BATCH)
-            except DatabaseUnavailable:
-                break
-            total += purged
-            metrics.PURGED.inc(purged)
-            if purged < PURGE_BATCH:
-                break
-        if total:
-            log.info("bodies purged", extra={"event": "retention.purged", "messages": total})
-        return total
+def _logged(note: verdict.Note, at: datetime) -> delivery_queue.Attempt:
+    """A verdict's note as a delivery-log line."""
+    return delivery_queue.Attempt(None, note.status, None, note.text, at)

@@ -26,6 +26,7 @@ from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import Account, DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
+from smtp_proxy.delivery.routes import RouteCache
 from smtp_proxy.delivery.worker import Worker
 from smtp_proxy.storage import accounts, providers, routing_rules
 from smtp_proxy.storage.messages import enqueue_message, message_body
@@ -378,7 +379,7 @@ def test_retention_drops_old_bodies_and_keeps_the_rest(tenant: Queue, sink: Smtp
         session.execute(
             update(Message).where(Message.id == old).values(processed_at=utcnow() - timedelta(days=31))
         )
-    assert worker.purge() == 1
+    assert worker.housekeeping.purge() == 1
     assert tenant.message(old).body_encrypted is None and tenant.message(old).sender == "app@example.com"
     assert tenant.message(recent).body_encrypted is not None
     assert len(tenant.logs(old)) == 1
@@ -883,7 +884,8 @@ def test_a_message_claimed_before_its_account_was_deactivated_is_given_back_unco
         tenant.rule(tenant.provider("holding", ProviderType.SMTP, smtp_config=holding.provider_config()), 0)
         ids = tenant.enqueue(2)
         worker = start_worker(workers=1, max_in_flight_per_account=2, send_timeout="20s", lease="60s")
-        worker.routes.ttl = 0  # read the account's state for every message
+        # Read the account's state for every message.
+        worker.routes = RouteCache(worker.database, worker.cipher, ttl=0)
         wait_for(lambda: holding.open == 1, what="the first message at the provider")
         wait_for(lambda: tenant.statuses()["processing"] == 2, what="the second claimed, waiting here")
         with tenant.database.transaction() as session:

@@ -165,8 +165,12 @@ def test_purge_drops_only_old_finished_bodies(database: Database, cipher: Cipher
     taken = claim(database, limit=3)
     old = utcnow() - timedelta(days=40)
     with database.transaction() as session:
-        delivery_queue.finish(session, ids[0], taken.lease_id, status=MessageStatus.DELIVERED, attempts=[], now=old)
-        delivery_queue.finish(session, ids[1], taken.lease_id, status=MessageStatus.FAILED, attempts=[], now=old)
+        delivery_queue.finish(
+            session, ids[0], taken.lease_id, status=MessageStatus.DELIVERED, attempts=[], now=old
+        )
+        delivery_queue.finish(
+            session, ids[1], taken.lease_id, status=MessageStatus.FAILED, attempts=[], now=old
+        )
         delivery_queue.finish(
             session, ids[2], taken.lease_id, status=MessageStatus.DELIVERED, attempts=[], now=utcnow()
         )
@@ -227,7 +231,9 @@ def test_concurrent_claims_take_disjoint_batches_without_waiting(
 
         def slow_claim() -> None:
             with db.transaction() as session:
-                first.extend(m.id for m in delivery_queue.claim(session, limit=3, lease=LEASE, now=utcnow()).messages)
+                first.extend(
+                    m.id for m in delivery_queue.claim(session, limit=3, lease=LEASE, now=utcnow()).messages
+                )
                 holding.set()
                 release.wait(10)
             db.remove_session()
@@ -373,7 +379,9 @@ def test_held_messages_get_one_line_each_and_fail_at_max_age(database: Database,
         )
     cutoff = utcnow() - timedelta(days=5)
     with database.transaction() as session:
-        assert delivery_queue.fail_held(session, [account.id], cutoff, utcnow(), "too old", batch_size=10) == 1
+        assert (
+            delivery_queue.fail_held(session, [account.id], cutoff, utcnow(), "too old", batch_size=10) == 1
+        )
     assert row(database, old).status is MessageStatus.FAILED and row(database, old).processed_at is not None
     assert row(database, recent).status is MessageStatus.QUEUED and row(database, recent).attempts == 0
     assert [(e.status, e.response_text) for e in logs(database, old)] == [

@@ -1,4 +1,5 @@
-"""The SMTP client towards an outside host (``delivery.smtp_client``) against a real SMTP server (SmtpSink) over real sockets on 127.0.0.1.
+"""The SMTP client towards an outside host (``delivery.smtp_client``) against a real SMTP server
+(SmtpSink) over real sockets on 127.0.0.1.
 
 127.0.0.1 is private, so every test that expects a connection turns delivery.allow_private_networks
 on; the guard's own tests turn it off and check that the sink never saw a connection.
