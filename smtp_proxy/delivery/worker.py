@@ -35,7 +35,7 @@ decision; the accounts' routes come from ``routes``, the upkeep thread is
 from __future__ import annotations
 
 import logging
-import queue as thread_queue
+import queue
 import random
 import threading
 import time
@@ -92,8 +92,8 @@ class Worker:
         self.rng = rng or random.Random()
         self.routes = RouteCache(database, cipher)
         self.delivery_thread_count = config().delivery.workers
-        self._work: thread_queue.SimpleQueue[tuple[uuid.UUID, datetime, delivery_queue.Claimed] | None] = (
-            thread_queue.SimpleQueue()
+        self._work: queue.SimpleQueue[tuple[uuid.UUID, datetime, delivery_queue.Claimed] | None] = (
+            queue.SimpleQueue()
         )
         self._cond = threading.Condition()
         self._unstarted: dict[uuid.UUID, uuid.UUID] = {}  # message id -> lease id
@@ -274,7 +274,7 @@ class Worker:
                     self._finished(message.account_id)
 
     def deliver(self, lease_id: uuid.UUID, until: datetime, message: delivery_queue.Claimed) -> None:
-        """Route one claimed message, try its providers in order, and write the outcome."""
+        """Route one claimed message, try its providers in order, and write the verdict on the outcome."""
         settings = self.settings
         budget = settings.effective_attempt_budget
         deadline = time.monotonic() + budget
