@@ -44,9 +44,11 @@ class _Account(NamedTuple):
 class RouteCache:
     """Each account's usable routes and whether it is active, read at most every ``ttl`` seconds."""
 
-    def __init__(self, database: Database, cipher: Cipher, ttl: float = ROUTES_TTL) -> None:
+    def __init__(
+        self, database: Database, cipher: Cipher, ttl: float = ROUTES_TTL, size: int = ROUTES_CACHED
+    ) -> None:
         self.database, self.cipher = database, cipher
-        self._accounts: TTLCache[uuid.UUID, _Account] = TTLCache(ROUTES_CACHED, ttl, timer=time.monotonic)
+        self._accounts: TTLCache[uuid.UUID, _Account] = TTLCache(size, ttl, timer=time.monotonic)
         self._lock = threading.Lock()  # TTLCache is not thread-safe
 
     def get(self, account_id: uuid.UUID, *, fresh: bool = False) -> list[Route]:
