@@ -49,6 +49,8 @@ class FollowUp(NamedTuple):
 
 @dataclass(frozen=True)
 class Verdict:
+    """What the worker writes for the message, under its claim, after one attempt."""
+
     status: MessageStatus
     retry_at: datetime | None  # set when status is QUEUED
     notes: tuple[Note, ...]  # after the attempt's own lines
