@@ -8,7 +8,6 @@ from typing import Any
 
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
-from sqlalchemy.orm import Session
 
 from smtp_proxy import crypto, validation
 from smtp_proxy.api import schemas
@@ -39,7 +38,7 @@ def render(account: Any) -> dict[str, Any]:
     }
 
 
-def _visible(session: Session, account_id: uuid.UUID) -> Any:
+def _visible(session: Any, account_id: uuid.UUID) -> Any:
     """The account if the caller may see it: an admin any, a tenant only itself (else 404)."""
     _check_visible(account_id)
     return store.get_account(session, account_id)
