@@ -47,7 +47,8 @@ ACCOUNT_FIELDS: Schema = {
         "maxLength": crypto.MAX_PASSWORD_BYTES,
         "writeOnly": True,
         "description": (
-            "SMTP password, 12 to 72 characters and at most 72 bytes as UTF-8 (bcrypt's limit); "
+            f"SMTP password, {crypto.MIN_PASSWORD_LENGTH} to {crypto.MAX_PASSWORD_BYTES} characters and at "
+            f"most {crypto.MAX_PASSWORD_BYTES} bytes as UTF-8 (bcrypt's limit); "
             "generated (and shown once) when left out at creation."
         ),
     },
