@@ -35,6 +35,7 @@ from smtp_proxy.crypto import Cipher, generate_encryption_key
 from smtp_proxy.db.models import Message, MessageStatus
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts, providers
+from smtp_proxy.storage.audit import CLI
 from smtp_proxy.storage.messages import body_aad
 from tests.pgcluster import PgCluster, free_port
 
@@ -49,7 +50,12 @@ def seed(url: str, key: str) -> str:
     cipher = Cipher.from_config(config.security)
     with database.transaction() as session:
         tenant = accounts.create_account(
-            session, name="bench", email="bench@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+            session,
+            name="bench",
+            email="bench@example.com",
+            allowed_domains=["example.com"],
+            bcrypt_cost=4,
+            actor=CLI,
         )
         for n in range(PROVIDERS):
             providers.create_provider(
@@ -59,6 +65,7 @@ def seed(url: str, key: str) -> str:
                 name=f"provider-{n:02d}",
                 provider_type="sendgrid",
                 api_key=f"SG.bench-{n}",
+                actor=CLI,
             )
         account_id, api_key = tenant.account.id, tenant.api_key
     database.dispose()

@@ -67,6 +67,7 @@ from smtp_proxy.db.models import Account
 from smtp_proxy.db.session import Database
 from smtp_proxy.devcert import write_self_signed
 from smtp_proxy.storage import accounts
+from smtp_proxy.storage.audit import CLI
 from tests.pgcluster import PgCluster, free_port
 
 PASSWORD = "bench password 123"  # noqa: S105 - the throwaway bench tenant
@@ -767,6 +768,7 @@ def main() -> None:
                 allowed_domains=["example.com"],
                 password=PASSWORD,
                 bcrypt_cost=12,
+                actor=CLI,
             )
         database.dispose()
         if "cold" in phases:

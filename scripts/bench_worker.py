@@ -76,6 +76,7 @@ from smtp_proxy.db.models import MessageStatus
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.storage import accounts, delivery_queue, messages, providers, routing_rules
+from smtp_proxy.storage.audit import CLI
 from tests.pgcluster import PgCluster, free_port
 
 ENQUEUE_BATCH = 500
@@ -390,7 +391,7 @@ def seed_tenant(
     """One account whose single rule sends everything to 127.0.0.1:sink_port over plain SMTP."""
     with database.transaction() as session:
         account = accounts.create_account(
-            session, name=name, email=f"bench@{domain}", allowed_domains=[domain], bcrypt_cost=4
+            session, name=name, email=f"bench@{domain}", allowed_domains=[domain], bcrypt_cost=4, actor=CLI
         ).account
         provider = providers.create_provider(
             session,
@@ -399,9 +400,15 @@ def seed_tenant(
             name="sink",
             provider_type="smtp",
             smtp_config={"host": "127.0.0.1", "port": sink_port, "tls": "none"},
+            actor=CLI,
         )
         routing_rules.create_rule(
-            session, account_id=account.id, provider_id=provider.id, name="all to the sink", priority=0
+            session,
+            account_id=account.id,
+            provider_id=provider.id,
+            name="all to the sink",
+            priority=0,
+            actor=CLI,
         )
         return Tenant(account.id, provider.id)
 
@@ -444,6 +451,7 @@ def idle_accounts(database: Database, count: int) -> None:
                     email="idle@example.com",
                     allowed_domains=[f"idle-{n}.example"],
                     bcrypt_cost=4,
+                    actor=CLI,
                 )
 
 

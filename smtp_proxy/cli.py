@@ -403,7 +403,9 @@ def accounts_set_password(ctx: click.Context, name: str, password_stdin: bool) -
     password = _read_password_stdin() if password_stdin else None
     with runtime.database.transaction() as session:
         account = account_store.get_account_by_name(session, name)
-        password = account_store.set_password(session, account, runtime.config.security.bcrypt_cost, password)
+        password = account_store.set_password(
+            session, account, runtime.config.security.bcrypt_cost, password, actor=CLI
+        )
     _emit({"name": name, "password": password})
 
 
@@ -415,7 +417,7 @@ def accounts_rotate_key(ctx: click.Context, name: str) -> None:
     """Issue a new API key (the old one stops working) and print it once."""
     with runtime_of(ctx).database.transaction() as session:
         account = account_store.get_account_by_name(session, name)
-        api_key = account_store.rotate_api_key(session, account)
+        api_key = account_store.rotate_api_key(session, account, actor=CLI)
     _emit({"name": name, "api_key": api_key})
 
 
@@ -427,7 +429,7 @@ def accounts_deactivate(ctx: click.Context, name: str) -> None:
     """Stop an account's SMTP AUTH and API access; its data is kept."""
     with runtime_of(ctx).database.transaction() as session:
         account = account_store.get_account_by_name(session, name)
-        account_store.deactivate_account(session, account)
+        account_store.deactivate_account(session, account, actor=CLI)
     click.echo(f"account {name} deactivated")
 
 

@@ -1,4 +1,4 @@
-"""Field rules shared by the CLI, the API and the storage layer."""
+"""Field checks shared by the CLI, the API and the storage layer; the rules they apply are in ``contract``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from collections.abc import Iterable
 import idna
 
 from smtp_proxy.config import SENDING_LIMITS
+from smtp_proxy.contract import ACCOUNT_NAME, MAX_LIMIT
 from smtp_proxy.errors import ValidationError
 
-# An account name is also the SMTP AUTH user name, so keep it to plain ASCII.
-_ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
+_ACCOUNT_NAME = re.compile(ACCOUNT_NAME)
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
-MAX_LIMIT = 2_147_483_647  # a sending limit above this is a typo, not a quota
 
 
 def account_name(value: object) -> str:

@@ -14,7 +14,6 @@ from smtp_proxy.api import schemas
 from smtp_proxy.api.auth import forget_account, principal, require_admin
 from smtp_proxy.api.context import config, database, key_cache, sending_limits
 from smtp_proxy.api.errors import forbidden_fields, invalid
-from smtp_proxy.db.models import Account
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.sending_limits import effective_limits
@@ -23,7 +22,8 @@ from smtp_proxy.storage import accounts as store
 bp = Blueprint("accounts", __name__, url_prefix="/accounts")
 
 
-def render(account: Account) -> dict[str, Any]:
+def render(account: Any) -> dict[str, Any]:
+    """An account of ``storage.accounts``, without its secrets."""
     return {
         "id": str(account.id),
         "name": account.name,
@@ -38,7 +38,7 @@ def render(account: Account) -> dict[str, Any]:
     }
 
 
-def _visible(session, account_id: uuid.UUID) -> Account:
+def _visible(session: Any, account_id: uuid.UUID) -> Any:
     """The account if the caller may see it: an admin any, a tenant only itself (else 404)."""
     _check_visible(account_id)
     return store.get_account(session, account_id)
@@ -130,8 +130,7 @@ def update(account_id: uuid.UUID) -> ResponseReturnValue:
     settings = config()
     with database().transaction() as session:
         account = _visible(session, account_id)
-        was_active = bool(account.active)
-        store.update_account(
+        done = store.update_account(
             session,
             account,
             data,
@@ -143,7 +142,7 @@ def update(account_id: uuid.UUID) -> ResponseReturnValue:
         digest = account.api_key_digest
     if "is_admin" in data or "active" in data:
         forget_account(account_id)
-    if body["active"] and not was_active:
+    if done.reactivated:
         key_cache().forget_unknown(digest)  # its key may be remembered as unknown since
     return body
 

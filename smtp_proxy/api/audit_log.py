@@ -10,14 +10,14 @@ from flask.typing import ResponseReturnValue
 from smtp_proxy.api import pages
 from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import database
-from smtp_proxy.db.models import AuditLog
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.storage import audit as store
 
 bp = Blueprint("audit_log", __name__, url_prefix="/audit-log")
 
 
-def render(entry: AuditLog) -> dict[str, Any]:
+def render(entry: Any) -> dict[str, Any]:
+    """An audit row of ``storage.audit``."""
     return {
         "id": str(entry.id),
         "actor": entry.actor,

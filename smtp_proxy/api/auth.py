@@ -23,10 +23,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cachetools import TTLCache
 from flask import current_app, g, request
 
 from smtp_proxy import crypto
@@ -57,7 +57,10 @@ class Principal:
 
 class KeyCache:
     """digest -> Principal for ``ttl`` seconds (active accounts only), and unknown digests for
-    ``unknown_ttl``; each table holds at most ``size`` entries, least recently used out."""
+    ``unknown_ttl``; each table holds at most ``size`` entries, least recently used out.
+
+    cachetools' caches are not thread-safe: one lock guards both.
+    """
 
     def __init__(
         self,
@@ -67,49 +70,29 @@ class KeyCache:
         unknown_ttl: float = UNKNOWN_TTL_SECONDS,
         size: int = CACHE_SIZE,
     ) -> None:
-        self._ttl = ttl
-        self._unknown_ttl = unknown_ttl
-        self._size = size
-        self._clock = clock
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
-        self._unknown: OrderedDict[str, float] = OrderedDict()
+        self._entries: TTLCache[str, Principal] = TTLCache(size, ttl, timer=clock)
+        self._unknown: TTLCache[str, bool] = TTLCache(size, unknown_ttl, timer=clock)
 
     def get(self, digest: str) -> Principal | None:
         with self._lock:
-            entry = self._entries.get(digest)
-            if entry is None:
+            try:  # a hit is the common case: one lookup, where get() makes two
+                return self._entries[digest]
+            except KeyError:
                 return None
-            if entry[1] <= self._clock():
-                del self._entries[digest]
-                return None
-            self._entries.move_to_end(digest)
-            return entry[0]
 
     def put(self, digest: str, principal: Principal) -> None:
         with self._lock:
-            self._entries[digest] = (principal, self._clock() + self._ttl)
-            self._entries.move_to_end(digest)
-            if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
+            self._entries[digest] = principal
 
     def is_unknown(self, digest: str) -> bool:
         """Whether this digest was found to belong to no active account a moment ago."""
         with self._lock:
-            expires = self._unknown.get(digest)
-            if expires is None:
-                return False
-            if expires <= self._clock():
-                del self._unknown[digest]
-                return False
-            return True
+            return digest in self._unknown
 
     def put_unknown(self, digest: str) -> None:
         with self._lock:
-            self._unknown[digest] = self._clock() + self._unknown_ttl
-            self._unknown.move_to_end(digest)
-            if len(self._unknown) > self._size:
-                self._unknown.popitem(last=False)
+            self._unknown[digest] = True
 
     def forget_unknown(self, digest: str) -> None:
         """A reactivated account's key works here at once, not after ``unknown_ttl``."""
@@ -119,11 +102,12 @@ class KeyCache:
     def drop_account(self, account_id: uuid.UUID) -> None:
         # A scan, but only on a key rotation or a (de)activation, never per request.
         with self._lock:
-            for digest in [d for d, (p, _) in self._entries.items() if p.id == account_id]:
-                del self._entries[digest]
+            for digest in [d for d, p in self._entries.items() if p.id == account_id]:
+                self._entries.pop(digest, None)  # del raises if it expired meanwhile
 
     def __len__(self) -> int:
-        return len(self._entries) + len(self._unknown)
+        with self._lock:
+            return len(self._entries) + len(self._unknown)
 
 
 def _unauthorized(message: str) -> ApiError:

@@ -13,7 +13,7 @@ from smtp_proxy.api import pages
 from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import database
 from smtp_proxy.api.errors import invalid
-from smtp_proxy.db.models import MessageStatus
+from smtp_proxy.contract import MessageStatus
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.storage import messages as store
 

@@ -1,12 +1,13 @@
-"""The OpenAPI 3.1 document of /api/v1, built from the schemas the API validates with."""
+"""The OpenAPI 3.1 document of /api/v1, built from the schemas the API validates with and the contract."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from smtp_proxy import __version__
+from smtp_proxy import __version__, contract
 from smtp_proxy.api import pages
 from smtp_proxy.api.schemas import SCHEMAS, Schema, list_of, page_of
+from smtp_proxy.contract import MessageStatus
 
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 _COMMON_ERRORS = {
@@ -31,7 +32,7 @@ _MESSAGE_PARAMS = [
     {
         "name": "status",
         "in": "query",
-        "schema": {"enum": ["queued", "processing", "delivered", "failed"]},
+        "schema": {"enum": contract.values(MessageStatus)},
     },
     {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
     {"name": "until", "in": "query", "schema": {"type": "string", "format": "date-time"}},

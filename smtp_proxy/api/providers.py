@@ -12,15 +12,15 @@ from smtp_proxy.api import pages, schemas
 from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import cipher, config, database
 from smtp_proxy.api.errors import invalid
-from smtp_proxy.db.models import EspProvider
+from smtp_proxy.contract import ProviderType
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.storage import providers as store
 
 bp = Blueprint("providers", __name__, url_prefix="/providers")
 
 
-def render(row: EspProvider | Any) -> dict[str, Any]:
-    """A provider (an ORM object or a row of ``list_summaries``) without its secrets."""
+def render(row: Any) -> dict[str, Any]:
+    """A provider (a row of ``get_provider`` or of ``list_summaries``) without its secrets."""
     return {
         "id": str(row.id),
         "name": row.name,
@@ -38,9 +38,9 @@ def render(row: EspProvider | Any) -> dict[str, Any]:
 def check_fields_for(kind: str, data: dict[str, Any]) -> None:
     """422 for a field this provider type would ignore: a tenant's mistake should show, not be stored."""
     fields: dict[str, str] = {}
-    if kind != "smtp" and data.get("smtp_config") is not None:
+    if kind != ProviderType.SMTP and data.get("smtp_config") is not None:
         fields["smtp_config"] = "is only for smtp providers"
-    if kind == "smtp" and data.get("api_key") is not None:
+    if kind == ProviderType.SMTP and data.get("api_key") is not None:
         fields["api_key"] = "is not used by smtp providers: the password goes in smtp_config.password"
     if fields:
         raise invalid(fields)
@@ -96,7 +96,7 @@ def update(provider_id: uuid.UUID) -> ResponseReturnValue:
         check_fields_for(kind, data)
         if "settings" in data and kind in schemas.SETTINGS_BY_TYPE:
             schemas.check_field("settings", schemas.SETTINGS_BY_TYPE[kind], data["settings"])
-        if kind == "ses" and "api_key" in data:
+        if kind == ProviderType.SES and "api_key" in data:
             schemas.check_field("api_key", "SesApiKey", data["api_key"])
         provider = store.update_provider(session, cipher(), provider, **data, actor=caller.actor)
         return render(provider)

@@ -13,7 +13,6 @@ from smtp_proxy.api import schemas
 from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import config, database
 from smtp_proxy.api.errors import invalid
-from smtp_proxy.db.models import RoutingRule
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.storage import routing_rules as store
@@ -21,7 +20,8 @@ from smtp_proxy.storage import routing_rules as store
 bp = Blueprint("routing_rules", __name__, url_prefix="/routing-rules")
 
 
-def render(rule: RoutingRule) -> dict[str, Any]:
+def render(rule: Any) -> dict[str, Any]:
+    """A rule of ``storage.routing_rules``."""
     return {
         "id": str(rule.id),
         "name": rule.name,

@@ -14,15 +14,16 @@ from flask import request
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaError
 
+from smtp_proxy import contract, crypto
 from smtp_proxy.api.errors import ApiError, invalid
 from smtp_proxy.config import SENDING_LIMITS
-from smtp_proxy.validation import MAX_LIMIT
+from smtp_proxy.contract import DeliveryStatus, MailgunRegion, MessageStatus, ProviderType, SmtpTls
 
 Schema = dict[str, Any]
 
 MAX_BODY_BYTES = 64 * 1024
 
-_NAME = {"type": "string", "minLength": 1, "maxLength": 100}
+_NAME = {"type": "string", "minLength": 1, "maxLength": contract.NAME_MAX}
 _UUID = {"type": "string", "format": "uuid"}
 _TIME = {"type": "string", "format": "date-time"}
 _DOMAIN_PATTERN = {
@@ -35,18 +36,19 @@ _DOMAIN_PATTERN = {
 ACCOUNT_FIELDS: Schema = {
     "name": {
         "type": "string",
-        "pattern": "^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$",
+        "pattern": contract.ACCOUNT_NAME,
         "description": "The SMTP AUTH user name; unique.",
     },
-    "email": {"type": "string", "minLength": 3, "maxLength": 254},
+    "email": {"type": "string", "minLength": 3, "maxLength": contract.EMAIL_MAX},
     "allowed_domains": {"type": "array", "items": _DOMAIN_PATTERN, "minItems": 1, "maxItems": 1000},
     "password": {
         "type": "string",
-        "minLength": 12,
-        "maxLength": 72,
+        "minLength": crypto.MIN_PASSWORD_LENGTH,
+        "maxLength": crypto.MAX_PASSWORD_BYTES,
         "writeOnly": True,
         "description": (
-            "SMTP password, 12 to 72 characters and at most 72 bytes as UTF-8 (bcrypt's limit); "
+            f"SMTP password, {crypto.MIN_PASSWORD_LENGTH} to {crypto.MAX_PASSWORD_BYTES} characters and at "
+            f"most {crypto.MAX_PASSWORD_BYTES} bytes as UTF-8 (bcrypt's limit); "
             "generated (and shown once) when left out at creation."
         ),
     },
@@ -79,7 +81,7 @@ PROVIDER_FIELDS: Schema = {
 RULE_FIELDS: Schema = {
     "name": _NAME,
     "provider_id": _UUID,
-    "priority": {"type": "integer", "minimum": 0, "maximum": 2147483647},
+    "priority": {"type": "integer", "minimum": 0, "maximum": contract.PRIORITY_MAX},
     "conditions": {"$ref": "#/components/schemas/Conditions"},
     "enabled": {"type": "boolean"},
 }
@@ -104,7 +106,8 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            name: {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_LIMIT} for name in SENDING_LIMITS
+            name: {"type": ["integer", "null"], "minimum": 1, "maximum": contract.MAX_LIMIT}
+            for name in SENDING_LIMITS
         },
         "description": (
             "Set by an admin only. The account's own sending limits: a limit left out takes the "
@@ -217,9 +220,9 @@ SCHEMAS: dict[str, Schema] = {
         "additionalProperties": False,
         "required": ["host", "port", "tls"],
         "properties": {
-            "host": {"type": "string", "minLength": 1, "maxLength": 253},
+            "host": {"type": "string", "minLength": 1, "maxLength": contract.DOMAIN_MAX},
             "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-            "tls": {"enum": ["none", "starttls", "implicit"]},
+            "tls": {"enum": contract.values(SmtpTls)},
             "username": {"type": "string", "maxLength": 256},
             "password": {"type": "string", "maxLength": 1024, "writeOnly": True},
         },
@@ -228,31 +231,31 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "additionalProperties": False,
         "required": ["name", "provider_type"],
-        "properties": {"provider_type": {"enum": ["sendgrid", "mailgun", "ses", "smtp"]}, **PROVIDER_FIELDS},
+        "properties": {"provider_type": {"enum": contract.values(ProviderType)}, **PROVIDER_FIELDS},
         "allOf": [
             {
-                "if": {"properties": {"provider_type": {"const": "sendgrid"}}},
+                "if": {"properties": {"provider_type": {"const": ProviderType.SENDGRID.value}}},
                 "then": {"required": ["api_key"]},
             },
             {
-                "if": {"properties": {"provider_type": {"const": "mailgun"}}},
+                "if": {"properties": {"provider_type": {"const": ProviderType.MAILGUN.value}}},
                 "then": {
                     "required": ["api_key", "settings"],
                     "properties": {"settings": {"$ref": "#/components/schemas/MailgunSettings"}},
                 },
             },
             {
-                "if": {"properties": {"provider_type": {"const": "ses"}}},
+                "if": {"properties": {"provider_type": {"const": ProviderType.SES.value}}},
                 "then": {
                     "required": ["api_key", "settings"],
                     "properties": {
-                        "api_key": {"pattern": "^[A-Z0-9]{16,128}:[^\\s]{1,512}$"},
+                        "api_key": {"pattern": contract.SES_API_KEY},
                         "settings": {"$ref": "#/components/schemas/SesSettings"},
                     },
                 },
             },
             {
-                "if": {"properties": {"provider_type": {"const": "smtp"}}},
+                "if": {"properties": {"provider_type": {"const": ProviderType.SMTP.value}}},
                 "then": {"required": ["smtp_config"]},
             },
         ],
@@ -274,16 +277,16 @@ SCHEMAS: dict[str, Schema] = {
         "additionalProperties": False,
         "required": ["domain"],
         "properties": {
-            "domain": {"type": "string", "minLength": 1, "maxLength": 253},
-            "region": {"enum": ["us", "eu"]},
+            "domain": {"type": "string", "minLength": 1, "maxLength": contract.DOMAIN_MAX},
+            "region": {"enum": contract.values(MailgunRegion)},
         },
     },
-    "SesApiKey": {"type": "string", "pattern": "^[A-Z0-9]{16,128}:[^\\s]{1,512}$"},
+    "SesApiKey": {"type": "string", "pattern": contract.SES_API_KEY},
     "SesSettings": {
         "type": "object",
         "additionalProperties": False,
         "required": ["region"],
-        "properties": {"region": {"type": "string", "pattern": "^[a-z]{2}(-[a-z]+)+-[0-9]$"}},
+        "properties": {"region": {"type": "string", "pattern": contract.SES_REGION}},
     },
     "Provider": {
         "type": "object",
@@ -302,7 +305,7 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "id": _UUID,
             "name": {"type": "string"},
-            "provider_type": {"enum": ["sendgrid", "mailgun", "ses", "smtp"]},
+            "provider_type": {"enum": contract.values(ProviderType)},
             "settings": {"type": "object"},
             "smtp_config": {"type": ["object", "null"], "description": "Without the password."},
             "enabled": {"type": "boolean"},
@@ -332,7 +335,7 @@ SCHEMAS: dict[str, Schema] = {
                     "additionalProperties": False,
                     "required": ["name", "contains"],
                     "properties": {
-                        "name": {"type": "string", "pattern": "^[!-9;-~]{1,76}$"},
+                        "name": {"type": "string", "pattern": contract.HEADER_NAME},
                         "contains": {"type": "string", "minLength": 1, "maxLength": 256},
                     },
                 },
@@ -398,7 +401,7 @@ SCHEMAS: dict[str, Schema] = {
             "recipients": {"type": "array", "items": {"type": "string"}},
             "subject": {"type": ["string", "null"]},
             "size": {"type": "integer"},
-            "status": {"enum": ["queued", "processing", "delivered", "failed"]},
+            "status": {"enum": contract.values(MessageStatus)},
             "attempts": {"type": "integer"},
             "provider_id": {"type": ["string", "null"], "format": "uuid"},
             "correlation_id": {"type": "string"},
@@ -414,7 +417,7 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "id": _UUID,
             "provider_id": {"type": ["string", "null"], "format": "uuid"},
-            "status": {"type": "string"},
+            "status": {"enum": contract.values(DeliveryStatus)},
             "response_code": {"type": ["integer", "null"]},
             "response_text": {"type": ["string", "null"]},
             "created_at": _TIME,
@@ -446,7 +449,7 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 # Sub-schemas checked again on update, where the type is the stored one.
-SETTINGS_BY_TYPE = {"mailgun": "MailgunSettings", "ses": "SesSettings"}
+SETTINGS_BY_TYPE = {ProviderType.MAILGUN: "MailgunSettings", ProviderType.SES: "SesSettings"}
 
 
 def page_of(item: str) -> Schema:
@@ -483,15 +486,22 @@ def validator(name: str) -> Draft202012Validator:
     return found
 
 
-def _field_of(error: SchemaError) -> str:
+def _fields_of(error: SchemaError) -> list[str]:
+    """The dotted names of the fields an error is about, read from the error's structure.
+
+    ``required`` names the missing properties and ``additionalProperties`` the
+    unexpected ones of the object at the error's path; any other error is about
+    the value at its path (the whole body at the top).
+    """
     path = ".".join(str(part) for part in error.absolute_path)
     if error.validator == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else ""
-        return f"{path}.{missing}" if path else missing
-    if error.validator == "additionalProperties":
-        extra = error.message.split("'")[1] if "'" in error.message else ""
-        return f"{path}.{extra}" if path else extra
-    return path or "body"
+        names = [name for name in error.validator_value if name not in error.instance]
+    elif error.validator == "additionalProperties":
+        known = error.schema.get("properties", {})
+        names = [name for name in error.instance if name not in known]
+    else:
+        return [path or "body"]
+    return [f"{path}.{name}" if path else name for name in names]
 
 
 def _problem(error: SchemaError) -> str:
@@ -525,7 +535,8 @@ def check(name: str, value: Any) -> None:
     fields: dict[str, str] = {}
     for error in sorted(validator(name).iter_errors(value), key=lambda e: list(e.absolute_path)):
         for leaf in _leaves(error):
-            fields.setdefault(_field_of(leaf), _problem(leaf))
+            for field in _fields_of(leaf):
+                fields.setdefault(field, _problem(leaf))
     if fields:
         raise invalid(fields)
 

@@ -3,7 +3,8 @@
 Secrets never sit here in the clear: passwords are bcrypt hashes, API keys
 SHA-256 digests, and provider secrets and message bodies AES-GCM ciphertexts
 (see ``smtp_proxy.crypto``). Alembic's initial migration produces exactly
-this metadata; a test holds the two together.
+this metadata; a test holds the two together. The enums are the API
+contract's (``smtp_proxy.contract``), native types on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from smtp_proxy.contract import (
+    ACCOUNT_NAME_MAX,
+    EMAIL_MAX,
+    NAME_MAX,
+    DeliveryStatus,
+    MessageStatus,
+    ProviderType,
+)
 from smtp_proxy.db.types import JsonDocument, UtcDateTime, utcnow
 
 NAMING_CONVENTION = {
@@ -44,26 +53,6 @@ NAMING_CONVENTION = {
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {datetime: UtcDateTime, dict[str, Any]: JsonDocument, list[Any]: JsonDocument}
-
-
-class ProviderType(enum.StrEnum):
-    SENDGRID = "sendgrid"
-    MAILGUN = "mailgun"
-    SES = "ses"
-    SMTP = "smtp"
-
-
-class MessageStatus(enum.StrEnum):
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-
-
-class DeliveryStatus(enum.StrEnum):
-    DELIVERED = "delivered"
-    DEFERRED = "deferred"
-    FAILED = "failed"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -89,8 +78,8 @@ class Account(Base):
     __tablename__ = "accounts"
 
     id: Mapped[uuid.UUID] = _uuid_pk()
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    email: Mapped[str] = mapped_column(String(254))
+    name: Mapped[str] = mapped_column(String(ACCOUNT_NAME_MAX), unique=True)
+    email: Mapped[str] = mapped_column(String(EMAIL_MAX))
     password_hash: Mapped[str] = mapped_column(String(60))
     api_key_digest: Mapped[str] = mapped_column(String(64), unique=True)
     # Sender domains this account may use: "example.com" or "*.example.com".
@@ -114,7 +103,7 @@ class EspProvider(Base):
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
     provider_type: Mapped[ProviderType] = mapped_column(_enum(ProviderType, "provider_type"))
     api_key_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -140,7 +129,7 @@ class RoutingRule(Base):
     provider_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("esp_providers.id", ondelete="CASCADE"), index=True
     )
-    name: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
     priority: Mapped[int] = mapped_column(Integer)
     conditions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)

@@ -33,6 +33,10 @@ log = logging.getLogger("smtp_proxy.db")
 
 # How long SQLite waits on a lock held by another connection before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# A unique violation as each driver names it: PostgreSQL's SQLSTATE (psycopg2.errorcodes.UNIQUE_VIOLATION,
+# written out so that a SQLite process need not load libpq) and SQLite's extended result codes.
+PG_UNIQUE_VIOLATION = "23505"
+SQLITE_UNIQUE_VIOLATIONS = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 
 
 def make_engine(config: DatabaseConfig, *, autocommit: bool = False) -> Engine:
@@ -40,10 +44,16 @@ def make_engine(config: DatabaseConfig, *, autocommit: bool = False) -> Engine:
 
     ``autocommit`` makes every connection of the pool run each statement as its
     own transaction, set once when the connection is made rather than switched
-    on and off at each checkout.
+    on and off at each checkout. Such a connection has no transaction to roll
+    back, so SQLAlchemy is told not to call the driver's rollback when it is
+    closed or goes back to the pool: psycopg2 would return at once, but only
+    after releasing and re-taking the GIL, twice per request for nothing on a
+    busy server.
     """
     url = make_url(config.effective_url)
-    options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
+    options: dict[str, Any] = (
+        {"isolation_level": "AUTOCOMMIT", "skip_autocommit_rollback": True} if autocommit else {}
+    )
     if url.drivername == "postgresql":
         # SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URL; we ship psycopg2.
         url = url.set(drivername="postgresql+psycopg2")
@@ -72,22 +82,7 @@ def make_engine(config: DatabaseConfig, *, autocommit: bool = False) -> Engine:
     )
     event.listen(engine, "checkin", _stamp_checkin)
     event.listen(engine, "checkout", functools.partial(_ping_if_idle, engine.dialect))
-    if autocommit:
-        original = engine.dialect.do_rollback
-        engine.dialect.do_rollback = functools.partial(_rollback_unless_autocommit, original)
     return engine
-
-
-def _rollback_unless_autocommit(rollback: Any, dbapi_connection: Any) -> None:
-    """An autocommit connection has no transaction to roll back.
-
-    SQLAlchemy still rolls back when a connection is closed and when it goes
-    back to the pool; psycopg2 returns at once, but only after releasing and
-    re-taking the GIL, twice per request for nothing on a busy server.
-    """
-    if getattr(dbapi_connection, "autocommit", False) is True:
-        return
-    rollback(dbapi_connection)
 
 
 # A connection that sat in the pool longer than this is pinged before use, so
@@ -132,15 +127,20 @@ def safe_url(engine: Engine) -> str:
 def translate(error: exc.DBAPIError | exc.SQLAlchemyError) -> Exception:
     """Map a SQLAlchemy/driver error onto the project's own exceptions."""
     if isinstance(error, exc.IntegrityError):
-        text = str(error.orig).lower()
-        if "unique" in text or "duplicate key" in text:
-            return Conflict("already exists")
-        return error
+        return Conflict("already exists") if is_unique_violation(error.orig) else error
     if isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)):
         return DatabaseUnavailable("the database is unavailable")
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return DatabaseUnavailable("the database connection was lost")
     return error
+
+
+def is_unique_violation(driver_error: BaseException | None) -> bool:
+    """Whether the driver reports a unique (or primary key) violation, read from its error code."""
+    return (
+        getattr(driver_error, "pgcode", None) == PG_UNIQUE_VIOLATION
+        or getattr(driver_error, "sqlite_errorname", None) in SQLITE_UNIQUE_VIOLATIONS
+    )
 
 
 class Database:

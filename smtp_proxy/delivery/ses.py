@@ -25,6 +25,7 @@ from botocore.credentials import Credentials
 from requests.auth import AuthBase
 
 from smtp_proxy.config import DeliveryConfig
+from smtp_proxy.contract import SES_REGION
 from smtp_proxy.delivery import http
 from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred, delivered, failed
 
@@ -33,7 +34,7 @@ SERVICE = "ses"
 # SES refuses a message with more than 50 recipients (To + Cc + Bcc): more go in several calls.
 MAX_RECIPIENTS = 50
 # A region is a host label in the default endpoint: hold it to AWS's shape, e.g. eu-west-1, us-gov-west-1.
-REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
+REGION = re.compile(SES_REGION)
 # Error types that a later attempt (or another provider) can get past.
 TEMPORARY_ERRORS = frozenset(
     {

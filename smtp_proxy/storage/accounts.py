@@ -19,7 +19,7 @@ from smtp_proxy import crypto, validation
 from smtp_proxy.db.models import Account
 from smtp_proxy.errors import Conflict, NotFound, ValidationError
 from smtp_proxy.storage import audit
-from smtp_proxy.storage.audit import CLI, Actor
+from smtp_proxy.storage.audit import Actor
 
 ENTITY = "account"
 # Fields update_account takes; the last five are the operator's (admins and the CLI only).
@@ -89,7 +89,7 @@ def create_account(
     allow_any_header_from: bool = False,
     limits: Mapping[str, int | None] | None = None,
     unique_domains: bool = True,
-    actor: Actor = CLI,
+    actor: Actor,
 ) -> NewAccount:
     """Validate, hash and add an account.
 
@@ -161,7 +161,7 @@ def list_accounts(session: Session) -> list[Account]:
 
 
 def set_password(
-    session: Session, account: Account, bcrypt_cost: int, password: str | None = None, actor: Actor = CLI
+    session: Session, account: Account, bcrypt_cost: int, password: str | None = None, *, actor: Actor
 ) -> str:
     """Replace the SMTP password (a generated one unless given); returns it."""
     password = password if password is not None else crypto.generate_password()
@@ -170,12 +170,25 @@ def set_password(
     return password
 
 
-def rotate_api_key(session: Session, account: Account, actor: Actor = CLI) -> str:
+def rotate_api_key(session: Session, account: Account, *, actor: Actor) -> str:
     """Issue a new API key; the old one stops working at commit. Returns the new key."""
     api_key = crypto.generate_api_key()
     account.api_key_digest = crypto.api_key_digest(api_key)
     _audit_update(session, account, actor, ("api_key",))
     return api_key
+
+
+@dataclass(frozen=True)
+class AccountUpdate:
+    """What ``update_account`` did: the fields it set and the action audited (None: nothing given)."""
+
+    fields: list[str]
+    action: str | None
+
+    @property
+    def reactivated(self) -> bool:
+        """The account was inactive and is active now: its key works again."""
+        return self.action == "reactivate"
 
 
 def update_account(
@@ -186,8 +199,8 @@ def update_account(
     actor: Actor,
     bcrypt_cost: int,
     unique_domains: bool,
-) -> list[str]:
-    """Apply a partial update of the fields in UPDATABLE, with one audit row; the names changed.
+) -> AccountUpdate:
+    """Apply a partial update of the fields in UPDATABLE, with one audit row.
 
     Whether the caller may set the operator's fields is the caller's decision (the API
     allows them to admins only). ``active: False`` is a deactivation, audited as one;
@@ -227,7 +240,7 @@ def update_account(
     if "password" in values:
         account.password_hash = crypto.hash_password(values["password"], bcrypt_cost)
     if not values:
-        return []
+        return AccountUpdate([], None)
     action = "update"
     if was_active and not active:
         action = "deactivate"
@@ -235,10 +248,10 @@ def update_account(
         action = "reactivate"
     fields = tuple(name for name in UPDATABLE if name in values)
     _audit_update(session, account, actor, fields, action=action)
-    return list(fields)
+    return AccountUpdate(list(fields), action)
 
 
-def deactivate_account(session: Session, account: Account, actor: Actor = CLI) -> None:
+def deactivate_account(session: Session, account: Account, *, actor: Actor) -> None:
     """No more AUTH or API calls; the account's data is kept."""
     if not account.active:
         return

@@ -14,7 +14,7 @@ from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import Account, EspProvider, ProviderType, RoutingRule
 from smtp_proxy.errors import Conflict, NotFound
 from smtp_proxy.storage import audit, json_rows
-from smtp_proxy.storage.audit import CLI, Actor
+from smtp_proxy.storage.audit import Actor
 
 ENTITY = "provider"
 RULE_ENTITY = "routing_rule"  # routing_rules.ENTITY, which imports this module
@@ -74,7 +74,7 @@ def create_provider(
     smtp_config: dict[str, Any] | None = None,
     enabled: bool = True,
     max_providers: int | None = None,
-    actor: Actor = CLI,
+    actor: Actor,
 ) -> EspProvider:
     """Add a provider; ``smtp_config["password"]`` is split off and sealed.
 
@@ -122,7 +122,7 @@ def update_provider(
     settings: dict[str, Any] = _UNSET,
     smtp_config: dict[str, Any] | None = _UNSET,
     enabled: bool = _UNSET,
-    actor: Actor = CLI,
+    actor: Actor,
 ) -> EspProvider:
     """Change the given fields only; a secret left out keeps its stored value."""
     changed: list[str] = []
@@ -159,7 +159,7 @@ def update_provider(
     return provider
 
 
-def delete_provider(session: Session, provider: EspProvider, actor: Actor = CLI) -> None:
+def delete_provider(session: Session, provider: EspProvider, *, actor: Actor) -> None:
     """Delete a provider and, through the foreign key, the rules that point at it.
 
     Each of those rules gets its own audit row, as if it had been deleted alone.

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from smtp_proxy.db.models import RoutingRule
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.storage import audit
-from smtp_proxy.storage.audit import CLI, Actor
+from smtp_proxy.storage.audit import Actor
 from smtp_proxy.storage.providers import RULE_ENTITY, check_quota, get_provider
 
 ENTITY = RULE_ENTITY
@@ -33,7 +33,7 @@ def create_rule(
     conditions: dict[str, Any] | None = None,
     enabled: bool = True,
     max_rules: int | None = None,
-    actor: Actor = CLI,
+    actor: Actor,
 ) -> RoutingRule:
     """Add a rule; the provider must be the same tenant's (else NotFound).
 
@@ -66,9 +66,7 @@ def create_rule(
     return rule
 
 
-def update_rule(
-    session: Session, rule: RoutingRule, changes: dict[str, Any], actor: Actor = CLI
-) -> RoutingRule:
+def update_rule(session: Session, rule: RoutingRule, changes: dict[str, Any], *, actor: Actor) -> RoutingRule:
     """Apply a partial update of the fields in ``_FIELDS``."""
     unknown = set(changes) - set(_FIELDS)
     if unknown:
@@ -92,7 +90,7 @@ def update_rule(
     return rule
 
 
-def delete_rule(session: Session, rule: RoutingRule, actor: Actor = CLI) -> None:
+def delete_rule(session: Session, rule: RoutingRule, *, actor: Actor) -> None:
     audit.record(
         session, actor=actor, action="delete", entity=ENTITY, entity_id=rule.id, account_id=rule.account_id
     )

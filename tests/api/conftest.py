@@ -24,6 +24,7 @@ from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts
+from smtp_proxy.storage.audit import CLI
 
 
 class Client:
@@ -148,6 +149,7 @@ def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
                 allowed_domains=[own_domain()],
                 is_admin=True,
                 bcrypt_cost=4,
+                actor=CLI,
             )
             admin_key, admin_id = admin.api_key, str(admin.account.id)
         database.remove_session()
@@ -272,6 +274,7 @@ def make_app(make_config) -> Iterator[Callable[..., AppUnderTest]]:
                     is_admin=True,
                     bcrypt_cost=4,
                     unique_domains=False,  # a second app on one database adds a second admin
+                    actor=CLI,
                 )
                 admin_key, admin_id = admin.api_key, str(admin.account.id)
         finally:

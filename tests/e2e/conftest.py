@@ -30,6 +30,7 @@ from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.server import SmtpServer
 from smtp_proxy.smtp.tls import TlsContextHolder
 from smtp_proxy.storage import accounts, messages
+from smtp_proxy.storage.audit import CLI
 
 PASSWORD = "correct horse battery"
 # The listener's Received field: its first line, then continuation lines, each ending in CRLF.
@@ -106,6 +107,7 @@ def start_listener(pg_url: str, make_config, tls_files) -> Iterator[Callable[...
                     allowed_domains=["example.com", "*.example.org"],
                     password=PASSWORD,
                     bcrypt_cost=4,
+                    actor=CLI,
                 )
         database.remove_session()
         server = SmtpServer(

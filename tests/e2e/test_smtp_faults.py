@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from smtp_proxy.storage.audit import CLI
 from tests.conftest import free_port, wait_until_accepting
 from tests.e2e.conftest import PASSWORD, Listener, RawClient, ServeProcess
 
@@ -200,6 +201,7 @@ def _create_tenant(pg_url: str) -> None:
                 allowed_domains=["example.com"],
                 password=PASSWORD,
                 bcrypt_cost=4,
+                actor=CLI,
             )
     database.dispose()
 

@@ -22,6 +22,7 @@ from smtp_proxy.sending_limits import SendingLimits
 from smtp_proxy.smtp import server as server_module
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
 from smtp_proxy.storage import accounts
+from smtp_proxy.storage.audit import CLI
 from tests.e2e.conftest import Listener, RawClient
 from tests.waiting import wait_for
 
@@ -310,7 +311,7 @@ def test_a_deactivation_ends_live_sessions_in_every_listener_at_their_next_mail_
         client.sendmail("app@example.com", ["a@example.net"], MESSAGE)
     before = rejections("account_disabled")
     with first.database.transaction() as session:
-        accounts.deactivate_account(session, accounts.get_account_by_name(session, "tenant"))
+        accounts.deactivate_account(session, accounts.get_account_by_name(session, "tenant"), actor=CLI)
     first.database.remove_session()
     for client in sessions:
         code, text, elapsed = mail_until_refused(client)
@@ -331,7 +332,7 @@ def test_a_password_change_stops_the_old_password_in_every_listener(
         login(listener, client_tls).quit()
     with first.database.transaction() as session:
         accounts.set_password(
-            session, accounts.get_account_by_name(session, "tenant"), 4, "a brand new password"
+            session, accounts.get_account_by_name(session, "tenant"), 4, "a brand new password", actor=CLI
         )
     first.database.remove_session()
     for listener in (first, second):

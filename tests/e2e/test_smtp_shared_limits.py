@@ -21,6 +21,7 @@ import yaml
 from smtp_proxy.config import config_from_dict
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts
+from smtp_proxy.storage.audit import CLI
 from tests.conftest import free_port
 from tests.e2e.conftest import PASSWORD, SMTP_PROXY, ServeProcess
 from tests.waiting import wait_for
@@ -57,6 +58,7 @@ def start_smtp(
             allowed_domains=["example.com"],
             password=PASSWORD,
             bcrypt_cost=4,
+            actor=CLI,
         )
     database.dispose()
     started: list[SmtpProcess] = []
@@ -181,6 +183,7 @@ def test_serve_all_shows_the_listeners_counts_on_the_usage_endpoint(
             allowed_domains=["example.com"],
             password=PASSWORD,
             bcrypt_cost=4,
+            actor=CLI,
         )
         account_id, api_key = created.account.id, created.api_key
     database.dispose()

@@ -29,6 +29,7 @@ from smtp_proxy.db.types import utcnow
 from smtp_proxy.delivery.routes import RouteCache
 from smtp_proxy.delivery.worker import Worker
 from smtp_proxy.storage import accounts, providers, routing_rules
+from smtp_proxy.storage.audit import CLI
 from smtp_proxy.storage.messages import enqueue_message, message_body
 from tests import fake_esp
 from tests.conftest import free_port, wait_until_accepting
@@ -84,6 +85,7 @@ class Queue:
                     email="ops@example.com",
                     allowed_domains=list(domains),
                     bcrypt_cost=4,
+                    actor=CLI,
                 ).account.id
         self.database.remove_session()
 
@@ -93,7 +95,13 @@ class Queue:
     def provider(self, name: str, provider_type: ProviderType, **kw: Any) -> uuid.UUID:
         with self.database.transaction() as session:
             provider = providers.create_provider(
-                session, self.cipher, account_id=self.account_id, name=name, provider_type=provider_type, **kw
+                session,
+                self.cipher,
+                account_id=self.account_id,
+                name=name,
+                provider_type=provider_type,
+                **kw,
+                actor=CLI,
             )
             return provider.id
 
@@ -106,6 +114,7 @@ class Queue:
                 name=f"rule-{priority}-{uuid.uuid4().hex[:6]}",
                 priority=priority,
                 conditions=conditions,
+                actor=CLI,
             ).id
 
     def enqueue(self, count: int = 1, recipients: tuple[str, ...] = ("rcpt@example.net",)) -> list[uuid.UUID]:

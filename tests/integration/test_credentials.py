@@ -18,6 +18,7 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier, authenticate
 from smtp_proxy.storage import accounts
+from smtp_proxy.storage.audit import CLI
 
 BCRYPT_COST = 4
 PASSWORD = "correct horse battery staple"
@@ -73,6 +74,7 @@ def create(database: Database, name: str = "alice", password: str = PASSWORD) ->
             allowed_domains=DOMAINS if name == "alice" else [f"{name}.example.net"],
             bcrypt_cost=BCRYPT_COST,
             password=password,
+            actor=CLI,
         )
         account = created.account
         return AuthenticatedAccount(account.id, account.name, tuple(account.allowed_domains))
@@ -145,7 +147,7 @@ def test_verify_user_name_is_case_sensitive(database: Database) -> None:
 def test_verify_deactivated_account_returns_none_after_one_bcrypt_check(database: Database) -> None:
     create(database)
     with database.transaction() as session:
-        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"))
+        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"), actor=CLI)
     verifier = make_verifier(database)
     assert verifier.verify("alice", PASSWORD) is None
     assert verifier.checks == 1
@@ -181,7 +183,11 @@ def test_verify_after_password_change_rejects_the_cached_password_at_once(databa
     assert verifier.verify("alice", PASSWORD) == expected
     with database.transaction() as session:
         accounts.set_password(
-            session, accounts.get_account_by_name(session, "alice"), BCRYPT_COST, "a brand new password"
+            session,
+            accounts.get_account_by_name(session, "alice"),
+            BCRYPT_COST,
+            "a brand new password",
+            actor=CLI,
         )
     assert verifier.verify("alice", PASSWORD) is None
     assert verifier.verify("alice", "a brand new password") == expected
@@ -193,7 +199,7 @@ def test_verify_after_deactivation_rejects_a_cached_login_at_once(database: Data
     verifier = make_verifier(database)
     assert verifier.verify("alice", PASSWORD) is not None
     with database.transaction() as session:
-        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"))
+        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"), actor=CLI)
     assert verifier.verify("alice", PASSWORD) is None
 
 
@@ -368,7 +374,11 @@ def test_a_password_change_reaches_every_verifier_at_once(database: Database) ->
     assert first.verify("alice", PASSWORD) and second.verify("alice", PASSWORD)
     with database.transaction() as session:
         accounts.set_password(
-            session, accounts.get_account_by_name(session, "alice"), BCRYPT_COST, "a brand new password"
+            session,
+            accounts.get_account_by_name(session, "alice"),
+            BCRYPT_COST,
+            "a brand new password",
+            actor=CLI,
         )
     assert first.verify("alice", PASSWORD) is None
     assert second.verify("alice", PASSWORD) is None

@@ -15,6 +15,7 @@ from smtp_proxy.crypto import Cipher, generate_encryption_key, key_id
 from smtp_proxy.db.models import EspProvider, Message
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts, messages, providers
+from smtp_proxy.storage.audit import CLI
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 
@@ -33,10 +34,21 @@ def _seed(db_url: str, old_key: str) -> None:
     cipher = Cipher.from_config(config.security)
     with database.transaction() as session:
         owner = accounts.create_account(
-            session, name="t", email="t@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+            session,
+            name="t",
+            email="t@example.com",
+            allowed_domains=["example.com"],
+            bcrypt_cost=4,
+            actor=CLI,
         ).account
         providers.create_provider(
-            session, cipher, account_id=owner.id, name="sg", provider_type="sendgrid", api_key="SG.secret"
+            session,
+            cipher,
+            account_id=owner.id,
+            name="sg",
+            provider_type="sendgrid",
+            api_key="SG.secret",
+            actor=CLI,
         )
         for n in range(7):
             messages.enqueue_message(

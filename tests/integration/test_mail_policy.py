@@ -20,6 +20,7 @@ from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
 from smtp_proxy.smtp.credentials import AuthenticatedAccount
 from smtp_proxy.storage import accounts
+from smtp_proxy.storage.audit import CLI
 
 
 class Clock:
@@ -45,6 +46,7 @@ def tenant(database: Database) -> AuthenticatedAccount:
             allowed_domains=["example.com"],
             password="correct horse battery",
             bcrypt_cost=4,
+            actor=CLI,
         )
         account = created.account
         return AuthenticatedAccount(account.id, account.name, ("example.com",))
@@ -152,7 +154,7 @@ def test_a_deactivation_refuses_with_421_once_the_state_is_older_than_its_ttl(
     policy = Policy(database, make_config(db_url))
     assert policy.check(tenant).refusal is None
     with database.transaction() as session:
-        accounts.deactivate_account(session, accounts.get_account_by_name(session, "tenant"))
+        accounts.deactivate_account(session, accounts.get_account_by_name(session, "tenant"), actor=CLI)
     database.remove_session()
     policy.state_clock.now += 1.9
     assert policy.check(tenant).refusal is None  # the state read 1.9 s ago

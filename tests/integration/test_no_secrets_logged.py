@@ -34,6 +34,7 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.errors import Conflict, DatabaseUnavailable
 from smtp_proxy.logs import PREFIX_LENGTH, configure_logging, correlation
 from smtp_proxy.storage import accounts, messages, providers
+from smtp_proxy.storage.audit import CLI
 
 BAD_DB_URL = "postgresql://user:pw@127.0.0.1:1/x"
 SMTP_PROXY = Path(sys.executable).parent / "smtp-proxy"
@@ -181,6 +182,7 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
                     allowed_domains=["example.com"],
                     bcrypt_cost=bcrypt_cost,
                     password=password,
+                    actor=CLI,
                 )
             assert created.password == password
             first_key = s.add("first api key", created.api_key)
@@ -195,15 +197,19 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
                         allowed_domains=["example.com"],
                         bcrypt_cost=bcrypt_cost,
                         password=password,
+                        actor=CLI,
                     )
             logging.getLogger("smtp_proxy.tests").warning("duplicate", exc_info=duplicate_account.value)
 
             with database.transaction() as session:
                 account = accounts.get_account(session, account_id)
-                second_key = s.add("rotated api key", accounts.rotate_api_key(session, account))
+                second_key = s.add("rotated api key", accounts.rotate_api_key(session, account, actor=CLI))
             with database.transaction() as session:
                 account = accounts.get_account(session, account_id)
-                assert accounts.set_password(session, account, bcrypt_cost, new_password) == new_password
+                assert (
+                    accounts.set_password(session, account, bcrypt_cost, new_password, actor=CLI)
+                    == new_password
+                )
 
             with database.transaction() as session:
                 account = accounts.get_account(session, account_id)
@@ -229,6 +235,7 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
                         "username": "relay-user",
                         "password": smtp_password,
                     },
+                    actor=CLI,
                 )
                 provider_id = provider.id
             with pytest.raises(Conflict) as duplicate_provider:
@@ -240,6 +247,7 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
                         name="primary",
                         provider_type="sendgrid",
                         api_key=provider_key,
+                        actor=CLI,
                     )
             logging.getLogger("smtp_proxy.tests").warning("duplicate", exc_info=duplicate_provider.value)
             with database.transaction() as session:
@@ -253,6 +261,7 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
                     provider,
                     api_key=provider_key_2,
                     smtp_config={"host": "smtp.example.net", "port": 587, "password": smtp_password_2},
+                    actor=CLI,
                 )
             with database.transaction() as session:
                 provider = providers.get_provider(session, account_id, provider_id)

@@ -6,8 +6,10 @@ import threading
 import uuid
 from datetime import UTC, datetime
 
+import psycopg2.errorcodes
+import psycopg2.extensions
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, exc, select, text
 
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
@@ -16,6 +18,7 @@ from smtp_proxy.db.models import Account, EspProvider
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import Conflict, DatabaseUnavailable
 from smtp_proxy.storage import accounts, providers
+from smtp_proxy.storage.audit import CLI
 
 HOSTILE = "x'); DROP TABLE accounts; -- \" \\ %s %(name)s ${HOME} \u202e"
 
@@ -153,7 +156,12 @@ def test_hostile_strings_are_stored_and_returned_literally(database: Database, m
     cipher = Cipher.from_config(make_config().security)
     with database.transaction() as session:
         owner = accounts.create_account(
-            session, name="tenant", email="t@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+            session,
+            name="tenant",
+            email="t@example.com",
+            allowed_domains=["example.com"],
+            bcrypt_cost=4,
+            actor=CLI,
         ).account
         provider = providers.create_provider(
             session,
@@ -163,6 +171,7 @@ def test_hostile_strings_are_stored_and_returned_literally(database: Database, m
             provider_type="smtp",
             settings={"note": HOSTILE},
             smtp_config={"host": HOSTILE, "port": 25, "tls": "none", "password": HOSTILE},
+            actor=CLI,
         )
         provider_id = provider.id
     database.remove_session()
@@ -179,7 +188,12 @@ def test_hostile_strings_are_stored_and_returned_literally(database: Database, m
 def test_unique_violation_becomes_conflict_and_rolls_back(database: Database) -> None:
     with database.transaction() as session:
         accounts.create_account(
-            session, name="dup", email="d@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+            session,
+            name="dup",
+            email="d@example.com",
+            allowed_domains=["example.com"],
+            bcrypt_cost=4,
+            actor=CLI,
         )
     # Bypass the friendly pre-check: two rows with one name hit the unique constraint itself.
     with pytest.raises(Conflict):
@@ -196,6 +210,79 @@ def test_unique_violation_becomes_conflict_and_rolls_back(database: Database) ->
             )
     with database.transaction() as session:
         assert session.execute(text("SELECT count(*) FROM accounts")).scalar() == 1
+
+
+def test_a_primary_key_violation_becomes_conflict(database: Database) -> None:
+    """Read from the driver's code: SQLSTATE 23505 on PostgreSQL, SQLITE_CONSTRAINT_PRIMARYKEY on SQLite."""
+    first = _account_row("first")
+    with database.transaction() as session:
+        session.execute(Account.__table__.insert(), first)
+    with pytest.raises(Conflict) as caught, database.transaction() as session:
+        session.execute(Account.__table__.insert(), {**_account_row("second"), "id": first["id"]})
+    assert session_module.is_unique_violation(caught.value.__cause__.orig)
+    with database.transaction() as session:
+        assert session.execute(text("SELECT count(*) FROM accounts")).scalar() == 1
+
+
+def test_an_integrity_error_that_is_not_a_unique_violation_is_not_a_conflict(database: Database) -> None:
+    """A check constraint named like a unique one stays an IntegrityError: its message is not read."""
+    with pytest.raises(exc.IntegrityError) as caught, database.transaction() as session:
+        session.execute(
+            text("CREATE TEMPORARY TABLE t (x INTEGER CONSTRAINT unique_x_duplicate_key CHECK (x > 0))")
+        )
+        session.execute(text("INSERT INTO t (x) VALUES (-1)"))
+    assert "unique_x_duplicate_key" in str(caught.value.orig)
+    assert not session_module.is_unique_violation(caught.value.orig)
+
+
+def test_pg_unique_violation_is_psycopg2s_sqlstate() -> None:
+    assert session_module.PG_UNIQUE_VIOLATION == psycopg2.errorcodes.UNIQUE_VIOLATION
+
+
+def test_an_autocommit_connection_does_not_call_the_drivers_rollback(pg_url: str, make_config) -> None:
+    """skip_autocommit_rollback: no rollback() at close or checkin; the transactional pool rolls back."""
+    db = Database(make_config(pg_url, database={"pool_min": 1, "pool_max": 1}).database)
+    rollbacks: list[str] = []
+
+    class CountingConnection(psycopg2.extensions.connection):
+        def rollback(self) -> None:
+            rollbacks.append("autocommit" if self.autocommit else "transaction")
+            super().rollback()
+
+    def counting(_dialect: object, _record: object, _args: object, params: dict) -> None:
+        params["connection_factory"] = CountingConnection
+
+    try:
+        for engine in (db.engine, db.autocommit_engine):
+            event.listen(engine, "do_connect", counting)
+            engine.connect().close()  # the first connect initialises the dialect, autocommit set after
+        rollbacks.clear()
+        for _ in range(3):
+            with db.autocommit() as connection:
+                assert connection.execute(text("SELECT 1")).scalar_one() == 1
+            with db.read() as session:
+                assert session.execute(text("SELECT 1")).scalar_one() == 1
+        assert rollbacks == []
+        with db.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        assert rollbacks and set(rollbacks) == {"transaction"}  # the counter does count
+    finally:
+        db.dispose()
+
+
+def _account_row(name: str) -> dict[str, object]:
+    now = datetime.now(UTC)
+    return {
+        "id": uuid.uuid4(),
+        "name": name,
+        "email": "e@example.com",
+        "password_hash": "x",
+        "api_key_digest": uuid.uuid4().hex * 2,
+        "allowed_domains": ["example.com"],
+        "active": True,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 def test_each_thread_gets_its_own_session(database: Database) -> None:

@@ -83,7 +83,9 @@ def new_account(
 def new_provider(db: Database, cipher: Cipher, account_id: uuid.UUID, name: str = "sendgrid-main", **kw):
     kw.setdefault("provider_type", ProviderType.SENDGRID)
     with db.transaction() as session:
-        provider = providers.create_provider(session, cipher, account_id=account_id, name=name, **kw)
+        provider = providers.create_provider(
+            session, cipher, account_id=account_id, name=name, **kw, actor=audit.CLI
+        )
     db.remove_session()
     return provider
 
@@ -91,7 +93,13 @@ def new_provider(db: Database, cipher: Cipher, account_id: uuid.UUID, name: str 
 def new_rule(db: Database, account_id: uuid.UUID, provider_id: uuid.UUID, name: str, priority: int, **kw):
     with db.transaction() as session:
         rule = routing_rules.create_rule(
-            session, account_id=account_id, provider_id=provider_id, name=name, priority=priority, **kw
+            session,
+            account_id=account_id,
+            provider_id=provider_id,
+            name=name,
+            priority=priority,
+            **kw,
+            actor=audit.CLI,
         )
     db.remove_session()
     return rule
@@ -119,6 +127,7 @@ def test_create_account_returns_credentials_once_and_stores_only_hash_and_digest
             email="Ops@Example.COM",
             allowed_domains=["Example.COM.", "*.Mail.Example.com", "example.com"],
             bcrypt_cost=4,
+            actor=audit.CLI,
         )
     assert re.fullmatch(r"[0-9a-f]{64}", created.api_key)
     assert len(created.password) >= crypto.MIN_PASSWORD_LENGTH
@@ -188,7 +197,12 @@ def test_duplicate_account_name_is_conflict_and_stores_nothing(database: Databas
     new_account(database, "alice")
     with pytest.raises(Conflict), database.transaction() as session:
         accounts.create_account(
-            session, name="alice", email="other@example.org", allowed_domains=["example.org"], bcrypt_cost=4
+            session,
+            name="alice",
+            email="other@example.org",
+            allowed_domains=["example.org"],
+            bcrypt_cost=4,
+            actor=audit.CLI,
         )
     with fresh(database) as session:
         assert [a.email for a in accounts.list_accounts(session)] == ["alice@example.com"]
@@ -231,7 +245,7 @@ def test_invalid_account_input_names_the_field(database: Database, overrides: di
         **overrides,
     }
     with pytest.raises(ValidationError) as caught, database.transaction() as session:
-        accounts.create_account(session, **arguments)
+        accounts.create_account(session, **arguments, actor=audit.CLI)
     assert caught.value.field == field
     with fresh(database) as session:
         assert accounts.list_accounts(session) == []
@@ -257,7 +271,7 @@ def test_set_password_replaces_the_old_one(database: Database) -> None:
     created = new_account(database, "alice")
     with database.transaction() as session:
         account = accounts.get_account_by_name(session, "alice")
-        given = accounts.set_password(session, account, 4, "a brand new password")
+        given = accounts.set_password(session, account, 4, "a brand new password", actor=audit.CLI)
     assert given == "a brand new password"
     with fresh(database) as session:
         stored = accounts.get_account_by_name(session, "alice")
@@ -265,7 +279,9 @@ def test_set_password_replaces_the_old_one(database: Database) -> None:
         assert not crypto.verify_password(created.password, stored.password_hash)
 
     with database.transaction() as session:
-        generated = accounts.set_password(session, accounts.get_account_by_name(session, "alice"), 4)
+        generated = accounts.set_password(
+            session, accounts.get_account_by_name(session, "alice"), 4, actor=audit.CLI
+        )
     assert len(generated) >= crypto.MIN_PASSWORD_LENGTH
     with fresh(database) as session:
         stored = accounts.get_account_by_name(session, "alice")
@@ -280,7 +296,9 @@ def test_set_password_replaces_the_old_one(database: Database) -> None:
 def test_set_password_refuses_a_short_password(database: Database) -> None:
     created = new_account(database, "alice")
     with pytest.raises(ValidationError) as caught, database.transaction() as session:
-        accounts.set_password(session, accounts.get_account_by_name(session, "alice"), 4, "too short")
+        accounts.set_password(
+            session, accounts.get_account_by_name(session, "alice"), 4, "too short", actor=audit.CLI
+        )
     assert caught.value.field == "password"
     with fresh(database) as session:
         stored = accounts.get_account_by_name(session, "alice")
@@ -290,7 +308,9 @@ def test_set_password_refuses_a_short_password(database: Database) -> None:
 def test_rotate_api_key_retires_the_old_key(database: Database) -> None:
     created = new_account(database, "alice")
     with database.transaction() as session:
-        new_key = accounts.rotate_api_key(session, accounts.get_account_by_name(session, "alice"))
+        new_key = accounts.rotate_api_key(
+            session, accounts.get_account_by_name(session, "alice"), actor=audit.CLI
+        )
     assert new_key != created.api_key
     assert re.fullmatch(r"[0-9a-f]{64}", new_key)
     with fresh(database) as session:
@@ -307,7 +327,7 @@ def test_deactivate_keeps_data_blocks_key_and_is_idempotent(database: Database, 
     created = new_account(database, "alice", domains=("example.com", "*.example.org"))
     new_provider(database, cipher, created.account.id, api_key="sg-key")
     with database.transaction() as session:
-        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"))
+        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"), actor=audit.CLI)
     with fresh(database) as session:
         assert accounts.find_by_api_key(session, created.api_key) is None
         stored = accounts.get_account(session, created.account.id)
@@ -318,7 +338,7 @@ def test_deactivate_keeps_data_blocks_key_and_is_idempotent(database: Database, 
         assert [p.name for p in providers.list_providers(session, created.account.id)] == ["sendgrid-main"]
 
     with database.transaction() as session:
-        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"))
+        accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"), actor=audit.CLI)
     with fresh(database) as session:
         assert accounts.get_account(session, created.account.id).active is False
     deactivations = [e for e in audit_rows(database) if e.action == "deactivate"]
@@ -329,26 +349,39 @@ def test_deactivate_keeps_data_blocks_key_and_is_idempotent(database: Database, 
 
 def _change_create(session: Session, _cipher: Cipher) -> None:
     accounts.create_account(
-        session, name="bob", email="bob@example.com", allowed_domains=["bob.example.com"], bcrypt_cost=4
+        session,
+        name="bob",
+        email="bob@example.com",
+        allowed_domains=["bob.example.com"],
+        bcrypt_cost=4,
+        actor=audit.CLI,
     )
 
 
 def _change_password(session: Session, _cipher: Cipher) -> None:
-    accounts.set_password(session, accounts.get_account_by_name(session, "alice"), 4, "rolled back password")
+    accounts.set_password(
+        session, accounts.get_account_by_name(session, "alice"), 4, "rolled back password", actor=audit.CLI
+    )
 
 
 def _change_key(session: Session, _cipher: Cipher) -> None:
-    accounts.rotate_api_key(session, accounts.get_account_by_name(session, "alice"))
+    accounts.rotate_api_key(session, accounts.get_account_by_name(session, "alice"), actor=audit.CLI)
 
 
 def _change_deactivate(session: Session, _cipher: Cipher) -> None:
-    accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"))
+    accounts.deactivate_account(session, accounts.get_account_by_name(session, "alice"), actor=audit.CLI)
 
 
 def _change_provider(session: Session, cipher: Cipher) -> None:
     account = accounts.get_account_by_name(session, "alice")
     providers.create_provider(
-        session, cipher, account_id=account.id, name="p", provider_type="mailgun", api_key="k"
+        session,
+        cipher,
+        account_id=account.id,
+        name="p",
+        provider_type="mailgun",
+        api_key="k",
+        actor=audit.CLI,
     )
 
 
@@ -391,7 +424,7 @@ def test_update_account_applies_each_field_with_one_audit_row(database: Database
         account = accounts.get_account(session, created.account.id)
         fields = accounts.update_account(
             session, account, changes, actor=admin, bcrypt_cost=BCRYPT_COST, unique_domains=True
-        )
+        ).fields
     assert fields == ["email", "password", "allowed_domains", "is_admin", "allow_any_header_from", "limits"]
     with fresh(database) as session:
         stored = accounts.get_account(session, created.account.id)
@@ -448,7 +481,7 @@ def test_domain_taken_on_create_update_and_reactivation(database: Database) -> N
             account = accounts.get_account(session, account_id)
             return accounts.update_account(
                 session, account, changes, actor=audit.CLI, bcrypt_cost=BCRYPT_COST, unique_domains=unique
-            )
+            ).fields
 
     with pytest.raises(accounts.DomainTaken):
         update(other.id, {"allowed_domains": ["*.eu.shop.example"]})
@@ -456,7 +489,7 @@ def test_domain_taken_on_create_update_and_reactivation(database: Database) -> N
     assert update(holder.id, {"allowed_domains": ["*.shop.example", "x.shop.example"]})  # its own
     # A deactivated holder frees the domain; it cannot come back while another holds it.
     with database.transaction() as session:
-        accounts.deactivate_account(session, accounts.get_account(session, holder.id))
+        accounts.deactivate_account(session, accounts.get_account(session, holder.id), actor=audit.CLI)
     new_account(database, "successor", domains=("eu.shop.example",))
     with pytest.raises(accounts.DomainTaken) as caught:
         update(holder.id, {"active": True})
@@ -585,7 +618,9 @@ def test_update_provider_changes_only_given_fields_and_keeps_secrets(
 
     with database.transaction() as session:
         provider = providers.get_provider(session, owner.id, created.id)
-        providers.update_provider(session, cipher, provider, settings={"x": 1}, enabled=False)
+        providers.update_provider(
+            session, cipher, provider, settings={"x": 1}, enabled=False, actor=audit.CLI
+        )
     with fresh(database) as session:
         provider = providers.get_provider(session, owner.id, created.id)
         assert provider.settings == {"x": 1}
@@ -598,7 +633,9 @@ def test_update_provider_changes_only_given_fields_and_keeps_secrets(
     # A new smtp_config without a password keeps the stored password.
     with database.transaction() as session:
         provider = providers.get_provider(session, owner.id, created.id)
-        providers.update_provider(session, cipher, provider, smtp_config={**SMTP_CONFIG, "port": 2525})
+        providers.update_provider(
+            session, cipher, provider, smtp_config={**SMTP_CONFIG, "port": 2525}, actor=audit.CLI
+        )
     with fresh(database) as session:
         provider = providers.get_provider(session, owner.id, created.id)
         assert provider.smtp_config == {**SMTP_CONFIG, "port": 2525}
@@ -613,6 +650,7 @@ def test_update_provider_changes_only_given_fields_and_keeps_secrets(
             name="renamed",
             api_key="new-api-key",
             smtp_config={**SMTP_CONFIG, "password": "new-smtp-password"},
+            actor=audit.CLI,
         )
     with fresh(database) as session:
         provider = providers.get_provider(session, owner.id, created.id)
@@ -624,7 +662,7 @@ def test_update_provider_changes_only_given_fields_and_keeps_secrets(
     # An explicit None clears a secret.
     with database.transaction() as session:
         provider = providers.get_provider(session, owner.id, created.id)
-        providers.update_provider(session, cipher, provider, api_key=None)
+        providers.update_provider(session, cipher, provider, api_key=None, actor=audit.CLI)
     with fresh(database) as session:
         provider = providers.get_provider(session, owner.id, created.id)
         assert provider.api_key_encrypted is None
@@ -658,13 +696,15 @@ def test_provider_names_are_unique_per_tenant(database: Database, cipher: Cipher
     new_provider(database, cipher, alice.id, name="main")
     new_provider(database, cipher, alice.id, name="backup")
     with pytest.raises(Conflict), database.transaction() as session:
-        providers.create_provider(session, cipher, account_id=alice.id, name="main", provider_type="ses")
+        providers.create_provider(
+            session, cipher, account_id=alice.id, name="main", provider_type="ses", actor=audit.CLI
+        )
     # The same name is fine for another tenant.
     new_provider(database, cipher, bob.id, name="main")
     # Renaming onto a sibling's name is a conflict too.
     with pytest.raises(Conflict), database.transaction() as session:
         backup = next(p for p in providers.list_providers(session, alice.id) if p.name == "backup")
-        providers.update_provider(session, cipher, backup, name="main")
+        providers.update_provider(session, cipher, backup, name="main", actor=audit.CLI)
     with fresh(database) as session:
         assert [p.name for p in providers.list_providers(session, alice.id)] == ["backup", "main"]
         assert [p.name for p in providers.list_providers(session, bob.id)] == ["main"]
@@ -677,7 +717,9 @@ def test_delete_provider_deletes_its_routing_rules(database: Database, cipher: C
     doomed_rule = new_rule(database, owner.id, doomed.id, "to-doomed", 1)
     kept_rule = new_rule(database, owner.id, kept.id, "to-kept", 2)
     with database.transaction() as session:
-        providers.delete_provider(session, providers.get_provider(session, owner.id, doomed.id))
+        providers.delete_provider(
+            session, providers.get_provider(session, owner.id, doomed.id), actor=audit.CLI
+        )
     with fresh(database) as session:
         with pytest.raises(NotFound):
             providers.get_provider(session, owner.id, doomed.id)
@@ -753,6 +795,7 @@ def test_rule_get_update_delete(database: Database, cipher: Cipher) -> None:
             session,
             routing_rules.get_rule(session, owner.id, rule.id),
             {"priority": 30, "provider_id": second.id, "conditions": {"sender_domains": ["x.example"]}},
+            actor=audit.CLI,
         )
     with fresh(database) as session:
         stored = routing_rules.get_rule(session, owner.id, rule.id)
@@ -761,11 +804,15 @@ def test_rule_get_update_delete(database: Database, cipher: Cipher) -> None:
         assert [r.name for r in routing_rules.list_rules(session, owner.id)] == ["rest", "eu"]
 
     with pytest.raises(ValidationError) as caught, database.transaction() as session:
-        routing_rules.update_rule(session, routing_rules.get_rule(session, owner.id, rule.id), {"colour": 1})
+        routing_rules.update_rule(
+            session, routing_rules.get_rule(session, owner.id, rule.id), {"colour": 1}, actor=audit.CLI
+        )
     assert caught.value.field == "colour"
 
     with database.transaction() as session:
-        routing_rules.delete_rule(session, routing_rules.get_rule(session, owner.id, rule.id))
+        routing_rules.delete_rule(
+            session, routing_rules.get_rule(session, owner.id, rule.id), actor=audit.CLI
+        )
     with fresh(database) as session:
         with pytest.raises(NotFound):
             routing_rules.get_rule(session, owner.id, rule.id)
@@ -785,13 +832,21 @@ def test_invalid_priority_is_rejected(database: Database, cipher: Cipher, priori
     provider = new_provider(database, cipher, owner.id)
     with pytest.raises(ValidationError) as caught, database.transaction() as session:
         routing_rules.create_rule(
-            session, account_id=owner.id, provider_id=provider.id, name="r", priority=priority
+            session,
+            account_id=owner.id,
+            provider_id=provider.id,
+            name="r",
+            priority=priority,
+            actor=audit.CLI,
         )
     assert caught.value.field == "priority"
     rule = new_rule(database, owner.id, provider.id, "r", 3)
     with pytest.raises(ValidationError) as caught, database.transaction() as session:
         routing_rules.update_rule(
-            session, routing_rules.get_rule(session, owner.id, rule.id), {"priority": priority}
+            session,
+            routing_rules.get_rule(session, owner.id, rule.id),
+            {"priority": priority},
+            actor=audit.CLI,
         )
     assert caught.value.field == "priority"
     with fresh(database) as session:
@@ -805,12 +860,20 @@ def test_rules_cannot_use_another_tenants_provider(database: Database, cipher: C
     mallory_provider = new_provider(database, cipher, mallory.id)
     with pytest.raises(NotFound), database.transaction() as session:
         routing_rules.create_rule(
-            session, account_id=mallory.id, provider_id=alice_provider.id, name="steal", priority=1
+            session,
+            account_id=mallory.id,
+            provider_id=alice_provider.id,
+            name="steal",
+            priority=1,
+            actor=audit.CLI,
         )
     rule = new_rule(database, mallory.id, mallory_provider.id, "own", 1)
     with pytest.raises(NotFound), database.transaction() as session:
         routing_rules.update_rule(
-            session, routing_rules.get_rule(session, mallory.id, rule.id), {"provider_id": alice_provider.id}
+            session,
+            routing_rules.get_rule(session, mallory.id, rule.id),
+            {"provider_id": alice_provider.id},
+            actor=audit.CLI,
         )
     with fresh(database) as session:
         with pytest.raises(NotFound):
@@ -997,6 +1060,7 @@ def test_racing_duplicate_account_name_is_conflict(pg_url: str, make_config) -> 
                     email="b@example.com",
                     allowed_domains=["example.com"],
                     bcrypt_cost=4,
+                    actor=audit.CLI,
                 )
         except BaseException as error:  # handed to the main thread
             errors.append(error)
@@ -1008,7 +1072,12 @@ def test_racing_duplicate_account_name_is_conflict(pg_url: str, make_config) -> 
     try:
         with db.transaction() as session:
             accounts.create_account(
-                session, name="racer", email="a@example.com", allowed_domains=["example.com"], bcrypt_cost=4
+                session,
+                name="racer",
+                email="a@example.com",
+                allowed_domains=["example.com"],
+                bcrypt_cost=4,
+                actor=audit.CLI,
             )
             thread.start()
             # Commit only once the second writer waits on our uncommitted row.
@@ -1125,6 +1194,7 @@ def test_postgresql_outage_then_recovery_without_a_new_database_object(
                 email="i@example.com",
                 allowed_domains=["example.com"],
                 bcrypt_cost=4,
+                actor=audit.CLI,
             )
             stopped = True
             postgresql_server.stop()

@@ -1,0 +1,75 @@
+"""The field rules and enums of the API contract, written once.
+
+Every layer that states one of these rules imports it from here: the JSON
+Schemas and the OpenAPI document built from them (``api/schemas.py``,
+``api/openapi.py``), the validators the CLI and storage share
+(``validation.py``), the models' column types and enum types
+(``db/models.py``) and the SES transport. A test holds the migrated
+PostgreSQL schema to the enums and lengths below.
+
+Patterns are anchored and written in the subset that ECMA-262 (JSON Schema,
+``pattern``) and Python's ``re`` read alike: ASCII classes only, so no ``\\d``,
+which in Python also matches non-ASCII digits. Python callers use
+``fullmatch``, which also refuses a trailing newline that ``$`` lets through.
+
+Standard library only, so that every layer can import it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ProviderType(enum.StrEnum):
+    SENDGRID = "sendgrid"
+    MAILGUN = "mailgun"
+    SES = "ses"
+    SMTP = "smtp"
+
+
+class MessageStatus(enum.StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class DeliveryStatus(enum.StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+class SmtpTls(enum.StrEnum):
+    """How an smtp provider's connection is secured (``smtp_config.tls``)."""
+
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+class MailgunRegion(enum.StrEnum):
+    US = "us"
+    EU = "eu"
+
+
+def values(kind: type[enum.StrEnum]) -> list[str]:
+    """The wire values of an enum in declaration order: a JSON Schema ``enum``."""
+    return [member.value for member in kind]
+
+
+# An account name is also the SMTP AUTH user name, so it stays plain ASCII.
+ACCOUNT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"
+ACCOUNT_NAME_MAX = 64
+# A region is a host label in SES's default endpoint: AWS's shape, e.g. eu-west-1, us-gov-west-1.
+SES_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
+# ACCESS_KEY_ID:SECRET, the form an ses provider's api_key takes.
+SES_API_KEY = r"^[A-Z0-9]{16,128}:[^\s]{1,512}$"
+# A header field name (RFC 5322 section 3.6.8: printable ASCII but the colon), within one line.
+HEADER_NAME = r"^[!-9;-~]{1,76}$"
+
+EMAIL_MAX = 254  # RFC 5321's limit on a path, less the angle brackets
+NAME_MAX = 100  # a provider's or a routing rule's name
+DOMAIN_MAX = 253
+PRIORITY_MAX = 2_147_483_647  # the integer column's range
+MAX_LIMIT = 2_147_483_647  # a sending limit above this is a typo, not a quota
