@@ -92,7 +92,8 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         data_budget: InFlightBudget | None = None,
     ) -> None:
         """``mail_policy`` and ``data_budget`` are shared by every listener of a process
-        (``lifecycle.SmtpListeners``); without them, this server makes its own (``Intake``)."""
+        (``lifecycle.SmtpListeners``); without them, the intake makes its own policy and
+        this server its own budget. ``verifier`` and ``throttle`` go to the ``Authenticator``."""
         self._config = config
         self._on_quiet = on_quiet
         self.database = database
