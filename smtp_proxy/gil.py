@@ -3,23 +3,23 @@
 A thread that waits for the GIL wakes once per switch interval to ask for it,
 and each wake-up takes the GIL's mutex. When thousands of idle sessions end at
 once (a client pool closing, a load balancer dropping its connections), all
-their threads wait for the GIL together: at CPython's default of 5 ms, 5,000
-waiters make a million wake-ups a second, and contention on that one futex
-becomes all the process does. Measured on 2 cores, 5,000 sessions then took
-13-38 s to end, and a new client waited as long for its greeting.
+their threads wait for the GIL together: each of N waiters wakes once per
+interval, and contention on that one futex becomes all the process does. The
+sessions then take many seconds to end, and a new client waits as long for its
+greeting.
 
 ``GilPacing`` keeps waiters per interval bounded (``WAKEUPS_PER_SECOND``): the
 interval stays at the default up to a few dozen sessions (so a busy listener
-switches as often as before) and grows with the session count beyond that; the
-same 5,000 sessions then end in under a second. The cost is that a thread
-running pure Python (say, parsing a large message) is asked to yield less
-often while thousands of sessions are open; any I/O still yields at once.
+switches as often as before) and grows with the session count beyond that, so
+such a herd ends quickly. The cost is that a thread running pure Python (say,
+parsing a large message) is asked to yield less often while thousands of
+sessions are open; any I/O still yields at once.
 
 The API server wants the opposite end: waitress reads and writes every
 connection in one I/O thread, which needs the GIL back after each poll while
-the worker threads run Python. At 5 ms it waited so long that, measured with
-wrk at 50 connections on 2 cores, the provider list did 1,400-1,800 req/s with
-p99 66-83 ms; at ``API_INTERVAL`` (2 ms), 2,200 req/s with p99 36 ms.
+the worker threads run Python. At the default interval it waits long enough to
+cost the API both throughput and tail latency; ``API_INTERVAL`` gives them back.
+The measurements are in the README's performance section.
 """
 
 from __future__ import annotations

@@ -337,8 +337,8 @@ def serve_all(config: Config, database: Database, watcher: ConfigWatcher | None,
         raise
     freeze_startup_objects()
     # The default switch interval, not `serve api`'s shorter one: with SMTP sessions and deliveries in
-    # the same process, 2 ms cut SMTP throughput from about 380 to 220 sessions/s (bench_smtp.py
-    # --listener all), far more than it would gain the API.
+    # the same process, the shorter interval cuts SMTP throughput (bench_smtp.py --listener all) far
+    # more than it would gain the API.
     worker.start()
     listeners.start()
 

@@ -2,13 +2,13 @@
 
 Imports storage, crypto, the db session type and the standard library; no
 socket, no protocol. Every piece exists because bcrypt is deliberately slow
-(about 0.2 s at cost 12) and runs on the session's own thread:
+(the cost factor sets how slow) and runs on the session's own thread:
 
 * ``CredentialVerifier`` looks the account up on every attempt (one small
   query), so a password change or a deactivation takes effect at once.
 * A verified-credential cache answers a repeat login without bcrypt. A client
-  that opens a connection per message would otherwise pay 0.2 s of CPU each
-  time. Entries are keyed by the account name and an HMAC of the password under
+  that opens a connection per message would otherwise pay a bcrypt check of
+  CPU each time. Entries are keyed by the account name and an HMAC of the password under
   a secret made per process. The password is never kept, and a leaked memory
   image gives no offline oracle. A hit also needs the stored hash to equal the
   one that was verified.

@@ -18,6 +18,9 @@ Rules of this module (after h11's ``_state.py``):
    returns the next outputs. Clocks are the caller's too: it calls
    ``timed_out()``, ``auth_timed_out()`` or ``session_expired()`` when its
    timers fire, at a moment it picks with ``idle`` and ``authenticated``.
+   Once closed, ``close_reason`` says why, in the words the caller reports
+   (the session's outcome in metrics and logs), so no caller reads it from
+   reply codes.
 3. Connection state (``Connection``) and transaction state (``Envelope``) are
    separate objects. RSET, EHLO, STARTTLS and the end of DATA replace the
    envelope, so nothing leaks from one message into the next.
@@ -209,7 +212,7 @@ class _DataReader:
     """Framing of DATA: finds CRLF.CRLF, unstuffs dots, defers the verdict to the end.
 
     The content is kept in one bytearray, so a message costs about its size whatever its line
-    endings (a list of lines cost ~15x for short lines). Each piece kept is first taken from
+    endings (a list of lines costs many times that for short lines). Each piece kept is first taken from
     the listener's ``DataBudget``. Once the verdict is certain (too big, bare CR, budget
     exhausted) the content is dropped and given back; the rest is only framed and counted.
     """
@@ -397,6 +400,7 @@ class SmtpSession:
         "_login_username",
         "_data",
         "_budget",
+        "close_reason",
     )
 
     def __init__(self, policy: SessionPolicy, data_budget: DataBudget | None = None) -> None:
@@ -410,6 +414,7 @@ class SmtpSession:
         self._discarding = False  # inside an overlong command line
         self._login_username = ""
         self._data: _DataReader | None = None
+        self.close_reason: str | None = None  # set by _close
 
     # --- the caller's side -------------------------------------------------------------------------
 
@@ -458,7 +463,7 @@ class SmtpSession:
             self.connection.account = account
             return [R.R235_AUTH_OK, *self._process()]
         if outcome is AuthOutcome.TOO_MANY_SESSIONS:
-            return [self._close(R.R421_ACCOUNT_SESSIONS)]
+            return [self._close(R.R421_ACCOUNT_SESSIONS, "account_limit")]
         if outcome in (AuthOutcome.TEMPORARY, AuthOutcome.THROTTLED):
             reply = R.R454_AUTH_TEMPORARY if outcome is AuthOutcome.TEMPORARY else R.R454_AUTH_THROTTLED
             return [reply, *self._process()]
@@ -470,11 +475,13 @@ class SmtpSession:
         *,
         recipients_left: int | None = None,
         recipients_refusal: Reply | None = None,
+        reason: str = "policy",
     ) -> list[Output]:
         """The caller's verdict on ``MailFromOffered``.
 
-        ``refusal`` None starts the transaction; a closing refusal ends the session; any other
-        is sent as is (a policy answer, not a client error) and no transaction starts.
+        ``refusal`` None starts the transaction; a closing refusal ends the session (``reason``
+        becomes its ``close_reason``); any other is sent as is (a policy answer, not a client
+        error) and no transaction starts.
         ``recipients_left`` caps the distinct recipients of this transaction; RCPT beyond it
         gets ``recipients_refusal`` (452 4.5.3 when none is given) and the envelope keeps the
         recipients accepted so far, so DATA still works for them.
@@ -483,7 +490,7 @@ class SmtpSession:
         if refusal is not None:
             self.envelope = Envelope()
             if refusal.close:
-                return [self._close(refusal)]
+                return [self._close(refusal, reason)]
             return [refusal, *self._process()]
         self.envelope.recipients_left = recipients_left
         self.envelope.recipients_refusal = recipients_refusal
@@ -503,18 +510,18 @@ class SmtpSession:
         return [R.R451_STORAGE_DOWN, *self._process()]
 
     def timed_out(self) -> list[Output]:
-        return [self._close(R.R421_IDLE_TIMEOUT)]
+        return [self._close(R.R421_IDLE_TIMEOUT, "timeout")]
 
     def auth_timed_out(self) -> list[Output]:
         """The client took too long to authenticate (the caller's clock)."""
-        return [self._close(R.R421_AUTH_TIMEOUT)]
+        return [self._close(R.R421_AUTH_TIMEOUT, "auth_timeout")]
 
     def session_expired(self) -> list[Output]:
         """The session reached its maximum lifetime (the caller's clock)."""
-        return [self._close(R.R421_SESSION_TIME)]
+        return [self._close(R.R421_SESSION_TIME, "session_time")]
 
     def shutting_down(self) -> list[Output]:
-        return [self._close(R.R421_SHUTTING_DOWN)]
+        return [self._close(R.R421_SHUTTING_DOWN, "shutdown")]
 
     def abandon(self) -> None:
         """Give back the DATA bytes the session holds (the connection ended mid-DATA); idempotent.
@@ -537,8 +544,14 @@ class SmtpSession:
     def _pause(self, event: type) -> None:
         self._waiting_for = event
 
-    def _close(self, reply: Reply) -> Reply:
+    def _close(self, reply: Reply, reason: str) -> Reply:
+        """End the session with ``reply``; ``reason`` is the outcome the caller reports.
+
+        Too many errors ("closed_421") and an HTTP request ("closed_500") keep the outcome
+        names the listener's metrics have always had.
+        """
         self.abandon()
+        self.close_reason = reason
         self._data = None
         self.state = State.CLOSED
         self._buffer.clear()
@@ -647,7 +660,7 @@ class SmtpSession:
         if self.state in _SASL_STATES:
             return self._on_sasl_response(raw)
         if self.connection.commands == 1 and _HTTP_REQUEST.match(raw):
-            return [self._close(R.R500_HTTP)]
+            return [self._close(R.R500_HTTP, "closed_500")]
         try:
             line = raw.decode("ascii")
         except UnicodeDecodeError:
@@ -662,7 +675,7 @@ class SmtpSession:
         """A client error; too many of them end the session (a confused or hostile client)."""
         self.connection.errors += 1
         if self.connection.errors >= self.policy.max_errors:
-            return self._close(R.R421_TOO_MANY_ERRORS)
+            return self._close(R.R421_TOO_MANY_ERRORS, "closed_421")
         return reply
 
     def _extensions(self) -> list[str]:
@@ -859,7 +872,7 @@ class SmtpSession:
         return [R.R250_OK]
 
     def _on_quit(self, argument: str) -> list[Output]:
-        return [self._close(R.R221_BYE)]
+        return [self._close(R.R221_BYE, "quit")]
 
     def _on_vrfy(self, argument: str) -> list[Output]:
         if not argument:

@@ -1,11 +1,13 @@
 """The socket adapter around the protocol core: one thread per connection.
 
-This is the only module of the listener that touches sockets. It turns the
-core's events into I/O: the TLS handshake, the credential check, and the
-durable enqueue, whose commit happens before ``message_queued`` produces the
-250 reply. It reads with raw ``recv`` (``BaseRequestHandler``, not the
-buffered ``StreamRequestHandler``), so no hidden buffer can carry plaintext
-across STARTTLS.
+This is the only module of the listener that touches sockets. It moves bytes
+between the client and the core, runs the TLS handshake the core asks for, and
+hands the core's other events to their owners: AUTH to ``authenticator``, MAIL
+FROM and the end of DATA to ``intake`` (whose commit happens before the 250).
+It reads with raw ``recv`` (``BaseRequestHandler``, not the buffered
+``StreamRequestHandler``), so no hidden buffer can carry plaintext across
+STARTTLS. A session's outcome (metrics, the close line) is the core's
+``close_reason`` when the core closed it, else what ended it here.
 
 Limits follow the live config (hot reload): every check reads
 ``server.config``. Over ``smtp.max_connections`` (or
@@ -13,9 +15,7 @@ Limits follow the live config (hot reload): every check reads
 421 in ``verify_request`` on the accept thread and closed, so it never costs
 a session thread. The session's clocks live here too: a session not
 authenticated within ``smtp.auth_timeout`` is closed whatever it sends, and
-any session is closed once idle after ``smtp.max_session_time``. The AUTH
-order (count, decide, verify) is ``credentials.authenticate``; the MAIL FROM
-policy (account state, sending limits) is ``account_state.MailPolicy``.
+any session is closed once idle after ``smtp.max_session_time``.
 """
 
 from __future__ import annotations
@@ -29,34 +29,22 @@ import socketserver
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
-
-from sqlalchemy.exc import SQLAlchemyError
 
 from smtp_proxy import gil
 from smtp_proxy.config import Config
-from smtp_proxy.counters import open_storage
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
-from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.logs import new_correlation_id, set_correlation_id
-from smtp_proxy.sending_limits import SendingLimits
 from smtp_proxy.smtp import metrics
 from smtp_proxy.smtp import replies as R
-from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
+from smtp_proxy.smtp.account_state import MailPolicy
+from smtp_proxy.smtp.authenticator import Authenticator
 from smtp_proxy.smtp.budget import InFlightBudget
-from smtp_proxy.smtp.credentials import (
-    AuthenticatedAccount,
-    AuthThrottle,
-    CredentialVerifier,
-    authenticate,
-    log_auth_failure,
-)
+from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier
+from smtp_proxy.smtp.intake import Intake
 from smtp_proxy.smtp.protocol import (
-    AuthOutcome,
     CredentialsOffered,
     MailFromOffered,
     MessageReceived,
@@ -68,8 +56,6 @@ from smtp_proxy.smtp.protocol import (
 )
 from smtp_proxy.smtp.replies import Reply
 from smtp_proxy.smtp.tls import TlsContextHolder
-from smtp_proxy.smtp.trace import received_field
-from smtp_proxy.storage.messages import enqueue_message
 
 log = logging.getLogger("smtp_proxy.smtp")
 
@@ -80,33 +66,6 @@ DRAIN_SECONDS = 30.0
 # Past max_session_time a transaction may still finish, for at most this long: a client
 # keeping one open with NOOPs, or trickling its DATA, cannot hold the session forever.
 SESSION_GRACE = 300.0
-# The core's MessageRejected reasons that a fair-use limit or a tenant policy gave, and their
-# name in smtp_proxy_smtp_limit_rejections_total.
-POLICY_REJECTIONS = {"server_busy": "data_in_flight", "header_from": "header_from"}
-
-
-class AccountSessions:
-    """Concurrent authenticated sessions per account, for max_connections_per_account."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[uuid.UUID, int] = {}
-
-    def acquire(self, account_id: uuid.UUID, limit: int) -> bool:
-        with self._lock:
-            count = self._counts.get(account_id, 0)
-            if count >= limit:
-                return False
-            self._counts[account_id] = count + 1
-            return True
-
-    def release(self, account_id: uuid.UUID) -> None:
-        with self._lock:
-            count = self._counts.get(account_id, 0) - 1
-            if count > 0:
-                self._counts[account_id] = count
-            else:
-                self._counts.pop(account_id, None)
 
 
 class SmtpServer(socketserver.ThreadingTCPServer):
@@ -133,24 +92,18 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         data_budget: InFlightBudget | None = None,
     ) -> None:
         """``mail_policy`` and ``data_budget`` are shared by every listener of a process
-        (``lifecycle.SmtpListeners``); without them, this server makes its own, its sending
-        limits in ``limits.storage``."""
+        (``lifecycle.SmtpListeners``); without them, the intake makes its own policy and
+        this server its own budget. ``verifier`` and ``throttle`` go to the ``Authenticator``."""
         self._config = config
         self._on_quiet = on_quiet
         self.database = database
-        self.cipher = cipher
-        self.verifier = verifier
-        self.throttle = throttle
-        if mail_policy is None:
-            limits = SendingLimits(open_storage(config().limits.storage))
-            mail_policy = MailPolicy(AccountStates(database), limits)
-        self.mail_policy = mail_policy
+        self.authenticator = Authenticator(verifier, throttle, config)
+        self.intake = Intake(database, cipher, config, mail_policy)
         if data_budget is None:
             data_budget = InFlightBudget(config().smtp.max_data_in_flight)
         self.data_budget = data_budget
         self.tls = tls
         self.implicit_tls = implicit_tls
-        self.account_sessions = AccountSessions()
         self.draining = threading.Event()
         self._lock = threading.Lock()
         self._active: set[SessionHandler] = set()
@@ -222,8 +175,8 @@ class SmtpServer(socketserver.ThreadingTCPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the session thread with ``_thread``, not ``threading.Thread``.
 
-        A ``Thread`` object (its Event, Condition and excepthook closure) costs
-        every idle connection another 2.5 KB, and ``Thread.start()`` blocks the
+        A ``Thread`` object (its Event, Condition and excepthook closure) adds
+        to what every idle connection costs, and ``Thread.start()`` blocks the
         accept loop until the new thread runs. Session threads are daemonic
         either way and are counted in ``_active``, never joined.
         """
@@ -366,7 +319,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             except OSError:
                 pass
         if self.account is not None:
-            self.server.account_sessions.release(self.account.id)
+            self.server.authenticator.release(self.account)
         if self.session is not None:
             self.session.abandon()  # the DATA a transfer cut short still held
         self.server.database.remove_session()
@@ -398,7 +351,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
             return
         while self.session is None or not self.session.closed:
             if self.server.draining.is_set() and self.idle:
-                self.outcome = "shutdown"
                 self._send(self._core().shutting_down())
                 return
             if self._expired():
@@ -412,8 +364,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
                     return
             finally:
                 self.busy = False
-        if self.outcome == "closed_by_client":
-            self.outcome = "quit"
 
     def _core(self) -> SmtpSession:
         """The protocol core of this session, made on first need, after the greeting.
@@ -452,7 +402,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         if deadline is None or time.monotonic() < deadline[0]:
             return False
         reason = deadline[1]
-        self.outcome = reason
         metrics.LIMIT_REJECTIONS.labels(reason).inc()
         core = self._core()
         self._send(core.auth_timed_out() if reason == "auth_timeout" else core.session_expired())
@@ -483,11 +432,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
                         return None
                     timeout = max(0.001, deadline[0] - time.monotonic())  # poll woke a hair early
                     continue
-                self.outcome = "timeout"
                 self._send(self._core().timed_out())
                 return None
             if self.server.force_fd in ready or (self.server.drain_fd in ready and self.idle):
-                self.outcome = "shutdown"
                 self._send(self._core().shutting_down())
                 return None
             if self.server.drain_fd in ready:
@@ -498,7 +445,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         try:  # readable now; the socket's own timeout only bounds the rest of a TLS record
             data = self.sock.recv(RECV_SIZE)
         except TimeoutError:
-            self.outcome = "timeout"
             self._send(self._core().timed_out())
             return None
         except (ssl.SSLError, OSError):
@@ -511,25 +457,24 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def _send(self, outputs: list[Output]) -> bool:
         """Send replies in order and resolve events as they come; False once the session ends."""
-        assert self.session is not None
+        session = self.session
+        assert session is not None
         pending = list(outputs)
         batch: list[bytes] = []
         while pending:
             item = pending.pop(0)
             if isinstance(item, Reply):
                 if item is self._recipients_refusal:
-                    metrics.LIMIT_REJECTIONS.labels("recipients_per_day").inc()
+                    self.server.intake.recipient_refused()
                 batch.append(item.to_bytes())
                 if item.close:
-                    if item.code == 221:
-                        self.outcome = "quit"
-                    elif self.outcome == "closed_by_client":
-                        self.outcome = f"closed_{item.code}"
+                    if session.close_reason is not None:  # the core closed it and says why
+                        self.outcome = session.close_reason
                     self._write(b"".join(batch))
                     return False
                 continue
             if isinstance(item, MessageRejected):
-                self._log_rejected(item)
+                self.server.intake.rejected(item)
                 continue
             # Everything before an event goes out first (the 220 before the handshake).
             if batch and not self._write(b"".join(batch)):
@@ -563,12 +508,27 @@ class SessionHandler(socketserver.BaseRequestHandler):
         if isinstance(event, TlsRequested):
             return self.session.tls_started() if self._handshake() else None
         if isinstance(event, CredentialsOffered):
-            return self._authenticate(event)
+            outcome, account = self.server.authenticator.authenticate(event, self.client_ip)
+            if account is not None:
+                self.account = account
+            return self.session.credentials_checked(outcome, account)
         if isinstance(event, MailFromOffered):
-            return self._mail_from(event)
+            assert self.account is not None
+            outputs, self._recipients_refusal = self.server.intake.mail_from(
+                self.session, self.account, event.sender
+            )
+            return outputs
         if isinstance(event, MessageReceived):
             try:
-                return self._enqueue(event)
+                assert self.account is not None
+                return self.server.intake.message(
+                    self.session,
+                    event,
+                    account=self.account,
+                    client_ip=self.client_ip,
+                    tls=(self.tls_version, self.tls_cipher) if self.tls_version and self.tls_cipher else None,
+                    correlation_id=self._correlate(),
+                )
             finally:
                 self.data_budget.give(event.held)  # stored or refused: no longer held
         raise TypeError(f"unknown event {event!r}")
@@ -599,152 +559,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         cipher = tls_sock.cipher()
         self.tls_cipher = cipher[0] if cipher else None
         return True
-
-    def _authenticate(self, offered: CredentialsOffered) -> list[Output]:
-        assert self.session is not None
-        server, ip = self.server, self.client_ip
-        result = authenticate(
-            server.verifier,
-            server.throttle,
-            client_ip=ip,
-            username=offered.username,
-            password=offered.password,
-            header_from_check=server.config.smtp.header_from_check,
-        )
-        account = result.account
-        if account is None:
-            reason = result.failure or "invalid_credentials"
-            metrics.AUTH_FAILURES.labels(reason).inc()
-            if reason == "database_unavailable":
-                return self.session.credentials_checked(AuthOutcome.TEMPORARY)
-            log_auth_failure(
-                log, client_ip=ip, username=offered.username, mechanism=offered.mechanism, reason=reason
-            )
-            if reason.startswith("throttled"):
-                return self.session.credentials_checked(AuthOutcome.THROTTLED)
-            return self.session.credentials_checked(AuthOutcome.INVALID)
-        if not server.account_sessions.acquire(account.id, server.config.smtp.max_connections_per_account):
-            self.outcome = "account_limit"
-            log.warning(
-                "too many sessions for account",
-                extra={"event": "smtp.account_limit", "client_ip": ip, "account": account.name},
-            )
-            return self.session.credentials_checked(AuthOutcome.TOO_MANY_SESSIONS)
-        self.account = account
-        log.debug("authenticated", extra={"event": "smtp.auth_ok", "client_ip": ip, "account": account.name})
-        return self.session.credentials_checked(AuthOutcome.OK, account)
-
-    def _mail_from(self, offered: MailFromOffered) -> list[Output]:
-        """The account's current state and sending limits decide whether a transaction may start."""
-        session, account = self.session, self.account
-        assert session is not None and account is not None
-        try:
-            decision = self.server.mail_policy.check(account, offered.sender, self.server.config)
-        except DatabaseUnavailable:
-            return session.mail_checked(R.R451_STORAGE_DOWN)
-        if decision.account != account:
-            # Domains or the header-From exemption changed since AUTH: the core judges by these now.
-            self.account = session.connection.account = decision.account
-        self._recipients_refusal = decision.recipients_refusal
-        refusal = decision.refusal
-        if refusal is not None:
-            reason = decision.reason or "policy"
-            metrics.LIMIT_REJECTIONS.labels(reason).inc()
-            if refusal.close:
-                self.outcome = reason
-            log.info(
-                "transaction refused",
-                extra={
-                    "event": "smtp.mail_refused",
-                    "account": account.name,
-                    "sender": offered.sender,
-                    "reason": reason,
-                    "code": refusal.code,
-                },
-            )
-        return session.mail_checked(
-            refusal,
-            recipients_left=decision.recipients_left,
-            recipients_refusal=decision.recipients_refusal,
-        )
-
-    def _enqueue(self, message: MessageReceived) -> list[Output]:
-        assert self.session is not None and self.account is not None
-        started = time.perf_counter()
-        message_id = uuid.uuid4()
-        data = self._trace(message, str(message_id)) + message.data
-        try:
-            with self.server.database.autocommit() as connection:
-                enqueue_message(
-                    connection,
-                    self.server.cipher,
-                    account_id=self.account.id,
-                    sender=message.sender,
-                    recipients=list(message.recipients),
-                    data=data,
-                    correlation_id=self._correlate(),
-                    message_id=message_id,
-                )
-        except (DatabaseUnavailable, SQLAlchemyError) as error:
-            metrics.MESSAGES.labels("rejected", "storage_unavailable").inc()
-            log.warning(
-                "message deferred: storage failed",
-                extra={
-                    "event": "smtp.message_deferred",
-                    "sender": message.sender,
-                    "recipients": len(message.recipients),
-                    "size": len(data),
-                    "code": 451,
-                    "error_class": type(error).__name__,
-                },
-            )
-            return self.session.message_deferred()
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        # Counted once committed, before the 250: a message that was not stored costs no quota.
-        self.server.mail_policy.stored(self.account.id, len(message.recipients))
-        metrics.MESSAGES.labels("accepted", "").inc()
-        log.info(
-            "message accepted",
-            extra={
-                "event": "smtp.message_accepted",
-                "message_id": str(message_id),
-                "account": self.account.name,
-                "sender": message.sender,
-                "recipients": len(message.recipients),
-                "size": len(data),
-                "code": 250,
-            },
-        )
-        return self.session.message_queued(str(message_id))
-
-    def _trace(self, message: MessageReceived, message_id: str) -> bytes:
-        assert self.session is not None
-        return received_field(
-            helo=self.session.connection.helo_name,
-            client_ip=self.client_ip,
-            hostname=self.session.policy.hostname,
-            message_id=message_id,
-            recipients=message.recipients,
-            when=datetime.now(UTC),
-            tls=(self.tls_version, self.tls_cipher) if self.tls_version and self.tls_cipher else None,
-        )
-
-    def _log_rejected(self, rejected: MessageRejected) -> None:
-        metrics.MESSAGES.labels("rejected", rejected.reason).inc()
-        limit = POLICY_REJECTIONS.get(rejected.reason)
-        if limit is not None:
-            metrics.LIMIT_REJECTIONS.labels(limit).inc()
-        log.info(
-            "message rejected",
-            extra={
-                "event": "smtp.message_rejected",
-                "reason": rejected.reason,
-                "sender": rejected.sender,
-                "recipients": rejected.recipients,
-                "size": rejected.size,
-                "code": rejected.reply.code,
-            },
-        )
 
     def _log_close(self) -> None:
         self._correlate()

@@ -77,8 +77,8 @@ def test_500_parallel_wrong_guesses_from_one_address_get_at_most_the_limit_of_ve
     start_listener, client_tls: ssl.SSLContext
 ) -> None:
     listener: Listener = start_listener(max_connections_per_ip=0, max_connections=1000)
-    listener.server.throttle.configure(per_ip=10, per_user=1000, window=900)
-    verifier = listener.server.verifier
+    listener.server.authenticator.throttle.configure(per_ip=10, per_user=1000, window=900)
+    verifier = listener.server.authenticator.verifier
     checks: list[str] = []
     original = verifier._check_hash
 
@@ -110,7 +110,7 @@ def test_the_user_name_limit_refuses_a_guess_spread_over_many_addresses(
     start_listener, client_tls: ssl.SSLContext
 ) -> None:
     listener: Listener = start_listener()
-    listener.server.throttle.configure(per_ip=100, per_user=5, window=900)
+    listener.server.authenticator.throttle.configure(per_ip=100, per_user=5, window=900)
     guesses = [(f"127.0.0.{i}", listener.tenant, f"guess {i}") for i in range(2, 14)]
     codes = guess_in_parallel(listener, client_tls, guesses)
     assert codes[b"535"] <= 5 and codes[b"454"] >= 7 and sum(codes.values()) == 12
@@ -125,7 +125,7 @@ def test_a_success_clears_neither_the_address_nor_another_users_failures(
     start_listener, client_tls: ssl.SSLContext
 ) -> None:
     listener: Listener = start_listener()
-    listener.server.throttle.configure(per_ip=4, per_user=3, window=900)
+    listener.server.authenticator.throttle.configure(per_ip=4, per_user=3, window=900)
     client = Guesser(listener)
     client.prepare(client_tls)
     codes = [client.auth("bob", "wrong"), client.auth("bob", "wrong")]

@@ -215,7 +215,7 @@ class Clock:
 def fake_clock_limits(listener: Listener) -> Clock:
     """The listener's sending limits on a clock the test moves (10:00:00 UTC on some day)."""
     clock = Clock(1_800_000_000 - 1_800_000_000 % 86400 + 36_000)
-    listener.server.mail_policy = MailPolicy(
+    listener.server.intake.mail_policy = MailPolicy(
         AccountStates(listener.database), SendingLimits(MemoryStorage(), clock=clock)
     )
     return clock

@@ -151,7 +151,7 @@ def test_per_account_session_limit(start_listener, client_tls) -> None:
         assert second.closed()
         first.close()
         deadline = time.monotonic() + 5
-        while listener.server.account_sessions._counts and time.monotonic() < deadline:
+        while listener.server.authenticator.sessions._counts and time.monotonic() < deadline:
             time.sleep(0.02)
         third = RawClient(listener.host, listener.port)
         third.login(listener, client_tls)
