@@ -1,18 +1,22 @@
 """SmtpSession under generated clients: any byte stream, cut anywhere, gives one result.
 
-A hypothesis state machine writes the client's side of a session as flights, the bytes a
+A hypothesis state machine writes the client's side of sessions as flights, the bytes a
 client sends before it waits: EHLO/HELO, STARTTLS (with commands smuggled behind it), AUTH
 exchanges with good and bad credentials, MAIL/RCPT with parameters, DATA bodies full of
 framing traps (dot-stuffing, bare LF and CR, ``\\n.\\n``, a real terminator in mid-chunk,
 long lines), RSET/NOOP/VRFY/QUIT, garbage, overlong lines and pipelined groups of all these.
+When a session ends (QUIT, a closing reply, a failed handshake) the script goes on in a new
+connection.
 
 Four fresh cores read the same flights, each cut its own way: one receive per flight, one
 byte per receive, random cuts, and one receive for everything up to the next TLS handshake.
 A harness answers their events as the socket adapter does (``server.py``'s ``_send`` and
 ``_resolve``), from fixed tables, so the four must agree on every output. Beside agreement:
-no exception, one verdict right after every 354 and none elsewhere (so one DATA never gives
-two messages), well-formed replies with enhanced codes wherever the protocol uses them,
-nothing after a closing reply, and no DATA budget left held outside DATA.
+no exception; one verdict right after every 354 and none elsewhere; each message ends at the
+first CRLF "." CRLF after its 354 and holds what the documented rules say (the byte-by-byte
+core knows which bytes it was framed from), so one DATA never gives two messages; replies
+are well formed, with enhanced codes wherever the protocol uses them; nothing follows a
+closing reply; no DATA budget stays held outside DATA.
 
 The one cut a client cannot move is the TLS handshake: what it sends behind STARTTLS before
 the handshake never reaches the session (the core drops what it holds, CVE-2011-0411; later
@@ -20,7 +24,7 @@ bytes would meet the TLS layer). So a flight holding STARTTLS ends a run, no cut
 run, and the harness drops the rest of a run once its TLS starts, as the core must.
 
 The default run spends a few fixed (derandomized) seconds; ``./scripts/test -m fuzz`` runs
-at least a million random steps (``-rP`` shows the figures).
+at least a million random steps (flights) and prints its figures (shown with ``-rP``).
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ from tests.unit.smtp.test_protocol_data import reference_outcome
 
 CRLF = b"\r\n"
 FUZZ_STEPS = 1_000_000
-# Data lines longer than this are read in pieces; lowered so that a byte-by-byte client
-# reaches that path in a few hundred receives (the rule does not depend on the figure).
+# Data lines longer than this are read in pieces; lowered so that the byte-by-byte core
+# reaches that path in few receives (the framing rules do not depend on the figure).
 PENDING_DATA = 64
 
 # --- the adapter's answers, as fixed tables --------------------------------------------------------
@@ -268,10 +272,10 @@ def check_outputs(outputs: Sequence[Output]) -> None:
 
 
 # --- what the client sends -----------------------------------------------------------------------
-# A script is a list of parts, each a tuple of flights, drawn from a pool built once by the
-# grammar below. Hypothesis picks parts by index (one draw per part: drawing every detail
-# costs ~10x more per step), and the pool is sorted shortest first, so a failing script
-# shrinks to few and short parts.
+# The grammar below makes parts (a few flights: a command, an AUTH exchange, a transaction),
+# and scenes of a few parts fill a pool built once. Hypothesis picks scenes by index: one
+# draw per scene, as drawing every detail costs many times more than the four cores reading
+# it. The pool is sorted shortest first, so a failing script shrinks to few, short scenes.
 
 
 def b64(text: str) -> bytes:
@@ -507,20 +511,18 @@ PART_KINDS: list[tuple[int, Callable[[random.Random], tuple[Flight, ...]]]] = [
     (1, quit_),
 ]
 POOL_SIZE = 1 << 14
-# Parts per pool entry: a few parts to a draw keep hypothesis' share of the time per step low.
 SCENE_PARTS = (1, 2, 3, 4, 5)
 
 
 @functools.cache
-def part_pool() -> list[tuple[Flight, ...]]:
-    """Distinct parts from the grammar, shortest first."""
+def scene_pool() -> list[tuple[Flight, ...]]:
+    """``POOL_SIZE`` distinct scenes, shortest first."""
     rng = random.Random(0)
     weights, kinds = zip(*PART_KINDS, strict=True)
-    parts = {
-        sum((kind(rng) for kind in rng.choices(kinds, weights, k=rng.choice(SCENE_PARTS))), ())
-        for _ in range(POOL_SIZE)
-    }
-    return sorted(parts, key=lambda part: (len(part), sum(len(flight.data) for flight in part), part))
+    scenes: set[tuple[Flight, ...]] = set()
+    while len(scenes) < POOL_SIZE:
+        scenes.add(sum((kind(rng) for kind in rng.choices(kinds, weights, k=rng.choice(SCENE_PARTS))), ()))
+    return sorted(scenes, key=lambda scene: (len(scene), sum(len(flight.data) for flight in scene), scene))
 
 
 PRELUDES = [(), one(b"EHLO client.test\r\n"), login("alice", True), login("bob", False)]
@@ -546,11 +548,7 @@ def cuts(data: bytes, rng: random.Random) -> list[bytes]:
 
 
 class ClientSessions(RuleBasedStateMachine):
-    """A client, a burst of parts per step, read by four cores that must agree.
-
-    When the session ends (QUIT, a closing reply, a failed handshake) the script goes on in a
-    new connection under the same policy.
-    """
+    """A client sending a burst of scenes per step, read by four cores that must agree."""
 
     @initialize(
         policy=POLICIES, budget=BUDGETS, prelude=st.sampled_from(PRELUDES), seed=st.integers(0, 2**32 - 1)
@@ -560,11 +558,12 @@ class ClientSessions(RuleBasedStateMachine):
     ) -> None:
         self.policy, self.budget = policy, budget
         self.rng = random.Random(seed)  # the scattered client's cuts
-        self.script: list[tuple[Flight, ...]] = [prelude]  # what the client sent, for the report
+        self.script = [prelude]  # what the client sent, for the report
         self.dial()
         self.send(prelude)
 
     def dial(self) -> None:
+        """A new connection under the same policy."""
         policy, budget = self.policy, self.budget
         self.per_flight, self.per_byte = Client(policy, budget), BytewiseClient(policy, budget)
         self.per_run, self.scattered = Client(policy, budget), Client(policy, budget)
@@ -572,11 +571,10 @@ class ClientSessions(RuleBasedStateMachine):
 
     @rule(burst=st.lists(st.integers(0, POOL_SIZE - 1), min_size=1, max_size=12))
     def converse(self, burst: list[int]) -> None:
-        pool = part_pool()
+        pool = scene_pool()
         for index in burst:
-            part = pool[index % len(pool)]
-            self.script.append(part)
-            self.send(part)
+            self.script.append(pool[index])
+            self.send(pool[index])
         assert self.per_byte.outputs == self.per_flight.outputs
         self.per_flight.check_budget()
         self.per_byte.check_budget()
@@ -649,13 +647,13 @@ def test_core_agrees_with_itself_however_the_bytes_are_cut() -> None:
 @pytest.mark.timeout(3600)
 def test_core_agrees_with_itself_for_a_million_steps() -> None:
     """A step is a flight sent to a live session: a command, a pipelined group, a DATA chunk."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     while CENSUS["steps"] < FUZZ_STEPS:
         run_state_machine_as_test(
             ClientSessions, settings=settings(max_examples=200, stateful_step_count=25, **COMMON)
         )
-    elapsed = time.perf_counter() - started
-    print(f"{CENSUS['steps']} steps in {elapsed:.0f} s: {dict(CENSUS)}")
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    print(f"{CENSUS['steps']} steps in {elapsed:.0f} s ({cpu:.0f} s of CPU): {dict(CENSUS)}")
     assert CENSUS["steps"] >= FUZZ_STEPS
     for reason in ("too_big", "server_busy", "header_from"):
         assert CENSUS[f"rejected {reason}"] > 0, (reason, CENSUS)
