@@ -525,7 +525,13 @@ def scene_pool() -> list[tuple[Flight, ...]]:
     return sorted(scenes, key=lambda scene: (len(scene), sum(len(flight.data) for flight in scene), scene))
 
 
-PRELUDES = [(), one(b"EHLO client.test\r\n"), login("alice", True), login("bob", False)]
+PRELUDES = [
+    (),
+    one(b"EHLO client.test\r\n"),
+    login("alice", True),
+    login("bob", False),
+    one(b"EHLO client.test\r\nSTARTTLS\r\n" + SMUGGLED[3]),
+]
 POLICIES = st.builds(
     SessionPolicy,
     hostname=st.just(HOSTNAME),
@@ -646,7 +652,7 @@ def test_core_agrees_with_itself_however_the_bytes_are_cut() -> None:
 @pytest.mark.fuzz
 @pytest.mark.timeout(3600)
 def test_core_agrees_with_itself_for_a_million_steps() -> None:
-    """A step is a flight sent to a live session: a command, a pipelined group, a DATA chunk."""
+    """A step is a flight: a command, an AUTH response, a pipelined group, a DATA chunk."""
     started, cpu_started = time.perf_counter(), time.process_time()
     while CENSUS["steps"] < FUZZ_STEPS:
         run_state_machine_as_test(
