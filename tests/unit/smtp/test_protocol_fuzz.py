@@ -296,7 +296,7 @@ GREETINGS = [
     b"HELO a b",
     b"EHLO " + b"h" * 256,
 ]
-# QUIT ends the session, and so the script: it is one part kind of its own, not a common command.
+# QUIT ends the connection: a rare part kind of its own, so that sessions live long enough to go deep.
 SIMPLE = [b"RSET", b"NOOP", b"NOOP x", b"RSET x", b"VRFY bob", b"VRFY", b"HELP", b"EXPN list", b"ETRN"]
 USERS = ["alice", "bob", "down", "slow", "busy", "mallory", ""]
 PASSWORDS = [PASSWORD, PASSWORD, "wrong", ""]
