@@ -19,6 +19,7 @@ from smtp_proxy.smtp.authenticator import Authenticator
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.protocol import AuthOutcome, CredentialsOffered
 from smtp_proxy.storage import accounts
+from smtp_proxy.storage.audit import CLI
 from tests.pgcluster import free_port
 from tests.unit.smtp.conftest import Driver, plain_response
 
@@ -41,6 +42,7 @@ def database(pg_url: str, make_config) -> Iterator[Database]:
             allowed_domains=["example.com"],
             password=PASSWORD,
             bcrypt_cost=4,
+            actor=CLI,
         )
     db.remove_session()
     yield db

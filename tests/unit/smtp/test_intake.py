@@ -27,6 +27,7 @@ from smtp_proxy.smtp.credentials import AuthenticatedAccount
 from smtp_proxy.smtp.intake import Intake
 from smtp_proxy.smtp.protocol import AuthOutcome, MailFromOffered, MessageReceived, MessageRejected, State
 from smtp_proxy.storage import accounts, messages
+from smtp_proxy.storage.audit import CLI
 from tests.pgcluster import free_port
 from tests.unit.smtp.conftest import Driver, plain_response
 
@@ -94,6 +95,7 @@ def tenant(database: Database) -> AuthenticatedAccount:
             allowed_domains=["example.com"],
             password="correct horse battery",
             bcrypt_cost=4,
+            actor=CLI,
         ).account
         tenant = AuthenticatedAccount(account.id, account.name, ("example.com",))
     database.remove_session()
