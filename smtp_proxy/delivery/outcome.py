@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from smtp_proxy.db.models import DeliveryStatus, ProviderType
+from smtp_proxy.contract import DeliveryStatus, ProviderType
 
 # delivery_logs.response_text holds up to 1000 characters; keep it short and on one line.
 MAX_RESPONSE_TEXT = 500

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from smtp_proxy.config import DeliveryConfig
-from smtp_proxy.db.models import ProviderType
+from smtp_proxy.contract import ProviderType
 from smtp_proxy.delivery import mailgun, sendgrid, ses, smtp_client
 from smtp_proxy.delivery.outcome import Outcome, Outgoing, Target, deferred
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from smtp_proxy.config import DeliveryConfig
-from smtp_proxy.db.models import DeliveryStatus, MessageStatus
+from smtp_proxy.contract import DeliveryStatus, MessageStatus
 from smtp_proxy.delivery import backoff
 from smtp_proxy.delivery.outcome import Outcome
 

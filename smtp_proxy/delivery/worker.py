@@ -46,8 +46,8 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from smtp_proxy.config import Config, DeliveryConfig
+from smtp_proxy.contract import DeliveryStatus, MessageStatus
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import DeliveryStatus, MessageStatus
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.delivery import metrics, routing, transports, verdict

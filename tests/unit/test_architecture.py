@@ -80,13 +80,30 @@ def test_only_storage_and_db_build_queries() -> None:
             ), path
 
 
-DELIVERY_CORE = ["delivery/routing.py", "delivery/backoff.py", "delivery/outcome.py"]
-DELIVERY_FORBIDDEN = ("socket", "ssl", "threading", "sqlalchemy", "smtplib", "requests", "smtp_proxy.storage")
+DELIVERY_CORE = ["delivery/routing.py", "delivery/backoff.py", "delivery/outcome.py", "delivery/verdict.py"]
+# The transports (and what only they use) and everything that reaches the database.
+TRANSPORTS = tuple(
+    f"smtp_proxy.delivery.{name}"
+    for name in ("transports", "smtp_client", "sendgrid", "mailgun", "ses", "http", "network", "deadline")
+)
+DELIVERY_FORBIDDEN = (
+    "socket",
+    "ssl",
+    "threading",
+    "sqlalchemy",
+    "smtplib",
+    "requests",
+    "botocore",
+    "smtp_proxy.storage",
+    "smtp_proxy.db",
+    *TRANSPORTS,
+)
 
 
 @pytest.mark.parametrize("module", DELIVERY_CORE)
 def test_delivery_decisions_are_pure(module: str) -> None:
-    """Routing, backoff and outcomes decide from plain values: testable without a socket or a database."""
+    """Routing, backoff, outcomes and the verdict on an attempt decide from plain values: no storage,
+    no transport, no socket, so every branch is testable without them."""
     imported = imports_of(PACKAGE / module)
     assert not {name for name in imported if name.startswith(DELIVERY_FORBIDDEN)}, imported
 
@@ -95,3 +112,47 @@ def test_listeners_and_worker_do_not_import_each_other() -> None:
     for layer, forbidden in (("delivery", ("smtp_proxy.api",)), ("api", ("smtp_proxy.delivery",))):
         for path in (PACKAGE / layer).rglob("*.py"):
             assert not any(name.startswith(forbidden) for name in imports_of(path)), path
+
+
+# The socket adapter moves bytes, runs TLS and drains; the authenticator and the intake own policy
+# and storage.
+SOCKET_ADAPTER = "smtp/server.py"
+
+
+def test_the_socket_adapter_does_not_reach_storage() -> None:
+    imported = imports_of(PACKAGE / SOCKET_ADAPTER)
+    assert not {
+        name
+        for name in imported
+        if name.startswith(("smtp_proxy.storage", "smtp_proxy.db.models", "sqlalchemy"))
+    }, imported
+
+
+def test_the_api_writes_through_storage_only() -> None:
+    """No ORM model and no SQLAlchemy in the API: every write (and its audit row) is a storage call."""
+    for path in (PACKAGE / "api").rglob("*.py"):
+        imported = imports_of(path)
+        assert not {name for name in imported if name.startswith(("smtp_proxy.db.models", "sqlalchemy"))}, (
+            path
+        )
+
+
+def test_storage_writes_take_an_explicit_actor() -> None:
+    """An actor with a default would audit a forgetful caller as someone else (the operator)."""
+    for path in (PACKAGE / "storage").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            arguments = node.args
+            positional = arguments.posonlyargs + arguments.args
+            defaults = dict(zip([a.arg for a in positional][-len(arguments.defaults) :], arguments.defaults))
+            defaults.update(
+                {a.arg: d for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults) if d is not None}
+            )
+            assert "actor" not in defaults, f"{path.name}:{node.lineno} {node.name}() defaults its actor"
+
+
+def test_the_contract_is_standard_library_only() -> None:
+    """Every layer imports the contract, so it may import nothing of theirs."""
+    imported = imports_of(PACKAGE / "contract.py")
+    assert {name.split(".")[0] for name in imported} <= {"__future__", "enum", "re", "typing"}, imported
