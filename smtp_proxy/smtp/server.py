@@ -539,6 +539,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
         assert holder is not None
         try:
             tls_sock = holder.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            # The TLS socket owns the descriptor from here: finish() closes it, handshake or not.
+            self.sock = tls_sock  # same descriptor, so the poller needs no change
             tls_sock.settimeout(self.server.config.smtp.read_timeout)
             tls_sock.do_handshake()
             tls_sock.settimeout(self.server.config.smtp.write_timeout)
@@ -554,7 +556,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 },
             )
             return False
-        self.sock = tls_sock  # same descriptor, so the poller needs no change
         self.tls_version = tls_sock.version()
         cipher = tls_sock.cipher()
         self.tls_cipher = cipher[0] if cipher else None
