@@ -154,7 +154,7 @@ def redis_url(tmp_path) -> Iterator[str]:
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        assert wait_for(lambda: _answers(url), timeout=10), "redis-server did not start"
+        wait_for(lambda: _answers(url), "redis-server to answer", timeout=10)
         yield url
     finally:
         process.terminate()

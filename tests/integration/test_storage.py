@@ -1080,7 +1080,7 @@ def test_a_grant_waits_for_a_concurrent_grant_and_then_sees_it(pg_url: str, make
         assert holding.wait(timeout=30)
         threads.append(threading.Thread(target=second))
         threads[1].start()
-        assert wait_for(waiting_for_the_lock, timeout=30)
+        wait_for(waiting_for_the_lock, "the second claim to wait on the row lock", timeout=30)
         assert outcome == []  # still waiting
     finally:
         release.set()

@@ -90,7 +90,8 @@ def make_watcher(config_file: Path) -> Iterator[Callable[..., ConfigWatcher]]:
         # the observer armed while stopping); let it finish so that its reload cannot
         # log into, or call subscribers during, the next test.
         wait_for(
-            lambda: not any(isinstance(t, threading.Timer) and t.is_alive() for t in threading.enumerate())
+            lambda: not any(isinstance(t, threading.Timer) and t.is_alive() for t in threading.enumerate()),
+            "the debounce timers to finish",
         )
         signal.signal(signal.SIGHUP, previous_sighup)
 
@@ -127,7 +128,7 @@ def test_subscriber_receives_new_and_old_when_file_changes(
     assert new.logging.level == "debug"
     assert new.changed_keys(old) == ["logging.level"]
     assert new.source == old.source
-    assert wait_for(lambda: watcher.config is new)
+    wait_for(lambda: watcher.config is new, "the new config in force")
 
 
 @pytest.mark.parametrize("write", [write_in_place, write_and_replace], ids=["in_place", "replace"])
@@ -144,10 +145,10 @@ def test_log_level_applied_when_logging_level_changes(
     watcher.start()
 
     write(config_file, DEBUG)
-    assert wait_for(lambda: root.level == logging.DEBUG), f"root level is {root.level}"
+    wait_for(lambda: root.level == logging.DEBUG, "the root logger at DEBUG")
 
     write(config_file, ERROR)
-    assert wait_for(lambda: root.level == logging.ERROR), f"root level is {root.level}"
+    wait_for(lambda: root.level == logging.ERROR, "the root logger at ERROR")
 
 
 def test_every_change_reaches_subscribers_when_file_changes_repeatedly(
@@ -160,7 +161,7 @@ def test_every_change_reaches_subscribers_when_file_changes_repeatedly(
 
     for text, level in ((DEBUG, "debug"), (ERROR, "error"), (BASE, "warning")):
         write_and_replace(config_file, text)
-        assert wait_for(lambda level=level: watcher.config.logging.level == level), level
+        wait_for(lambda level=level: watcher.config.logging.level == level, f"logging.level {level}")
 
     assert levels == ["debug", "error", "warning"]
 
@@ -177,7 +178,7 @@ def test_reloaded_logged_with_changed_and_restart_keys(
     def reloaded() -> list[logging.LogRecord]:
         return [r for r in caplog.records if getattr(r, "event", None) == "config.reloaded"]
 
-    assert wait_for(lambda: bool(reloaded()))
+    wait_for(lambda: bool(reloaded()), "a config.reloaded record")
     record = reloaded()[0]
     assert record.levelno == logging.INFO
     assert record.changed == ["smtp.port", "logging.level"]
@@ -216,7 +217,7 @@ def test_invalid_file_logged_and_ignored(
     def matching() -> list[logging.LogRecord]:
         return [r for r in rejections(caplog) if r.key == key]
 
-    assert wait_for(lambda: bool(matching())), f"no config.reload_rejected record for {key}"
+    wait_for(lambda: bool(matching()), f"a config.reload_rejected record for {key}")
     record = matching()[0]
     assert record.levelno == logging.ERROR
     assert record.name == "smtp_proxy.config"
@@ -234,7 +235,7 @@ def test_invalid_file_rejected_once_when_written_once(
     watcher.start()
 
     write_and_replace(config_file, "logging:\n  level: loud\n")
-    assert wait_for(lambda: bool(rejections(caplog)))
+    wait_for(lambda: bool(rejections(caplog)), "a config.reload_rejected record")
     time.sleep(QUIET)
 
     assert len(rejections(caplog)) == 1, f"{len(rejections(caplog))} rejections for one write"
@@ -250,7 +251,7 @@ def test_valid_file_applied_when_written_after_invalid_one(
     watcher.start()
 
     write_and_replace(config_file, "logging:\n  level: [debug\n")
-    assert wait_for(lambda: bool(rejections(caplog)))
+    wait_for(lambda: bool(rejections(caplog)), "a config.reload_rejected record")
     assert watcher.config is old
 
     write_and_replace(config_file, DEBUG)
@@ -427,8 +428,11 @@ def test_sighup_reloads_config_when_signalled(
         write_and_replace(config_file, DEBUG)
         os.kill(os.getpid(), signal.SIGHUP)
 
-        applied = wait_for(lambda: watcher.config.logging.level == "debug", timeout=SIGHUP_DEBOUNCE * 0.75)
-        assert applied, "SIGHUP did not reload"
+        wait_for(
+            lambda: watcher.config.logging.level == "debug",
+            "SIGHUP to reload before the debounce",
+            timeout=SIGHUP_DEBOUNCE * 0.75,
+        )
         assert recorder.called.wait(DEADLINE)
         assert recorder.calls[0][0].logging.level == "debug"
         assert recorder.calls[0][1].logging.level == "warning"
@@ -448,6 +452,6 @@ def test_sighup_reloads_config_when_watcher_uses_short_debounce(
         write_and_replace(config_file, ERROR)
         os.kill(os.getpid(), signal.SIGHUP)
 
-        assert wait_for(lambda: watcher.config.logging.level == "error")
+        wait_for(lambda: watcher.config.logging.level == "error", "logging.level error")
     finally:
         signal.signal(signal.SIGHUP, previous)

@@ -15,7 +15,7 @@ def test_callbacks_run_at_their_deadlines_in_deadline_order() -> None:
     start = time.monotonic()
     for name, delay in (("late", 0.30), ("early", 0.10), ("middle", 0.20)):
         watchdog.watch(start + delay, lambda name=name: fired.append((name, time.monotonic() - start)))
-    assert wait_for(lambda: len(fired) == 3)
+    wait_for(lambda: len(fired) == 3, "three deadlines fired")
     assert [name for name, _ in fired] == ["early", "middle", "late"]
     for (_, at), due in zip(fired, (0.10, 0.20, 0.30), strict=True):
         assert due <= at < due + 0.5
@@ -39,7 +39,7 @@ def test_a_cancelled_callback_never_runs() -> None:
     token = watchdog.watch(time.monotonic() + 0.1, lambda: fired.append("cancelled"))
     watchdog.watch(time.monotonic() + 0.2, lambda: fired.append("kept"))
     watchdog.cancel(token)
-    assert wait_for(lambda: fired == ["kept"])
+    wait_for(lambda: fired == ["kept"], "only the kept deadline fired")
     time.sleep(0.1)
     assert fired == ["kept"]
 
