@@ -41,11 +41,43 @@ def quickstart_blocks(readme: str) -> list[str]:
     return blocks
 
 
+# Polling helpers the quickstart's bash session calls between blocks (each gives up after 60 s).
+WAITS = """\
+until_listening() {
+  for _ in $(seq 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
+    sleep 0.1
+  done
+  return 1
+}
+until_delivered() {
+  for _ in $(seq 600); do
+    curl -s -H "Authorization: Bearer $KEY" http://127.0.0.1:8080/api/v1/messages | python3 -c '
+import json, sys
+statuses = [item["status"] for item in json.load(sys.stdin)["items"]]
+sys.exit(statuses != ["delivered"] * int(sys.argv[1]))' "$1" && return
+    sleep 0.1
+  done
+  return 1
+}
+"""
+
+
+def wait_after(block: str) -> str:
+    """The wait a reader's pause stands for after this block, if any."""
+    if "aiosmtpd" in block:
+        return "until_listening 1025\n"
+    if "smtplib" in block:
+        return "until_delivered 2\n"
+    return ""
+
+
 def test_the_quickstart_has_runnable_blocks() -> None:
     blocks = quickstart_blocks((ROOT / "README.rst").read_text())
     assert len(blocks) >= 5
     assert any("swaks" in block for block in blocks) and any("smtplib" in block for block in blocks)
     assert any("curl" in block for block in blocks)
+    assert [wait_after(block) for block in blocks].count("") == len(blocks) - 2
 
 
 def _port_open(port: int) -> bool:
@@ -129,9 +161,10 @@ def test_the_quickstart_runs_as_written(running: tuple[Path, Path]) -> None:
     checkout, log = running
     assert "Demo tenant (saved in var/demo-tenant.json)" in log.read_text()
     blocks = quickstart_blocks((checkout / "README.rst").read_text())
-    # One terminal, one bash session: variables carry from block to block. The pauses stand for
-    # the reader's own (the worker delivers within about a second of the 250).
-    script = "set -euo pipefail\n" + "\nsleep 2\n".join(blocks) + "\nsleep 1\n"
+    # One terminal, one bash session: variables carry from block to block. Where a reader would
+    # look before going on, the script waits for what they would see: the throwaway SMTP server
+    # listening, then both messages handed over by the worker.
+    script = "set -euo pipefail\n" + WAITS + "".join(block + "\n" + wait_after(block) for block in blocks)
     output_file = checkout.parent / "quickstart.log"
     with output_file.open("w") as out:
         process = subprocess.Popen(

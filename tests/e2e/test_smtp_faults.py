@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import free_port, wait_until_accepting
 from tests.e2e.conftest import PASSWORD, Listener, RawClient, ServeProcess
+from tests.waiting import wait_for
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 MESSAGE = b"Subject: fault test\r\n\r\nbody\r\n"
@@ -216,14 +217,6 @@ def _log_lines(process: ListenerProcess) -> list[dict]:
     return [json.loads(line) for line in process.output().splitlines() if line.startswith("{")]
 
 
-def _wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 def test_logs_one_line_per_connection_and_message_without_secrets(
     listener_process: ListenerProcess, client_tls: ssl.SSLContext
 ) -> None:
@@ -240,7 +233,7 @@ def test_logs_one_line_per_connection_and_message_without_secrets(
         lines = _log_lines(listener_process)
         return [line for line in lines if line.get("event") == "smtp.disconnect" and line["account"]]
 
-    _wait_for(closes)
+    wait_for(closes, "the authenticated session's smtp.disconnect line", timeout=20)
     lines = _log_lines(listener_process)
     [accepted] = [line for line in lines if line.get("event") == "smtp.message_accepted"]
     assert accepted["recipients"] == 2 and accepted["code"] == 250 and accepted["sender"] == "app@example.com"
@@ -279,7 +272,11 @@ def test_limits_follow_the_config_file_without_restart(listener_process: Listene
     raw = yaml.safe_load(listener_process.config.read_text())
     raw["smtp"]["max_connections"] = 2
     listener_process.config.write_text(yaml.safe_dump(raw))
-    _wait_for(lambda: any(line.get("event") == "config.reloaded" for line in _log_lines(listener_process)))
+    wait_for(
+        lambda: any(line.get("event") == "config.reloaded" for line in _log_lines(listener_process)),
+        "a config.reloaded line",
+        timeout=20,
+    )
     held = [RawClient("127.0.0.1", listener_process.port) for _ in range(2)]
     try:
         for client in held:
@@ -316,7 +313,7 @@ def test_sighup_picks_up_a_renewed_certificate(
     Path(raw["tls"]["cert_file"]).write_bytes(renewed_cert.read_bytes())
     Path(raw["tls"]["key_file"]).write_bytes(renewed_key.read_bytes())
     listener_process.process.send_signal(signal.SIGHUP)
-    _wait_for(lambda: served_certificate() != before)
+    wait_for(lambda: served_certificate() != before, "the renewed certificate served", timeout=20)
 
 
 def test_a_second_drain_closes_nothing(start_listener) -> None:
