@@ -22,6 +22,7 @@ import pytest
 import redis
 from pytest_postgresql.executors import PostgreSQLExecutor
 from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
 
 from smtp_proxy.config import Config, config_from_dict
 from smtp_proxy.crypto import generate_encryption_key
@@ -68,6 +69,25 @@ def pg_url(postgresql_server: PostgreSQLExecutor) -> Iterator[str]:
     _admin(postgresql_server, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
     yield _url(postgresql_server, name)
     _admin(postgresql_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def shared_pg_url(postgresql_server: PostgreSQLExecutor) -> Iterator[str]:
+    """One migrated database per test process, for tests whose writes are rolled back."""
+    name = f"shared_{os.getpid()}"
+    _admin(postgresql_server, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    yield _url(postgresql_server, name)
+    _admin(postgresql_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def shared_pg_engine(shared_pg_url: str) -> Iterator[Engine]:
+    # Pinged at checkout: a test that stops the cluster leaves dead connections in the pool.
+    engine = create_engine(
+        shared_pg_url.replace("postgresql://", "postgresql+psycopg2://", 1), pool_pre_ping=True
+    )
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 import re
 import ssl
@@ -24,16 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from smtp_proxy import __version__, crypto
-from smtp_proxy.cli import main
 from smtp_proxy.db.migrate import head_revision
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts as account_store
 from smtp_proxy.storage import audit
+from tests.cli_runner import OPERATOR_VARIABLES, run_cli
 
 SMTP_PROXY = Path(sys.executable).with_name("smtp-proxy")
 CONFIG_YAML = """\
@@ -45,8 +43,6 @@ security:
   encryption_key: ${SMTP_PROXY_ENCRYPTION_KEY}
   bcrypt_cost: 4
 """
-# The operator's settings this suite must not see, in or out of process.
-_OPERATOR_VARIABLES = ("DATABASE_URL", "SMTP_PROXY_CONFIG", "SMTP_PROXY_ENCRYPTION_KEY")
 
 
 @dataclass
@@ -67,26 +63,10 @@ class Cli:
         env: dict[str, str] | None = None,
         use_config_option: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        """In this process; an exception the command does not turn into an exit fails the test."""
-        command = self._command(args, use_config_option)
-        cleared: dict[str, str | None] = {name: None for name in os.environ if name.startswith("SMTP_PROXY_")}
-        cleared["DATABASE_URL"] = None
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        try:
-            result = CliRunner().invoke(
-                main,
-                command,
-                input=stdin if stdin is not None else "",
-                env={**cleared, **self.env, **(env or {})},
-                prog_name="smtp-proxy",
-                catch_exceptions=False,
-            )
-        finally:
-            # The group's logging.basicConfig must not leave a handler on CliRunner's closed stderr.
-            root.handlers[:] = handlers
-            root.setLevel(level)
-        return subprocess.CompletedProcess(command, result.exit_code, result.stdout, result.stderr)
+        """In this process (tests/cli_runner.py)."""
+        return run_cli(
+            self._command(args, use_config_option), stdin=stdin or "", env={**self.env, **(env or {})}
+        )
 
     def run_process(
         self, *args: str, env: dict[str, str] | None = None, use_config_option: bool = True
@@ -95,7 +75,7 @@ class Cli:
         base = {
             k: v
             for k, v in os.environ.items()
-            if k not in _OPERATOR_VARIABLES and not k.startswith("SMTP_PROXY_")
+            if k not in OPERATOR_VARIABLES and not k.startswith("SMTP_PROXY_")
         }
         return subprocess.run(
             [str(SMTP_PROXY), *self._command(args, use_config_option)],
