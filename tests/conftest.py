@@ -15,25 +15,29 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from pytest_postgresql.executors import PostgreSQLExecutor
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 
 from smtp_proxy.config import Config, config_from_dict
 from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.migrate import upgrade
 from smtp_proxy.logs import set_correlation_id, stop_background_writer
+from tests.leaks import keep_socket, new_sockets, new_threads, open_sockets
 from tests.pgcluster import PgCluster, PgClusterError, admin_sql, free_port, wait_until_accepting
 from tests.waiting import wait_for
 
 __all__ = ["free_port", "wait_until_accepting"]
 
 TEMPLATE_DB = "smtp_proxy_template"
+# How long a test's threads and sockets may take to end after its teardown.
+LEAK_GRACE = 5.0
 _db_counter = itertools.count()
 
 
@@ -86,8 +90,32 @@ def shared_pg_engine(shared_pg_url: str) -> Iterator[Engine]:
     engine = create_engine(
         shared_pg_url.replace("postgresql://", "postgresql+psycopg2://", 1), pool_pre_ping=True
     )
+    # Its pooled connections outlive the test that opened them, on purpose.
+    event.listen(engine, "connect", lambda dbapi_connection, _record: keep_socket(dbapi_connection.fileno()))
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _leaves_no_thread_or_socket() -> Iterator[None]:
+    """Fail a test whose thread or socket outlives it (after its fixtures' teardown).
+
+    Threads that are finishing (a server's loop after its stop, a library's 10 ms expiry timer)
+    get a moment to end; whatever is still there is named in the failure.
+    """
+    threads = set(threading.enumerate())
+    sockets = open_sockets()
+    yield
+    leaked: list[str] = []
+
+    def clean() -> bool:
+        leaked[:] = [f"thread {name}" for name in new_threads(threads)] + new_sockets(sockets)
+        return not leaked
+
+    try:
+        wait_for(clean, "the test's threads and sockets to end", timeout=LEAK_GRACE)
+    except AssertionError:
+        pytest.fail(f"left behind: {', '.join(leaked)}", pytrace=False)
 
 
 @pytest.fixture

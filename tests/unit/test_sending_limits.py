@@ -106,3 +106,5 @@ def test_on_a_shared_storage_counts_are_sent_by_one_thread_and_seen_at_once_here
     here.record(account, recipients=3)
     here.flush()
     assert {w.name: w.used for w in elsewhere.usage(account, quota)}["recipients_per_day"] == 5
+    for limits in (here, elsewhere):  # nothing is pending: the flushing thread opens no new connection
+        limits.storage.storage.connection_pool.disconnect()
