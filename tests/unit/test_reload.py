@@ -1,7 +1,7 @@
 """Behaviour of smtp_proxy.reload.ConfigWatcher with a real file and the real watchdog observer.
 
-Asynchronous effects are awaited by polling with a bounded deadline; the only
-fixed sleeps are short quiet periods used to show that something does NOT happen.
+Asynchronous effects are awaited by polling with a bounded deadline. To show that something does
+NOT happen, a test waits until the watcher has handled every file event so far (``settled``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from smtp_proxy.config import Config, config_from_dict, load_config
 from smtp_proxy.logs import apply_level
@@ -23,8 +24,6 @@ from tests.waiting import wait_for
 
 DEADLINE = 5.0
 DEBOUNCE = 0.05
-# Long enough for several debounce periods, to show that nothing (more) happens.
-QUIET = 0.5
 # For the SIGHUP test: slow enough that the file observer cannot be the one that reloads.
 SIGHUP_DEBOUNCE = 2.0
 
@@ -54,6 +53,34 @@ class Recorder:
     def __call__(self, new: Config, old: Config) -> None:
         self.calls.append((new, old))
         self.called.set()
+
+
+def settled(watcher: ConfigWatcher, config_file: Path) -> None:
+    """Every file event so far has reached the watcher, and any reload it scheduled has run.
+
+    A marker written now reaches a handler of ours on the watcher's own observer (one emitter per
+    directory, its handlers called in order) only after every earlier event of the directory has
+    reached the watcher's handler; then its debounce timer, if one was armed, runs out.
+    """
+    marker = config_file.with_name("settled.marker")
+    seen = threading.Event()
+
+    class Marker(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if Path(str(event.src_path)) == marker:
+                seen.set()
+
+    handler = Marker()
+    observer = watcher._observer
+    assert observer is not None
+    watch = observer.schedule(handler, str(config_file.parent), recursive=False)
+    try:
+        marker.write_text(str(time.monotonic()))
+        wait_for(seen.is_set, "the marker's event, after every earlier one", timeout=DEADLINE)
+    finally:
+        observer.remove_handler_for_watch(handler, watch)
+    timer = watcher._timer
+    wait_for(lambda: timer is None or not timer.is_alive(), "the scheduled reload to run", timeout=DEADLINE)
 
 
 def rejections(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -236,7 +263,7 @@ def test_invalid_file_rejected_once_when_written_once(
 
     write_and_replace(config_file, "logging:\n  level: loud\n")
     wait_for(lambda: bool(rejections(caplog)), "a config.reload_rejected record")
-    time.sleep(QUIET)
+    settled(watcher, config_file)  # the rejection's own read of the file included
 
     assert len(rejections(caplog)) == 1, f"{len(rejections(caplog))} rejections for one write"
 
@@ -274,7 +301,7 @@ def test_nobody_called_when_file_rewritten_with_identical_content(
 
     write_in_place(config_file, BASE)
     write_and_replace(config_file, BASE)
-    time.sleep(QUIET)
+    settled(watcher, config_file)
 
     assert recorder.calls == []
     assert watcher.config is old
@@ -293,7 +320,7 @@ def test_nobody_called_when_file_rewritten_with_equivalent_content(
         config_file,
         "# edited\nlogging:\n  format: 'json'\n  level: WARNING\nsmtp:\n  hostname: \"mx1.example.com\"\n",
     )
-    time.sleep(QUIET)
+    settled(watcher, config_file)
 
     assert recorder.calls == []
 
