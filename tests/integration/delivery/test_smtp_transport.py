@@ -568,7 +568,7 @@ def trickle(connection: socket.socket) -> None:
     greeted(connection)
     while True:
         connection.sendall(b"250-still thinking\r\n")
-        time.sleep(0.2)
+        time.sleep(0.2)  # the hostile server's pace is the behaviour under test
 
 
 @pytest.mark.parametrize("tls", ["none", "implicit"])
