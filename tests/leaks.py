@@ -43,9 +43,35 @@ def keep_socket(fd: int) -> None:
     _kept.add(os.readlink(f"/proc/self/fd/{fd}"))
 
 
+def _tcp_endpoints() -> dict[str, str]:
+    """'socket:[inode]' -> 'local -> remote' for this process's TCP sockets, to name a leak."""
+    found = {}
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote = (_endpoint(field) for field in fields[1:3])
+            found[f"socket:[{fields[9]}]"] = f"{local} -> {remote}"
+    return found
+
+
+def _endpoint(field: str) -> str:
+    address, port = field.split(":")
+    if len(address) == 8:  # IPv4, little-endian
+        return ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)) + f":{int(port, 16)}"
+    return f"[{address}]:{int(port, 16)}"
+
+
 def new_sockets(before: dict[int, str]) -> list[str]:
     known = set(before.values()) | _kept
-    return sorted(f"fd {fd} ({target})" for fd, target in open_sockets().items() if target not in known)
+    leaked = {fd: target for fd, target in open_sockets().items() if target not in known}
+    if not leaked:
+        return []
+    tcp = _tcp_endpoints()
+    return sorted(f"fd {fd} ({tcp.get(target, target)})" for fd, target in leaked.items())
 
 
 def new_threads(before: set[threading.Thread]) -> list[str]:

@@ -156,6 +156,18 @@ def own_domain() -> str:
     return f"t{uuid.uuid4().hex[:12]}.example.net"
 
 
+def close_counters(app: Flask) -> None:
+    """Close the Redis connections of the app's shared counters (rate limits, sending limits)."""
+    storages = [
+        app.extensions["smtp_proxy.sending_limits"].storage,
+        *app.extensions["smtp_proxy.rate_limit"]._storage.values(),
+    ]
+    for storage in storages:
+        client = getattr(storage, "storage", None)  # limits' RedisStorage holds a redis client
+        if client is not None and hasattr(client, "connection_pool"):
+            client.connection_pool.disconnect()
+
+
 def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads, ident="smtp-proxy")
     thread = threading.Thread(target=server.run, daemon=True)
@@ -187,7 +199,7 @@ def stop(server: Any, thread: threading.Thread) -> None:
 def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
     """Start the API app under waitress; ``api`` overrides config keys (e.g. rate_limit), and
     ``sections`` whole config sections (e.g. ``limits={...}``)."""
-    started: list[tuple[Any, threading.Thread, Database, ApiServer]] = []
+    started: list[tuple[Any, threading.Thread, Database, ApiServer, Flask]] = []
 
     def start(sections: dict[str, dict[str, Any]] | None = None, **api: Any) -> ApiServer:
         api = {"rate_limit": "100000/minute", "unauthenticated_rate_limit": "100000/minute", **api}
@@ -209,14 +221,15 @@ def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
         cipher = Cipher.from_config(config.security)
         api = ApiServer(base_url, config, database, cipher, Client(base_url, admin_key), admin_id)
         api.clients.append(api.admin)
-        started.append((server, thread, database, api))
+        started.append((server, thread, database, api, app))
         return api
 
     yield start
-    for server, thread, database, api in started:
+    for server, thread, database, api, app in started:
         for client in api.clients:
             client.close()
         stop(server, thread)
+        close_counters(app)
         database.dispose()
 
 
@@ -261,6 +274,7 @@ def api(rolled_back: Connection, shared_pg_url: str, make_config) -> Iterator[Ap
     try:
         yield served
     finally:
+        close_counters(app)
         database.dispose()
 
 
@@ -376,4 +390,5 @@ def make_app(make_config) -> Iterator[Callable[..., AppUnderTest]]:
 
     yield make
     for under_test in made:
+        close_counters(under_test.app)
         under_test.database.dispose()

@@ -517,13 +517,14 @@ class ScriptedServer:
 
     def _serve(self) -> None:
         connection, _ = self.listener.accept()
-        with connection:
-            try:
-                if self.tls is not None:
-                    connection = self.tls.wrap_socket(connection, server_side=True)
-                self.behave(connection)
-            except OSError:
-                pass  # the client cut the connection: what the tests want
+        try:
+            if self.tls is not None:
+                connection = self.tls.wrap_socket(connection, server_side=True)
+            self.behave(connection)
+        except OSError:
+            pass  # the client cut the connection: what the tests want
+        finally:
+            connection.close()  # the TLS socket when wrapped: wrapping detaches the plain one
 
     def close(self) -> None:
         self.thread.join(10.0)
