@@ -59,7 +59,11 @@ class ApiProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._reader.start()
-        _wait_http(self.base + "/healthz", self.process)
+        try:
+            _wait_http(self.base + "/healthz", self.process)
+        except BaseException:
+            self.stop()  # the process and its reader end with the failed start
+            raise
 
     def _read_stdout(self) -> None:
         assert self.process.stdout is not None
