@@ -48,7 +48,8 @@ def _tcp_endpoints() -> dict[str, str]:
     found = {}
     for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
         try:
-            lines = open(table).read().splitlines()[1:]
+            with open(table) as rows:
+                lines = rows.read().splitlines()[1:]
         except OSError:
             continue
         for line in lines:

@@ -89,6 +89,9 @@ class ApiProcess:
             self.process.kill()
             self.process.wait()
         self._reader.join(timeout=5)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
         return self.process.returncode, "".join(self.lines)
 
 
