@@ -14,12 +14,13 @@ import shutil
 import socket
 import stat
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
 from pytest_postgresql.executors import PostgreSQLExecutor
+
+from tests.waiting import wait_for
 
 
 class PgClusterError(RuntimeError):
@@ -65,17 +66,19 @@ def admin_sql(port: int, *statements: str) -> None:
 
 def wait_until_accepting(executor: PostgreSQLExecutor, timeout: float = 30.0) -> None:
     """The port opens before the server accepts sessions ("the database system is starting up")."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def accepting() -> bool:
         try:
             psycopg2.connect(
                 host="127.0.0.1", port=executor.port, user="postgres", dbname="postgres", connect_timeout=2
             ).close()
-            return
+            return True
         except psycopg2.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            return False
+
+    wait_for(
+        accepting, f"PostgreSQL on port {executor.port} to accept sessions", timeout=timeout, interval=0.1
+    )
 
 
 @dataclass

@@ -1,11 +1,16 @@
-"""A real API server (waitress on 127.0.0.1, a free port) over the throwaway PostgreSQL, and the
-same app behind Flask's test client (``make_app``) for tests that need to see inside it.
+"""The API app in two tiers, with one surface for the tests.
 
-Tests talk to the server over HTTP with ``requests``, as tenant tooling would.
+``api``: the app behind Flask's test client, in the test's own thread, on a Database bound to one
+connection whose outer transaction is rolled back after the test (fast; nothing is committed for
+another connection to see). ``start_api``: the app served by waitress on 127.0.0.1 over a fresh
+database, for what needs real HTTP, threads or committed rows. Both hand out clients with the same
+``requests``-like surface (``get``, ``post``, ... returning ``status_code``, ``headers``, ``json()``).
+``make_app`` gives the bare app for tests that need to see inside it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import uuid
@@ -18,6 +23,7 @@ import requests
 import waitress
 from flask import Flask
 from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
 
 from smtp_proxy.api import create_app
 from smtp_proxy.config import Config
@@ -25,6 +31,7 @@ from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
+from tests.rolled_back import RolledBackDatabase
 
 
 class Client:
@@ -56,6 +63,51 @@ class Client:
     def delete(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("DELETE", path, **kwargs)
 
+    def close(self) -> None:
+        self.http.close()
+
+
+def _upload(filename: str, content: str | bytes, *_type: str) -> tuple[io.BytesIO, str]:
+    return io.BytesIO(content.encode() if isinstance(content, str) else content), filename
+
+
+class AppClient(Client):
+    """The same calls through Flask's test client: no socket, no thread, the request runs here."""
+
+    def __init__(self, app: Flask, api_key: str | None = None) -> None:
+        self.base_url = ""
+        self.api_key = api_key
+        self.app = app
+
+    def request(  # type: ignore[override]
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        files: dict[str, tuple[Any, ...]] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        query = {name: value for name, value in (params or {}).items() if value is not None}
+        if files:  # as requests sends them: multipart, one (name, content[, type]) per field
+            data = {**(data or {}), **{field: _upload(*item) for field, item in files.items()}}
+        with self.app.test_client() as client:
+            response = client.open(
+                path,
+                method=method,
+                query_string=query or None,
+                json=json,
+                data=data,
+                headers=self.headers(headers),
+            )
+        return Reply(response)
+
+    def close(self) -> None:
+        pass
+
 
 @dataclass
 class Tenant:
@@ -76,11 +128,12 @@ class ApiServer:
     cipher: Cipher
     admin: Client
     admin_id: str
+    app: Flask | None = None  # set: requests go through the test client, not over HTTP
     _counter: list[int] = field(default_factory=lambda: [0])
     clients: list[Client] = field(default_factory=list)
 
     def client(self, api_key: str | None = None) -> Client:
-        client = Client(self.base_url, api_key)
+        client = AppClient(self.app, api_key) if self.app is not None else Client(self.base_url, api_key)
         self.clients.append(client)
         return client
 
@@ -102,6 +155,18 @@ class ApiServer:
 def own_domain() -> str:
     """A sender domain no other account of the test holds."""
     return f"t{uuid.uuid4().hex[:12]}.example.net"
+
+
+def close_counters(app: Flask) -> None:
+    """Close the Redis connections of the app's shared counters (rate limits, sending limits)."""
+    storages = [
+        app.extensions["smtp_proxy.sending_limits"].storage,
+        *app.extensions["smtp_proxy.rate_limit"]._storage.values(),
+    ]
+    for storage in storages:
+        client = getattr(storage, "storage", None)  # limits' RedisStorage holds a redis client
+        if client is not None and hasattr(client, "connection_pool"):
+            client.connection_pool.disconnect()
 
 
 def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
@@ -135,7 +200,7 @@ def stop(server: Any, thread: threading.Thread) -> None:
 def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
     """Start the API app under waitress; ``api`` overrides config keys (e.g. rate_limit), and
     ``sections`` whole config sections (e.g. ``limits={...}``)."""
-    started: list[tuple[Any, threading.Thread, Database, ApiServer]] = []
+    started: list[tuple[Any, threading.Thread, Database, ApiServer, Flask]] = []
 
     def start(sections: dict[str, dict[str, Any]] | None = None, **api: Any) -> ApiServer:
         api = {"rate_limit": "100000/minute", "unauthenticated_rate_limit": "100000/minute", **api}
@@ -158,20 +223,61 @@ def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
         cipher = Cipher.from_config(config.security)
         api = ApiServer(base_url, config, database, cipher, Client(base_url, admin_key), admin_id)
         api.clients.append(api.admin)
-        started.append((server, thread, database, api))
+        started.append((server, thread, database, api, app))
         return api
 
     yield start
-    for server, thread, database, api in started:
+    for server, thread, database, api, app in started:
         for client in api.clients:
-            client.http.close()
+            client.close()
         stop(server, thread)
+        close_counters(app)
         database.dispose()
 
 
 @pytest.fixture
-def api(start_api) -> ApiServer:
+def served_api(start_api) -> ApiServer:
+    """The app under waitress on a fresh database: real HTTP, concurrent requests, committed rows."""
     return start_api()
+
+
+@pytest.fixture
+def rolled_back(shared_pg_engine: Engine) -> Iterator[Connection]:
+    """One connection of the worker's shared database inside a transaction rolled back at the end."""
+    connection = shared_pg_engine.connect()
+    outer = connection.begin()
+    try:
+        yield connection
+    finally:
+        outer.rollback()
+        connection.close()
+
+
+@pytest.fixture
+def api(rolled_back: Connection, shared_pg_url: str, make_config) -> Iterator[ApiServer]:
+    """The app behind Flask's test client; whatever a test stores is rolled back after it."""
+    api_settings = {"rate_limit": "100000/minute", "unauthenticated_rate_limit": "100000/minute"}
+    config = make_config(shared_pg_url, api=api_settings)
+    database = RolledBackDatabase(config.database, rolled_back)
+    with database.transaction() as session:
+        admin = accounts.create_account(
+            session,
+            name=f"admin-{uuid.uuid4().hex[:8]}",
+            email="admin@example.com",
+            allowed_domains=[own_domain()],
+            is_admin=True,
+            bcrypt_cost=4,
+        )
+        admin_key, admin_id = admin.api_key, str(admin.account.id)
+    database.remove_session()
+    app = create_app(config, database)
+    cipher = Cipher.from_config(config.security)
+    served = ApiServer("", config, database, cipher, AppClient(app, admin_key), admin_id, app=app)
+    try:
+        yield served
+    finally:
+        close_counters(app)
+        database.dispose()
 
 
 # --- the app behind Flask's test client ------------------------------------------------------------
@@ -182,7 +288,9 @@ class Reply:
 
     def __init__(self, response: Any) -> None:
         self.status_code = response.status_code
+        self.ok = response.status_code < 400
         self.headers = response.headers
+        self.content = response.get_data()
         self.text = response.get_data(as_text=True)
 
     def json(self) -> Any:
@@ -285,4 +393,5 @@ def make_app(make_config) -> Iterator[Callable[..., AppUnderTest]]:
 
     yield make
     for under_test in made:
+        close_counters(under_test.app)
         under_test.database.dispose()

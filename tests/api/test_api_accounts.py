@@ -188,7 +188,8 @@ def test_duplicate_name_is_409_and_keeps_the_first(api: ApiServer) -> None:
     assert api.client(first.json()["api_key"]).get(ACCOUNTS).status_code == 200
 
 
-def test_concurrent_creates_of_one_name_give_one_201_and_409s(api: ApiServer) -> None:
+def test_concurrent_creates_of_one_name_give_one_201_and_409s(served_api: ApiServer) -> None:
+    api = served_api
     admin_key = api.admin.api_key
     statuses: list[int] = []
     bodies: list[str] = []

@@ -33,6 +33,12 @@ def pg_url(request: pytest.FixtureRequest) -> str:
     return _url(server, name)
 
 
+@pytest.fixture
+def api(served_api):
+    """Served by start_api on the database above."""
+    return served_api
+
+
 PROVIDERS = [
     {"name": "sg", "provider_type": "sendgrid", "api_key": "SG.secret"},
     {

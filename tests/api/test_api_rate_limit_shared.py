@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from tests.api.conftest import ApiServer, Client
+from tests.api.conftest import ApiServer
 
 
 def test_instances_sharing_redis_share_one_limit_per_key(start_api, redis_url: str) -> None:
     first: ApiServer = start_api(rate_limit="4/minute", rate_limit_storage=redis_url)
     second: ApiServer = start_api(rate_limit="4/minute", rate_limit_storage=redis_url)
     tenant = first.tenant()  # counted against the first admin's key, not the tenant's
-    on_first = Client(first.base_url, tenant.api_key)
-    on_second = Client(second.base_url, tenant.api_key)
+    on_first = first.client(tenant.api_key)
+    on_second = second.client(tenant.api_key)
     codes = [on_first.get("/api/v1/providers").status_code for _ in range(2)]
     codes += [on_second.get("/api/v1/providers").status_code for _ in range(2)]
     assert codes == [200, 200, 200, 200]

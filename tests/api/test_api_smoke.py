@@ -5,7 +5,8 @@ from __future__ import annotations
 from tests.api.conftest import ApiServer
 
 
-def test_admin_and_tenant_see_accounts_over_http(api: ApiServer) -> None:
+def test_admin_and_tenant_see_accounts_over_http(served_api: ApiServer) -> None:
+    api = served_api
     tenant = api.tenant()
     everyone = api.admin.get("/api/v1/accounts")
     assert everyone.status_code == 200

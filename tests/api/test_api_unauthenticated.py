@@ -17,7 +17,7 @@ from smtp_proxy.api.errors import ApiError
 from smtp_proxy.api.rate_limit import RateLimit
 from smtp_proxy.counters import LocalCounters, counting_address
 from tests.api.checks import assert_error
-from tests.api.conftest import AppUnderTest, Client
+from tests.api.conftest import AppUnderTest
 
 PROVIDERS = "/api/v1/providers"
 NOW = 1_800_000_015.0  # 15 s into a minute
@@ -220,7 +220,7 @@ def test_a_flood_over_http_gets_429_with_retry_after(start_api) -> None:
 def test_instances_sharing_redis_share_the_unauthenticated_limit(start_api, redis_url: str) -> None:
     first = start_api(unauthenticated_rate_limit="4/hour", rate_limit_storage=redis_url)
     second = start_api(unauthenticated_rate_limit="4/hour", rate_limit_storage=redis_url)
-    on_first, on_second = Client(first.base_url), Client(second.base_url)
+    on_first, on_second = first.client(), second.client()
     codes = [on_first.get(PROVIDERS).status_code for _ in range(2)]
     codes += [on_second.get(PROVIDERS).status_code for _ in range(2)]
     assert codes == [401, 401, 401, 401]

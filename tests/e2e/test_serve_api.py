@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.waiting import wait_for
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 
@@ -32,16 +32,16 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message,
 
 
 def _wait_http(url: str, process: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"server exited early with {process.returncode}: {process.stderr.read()}")
         try:
             urllib.request.urlopen(url, timeout=1).close()
-            return
+            return True
         except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer within {timeout}s")
+            return False
+
+    wait_for(answers, f"{url} to answer", timeout=timeout, interval=0.1)
 
 
 class ApiProcess:
@@ -59,7 +59,11 @@ class ApiProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._reader.start()
-        _wait_http(self.base + "/healthz", self.process)
+        try:
+            _wait_http(self.base + "/healthz", self.process)
+        except BaseException:
+            self.stop()  # the process and its reader end with the failed start
+            raise
 
     def _read_stdout(self) -> None:
         assert self.process.stdout is not None
@@ -68,13 +72,13 @@ class ApiProcess:
 
     def wait_for_event(self, event: str, timeout: float = 20.0) -> dict:
         """The first JSON log line with this event, waiting for it to be written."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in _log_lines("".join(self.lines)):
-                if line.get("event") == event:
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"no {event} log line within {timeout}s: {self.lines}")
+
+        def found() -> dict | None:
+            return next(
+                (line for line in _log_lines("".join(self.lines)) if line.get("event") == event), None
+            )
+
+        return wait_for(found, f"a {event} log line", timeout=timeout)
 
     def stop(self) -> tuple[int, str]:
         if self.process.poll() is None:
@@ -85,6 +89,9 @@ class ApiProcess:
             self.process.kill()
             self.process.wait()
         self._reader.join(timeout=5)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
         return self.process.returncode, "".join(self.lines)
 
 
@@ -209,13 +216,12 @@ def test_broken_config_file_on_reload_keeps_the_server_running(api: ApiProcess) 
 
 def test_request_log_line_carries_the_clients_request_id(api: ApiProcess) -> None:
     _get(api.base + "/readyz", {"X-Request-ID": "trace-42"})
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def logged() -> dict | None:
         lines = [line for line in _log_lines("".join(api.lines)) if line.get("event") == "api.request"]
-        if any(line["correlation_id"] == "trace-42" for line in lines):
-            break
-        time.sleep(0.05)
-    line = next(line for line in lines if line["correlation_id"] == "trace-42")
+        return next((line for line in lines if line["correlation_id"] == "trace-42"), None)
+
+    line = wait_for(logged, "the request's api.request line")
     assert (line["method"], line["path"], line["status"]) == ("GET", "/readyz", 200)
     assert line["duration_ms"] >= 0
 
@@ -263,11 +269,13 @@ def test_sigterm_during_requests_always_exits_0(
     _write_config(config, port, pg_url, encryption_key)
     server = ApiProcess(config, port, clean_env)
     stop = threading.Event()
+    answered: list[int] = []
 
     def hammer() -> None:
         while not stop.is_set():
             try:
                 urllib.request.urlopen(server.base + "/readyz", timeout=2).close()
+                answered.append(1)
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
 
@@ -275,7 +283,8 @@ def test_sigterm_during_requests_always_exits_0(
     for thread in threads:
         thread.start()
     try:
-        time.sleep(0.3 + attempt * 0.1)
+        # Requests under way, the signal arriving at a different point of them in each attempt.
+        wait_for(lambda: len(answered) >= 10 * (attempt + 1), "requests answered", timeout=20)
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=15) == 0
     finally:

@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, text
 from smtp_proxy.storage.audit import CLI
 from tests.conftest import free_port, wait_until_accepting
 from tests.e2e.conftest import PASSWORD, Listener, RawClient, ServeProcess
+from tests.waiting import wait_for
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 MESSAGE = b"Subject: fault test\r\n\r\nbody\r\n"
@@ -41,17 +42,17 @@ def test_database_down_gives_451_and_stores_nothing_then_recovers(
     finally:
         postgresql_server.start()
         wait_until_accepting(postgresql_server)
+
     # Same connection, same server process: it recovers by itself.
-    deadline = time.monotonic() + 20
-    while True:
-        code, _ = client.mail("app@example.com")
+    def sent() -> bool:
+        client.mail("app@example.com")
         client.rcpt("a@example.net")
-        code, reply = client.data(MESSAGE)
-        if code == 250 or time.monotonic() > deadline:
-            break
-        client.rset()
-        time.sleep(0.2)
-    assert code == 250, reply
+        code, _reply = client.data(MESSAGE)
+        if code != 250:
+            client.rset()
+        return code == 250
+
+    wait_for(sent, "a message accepted again", timeout=20, interval=0.2)
     assert len(listener.stored()) == 2
 
 
@@ -124,15 +125,15 @@ def test_sigterm_drains_idle_now_busy_after_their_message_then_exits_0(
         listener_process.process.send_signal(signal.SIGTERM)
         assert idle.reply().startswith(b"421 4.3.2")
         # New connections are no longer accepted.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+
+        def refused() -> bool:
             try:
                 socket.create_connection(("127.0.0.1", listener_process.port), timeout=1).close()
-                time.sleep(0.05)
+                return False
             except OSError:
-                break
-        else:
-            raise AssertionError("still accepting connections after SIGTERM")
+                return True
+
+        wait_for(refused, "new connections refused after SIGTERM", interval=0.05)
         busy.send(b"part two\r\n.\r\n")
         assert busy.reply().startswith(b"250 2.0.0 Ok: queued as")
         assert busy.reply().startswith(b"421 4.3.2")
@@ -171,9 +172,7 @@ def test_kill_9_under_load_loses_no_acknowledged_message(
     threads = [threading.Thread(target=sender) for _ in range(100)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 30
-    while len(acknowledged) < 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(acknowledged) >= 200, "200 messages acknowledged", timeout=30)
     os.kill(listener_process.process.pid, signal.SIGKILL)
     for thread in threads:
         thread.join(timeout=30)
@@ -218,14 +217,6 @@ def _log_lines(process: ListenerProcess) -> list[dict]:
     return [json.loads(line) for line in process.output().splitlines() if line.startswith("{")]
 
 
-def _wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 def test_logs_one_line_per_connection_and_message_without_secrets(
     listener_process: ListenerProcess, client_tls: ssl.SSLContext
 ) -> None:
@@ -242,7 +233,7 @@ def test_logs_one_line_per_connection_and_message_without_secrets(
         lines = _log_lines(listener_process)
         return [line for line in lines if line.get("event") == "smtp.disconnect" and line["account"]]
 
-    _wait_for(closes)
+    wait_for(closes, "the authenticated session's smtp.disconnect line", timeout=20)
     lines = _log_lines(listener_process)
     [accepted] = [line for line in lines if line.get("event") == "smtp.message_accepted"]
     assert accepted["recipients"] == 2 and accepted["code"] == 250 and accepted["sender"] == "app@example.com"
@@ -281,7 +272,11 @@ def test_limits_follow_the_config_file_without_restart(listener_process: Listene
     raw = yaml.safe_load(listener_process.config.read_text())
     raw["smtp"]["max_connections"] = 2
     listener_process.config.write_text(yaml.safe_dump(raw))
-    _wait_for(lambda: any(line.get("event") == "config.reloaded" for line in _log_lines(listener_process)))
+    wait_for(
+        lambda: any(line.get("event") == "config.reloaded" for line in _log_lines(listener_process)),
+        "a config.reloaded line",
+        timeout=20,
+    )
     held = [RawClient("127.0.0.1", listener_process.port) for _ in range(2)]
     try:
         for client in held:
@@ -318,7 +313,7 @@ def test_sighup_picks_up_a_renewed_certificate(
     Path(raw["tls"]["cert_file"]).write_bytes(renewed_cert.read_bytes())
     Path(raw["tls"]["key_file"]).write_bytes(renewed_key.read_bytes())
     listener_process.process.send_signal(signal.SIGHUP)
-    _wait_for(lambda: served_certificate() != before)
+    wait_for(lambda: served_certificate() != before, "the renewed certificate served", timeout=20)
 
 
 def test_a_second_drain_closes_nothing(start_listener) -> None:

@@ -93,7 +93,7 @@ def test_the_21st_connection_from_one_address_gets_421_and_other_addresses_still
     # ... and a slot the first address gives up is its own again.
     clients[0].send(b"QUIT\r\n")
     assert clients[0].reply().startswith(b"221")
-    assert wait_for(lambda: listener.server.active_count == 20)
+    wait_for(lambda: listener.server.active_count == 20, "20 sessions open")
     again = RawClient(listener.host, listener.port)
     clients.append(again)
     assert again.reply().startswith(b"220 mx.test")
@@ -297,7 +297,7 @@ def mail_until_refused(client: smtplib.SMTP, timeout: float = 5.0) -> tuple[int,
         client.rset()
         return False
 
-    assert wait_for(refused, timeout=timeout), "MAIL FROM still accepted"
+    wait_for(refused, "MAIL FROM refused", timeout=timeout)
     return (*answer[0], time.monotonic() - started)
 
 
@@ -393,12 +393,12 @@ def test_a_message_that_would_pass_the_data_in_flight_budget_gets_452_and_the_se
     line = b"x" * 998 + b"\r\n"
     holder.send(b"From: app@example.com\r\n\r\n" + line * 40)  # about 40 KB, still in DATA
     budget = listener.server.data_budget
-    assert wait_for(lambda: budget.held >= 40_000)
+    wait_for(lambda: budget.held >= 40_000, "40 kB held in the budget")
     late.send(b"From: app@example.com\r\n\r\n" + line * 40 + b".\r\n")
     assert late.reply() == b"452 4.3.1 Insufficient system storage, try again later\r\n"
     holder.send(b".\r\n")
     assert holder.reply().startswith(b"250 2.0.0 Ok: queued as")
-    assert wait_for(lambda: budget.held == 0)
+    wait_for(lambda: budget.held == 0, "the budget empty")
     # The refused session sends again, now that the budget is free.
     late.send(b"MAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n")
     assert [late.reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
@@ -419,7 +419,7 @@ def test_a_connection_dropped_mid_data_gives_its_bytes_back(
     assert [client.reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
     client.send(b"From: app@example.com\r\n\r\n" + (b"y" * 998 + b"\r\n") * 30)
     budget = listener.server.data_budget
-    assert wait_for(lambda: budget.held >= 30_000)
+    wait_for(lambda: budget.held >= 30_000, "30 kB held in the budget")
     client.close()
-    assert wait_for(lambda: listener.server.active_count == 0)
+    wait_for(lambda: listener.server.active_count == 0, "every session ended")
     assert budget.held == 0

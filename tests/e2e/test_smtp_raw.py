@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.e2e.conftest import Listener, RawClient
+from tests.waiting import wait_for
 
 ENVELOPE = b"MAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n"
 
@@ -117,9 +118,7 @@ def test_connection_over_max_connections_gets_421_at_once(start_listener) -> Non
         assert extra.closed()
         extra.close()
         held.pop().close()
-        deadline = time.monotonic() + 5
-        while listener.server.active_count >= 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: listener.server.active_count < 3, "the closed session to end")
         again = RawClient(listener.host, listener.port)
         assert again.reply().startswith(b"220 ")
         again.close()
@@ -150,9 +149,9 @@ def test_per_account_session_limit(start_listener, client_tls) -> None:
         assert second.auth(listener, client_tls).startswith(b"421 4.7.0")
         assert second.closed()
         first.close()
-        deadline = time.monotonic() + 5
-        while listener.server.authenticator.sessions._counts and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(
+            lambda: not listener.server.authenticator.sessions._counts, "the first session's count to drop"
+        )
         third = RawClient(listener.host, listener.port)
         third.login(listener, client_tls)
         third.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import time
 
 import pytest
 
@@ -13,13 +12,7 @@ from smtp_proxy import gil
 from smtp_proxy.config import LoggingConfig
 from smtp_proxy.logs import configure_logging
 from tests.e2e.conftest import Listener, RawClient
-
-
-def _wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+from tests.waiting import wait_for
 
 
 def no_timer_threads() -> bool:
@@ -29,13 +22,13 @@ def no_timer_threads() -> bool:
 
 def test_idle_connections_cost_no_thread_object_and_no_protocol_core(start_listener) -> None:
     listener: Listener = start_listener()
-    _wait_for(no_timer_threads)
+    wait_for(no_timer_threads, "the limits expiry timers to end")
     threads_before = threading.active_count()
     clients = [RawClient(listener.host, listener.port) for _ in range(20)]
     try:
         for client in clients:
             assert client.reply().startswith(b"220 mx.test ESMTP")
-        _wait_for(lambda: listener.server.active_count == 20)
+        wait_for(lambda: listener.server.active_count == 20, "20 sessions open")
         # Session threads run without threading.Thread objects (2.5 KB each).
         assert threading.active_count() == threads_before
         handlers = list(listener.server._active)
@@ -47,7 +40,7 @@ def test_idle_connections_cost_no_thread_object_and_no_protocol_core(start_liste
     finally:
         for client in clients:
             client.close()
-    _wait_for(lambda: listener.server.active_count == 0)
+    wait_for(lambda: listener.server.active_count == 0, "every session ended")
 
 
 def test_an_idle_connection_that_never_spoke_still_times_out_with_421(start_listener) -> None:
@@ -64,7 +57,7 @@ def test_an_idle_connection_that_never_spoke_still_times_out_with_421(start_list
 def test_logging_in_a_session_registers_no_dummy_thread(start_listener, restore_logging, capsys) -> None:
     configure_logging(LoggingConfig(level="debug", format="json"))
     listener: Listener = start_listener()
-    _wait_for(no_timer_threads)
+    wait_for(no_timer_threads, "the limits expiry timers to end")
     registered = len(threading._active)  # type: ignore[attr-defined]
     for _ in range(5):
         client = RawClient(listener.host, listener.port)
@@ -73,7 +66,7 @@ def test_logging_in_a_session_registers_no_dummy_thread(start_listener, restore_
         client.reply()
         assert client.reply().startswith(b"221")
         client.close()
-    _wait_for(lambda: listener.server.active_count == 0)
+    wait_for(lambda: listener.server.active_count == 0, "every session ended")
     assert "smtp.disconnect" in capsys.readouterr().out  # the sessions did log
     assert logging.logThreads is False
     assert len(threading._active) == registered  # type: ignore[attr-defined]
@@ -86,15 +79,15 @@ def test_the_listener_calls_on_quiet_when_its_last_session_ends(start_listener) 
     try:
         first.reply()
         second.reply()
-        _wait_for(lambda: listener.server.active_count == 2)
+        wait_for(lambda: listener.server.active_count == 2, "two sessions open")
         first.send(b"QUIT\r\n")
         assert first.reply().startswith(b"221")
-        _wait_for(lambda: listener.server.active_count == 1)
-        time.sleep(0.1)
+        # The count dropped under the same lock that decided "not quiet": no call can follow.
+        wait_for(lambda: listener.server.active_count == 1, "one session left")
         assert calls == []  # one session still open: not quiet
         second.send(b"QUIT\r\n")
         assert second.reply().startswith(b"221")
-        _wait_for(lambda: calls == [0])
+        wait_for(lambda: calls == [0], "on_quiet called once")
     finally:
         first.close()
         second.close()
@@ -119,19 +112,19 @@ def test_the_gil_switch_interval_grows_with_open_sessions_and_returns_after(star
     try:
         for client in clients:
             assert client.reply().startswith(b"220 ")
-        _wait_for(lambda: listener.server.active_count == 300)
+        wait_for(lambda: listener.server.active_count == 300, "300 sessions open")
         assert gil.PACING.threads >= 300
         assert gil.interval_for(300) > gil.DEFAULT_INTERVAL
         assert sys.getswitchinterval() == pytest.approx(gil.interval_for(300))
     finally:
         for client in clients:  # all at once: the herd this pacing is for
             client.close()
-    _wait_for(lambda: listener.server.active_count == 0)
+    wait_for(lambda: listener.server.active_count == 0, "every session ended")
     # A new client is served at once afterwards, and the interval is back to normal.
     client = RawClient(listener.host, listener.port)
     try:
         assert client.reply().startswith(b"220 ")
     finally:
         client.close()
-    _wait_for(lambda: listener.server.active_count == 0)
+    wait_for(lambda: listener.server.active_count == 0, "every session ended")
     assert sys.getswitchinterval() == pytest.approx(gil.DEFAULT_INTERVAL)

@@ -33,6 +33,7 @@ from smtp_proxy.delivery.worker import DRAIN_SECONDS as WORKER_DRAIN_SECONDS
 from smtp_proxy.smtp.server import DRAIN_SECONDS as SMTP_DRAIN_SECONDS
 from tests.conftest import free_port
 from tests.e2e.conftest import ServeProcess
+from tests.waiting import wait_for
 
 UNIT_DIR = Path(__file__).resolve().parents[2] / "etc" / "systemd"
 SMTP_PROXY = Path(sys.executable).parent / "smtp-proxy"
@@ -527,11 +528,14 @@ def smtp_greeting(port: int) -> bytes:
 
 
 def wait_accepting(served: ServeProcess, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not accepts(port):
-        if served.process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"port {port} never accepted:\n{served.output()}")
-        time.sleep(0.05)
+    def accepting() -> bool:
+        if accepts(port):
+            return True
+        if served.process.poll() is not None:
+            raise AssertionError(f"the process exited before port {port} accepted:\n{served.output()}")
+        return False
+
+    wait_for(accepting, f"port {port} to accept", timeout=timeout, interval=0.05)
 
 
 @pytest.mark.parametrize(
@@ -621,7 +625,9 @@ def test_sighup_reloads_the_config_of_serve_all_and_it_keeps_serving(
     swap = link.with_name("config.yaml.new")
     swap.symlink_to(write_config(tmp_path / "v2" / "config.yaml", level="debug"))
     swap.replace(link)
-    time.sleep(0.5)  # longer than the watcher's debounce: it would have reloaded by now
+    # Nothing in the other process marks "the watcher saw no event", so this one pause stays:
+    # longer than the watcher's debounce, it would have reloaded by now.
+    time.sleep(0.5)
     assert served.events("config.reloaded") == []
 
     os.kill(served.process.pid, signal.SIGHUP)

@@ -36,6 +36,7 @@ from tests.conftest import free_port, wait_until_accepting
 from tests.e2e.conftest import Listener, ServeProcess
 from tests.fake_esp import FakeEsp
 from tests.smtp_sink import SmtpSink
+from tests.waiting import wait_for
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 
@@ -52,17 +53,6 @@ DELIVERY = {
     "allow_private_networks": True,
     "metrics_port": None,
 }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Queue:
@@ -232,7 +222,9 @@ def test_a_submission_goes_through_the_worker_to_the_sink_byte_for_byte(
         "app@example.com",
         ["someone@example.net", "other@example.org"],
     )
-    wait_for(lambda: tenant.message(stored.id).status is MessageStatus.DELIVERED, what="delivered")
+    wait_for(
+        lambda: tenant.message(stored.id).status is MessageStatus.DELIVERED, what="delivered", timeout=20
+    )
     message = tenant.message(stored.id)
     assert message.processed_at is not None and message.provider_id is not None and message.lease_id is None
     (log,) = tenant.logs(stored.id)
@@ -259,7 +251,9 @@ def test_failover_to_the_next_rule_when_a_provider_fails_temporarily(
         (message_id,) = tenant.enqueue()
         start_worker()
         sink.wait_for(1, timeout=20)
-        wait_for(lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered")
+        wait_for(
+            lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered", timeout=20
+        )
     message = tenant.message(message_id)
     assert message.provider_id == second and message.attempts == 1  # both providers in one attempt
     logs = tenant.logs(message_id)
@@ -279,8 +273,9 @@ def test_a_permanent_failure_fails_the_message_without_retry_or_failover(
         tenant.rule(tenant.smtp_provider(spare, "spare"), 2)
         (message_id,) = tenant.enqueue()
         start_worker()
-        wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed")
-        time.sleep(0.5)  # time for a wrong retry to show
+        wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed", timeout=20)
+        # A failover would have come before the verdict was stored, and a failed message is never
+        # claimed again.
         assert spare.connections == 0
     message = tenant.message(message_id)
     assert message.attempts == 1 and message.processed_at is not None
@@ -314,7 +309,7 @@ def test_a_message_too_old_to_retry_fails_with_max_age(tenant: Queue, sink: Smtp
     with tenant.database.transaction() as session:
         session.execute(update(Message).values(created_at=utcnow() - timedelta(days=5)))
     start_worker()
-    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed")
+    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed", timeout=20)
     assert "max_age" in tenant.logs(message_id)[-1].response_text
 
 
@@ -324,7 +319,7 @@ def test_a_message_no_rule_matches_fails_with_that_reason(
     tenant.rule(tenant.smtp_provider(sink, "gmail only"), 0, recipient_domains=["gmail.com"])
     (message_id,) = tenant.enqueue(recipients=("someone@example.net",))
     start_worker()
-    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed")
+    wait_for(lambda: tenant.message(message_id).status is MessageStatus.FAILED, what="failed", timeout=20)
     (log,) = tenant.logs(message_id)
     assert (log.provider_id, log.response_text) == (None, "no routing rule matches this message")
     assert sink.connections == 0
@@ -342,7 +337,7 @@ def test_rules_route_by_recipient_domain_and_skip_disabled_providers(
         start_worker()
         other.wait_for(2)
         sink.wait_for(3)
-        wait_for(lambda: tenant.finished(5), what="all finished")
+        wait_for(lambda: tenant.finished(5), what="all finished", timeout=20)
         assert disabled.connections == 0
         assert all(list(m.rcpt_tos) == ["a@gmail.com"] for m in other.messages)
 
@@ -354,7 +349,7 @@ def test_a_private_provider_host_is_refused_unless_allowed(
     tenant.rule(tenant.smtp_provider(sink, "internal"), 0)
     (message_id,) = tenant.enqueue()
     start_worker(allow_private_networks=False, retry_base="1h", retry_max="1h")
-    (log,) = wait_for(lambda: tenant.logs(message_id), what="an attempt")
+    (log,) = wait_for(lambda: tenant.logs(message_id), what="an attempt", timeout=20)
     assert (log.status, log.response_text) == (
         DeliveryStatus.DEFERRED,
         f"could not connect to {sink.host}:{sink.port}",
@@ -371,7 +366,7 @@ def test_a_provider_nobody_listens_for_reads_could_not_connect(tenant: Queue, st
     tenant.rule(provider, 0)
     (message_id,) = tenant.enqueue()
     start_worker(retry_base="1h", retry_max="1h")
-    (log,) = wait_for(lambda: tenant.logs(message_id), what="an attempt")
+    (log,) = wait_for(lambda: tenant.logs(message_id), what="an attempt", timeout=20)
     assert (log.status, log.response_text, log.provider_id) == (
         DeliveryStatus.DEFERRED,
         f"could not connect to 127.0.0.1:{port}",
@@ -383,7 +378,7 @@ def test_retention_drops_old_bodies_and_keeps_the_rest(tenant: Queue, sink: Smtp
     tenant.rule(tenant.smtp_provider(sink, "main"), 0)
     old, recent = tenant.enqueue(2)
     worker = start_worker()
-    wait_for(lambda: tenant.finished(2), what="delivered")
+    wait_for(lambda: tenant.finished(2), what="delivered", timeout=20)
     with tenant.database.transaction() as session:
         session.execute(
             update(Message).where(Message.id == old).values(processed_at=utcnow() - timedelta(days=31))
@@ -395,22 +390,35 @@ def test_retention_drops_old_bodies_and_keeps_the_rest(tenant: Queue, sink: Smtp
 
 
 def test_the_database_pulled_away_mid_send_loses_nothing_and_sends_once(
-    tenant: Queue, sink: SmtpSink, start_worker, postgresql_server
+    tenant: Queue, sink: SmtpSink, start_worker, postgresql_server, caplog: pytest.LogCaptureFixture
 ) -> None:
     sink.delay_data(1.5)
     tenant.rule(tenant.smtp_provider(sink, "main"), 0)
     (message_id,) = tenant.enqueue()
-    start_worker(send_timeout="3s", lease="20s")
-    wait_for(lambda: sink.connections >= 1, what="a send in progress")
+    workers = [start_worker(send_timeout="3s", lease="20s")]
+    wait_for(lambda: sink.connections >= 1, what="a send in progress", timeout=20)
     postgresql_server.stop()
     try:
         sink.wait_for(1, timeout=10)  # the provider took it while the database was away
-        time.sleep(1.0)  # the worker's outcome write fails and is retried
+        wait_for(
+            lambda: [
+                r
+                for r in caplog.records
+                if r.threadName.startswith("delivery-")
+                and r.threadName[-1].isdigit()
+                and getattr(r, "event", None) == "db.unavailable"
+            ],
+            "the worker's outcome write to fail",
+            timeout=10,
+        )
     finally:
         postgresql_server.start()
         wait_until_accepting(postgresql_server)
-    wait_for(lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered")
-    time.sleep(0.5)
+    wait_for(
+        lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered", timeout=20
+    )
+    for worker in workers:  # drained: a second send in flight would have reached the sink now
+        worker.stop(drain=5)
     assert len(sink.messages) == 1
     assert [entry.status for entry in tenant.logs(message_id)] == [DeliveryStatus.DELIVERED]
 
@@ -473,7 +481,9 @@ def test_two_worker_processes_deliver_1000_messages_exactly_once(
     first, second = worker_process("one", workers=4), worker_process("two", workers=4)
     sink.wait_for(1000, timeout=120)
     wait_for(lambda: tenant.statuses()["delivered"] == 1000, timeout=30, what="1000 delivered")
-    time.sleep(0.5)  # room for a wrong second delivery to arrive
+    metrics = first.metrics()
+    # Both drain and exit: a wrong second delivery in flight would have reached the sink now.
+    assert first.terminate() == 0 and second.terminate() == 0
     sent = tokens(sink)
     assert len(sent) == 1000 and set(sent.values()) == {1}
     with tenant.database.read() as session:
@@ -481,7 +491,6 @@ def test_two_worker_processes_deliver_1000_messages_exactly_once(
     assert len(logs) == 1000 and {status for _id, status in logs} == {DeliveryStatus.DELIVERED}
     shares = [len(process.events("delivery.delivered")) for process in (first, second)]
     assert sum(shares) == 1000 and min(shares) > 0, shares  # both took part
-    metrics = first.metrics()
     assert (
         f'smtp_proxy_delivery_attempts_total{{outcome="delivered",provider_type="smtp"}} {float(shares[0])}'
         in metrics
@@ -521,8 +530,7 @@ def test_sigterm_finishes_deliveries_in_flight_and_releases_the_rest(
     process = worker_process(
         workers=2, batch_size=20, send_timeout="5s", lease="20s", max_in_flight_per_account=20
     )
-    wait_for(lambda: sink.connections >= 2, what="two sends in flight")
-    time.sleep(0.2)
+    wait_for(lambda: sink.connections >= 2, what="two sends in flight", timeout=20)
     assert process.terminate(timeout=20) == 0
     statuses = tenant.statuses()
     assert statuses["processing"] == 0
@@ -556,14 +564,16 @@ def test_concurrent_in_process_workers_never_deliver_twice(
 ) -> None:
     tenant.rule(tenant.smtp_provider(sink, "main"), 0)
     tenant.enqueue(200)
-    threads = [threading.Thread(target=start_worker) for _ in range(3)]
+    workers: list[Worker] = []
+    threads = [threading.Thread(target=lambda: workers.append(start_worker())) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     sink.wait_for(200, timeout=60)
-    wait_for(lambda: tenant.statuses()["delivered"] == 200, what="200 delivered")
-    time.sleep(0.3)
+    wait_for(lambda: tenant.statuses()["delivered"] == 200, what="200 delivered", timeout=20)
+    for worker in workers:  # drained: a wrong second delivery in flight would have reached the sink now
+        worker.stop(drain=5)
     assert set(tokens(sink).values()) == {1} and len(tokens(sink)) == 200
 
 
@@ -591,7 +601,9 @@ def test_failover_across_http_providers_sendgrid_503_then_mailgun_then_ses(
             "ses": ses.endpoints()["ses"],
         }
         start_worker(endpoints=endpoints)
-        wait_for(lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered")
+        wait_for(
+            lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered", timeout=20
+        )
         (delivery,) = ses.messages("ses")
         assert down.invalid() == [] and throttled.invalid() == []
     with tenant.database.transaction() as session:
@@ -628,10 +640,12 @@ def test_a_slow_failover_chain_keeps_its_lease_so_no_other_worker_takes_the_mess
             "attempt_budget": "20s",
         }
         start_worker(**settings)
-        time.sleep(0.3)
+        wait_for(lambda: slow[0].connections >= 1, what="the first worker at the first provider", timeout=20)
         start_worker(**settings)  # would re-claim the message if its lease ran out
         sink.wait_for(1, timeout=20)
-        wait_for(lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered")
+        wait_for(
+            lambda: tenant.message(message_id).status is MessageStatus.DELIVERED, what="delivered", timeout=20
+        )
     finally:
         for each in slow:
             each.stop()
@@ -652,7 +666,7 @@ def test_one_worker_on_the_embedded_sqlite_database(sqlite_url: str, make_config
         worker.start()
         tenant.enqueue(50)  # while it delivers: the embedded database takes both writers
         sink.wait_for(150, timeout=60)
-        wait_for(lambda: tenant.statuses()["delivered"] == 150, what="150 delivered")
+        wait_for(lambda: tenant.statuses()["delivered"] == 150, what="150 delivered", timeout=20)
         assert len(tokens(sink)) == 150 and set(tokens(sink).values()) == {1}
     finally:
         worker.stop(drain=5)
@@ -672,7 +686,7 @@ def test_recipients_refused_for_now_are_retried_as_a_follow_up_message(
     first, second = sink.wait_for(2, timeout=20)
     assert list(first.rcpt_tos) == ["ok@example.net"] and list(second.rcpt_tos) == ["later@example.net"]
     assert first.data == second.data
-    wait_for(lambda: tenant.statuses()["delivered"] == 2, what="both messages delivered")
+    wait_for(lambda: tenant.statuses()["delivered"] == 2, what="both messages delivered", timeout=20)
     original = tenant.message(message_id)
     assert original.status is MessageStatus.DELIVERED
     logs = tenant.logs(message_id)
@@ -691,11 +705,13 @@ def test_a_rule_added_just_now_is_seen_before_a_message_fails_for_want_of_one(
 ) -> None:
     (lonely,) = tenant.enqueue()
     start_worker()
-    wait_for(lambda: tenant.message(lonely).status is MessageStatus.FAILED, what="failed: no rule yet")
+    wait_for(
+        lambda: tenant.message(lonely).status is MessageStatus.FAILED, what="failed: no rule yet", timeout=20
+    )
     tenant.rule(tenant.smtp_provider(sink, "main"), 0)  # within the route cache's lifetime
     (routed,) = tenant.enqueue()
     sink.wait_for(1, timeout=20)
-    wait_for(lambda: tenant.message(routed).status is MessageStatus.DELIVERED, what="delivered")
+    wait_for(lambda: tenant.message(routed).status is MessageStatus.DELIVERED, what="delivered", timeout=20)
 
 
 # --- fair delivery --------------------------------------------------------------------------------
@@ -765,7 +781,9 @@ def test_one_provider_per_attempt_once_each_and_at_most_max_failover(tenant: Que
             tenant.rule(provider, priority)
         (message_id,) = tenant.enqueue()
         start_worker(max_failover=3, retry_base="1h", retry_max="1h")
-        logs = wait_for(lambda: len(tenant.logs(message_id)) >= 4 and tenant.logs(message_id), what="4 lines")
+        logs = wait_for(
+            lambda: len(tenant.logs(message_id)) >= 4 and tenant.logs(message_id), what="4 lines", timeout=20
+        )
         message = tenant.message(message_id)
         assert (message.status, message.attempts) == (MessageStatus.QUEUED, 1)
         assert [(entry.provider_id, entry.status) for entry in logs] == [
@@ -803,7 +821,9 @@ def test_the_attempt_budget_cuts_a_slow_provider_and_stops_failover(
             retry_base="1h",
             retry_max="1h",
         )
-        logs = wait_for(lambda: len(tenant.logs(message_id)) >= 2 and tenant.logs(message_id), what="2 lines")
+        logs = wait_for(
+            lambda: len(tenant.logs(message_id)) >= 2 and tenant.logs(message_id), what="2 lines", timeout=20
+        )
         elapsed = time.monotonic() - started
     assert [(entry.provider_id, entry.status) for entry in logs] == [
         (slow_id, DeliveryStatus.DEFERRED),
@@ -830,11 +850,15 @@ def test_one_account_holds_at_most_its_share_of_the_threads(
         theirs = other.enqueue(10)
         worker = start_worker(workers=4, max_in_flight_per_account=2, send_timeout="20s", lease="60s")
         sink.wait_for(10, timeout=30)
-        wait_for(lambda: all(other.message(i).status is MessageStatus.DELIVERED for i in theirs), what="B's")
+        wait_for(
+            lambda: all(other.message(i).status is MessageStatus.DELIVERED for i in theirs),
+            what="B's",
+            timeout=20,
+        )
         assert holding.open == 2 and holding.most_open == 2  # A's two, held all along
         assert worker.in_flight() == {tenant.account_id: 2}
         holding.released.set()
-        wait_for(lambda: holding.accepted >= 4, what="A's next messages")
+        wait_for(lambda: holding.accepted >= 4, what="A's next messages", timeout=20)
         assert holding.most_open == 2
     finally:
         holding.close()
@@ -852,8 +876,10 @@ def test_a_deactivated_accounts_mail_is_held_then_delivered_or_failed_at_max_age
         )
         session.execute(update(Account).where(Account.id == tenant.account_id).values(active=False))
     start_worker(max_age="5d")
-    wait_for(lambda: all(tenant.logs(i) for i in held), what="the held lines")
-    wait_for(lambda: tenant.message(old).status is MessageStatus.FAILED, what="the old one failed")
+    wait_for(lambda: all(tenant.logs(i) for i in held), what="the held lines", timeout=20)
+    wait_for(
+        lambda: tenant.message(old).status is MessageStatus.FAILED, what="the old one failed", timeout=20
+    )
     (failure,) = tenant.logs(old)
     assert failure.status is DeliveryStatus.FAILED
     assert failure.response_text == (
@@ -865,7 +891,11 @@ def test_a_deactivated_accounts_mail_is_held_then_delivered_or_failed_at_max_age
     try:
         other.rule(other.smtp_provider(sink, "sink"), 0)
         (theirs,) = other.enqueue(1)
-        wait_for(lambda: other.message(theirs).status is MessageStatus.DELIVERED, what="the active tenant's")
+        wait_for(
+            lambda: other.message(theirs).status is MessageStatus.DELIVERED,
+            what="the active tenant's",
+            timeout=20,
+        )
     finally:
         other.database.dispose()
     for message_id in held:
@@ -880,7 +910,11 @@ def test_a_deactivated_accounts_mail_is_held_then_delivered_or_failed_at_max_age
     reactivated = time.monotonic()
     sink.wait_for(3, timeout=20)
     assert time.monotonic() - reactivated < 5.0  # within a few polls, not after a backoff
-    wait_for(lambda: all(tenant.message(i).status is MessageStatus.DELIVERED for i in held), what="delivered")
+    wait_for(
+        lambda: all(tenant.message(i).status is MessageStatus.DELIVERED for i in held),
+        what="delivered",
+        timeout=20,
+    )
     assert [e.status for e in tenant.logs(held[0])] == [DeliveryStatus.DEFERRED, DeliveryStatus.DELIVERED]
     assert tenant.message(held[0]).attempts == 1
 
@@ -895,12 +929,14 @@ def test_a_message_claimed_before_its_account_was_deactivated_is_given_back_unco
         worker = start_worker(workers=1, max_in_flight_per_account=2, send_timeout="20s", lease="60s")
         # Read the account's state for every message.
         worker.routes = RouteCache(worker.database, worker.cipher, ttl=0)
-        wait_for(lambda: holding.open == 1, what="the first message at the provider")
-        wait_for(lambda: tenant.statuses()["processing"] == 2, what="the second claimed, waiting here")
+        wait_for(lambda: holding.open == 1, what="the first message at the provider", timeout=20)
+        wait_for(
+            lambda: tenant.statuses()["processing"] == 2, what="the second claimed, waiting here", timeout=20
+        )
         with tenant.database.transaction() as session:
             session.execute(update(Account).where(Account.id == tenant.account_id).values(active=False))
         holding.released.set()  # the first one is deferred; then the second one's turn comes
-        wait_for(lambda: tenant.statuses()["queued"] == 2, what="both back in the queue")
+        wait_for(lambda: tenant.statuses()["queued"] == 2, what="both back in the queue", timeout=20)
     finally:
         holding.close()
     sent, waiting = sorted((tenant.message(i) for i in ids), key=lambda m: -m.attempts)

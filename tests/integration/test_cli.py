@@ -1,4 +1,11 @@
-"""The ``smtp-proxy`` console script, run as a real subprocess."""
+"""The ``smtp-proxy`` command against real databases.
+
+Most cases run the click command in this process (click's CliRunner: its own stdin, stdout, stderr
+and environment), which is the same code path as the console script minus the interpreter start.
+The cases whose point is the process itself (the installed entry point, exit codes and one-line
+errors with a broken config or an unreachable database, --help with a broken config) run the
+console script as a real subprocess (``Cli.run_process``).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from smtp_proxy.db.migrate import head_revision
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts as account_store
 from smtp_proxy.storage import audit
+from tests.cli_runner import OPERATOR_VARIABLES, run_cli
 
 SMTP_PROXY = Path(sys.executable).with_name("smtp-proxy")
 CONFIG_YAML = """\
@@ -39,11 +47,14 @@ security:
 
 @dataclass
 class Cli:
-    """Runs the console script with a clean environment, a config file and a database."""
+    """Runs ``smtp-proxy`` with a clean environment, a config file and a database."""
 
     cwd: Path
     config_path: Path
     env: dict[str, str] = field(default_factory=dict)
+
+    def _command(self, args: tuple[str, ...], use_config_option: bool) -> list[str]:
+        return [*(["--config", str(self.config_path)] if use_config_option else []), *args]
 
     def run(
         self,
@@ -52,16 +63,27 @@ class Cli:
         env: dict[str, str] | None = None,
         use_config_option: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        command = [str(SMTP_PROXY)]
-        if use_config_option:
-            command += ["--config", str(self.config_path)]
+        """In this process (tests/cli_runner.py)."""
+        return run_cli(
+            self._command(args, use_config_option), stdin=stdin or "", env={**self.env, **(env or {})}
+        )
+
+    def run_process(
+        self, *args: str, env: dict[str, str] | None = None, use_config_option: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """The installed console script as a real subprocess."""
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in OPERATOR_VARIABLES and not k.startswith("SMTP_PROXY_")
+        }
         return subprocess.run(
-            [*command, *args],
-            input=stdin if stdin is not None else "",
+            [str(SMTP_PROXY), *self._command(args, use_config_option)],
+            input="",
             capture_output=True,
             text=True,
             cwd=self.cwd,
-            env={**self.env, **(env or {})},
+            env={**base, **self.env, **(env or {})},
             timeout=120,
             check=False,
         )
@@ -76,20 +98,14 @@ class Cli:
         return json.loads(self.ok(*args, **kwargs).stdout)
 
 
-def base_env(encryption_key: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_PROXY_")}
-    env.pop("DATABASE_URL", None)
-    env["SMTP_PROXY_ENCRYPTION_KEY"] = encryption_key
-    return env
-
-
 @pytest.fixture
-def make_cli(tmp_path: Path, encryption_key: str):
+def make_cli(tmp_path: Path, encryption_key: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+
     def make(database_url: str) -> Cli:
         config_path = tmp_path / "config.yaml"
         config_path.write_text(CONFIG_YAML)
-        env = base_env(encryption_key)
-        env["DATABASE_URL"] = database_url
+        env = {"SMTP_PROXY_ENCRYPTION_KEY": encryption_key, "DATABASE_URL": database_url}
         return Cli(cwd=tmp_path, config_path=config_path, env=env)
 
     assert SMTP_PROXY.exists(), f"console script not installed at {SMTP_PROXY}"
@@ -476,8 +492,12 @@ def test_unknown_account_fails(sqlite_cli: Cli, command: str) -> None:
 
 def test_unreachable_database_fails_without_leaking_the_password(make_cli) -> None:
     cli = make_cli("postgresql://u:secretpw@127.0.0.1:1/x")
-    for args in (["accounts", "list"], ["db", "upgrade"], ["db", "current"], ["accounts", "rotate-key", "a"]):
-        result = cli.run(*args)
+    # The console script once; the other commands take the same path in this process.
+    results = [cli.run_process("accounts", "list")]
+    results += [
+        cli.run(*args) for args in (["db", "upgrade"], ["db", "current"], ["accounts", "rotate-key", "a"])
+    ]
+    for result in results:
         line = assert_one_line_error(result, "database unavailable", "127.0.0.1")
         assert "secretpw" not in line
 
@@ -499,7 +519,7 @@ def test_config_error_exits_2(sqlite_cli: Cli, config_text: str, env: dict[str, 
 
 
 def test_missing_config_file_exits_2(sqlite_cli: Cli, tmp_path: Path) -> None:
-    result = sqlite_cli.run(
+    result = sqlite_cli.run_process(
         "accounts", "list", env={"SMTP_PROXY_CONFIG": str(tmp_path / "missing.yaml")}, use_config_option=False
     )
     assert_one_line_error(result, "config error", "missing.yaml", exit_code=2)
@@ -537,7 +557,8 @@ def test_tls_dev_cert(sqlite_cli: Cli, tmp_path: Path) -> None:
 
 
 def test_version(sqlite_cli: Cli) -> None:
-    result = sqlite_cli.ok("--version")
+    result = sqlite_cli.run_process("--version")
+    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"smtp-proxy, version {__version__}"
 
 
@@ -553,7 +574,7 @@ def test_help_works_with_a_broken_config_file(sqlite_cli: Cli, tmp_path: Path, v
     run = sqlite_cli.run
     # The file really is broken: a command that needs it stops with a config error.
     assert_one_line_error(run("accounts", "list", **kwargs), "config error", exit_code=2)
-    result = run("--help", **kwargs)
+    result = sqlite_cli.run_process("--help", **kwargs)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout.startswith("Usage: smtp-proxy")

@@ -1,7 +1,7 @@
 """``smtp-proxy tls dev-cert --out DIR`` on real files: fresh files, exact modes, symlinks replaced.
 
-The command runs as a real subprocess with its own umask (``subprocess.run(umask=...)``), so the
-test process's umask is never changed.
+The command runs in this process (tests/cli_runner.py) under the umask the case names, set for
+the call and restored after it.
 """
 
 from __future__ import annotations
@@ -10,27 +10,21 @@ import os
 import ssl
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-SMTP_PROXY = Path(sys.executable).with_name("smtp-proxy")
+from tests.cli_runner import run_cli
+
 UMASKS = [pytest.param(0o022, id="umask022"), pytest.param(0, id="umask000")]
 
 
 def dev_cert(out: Path, umask: int) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_PROXY_")}
-    return subprocess.run(
-        [str(SMTP_PROXY), "tls", "dev-cert", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=next(p for p in out.parents if p.is_dir()),
-        env=env,
-        umask=umask,
-        timeout=60,
-        check=False,
-    )
+    previous = os.umask(umask)
+    try:
+        return run_cli(["tls", "dev-cert", "--out", str(out)])
+    finally:
+        os.umask(previous)
 
 
 def run_ok(out: Path, umask: int) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from sqlalchemy import create_engine, select, text
@@ -16,16 +14,11 @@ from smtp_proxy.db.models import EspProvider, Message
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts, messages, providers
 from smtp_proxy.storage.audit import CLI
-
-SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
+from tests.cli_runner import run_cli
 
 
 def _run(args: list[str], db_url: str, config: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
-    env["DATABASE_URL"] = db_url
-    return subprocess.run(
-        [SMTP_PROXY, "--config", str(config), *args], env=env, capture_output=True, text=True, timeout=60
-    )
+    return run_cli(["--config", str(config), *args], env={"DATABASE_URL": db_url})
 
 
 def _seed(db_url: str, old_key: str) -> None:

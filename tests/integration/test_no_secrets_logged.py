@@ -13,9 +13,7 @@ import base64
 import io
 import json
 import logging
-import os
 import secrets
-import subprocess
 import sys
 import traceback
 from collections.abc import Iterator
@@ -35,6 +33,7 @@ from smtp_proxy.errors import Conflict, DatabaseUnavailable
 from smtp_proxy.logs import PREFIX_LENGTH, configure_logging, correlation
 from smtp_proxy.storage import accounts, messages, providers
 from smtp_proxy.storage.audit import CLI
+from tests.cli_runner import run_cli
 
 BAD_DB_URL = "postgresql://user:pw@127.0.0.1:1/x"
 SMTP_PROXY = Path(sys.executable).parent / "smtp-proxy"
@@ -97,20 +96,6 @@ class Secrets:
 def assert_free_of(haystack: str, found_in: str, secret_values: dict[str, str]) -> None:
     leaks = [label for label, value in secret_values.items() if value in haystack]
     assert not leaks, f"{found_in} contains {leaks}"
-
-
-def run_cli(args: list[str], env: dict[str, str], cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
-    assert SMTP_PROXY.exists(), SMTP_PROXY
-    return subprocess.run(
-        [str(SMTP_PROXY), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=120,
-        check=False,
-    )
 
 
 def make_message(sender: str, recipient: str, body: str, attachment: bytes) -> bytes:
@@ -304,27 +289,25 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
     finally:
         bad.dispose()
 
-    # --- the CLI, in its own process ------------------------------------------------------------
+    # --- the CLI (in this process: what it logs lands in the captured logs above) ---------------
     config_file = tmp_path / "cli-config.yaml"
     config_file.write_text(
         "security:\n  encryption_key: ${SMTP_PROXY_ENCRYPTION_KEY}\n  bcrypt_cost: 4\n"
         "logging:\n  level: debug\n",
         encoding="utf-8",
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTP_PROXY_")}
-    env.update(
-        DATABASE_URL=db_url,
-        SMTP_PROXY_ENCRYPTION_KEY=encryption_key,
-        SMTP_PROXY_CONFIG=str(config_file),
-        PYTHONWARNINGS="error",
-    )
+    env = {
+        "DATABASE_URL": db_url,
+        "SMTP_PROXY_ENCRYPTION_KEY": encryption_key,
+        "SMTP_PROXY_CONFIG": str(config_file),
+    }
     cli_password = s.add("cli password", "Cli-Given-Pa55word-" + secrets.token_hex(8))
     stderr = []
 
     create = run_cli(
         ["accounts", "create", "--name", "cli-tenant", "--email", "ops@example.com",
          "--domain", "cli.example.com", "--password-stdin"],
-        env, tmp_path, stdin=cli_password + "\n",
+        env=env, stdin=cli_password + "\n",
     )  # fmt: skip
     stderr.append(create.stderr)
     assert create.returncode == 0, create.stderr
@@ -337,7 +320,7 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
     duplicate = run_cli(
         ["accounts", "create", "--name", "cli-tenant", "--email", "ops@example.com",
          "--domain", "cli.example.com", "--password-stdin"],
-        env, tmp_path, stdin=cli_password + "\n",
+        env=env, stdin=cli_password + "\n",
     )  # fmt: skip
     stderr.append(duplicate.stderr)
     assert duplicate.returncode == 1
@@ -349,14 +332,14 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
         policy = run_cli(
             ["accounts", "create", "--name", "cli-refused", "--email", "ops@example.com",
              "--domain", "example.com", "--password-stdin"],
-            env, tmp_path, stdin=refused + "\n",
+            env=env, stdin=refused + "\n",
         )  # fmt: skip
         stderr.append(policy.stderr)
         assert policy.returncode == 1
         assert policy.stderr.startswith("smtp-proxy: error: password: ")
         assert policy.stdout == ""
 
-    rotate = run_cli(["accounts", "rotate-key", "cli-tenant"], env, tmp_path)
+    rotate = run_cli(["accounts", "rotate-key", "cli-tenant"], env=env)
     stderr.append(rotate.stderr)
     assert rotate.returncode == 0, rotate.stderr
     rotated_json = json.loads(rotate.stdout)
@@ -364,18 +347,18 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
     assert rotated_json["name"] == "cli-tenant"
     assert cli_key_2 != cli_key
 
-    set_pw = run_cli(["accounts", "set-password", "cli-tenant"], env, tmp_path)
+    set_pw = run_cli(["accounts", "set-password", "cli-tenant"], env=env)
     stderr.append(set_pw.stderr)
     assert set_pw.returncode == 0, set_pw.stderr
     cli_password_2 = s.add("cli generated password", json.loads(set_pw.stdout)["password"])
 
-    listed = run_cli(["accounts", "list"], env, tmp_path)
+    listed = run_cli(["accounts", "list"], env=env)
     stderr.append(listed.stderr)
     assert listed.returncode == 0, listed.stderr
     assert {a["name"] for a in json.loads(listed.stdout)} == {"acme", "cli-tenant"}
     assert_free_of(listed.stdout, "`accounts list` output", s.values)
 
-    unreachable = run_cli(["accounts", "list"], {**env, "DATABASE_URL": BAD_DB_URL}, tmp_path)
+    unreachable = run_cli(["accounts", "list"], env={**env, "DATABASE_URL": BAD_DB_URL})
     stderr.append(unreachable.stderr)
     assert unreachable.returncode == 1
     assert "database unavailable" in unreachable.stderr

@@ -1096,18 +1096,17 @@ def test_racing_duplicate_account_name_is_conflict(pg_url: str, make_config) -> 
 def _wait_for_lock_waiter(pg_url: str, dbname: str, timeout: float = 20.0) -> None:
     connection = psycopg2.connect(pg_url)
     connection.autocommit = True
+
+    def waiting() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+                (dbname,),
+            )
+            return bool(cursor.fetchone()[0])
+
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
-                    (dbname,),
-                )
-                if cursor.fetchone()[0]:
-                    return
-            time.sleep(0.05)
-        raise AssertionError("the second writer never waited on the first one's row")
+        wait_for(waiting, "the second writer to wait on the first one's row", timeout=timeout)
     finally:
         connection.close()
 
@@ -1149,7 +1148,7 @@ def test_a_grant_waits_for_a_concurrent_grant_and_then_sees_it(pg_url: str, make
         assert holding.wait(timeout=30)
         threads.append(threading.Thread(target=second))
         threads[1].start()
-        assert wait_for(waiting_for_the_lock, timeout=30)
+        wait_for(waiting_for_the_lock, "the second grant to wait on the advisory lock", timeout=30)
         assert outcome == []  # still waiting
     finally:
         release.set()

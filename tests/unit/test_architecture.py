@@ -145,10 +145,13 @@ def test_storage_writes_take_an_explicit_actor() -> None:
                 continue
             arguments = node.args
             positional = arguments.posonlyargs + arguments.args
-            defaults = dict(zip([a.arg for a in positional][-len(arguments.defaults) :], arguments.defaults))
-            defaults.update(
-                {a.arg: d for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults) if d is not None}
-            )
+            with_default = positional[len(positional) - len(arguments.defaults) :]
+            defaults = {a.arg for a in with_default}
+            defaults |= {
+                a.arg
+                for a, default in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+                if default is not None
+            }
             assert "actor" not in defaults, f"{path.name}:{node.lineno} {node.name}() defaults its actor"
 
 

@@ -1,7 +1,7 @@
 """Behaviour of smtp_proxy.reload.ConfigWatcher with a real file and the real watchdog observer.
 
-Asynchronous effects are awaited by polling with a bounded deadline; the only
-fixed sleeps are short quiet periods used to show that something does NOT happen.
+Asynchronous effects are awaited by polling with a bounded deadline. To show that something does
+NOT happen, a test waits until the watcher has handled every file event so far (``settled``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from smtp_proxy.config import Config, config_from_dict, load_config
 from smtp_proxy.logs import apply_level
@@ -23,8 +24,6 @@ from tests.waiting import wait_for
 
 DEADLINE = 5.0
 DEBOUNCE = 0.05
-# Long enough for several debounce periods, to show that nothing (more) happens.
-QUIET = 0.5
 # For the SIGHUP test: slow enough that the file observer cannot be the one that reloads.
 SIGHUP_DEBOUNCE = 2.0
 
@@ -54,6 +53,34 @@ class Recorder:
     def __call__(self, new: Config, old: Config) -> None:
         self.calls.append((new, old))
         self.called.set()
+
+
+def settled(watcher: ConfigWatcher, config_file: Path) -> None:
+    """Every file event so far has reached the watcher, and any reload it scheduled has run.
+
+    A marker written now reaches a handler of ours on the watcher's own observer (one emitter per
+    directory, its handlers called in order) only after every earlier event of the directory has
+    reached the watcher's handler; then its debounce timer, if one was armed, runs out.
+    """
+    marker = config_file.with_name("settled.marker")
+    seen = threading.Event()
+
+    class Marker(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if Path(str(event.src_path)) == marker:
+                seen.set()
+
+    handler = Marker()
+    observer = watcher._observer
+    assert observer is not None
+    watch = observer.schedule(handler, str(config_file.parent), recursive=False)
+    try:
+        marker.write_text(str(time.monotonic()))
+        wait_for(seen.is_set, "the marker's event, after every earlier one", timeout=DEADLINE)
+    finally:
+        observer.remove_handler_for_watch(handler, watch)
+    timer = watcher._timer
+    wait_for(lambda: timer is None or not timer.is_alive(), "the scheduled reload to run", timeout=DEADLINE)
 
 
 def rejections(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -90,7 +117,8 @@ def make_watcher(config_file: Path) -> Iterator[Callable[..., ConfigWatcher]]:
         # the observer armed while stopping); let it finish so that its reload cannot
         # log into, or call subscribers during, the next test.
         wait_for(
-            lambda: not any(isinstance(t, threading.Timer) and t.is_alive() for t in threading.enumerate())
+            lambda: not any(isinstance(t, threading.Timer) and t.is_alive() for t in threading.enumerate()),
+            "the debounce timers to finish",
         )
         signal.signal(signal.SIGHUP, previous_sighup)
 
@@ -127,7 +155,7 @@ def test_subscriber_receives_new_and_old_when_file_changes(
     assert new.logging.level == "debug"
     assert new.changed_keys(old) == ["logging.level"]
     assert new.source == old.source
-    assert wait_for(lambda: watcher.config is new)
+    wait_for(lambda: watcher.config is new, "the new config in force")
 
 
 @pytest.mark.parametrize("write", [write_in_place, write_and_replace], ids=["in_place", "replace"])
@@ -144,10 +172,10 @@ def test_log_level_applied_when_logging_level_changes(
     watcher.start()
 
     write(config_file, DEBUG)
-    assert wait_for(lambda: root.level == logging.DEBUG), f"root level is {root.level}"
+    wait_for(lambda: root.level == logging.DEBUG, "the root logger at DEBUG")
 
     write(config_file, ERROR)
-    assert wait_for(lambda: root.level == logging.ERROR), f"root level is {root.level}"
+    wait_for(lambda: root.level == logging.ERROR, "the root logger at ERROR")
 
 
 def test_every_change_reaches_subscribers_when_file_changes_repeatedly(
@@ -160,7 +188,7 @@ def test_every_change_reaches_subscribers_when_file_changes_repeatedly(
 
     for text, level in ((DEBUG, "debug"), (ERROR, "error"), (BASE, "warning")):
         write_and_replace(config_file, text)
-        assert wait_for(lambda level=level: watcher.config.logging.level == level), level
+        wait_for(lambda level=level: watcher.config.logging.level == level, f"logging.level {level}")
 
     assert levels == ["debug", "error", "warning"]
 
@@ -177,7 +205,7 @@ def test_reloaded_logged_with_changed_and_restart_keys(
     def reloaded() -> list[logging.LogRecord]:
         return [r for r in caplog.records if getattr(r, "event", None) == "config.reloaded"]
 
-    assert wait_for(lambda: bool(reloaded()))
+    wait_for(lambda: bool(reloaded()), "a config.reloaded record")
     record = reloaded()[0]
     assert record.levelno == logging.INFO
     assert record.changed == ["smtp.port", "logging.level"]
@@ -216,7 +244,7 @@ def test_invalid_file_logged_and_ignored(
     def matching() -> list[logging.LogRecord]:
         return [r for r in rejections(caplog) if r.key == key]
 
-    assert wait_for(lambda: bool(matching())), f"no config.reload_rejected record for {key}"
+    wait_for(lambda: bool(matching()), f"a config.reload_rejected record for {key}")
     record = matching()[0]
     assert record.levelno == logging.ERROR
     assert record.name == "smtp_proxy.config"
@@ -234,8 +262,8 @@ def test_invalid_file_rejected_once_when_written_once(
     watcher.start()
 
     write_and_replace(config_file, "logging:\n  level: loud\n")
-    assert wait_for(lambda: bool(rejections(caplog)))
-    time.sleep(QUIET)
+    wait_for(lambda: bool(rejections(caplog)), "a config.reload_rejected record")
+    settled(watcher, config_file)  # the rejection's own read of the file included
 
     assert len(rejections(caplog)) == 1, f"{len(rejections(caplog))} rejections for one write"
 
@@ -250,7 +278,7 @@ def test_valid_file_applied_when_written_after_invalid_one(
     watcher.start()
 
     write_and_replace(config_file, "logging:\n  level: [debug\n")
-    assert wait_for(lambda: bool(rejections(caplog)))
+    wait_for(lambda: bool(rejections(caplog)), "a config.reload_rejected record")
     assert watcher.config is old
 
     write_and_replace(config_file, DEBUG)
@@ -273,7 +301,7 @@ def test_nobody_called_when_file_rewritten_with_identical_content(
 
     write_in_place(config_file, BASE)
     write_and_replace(config_file, BASE)
-    time.sleep(QUIET)
+    settled(watcher, config_file)
 
     assert recorder.calls == []
     assert watcher.config is old
@@ -292,7 +320,7 @@ def test_nobody_called_when_file_rewritten_with_equivalent_content(
         config_file,
         "# edited\nlogging:\n  format: 'json'\n  level: WARNING\nsmtp:\n  hostname: \"mx1.example.com\"\n",
     )
-    time.sleep(QUIET)
+    settled(watcher, config_file)
 
     assert recorder.calls == []
 
@@ -427,8 +455,11 @@ def test_sighup_reloads_config_when_signalled(
         write_and_replace(config_file, DEBUG)
         os.kill(os.getpid(), signal.SIGHUP)
 
-        applied = wait_for(lambda: watcher.config.logging.level == "debug", timeout=SIGHUP_DEBOUNCE * 0.75)
-        assert applied, "SIGHUP did not reload"
+        wait_for(
+            lambda: watcher.config.logging.level == "debug",
+            "SIGHUP to reload before the debounce",
+            timeout=SIGHUP_DEBOUNCE * 0.75,
+        )
         assert recorder.called.wait(DEADLINE)
         assert recorder.calls[0][0].logging.level == "debug"
         assert recorder.calls[0][1].logging.level == "warning"
@@ -448,6 +479,6 @@ def test_sighup_reloads_config_when_watcher_uses_short_debounce(
         write_and_replace(config_file, ERROR)
         os.kill(os.getpid(), signal.SIGHUP)
 
-        assert wait_for(lambda: watcher.config.logging.level == "error")
+        wait_for(lambda: watcher.config.logging.level == "error", "logging.level error")
     finally:
         signal.signal(signal.SIGHUP, previous)
