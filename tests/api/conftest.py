@@ -267,6 +267,7 @@ def api(rolled_back: Connection, shared_pg_url: str, make_config) -> Iterator[Ap
             allowed_domains=[own_domain()],
             is_admin=True,
             bcrypt_cost=4,
+            actor=CLI,
         )
         admin_key, admin_id = admin.api_key, str(admin.account.id)
     database.remove_session()

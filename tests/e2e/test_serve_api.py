@@ -28,7 +28,8 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message,
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.headers, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, error.headers, json.loads(error.read())
+        with error:  # it holds the response's socket
+            return error.code, error.headers, json.loads(error.read())
 
 
 def _wait_http(url: str, process: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -38,6 +39,9 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float = 20.0) -> No
         try:
             urllib.request.urlopen(url, timeout=1).close()
             return True
+        except urllib.error.HTTPError as error:
+            error.close()
+            return False
         except (urllib.error.URLError, ConnectionError):
             return False
 
@@ -155,6 +159,7 @@ def test_unknown_path_does_not_crash_the_server(api: ApiProcess) -> None:
     request = urllib.request.Request(api.base + "/nope")
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(request, timeout=5)
+    raised.value.close()
     assert raised.value.code == 404
     status, _headers, _body = _get(api.base + "/healthz")
     assert status == 200
@@ -276,6 +281,8 @@ def test_sigterm_during_requests_always_exits_0(
             try:
                 urllib.request.urlopen(server.base + "/readyz", timeout=2).close()
                 answered.append(1)
+            except urllib.error.HTTPError as error:  # 503 while it drains: close what it holds
+                error.close()
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
 
