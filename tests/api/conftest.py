@@ -169,6 +169,23 @@ def close_counters(app: Flask) -> None:
             client.connection_pool.disconnect()
 
 
+def make_admin(database: Database) -> tuple[str, str]:
+    """An admin account of its own (API key, id), with a sender domain no other account holds."""
+    with database.transaction() as session:
+        admin = accounts.create_account(
+            session,
+            name=f"admin-{uuid.uuid4().hex[:8]}",
+            email="admin@example.com",
+            allowed_domains=[own_domain()],
+            is_admin=True,
+            bcrypt_cost=4,
+            actor=CLI,
+        )
+        created = admin.api_key, str(admin.account.id)
+    database.remove_session()
+    return created
+
+
 def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads, ident="smtp-proxy")
     thread = threading.Thread(target=server.run, daemon=True)
@@ -206,18 +223,7 @@ def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
         api = {"rate_limit": "100000/minute", "unauthenticated_rate_limit": "100000/minute", **api}
         config = make_config(pg_url, api=api, **(sections or {}))
         database = Database(config.database)
-        with database.transaction() as session:
-            admin = accounts.create_account(
-                session,
-                name=f"admin-{uuid.uuid4().hex[:8]}",
-                email="admin@example.com",
-                allowed_domains=[own_domain()],
-                is_admin=True,
-                bcrypt_cost=4,
-                actor=CLI,
-            )
-            admin_key, admin_id = admin.api_key, str(admin.account.id)
-        database.remove_session()
+        admin_key, admin_id = make_admin(database)
         app = create_app(config, database)
         server, thread, base_url = serve(app)
         cipher = Cipher.from_config(config.security)
@@ -259,18 +265,7 @@ def api(rolled_back: Connection, shared_pg_url: str, make_config) -> Iterator[Ap
     api_settings = {"rate_limit": "100000/minute", "unauthenticated_rate_limit": "100000/minute"}
     config = make_config(shared_pg_url, api=api_settings)
     database = RolledBackDatabase(config.database, rolled_back)
-    with database.transaction() as session:
-        admin = accounts.create_account(
-            session,
-            name=f"admin-{uuid.uuid4().hex[:8]}",
-            email="admin@example.com",
-            allowed_domains=[own_domain()],
-            is_admin=True,
-            bcrypt_cost=4,
-            actor=CLI,
-        )
-        admin_key, admin_id = admin.api_key, str(admin.account.id)
-    database.remove_session()
+    admin_key, admin_id = make_admin(database)
     app = create_app(config, database)
     cipher = Cipher.from_config(config.security)
     served = ApiServer("", config, database, cipher, AppClient(app, admin_key), admin_id, app=app)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from smtp_proxy.config import Config
 from smtp_proxy.smtp.protocol import (
     Account,
     AuthOutcome,
@@ -224,3 +225,19 @@ def authed_driver() -> Driver:
 def plain() -> Callable[..., str]:
     """``plain(username, password, authzid="")``: a base64 SASL PLAIN message."""
     return plain_response
+
+
+class Live:
+    """The live config as the listener's parts see it: a test may swap it between calls."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def __call__(self) -> Config:
+        return self.config
+
+
+@pytest.fixture
+def live(make_config, pg_url: str) -> Live:
+    """The config of a listener on a fresh PostgreSQL database (for the parts that reach it)."""
+    return Live(make_config(pg_url))

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client import REGISTRY
 
-from smtp_proxy.config import Config
 from smtp_proxy.db.session import Database
 from smtp_proxy.smtp.authenticator import Authenticator
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier
@@ -21,7 +20,7 @@ from smtp_proxy.smtp.protocol import AuthOutcome, CredentialsOffered
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
 from tests.pgcluster import free_port
-from tests.unit.smtp.conftest import Driver, plain_response
+from tests.unit.smtp.conftest import Driver, Live, plain_response
 
 PASSWORD = "correct horse battery staple"
 IP = "192.0.2.7"
@@ -47,21 +46,6 @@ def database(pg_url: str, make_config) -> Iterator[Database]:
     db.remove_session()
     yield db
     db.dispose()
-
-
-class Live:
-    """The live config as the listener sees it: a test may swap it between attempts."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def __call__(self) -> Config:
-        return self.config
-
-
-@pytest.fixture
-def live(make_config, pg_url: str) -> Live:
-    return Live(make_config(pg_url))
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import REGISTRY
 
-from smtp_proxy.config import Config
 from smtp_proxy.counters import LocalCounters
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
@@ -29,7 +28,7 @@ from smtp_proxy.smtp.protocol import AuthOutcome, MailFromOffered, MessageReceiv
 from smtp_proxy.storage import accounts, messages
 from smtp_proxy.storage.audit import CLI
 from tests.pgcluster import free_port
-from tests.unit.smtp.conftest import Driver, plain_response
+from tests.unit.smtp.conftest import Driver, Live, plain_response
 
 IP = "192.0.2.7"
 TLS = ("TLSv1.3", "TLS_AES_256_GCM_SHA384")
@@ -47,21 +46,6 @@ def messages_total(result: str, reason: str) -> float:
 
 def limit_rejections(reason: str) -> float:
     return sample("smtp_proxy_smtp_limit_rejections_total", reason=reason)
-
-
-class Live:
-    """The live config as the listener sees it."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def __call__(self) -> Config:
-        return self.config
-
-
-@pytest.fixture
-def live(make_config, pg_url: str) -> Live:
-    return Live(make_config(pg_url))
 
 
 @pytest.fixture
