@@ -232,3 +232,21 @@ def _answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url).ping())
     except redis.ConnectionError:
         return False
+
+
+# The files with the longest tests are collected first, so that they start at once and the two
+# test processes share out the short ones around them (work stealing), instead of one process
+# running a minute-long test alone at the end.
+LONGEST_FIRST = (
+    "tests/e2e/test_readme.py",
+    "tests/api/test_api_schemathesis.py",
+    "tests/e2e/test_worker.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every file keeps its own order
