@@ -37,9 +37,9 @@ from smtp_proxy.storage.messages import (  # noqa: E402
     _BLANK_LINE,
     MAX_HEADER_FIELDS,
     MAX_HEADER_VALUE,
-    MAX_SUBJECT,
     _text,
     parse_headers,
+    subject_of,
 )
 
 Parsed = tuple[list[list[str]], str | None]
@@ -139,14 +139,7 @@ def library_parser(policy: Policy) -> Callable[[bytes], Parsed]:
             ]
             for name, value in list(fields)[:MAX_HEADER_FIELDS]
         ]
-        raw_subject = next((value for name, value in headers if name.lower() == "subject"), None)
-        if raw_subject is None:
-            return headers, None
-        try:
-            subject = str(email.header.make_header(email.header.decode_header(raw_subject)))
-        except (email.errors.HeaderParseError, UnicodeError, LookupError, ValueError):
-            subject = raw_subject
-        return headers, " ".join(subject.split())[:MAX_SUBJECT]
+        return headers, subject_of(headers)
 
     return parse
 

@@ -81,14 +81,19 @@ def parse_headers(data: bytes) -> tuple[list[list[str]], str | None]:
         [_text(name, 200), _text(value.strip(), MAX_HEADER_VALUE)]
         for name, value in fields[:MAX_HEADER_FIELDS]
     ]
+    return headers, subject_of(headers)
+
+
+def subject_of(headers: list[list[str]]) -> str | None:
+    """The first Subject: field decoded (RFC 2047), on one line, cut to MAX_SUBJECT; None without one."""
     raw_subject = next((value for name, value in headers if name.lower() == "subject"), None)
     if raw_subject is None:
-        return headers, None
+        return None
     try:
         subject = str(email.header.make_header(email.header.decode_header(raw_subject)))
     except (email.errors.HeaderParseError, UnicodeError, LookupError, ValueError):
         subject = raw_subject
-    return headers, " ".join(subject.split())[:MAX_SUBJECT]
+    return " ".join(subject.split())[:MAX_SUBJECT]
 
 
 # A plain Core statement, compiled once and cached; the values travel as parameters.

@@ -169,21 +169,23 @@ def close_counters(app: Flask) -> None:
             client.connection_pool.disconnect()
 
 
-def make_admin(database: Database) -> tuple[str, str]:
+def make_admin(database: Database, *, unique_domains: bool = True) -> tuple[str, str]:
     """An admin account of its own (API key, id), with a sender domain no other account holds."""
-    with database.transaction() as session:
-        admin = accounts.create_account(
-            session,
-            name=f"admin-{uuid.uuid4().hex[:8]}",
-            email="admin@example.com",
-            allowed_domains=[own_domain()],
-            is_admin=True,
-            bcrypt_cost=4,
-            actor=CLI,
-        )
-        created = admin.api_key, str(admin.account.id)
-    database.remove_session()
-    return created
+    try:
+        with database.transaction() as session:
+            admin = accounts.create_account(
+                session,
+                name=f"admin-{uuid.uuid4().hex[:8]}",
+                email="admin@example.com",
+                allowed_domains=[own_domain()],
+                is_admin=True,
+                bcrypt_cost=4,
+                unique_domains=unique_domains,
+                actor=CLI,
+            )
+            return admin.api_key, str(admin.account.id)
+    finally:
+        database.remove_session()
 
 
 def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
@@ -368,21 +370,8 @@ def make_app(make_config) -> Iterator[Callable[..., AppUnderTest]]:
         api.update(sections.pop("api", {}))
         config = make_config(db_url, api=api, **sections)
         database = Database(config.database)
-        try:
-            with database.transaction() as session:
-                admin = accounts.create_account(
-                    session,
-                    name=f"admin-{uuid.uuid4().hex[:8]}",
-                    email="admin@example.com",
-                    allowed_domains=[own_domain()],
-                    is_admin=True,
-                    bcrypt_cost=4,
-                    unique_domains=False,  # a second app on one database adds a second admin
-                    actor=CLI,
-                )
-                admin_key, admin_id = admin.api_key, str(admin.account.id)
-        finally:
-            database.remove_session()
+        # A second app on one database adds a second admin.
+        admin_key, admin_id = make_admin(database, unique_domains=False)
         under_test = AppUnderTest(create_app(config, database), config, database, admin_key, admin_id)
         made.append(under_test)
         return under_test
