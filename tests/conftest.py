@@ -5,14 +5,12 @@ pytest-postgresql's executor (initdb + pg_ctl in a temporary directory, on
 127.0.0.1 and a free port) and stops it at the end. initdb refuses to run as
 root, so under root (as in CI) pg_ctl runs as the ``postgres`` user through
 runuser. The schema is migrated once into a template database; each test that
-asks for ``pg_url`` gets a fresh copy of it.
+asks for ``pg_url`` gets a copy of it (reset and reused between tests: tests/pgdatabases.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import shutil
 import subprocess
 import threading
@@ -30,7 +28,8 @@ from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.migrate import upgrade
 from smtp_proxy.logs import set_correlation_id, stop_background_writer
 from tests.leaks import keep_socket, new_sockets, new_threads, open_sockets
-from tests.pgcluster import PgCluster, PgClusterError, admin_sql, free_port, wait_until_accepting
+from tests.pgdatabases import DatabasePool
+from tests.pgcluster import PgCluster, PgClusterError, free_port, wait_until_accepting
 from tests.waiting import wait_for
 
 __all__ = ["free_port", "wait_until_accepting"]
@@ -38,7 +37,6 @@ __all__ = ["free_port", "wait_until_accepting"]
 TEMPLATE_DB = "smtp_proxy_template"
 # How long a test's threads and sockets may take to end after its teardown.
 LEAK_GRACE = 5.0
-_db_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -62,31 +60,27 @@ def _url(executor: PostgreSQLExecutor, dbname: str) -> str:
     return f"postgresql://postgres@127.0.0.1:{executor.port}/{dbname}"
 
 
-def _admin(executor: PostgreSQLExecutor, *statements: str) -> None:
-    admin_sql(executor.port, *statements)
-
-
-# A small template is copied file by file faster than through the WAL (PostgreSQL 15's default
-# strategy); the checkpoints FILE_COPY needs cost little in a cluster that does not fsync.
-CLONE = f'TEMPLATE "{TEMPLATE_DB}" STRATEGY FILE_COPY'
+@pytest.fixture(scope="session")
+def pg_databases(postgresql_server: PostgreSQLExecutor) -> Iterator[DatabasePool]:
+    pool = DatabasePool(postgresql_server.port, TEMPLATE_DB)
+    yield pool
+    pool.close()
 
 
 @pytest.fixture
-def pg_url(postgresql_server: PostgreSQLExecutor) -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for one test."""
-    name = f"test_{os.getpid()}_{next(_db_counter)}"
-    _admin(postgresql_server, f'CREATE DATABASE "{name}" {CLONE}')
+def pg_url(postgresql_server: PostgreSQLExecutor, pg_databases: DatabasePool) -> Iterator[str]:
+    """A migrated PostgreSQL database for one test, as empty as a fresh clone of the template."""
+    name = pg_databases.take()
     yield _url(postgresql_server, name)
-    _admin(postgresql_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    pg_databases.give_back(name)
 
 
 @pytest.fixture(scope="session")
-def shared_pg_url(postgresql_server: PostgreSQLExecutor) -> Iterator[str]:
+def shared_pg_url(postgresql_server: PostgreSQLExecutor, pg_databases: DatabasePool) -> Iterator[str]:
     """One migrated database per test process, for tests whose writes are rolled back."""
-    name = f"shared_{os.getpid()}"
-    _admin(postgresql_server, f'CREATE DATABASE "{name}" {CLONE}')
+    name = pg_databases.take()
     yield _url(postgresql_server, name)
-    _admin(postgresql_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    pg_databases.drop(name)
 
 
 @pytest.fixture(scope="session")

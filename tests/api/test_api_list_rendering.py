@@ -8,7 +8,6 @@ makes of the same row, down to the timestamp format.
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -16,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from smtp_proxy.db.models import Message, MessageStatus
-from tests.conftest import TEMPLATE_DB, _admin, _db_counter, _url
+from tests.conftest import _url
 
 TIMESTAMP = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$"
 
@@ -26,11 +25,10 @@ def pg_url(request: pytest.FixtureRequest) -> str:
     """Shadows the shared fixture: start_api serves these tests on both databases."""
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_url")
-    server = request.getfixturevalue("postgresql_server")
-    name = f"test_{os.getpid()}_{next(_db_counter)}"
-    _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
-    request.addfinalizer(lambda: _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    return _url(server, name)
+    databases = request.getfixturevalue("pg_databases")
+    name = databases.take()
+    request.addfinalizer(lambda: databases.give_back(name))
+    return _url(request.getfixturevalue("postgresql_server"), name)
 
 
 @pytest.fixture
