@@ -519,23 +519,47 @@ def _serving(ctx: click.Context, where: str) -> Iterator[ConfigWatcher | None]:
             watcher.stop()
 
 
+def _supervised(ctx: click.Context, command: str, where: str) -> bool:
+    """Serve in several processes when the config asks for it (``supervised.py``); False if not."""
+    config = runtime_of(ctx).config
+    smtp = config.smtp.processes if command in ("smtp", "all") else 1
+    api = config.api.processes if command in ("api", "all") else 1
+    if smtp == 1 and api == 1:
+        return False
+    from smtp_proxy.supervised import serve_supervised
+
+    # No thread in the parent: each child starts its own log writer and config watcher.
+    configure_logging(config.logging)
+    try:
+        code = serve_supervised(command, config, _app_for)
+    except OSError as exc:
+        raise Failure(f"cannot listen on {exc.filename or where}: {exc.strerror or exc}") from None
+    if code:
+        sys.exit(code)
+    return True
+
+
+def _app_for(config: Config, database: Database) -> Flask:
+    from smtp_proxy.api import create_app
+
+    return create_app(config, database)
+
+
 @serve.command("api")
 @click.pass_context
 @handle_errors
 def serve_api(ctx: click.Context) -> None:
-    """The JSON management API, served by waitress."""
-    from smtp_proxy import gil
-    from smtp_proxy.lifecycle import create_api_server, run_api_server
-    from smtp_proxy.memory import freeze_startup_objects
+    """The JSON management API, served by waitress (``api.processes`` processes)."""
+    from smtp_proxy.lifecycle import serve_api as run
 
     runtime = runtime_of(ctx)
     config = runtime.config
-    with _serving(ctx, f"{config.api.host}:{config.api.port}"):
+    where = f"{config.api.host}:{config.api.port}"
+    if _supervised(ctx, "api", where):
+        return
+    with _serving(ctx, where):
         app = ctx.ensure_object(ScriptInfo).load_app()
-        runtime.database.warm(autocommit=True)  # API keys and every GET read there
-        freeze_startup_objects()
-        gil.PACING.set_base(gil.API_INTERVAL)  # waitress's I/O thread gets the GIL back sooner
-        run_api_server(create_api_server(config, app), f"api on port {config.api.port}")
+        run(config, app, runtime.database)
 
 
 @serve.command("smtp")
@@ -543,10 +567,12 @@ def serve_api(ctx: click.Context) -> None:
 @handle_errors
 def serve_smtp(ctx: click.Context) -> None:
     """The SMTP submission listener (STARTTLS on smtp.port, implicit TLS on implicit_tls_port)."""
-    from smtp_proxy.lifecycle import serve_smtp as run
-
     runtime = runtime_of(ctx)
     config = runtime.config
+    if _supervised(ctx, "smtp", config.smtp.host):
+        return
+    from smtp_proxy.lifecycle import serve_smtp as run
+
     with _serving(ctx, config.smtp.host) as watcher:
         runtime.database.warm(autocommit=True)  # the listener's statements all run there
         run(config, runtime.database, watcher)
@@ -569,7 +595,9 @@ def serve_worker(ctx: click.Context) -> None:
 @click.pass_context
 @handle_errors
 def serve_all(ctx: click.Context) -> None:
-    """SMTP listener, API and worker in one process: the embedded default and small installs."""
+    """SMTP listener, API and worker: in one process, or supervised children when processes > 1."""
+    if _supervised(ctx, "all", "the smtp, api or metrics port"):
+        return
     from smtp_proxy.lifecycle import serve_all as run
 
     runtime = runtime_of(ctx)

@@ -39,6 +39,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _RATE_LIMIT = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+MAX_PROCESSES = 256
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -73,6 +74,8 @@ class SmtpConfig:
     auth_failures_per_ip: int = _opt(10, "int", min=1)
     auth_failures_per_user: int = _opt(10, "int", min=1)
     auth_failure_window: float = _opt(900.0, "duration", min=1)
+    # Processes serving the ports (supervisor.py); ``auto``: one per usable CPU.
+    processes: int = _opt(1, "processes")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class ApiConfig:
     rate_limit_storage: str = _opt("", "str")
     # Per client address, for requests without a valid key, before any database lookup.
     unauthenticated_rate_limit: str = _opt("60/minute", "rate_limit")
+    processes: int = _opt(1, "processes")
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,10 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise ConfigError(key, f"must be {bounds}, got {number}")
         return number
+    if kind == "processes":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return usable_cpus()
+        return _coerce(value, {"kind": "int", "min": 1, "max": MAX_PROCESSES}, key)
     if kind == "bool":
         # A string comes from ${VAR} expansion.
         flag = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
@@ -339,6 +347,14 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
     if kind == "key_list":
         return (_coerce(value, {"kind": "key"}, key),) if value else ()
     return value
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), for ``processes: auto``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _endpoints(value: Any, key: str) -> Mapping[str, str]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from limits.storage import Storage
@@ -32,10 +33,12 @@ from smtp_proxy.memory import FreeMemoryReleaser, freeze_startup_objects, limit_
 from smtp_proxy.reload import ConfigWatcher
 from smtp_proxy.sending_limits import SendingLimits
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
+from smtp_proxy.smtp.authenticator import AccountSessions
 from smtp_proxy.smtp.budget import InFlightBudget
 from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.server import DRAIN_SECONDS, SESSION_THREAD_STACK, SmtpServer
 from smtp_proxy.smtp.tls import TlsContextHolder
+from smtp_proxy.supervised import Listening, serve_metrics_socket, multiprocess_registry
 
 log = logging.getLogger("smtp_proxy.lifecycle")
 
@@ -87,14 +90,20 @@ class SmtpListeners:
         database: Database,
         watcher: ConfigWatcher | None,
         counters: Storage | None = None,
+        *,
+        listening: Mapping[int, socket.socket] | None = None,
+        tls: TlsContextHolder | None = None,
     ) -> None:
         """Bind every port. Raises ConfigError for a missing key or an unusable certificate, OSError.
 
         ``counters``: the process's counter storage when another part of it (``serve all``'s
         API) already opened one, so that memory:// counts are the same for both.
+        ``listening``: sockets by port, bound by a supervising parent, served instead of
+        binding; ``tls``: the parent's certificate holder (its session ticket keys are then
+        the same in every child, so a client resumes whichever child it reaches).
         """
         cipher = Cipher.from_config(config.security)
-        tls = TlsContextHolder(config.tls)
+        tls = tls or TlsContextHolder(config.tls)
         if watcher is not None:
             # Also on SIGHUP with an unchanged file: the certificate files may have been renewed.
             watcher.subscribe(lambda new, _old: tls.reload(new.tls))
@@ -124,8 +133,10 @@ class SmtpListeners:
             )
         self.sending_limits = SendingLimits(counters)
         mail_policy = MailPolicy(AccountStates(database), self.sending_limits)
-        # Both ports draw on one budget: it bounds the process's memory, not a port's.
+        # Both ports draw on one budget: it bounds the process's memory, not a port's;
+        # and an account's sessions are counted over both.
         data_budget = InFlightBudget(smtp.max_data_in_flight)
+        sessions = AccountSessions()
         if watcher is not None:
             watcher.subscribe(self._resize_budget)
         ports = [(smtp.port, False)] + ([(smtp.implicit_tls_port, True)] if smtp.implicit_tls_port else [])
@@ -145,6 +156,8 @@ class SmtpListeners:
                         on_quiet=release_memory,
                         mail_policy=mail_policy,
                         data_budget=data_budget,
+                        sessions=sessions,
+                        listening=(listening or {}).get(port),
                     )
                 self.servers.append(server)
         except OSError:
@@ -199,8 +212,16 @@ def _log_counters(uri: str) -> None:
     log.info(message, extra={"event": "smtp.counters", "storage": where, "shared": shared})
 
 
-def start_metrics(port: int | None, host: str, registry: CollectorRegistry = REGISTRY) -> Any:
-    """The Prometheus endpoint on its own port, or None when the port is not configured."""
+def start_metrics(
+    port: int | None, host: str, registry: CollectorRegistry = REGISTRY, listening: socket.socket | None = None
+) -> Any:
+    """The Prometheus endpoint on its own port, or None when the port is not configured.
+
+    ``listening``: the endpoint's socket, bound by a supervising parent; every process
+    serves it, and each answers with the sum over all (``multiprocess_registry``).
+    """
+    if listening is not None:
+        return serve_metrics_socket(listening, multiprocess_registry())
     if not port:
         return None
     with binding(host, port):
@@ -208,22 +229,29 @@ def start_metrics(port: int | None, host: str, registry: CollectorRegistry = REG
     return server
 
 
-def serve_smtp(config: Config, database: Database, watcher: ConfigWatcher | None) -> None:
+def serve_smtp(
+    config: Config,
+    database: Database,
+    watcher: ConfigWatcher | None,
+    listening: Listening | None = None,
+) -> None:
     """Run the submission listener(s) until SIGTERM, then drain.
 
     Raises ConfigError for a missing encryption key or an unusable certificate,
-    and OSError when a port cannot be bound.
+    and OSError when a port cannot be bound. ``listening``: the sockets (and the
+    certificate holder) of a supervising parent, in a child process.
     """
-    listeners = SmtpListeners(config, database, watcher)
+    stop = stop_signal()
+    listening = listening or Listening()
+    listeners = SmtpListeners(config, database, watcher, listening=listening.smtp, tls=listening.tls)
     try:
-        metrics = start_metrics(config.smtp.metrics_port, config.smtp.host)
+        metrics = start_metrics(config.smtp.metrics_port, config.smtp.host, listening=listening.metrics)
     except OSError:
         for server in listeners.servers:
             server.server_close()
         raise
     freeze_startup_objects()
     listeners.start()
-    stop = stop_signal()
     try:
         systemd.ready(f"smtp on port {config.smtp.port}")
         wait_for(stop)
@@ -240,17 +268,20 @@ def _worker(config: Config, database: Database, watcher: ConfigWatcher | None) -
     return Worker(_current(config, watcher), database, Cipher.from_config(config.security))
 
 
-def serve_worker(config: Config, database: Database, watcher: ConfigWatcher | None) -> None:
+def serve_worker(
+    config: Config, database: Database, watcher: ConfigWatcher | None, *, own_metrics: bool = True
+) -> None:
     """Run the queue worker until SIGTERM, then drain (``delivery.worker.DRAIN_SECONDS``).
 
     Raises ConfigError for a missing encryption key, OSError when the metrics
-    port cannot be bound.
+    port cannot be bound. ``own_metrics=False``: the worker of a supervised
+    ``serve all``, whose samples the SMTP processes' endpoint shows.
     """
+    stop = stop_signal()
     worker = _worker(config, database, watcher)
-    metrics = start_metrics(config.delivery.metrics_port, config.delivery.metrics_host)
+    metrics = start_metrics(config.delivery.metrics_port, config.delivery.metrics_host) if own_metrics else None
     freeze_startup_objects()
     worker.start()
-    stop = stop_signal()
     try:
         systemd.ready(f"worker with {worker.delivery_thread_count} delivery threads")
         wait_for(stop)
@@ -262,19 +293,35 @@ def serve_worker(config: Config, database: Database, watcher: ConfigWatcher | No
             metrics.shutdown()
 
 
-def create_api_server(config: Config, app: Any) -> Any:
-    """The API's waitress server, bound (its worker threads started); ``run()`` serves it."""
+def create_api_server(config: Config, app: Any, listening: socket.socket | None = None) -> Any:
+    """The API's waitress server, bound (its worker threads started); ``run()`` serves it.
+
+    ``listening``: a socket bound by a supervising parent, served instead of binding.
+    """
     import waitress
 
+    where: dict[str, Any] = (
+        {"sockets": [listening]} if listening is not None else {"host": config.api.host, "port": config.api.port}
+    )
     with binding(config.api.host, config.api.port):
         return waitress.create_server(
             app,
-            host=config.api.host,
-            port=config.api.port,
+            **where,
             threads=config.api.threads,
             channel_timeout=int(max(config.api.read_timeout, 1)),
             ident="smtp-proxy",
         )
+
+
+def serve_api(config: Config, app: Any, database: Database, listening: Listening | None = None) -> None:
+    """Run the API until SIGTERM or SIGINT, then finish the requests in progress."""
+    from smtp_proxy import gil
+
+    server = create_api_server(config, app, listening.api if listening else None)
+    database.warm(autocommit=True)  # API keys and every GET read there
+    freeze_startup_objects()
+    gil.PACING.set_base(gil.API_INTERVAL)  # waitress's I/O thread gets the GIL back sooner
+    run_api_server(server, f"api on port {config.api.port}")
 
 
 def _exit_cleanly(_sig: int, _frame: Any) -> None:

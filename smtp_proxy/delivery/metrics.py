@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+# The queue is the database's: with several processes, the latest reading is the answer.
 QUEUE_DEPTH = Gauge(
-    "smtp_proxy_queue_messages", "Messages waiting (queued) or in delivery (processing)", ["status"]
+    "smtp_proxy_queue_messages",
+    "Messages waiting (queued) or in delivery (processing), as last read",
+    ["status"],
+    multiprocess_mode="mostrecent",
 )
 ATTEMPTS = Counter(
     "smtp_proxy_delivery_attempts_total",

@@ -64,12 +64,17 @@ class Authenticator:
     """Answers AUTH attempts for every session of a listener; thread-safe."""
 
     def __init__(
-        self, verifier: CredentialVerifier, throttle: AuthThrottle, config: Callable[[], Config]
+        self,
+        verifier: CredentialVerifier,
+        throttle: AuthThrottle,
+        config: Callable[[], Config],
+        sessions: AccountSessions | None = None,
     ) -> None:
-        """``config`` gives the live config: its limits apply from the next attempt."""
+        """``config`` gives the live config: its limits apply from the next attempt.
+        ``sessions``: the session counts, shared by every listener of the process."""
         self.verifier = verifier
         self.throttle = throttle
-        self.sessions = AccountSessions()
+        self.sessions = sessions if sessions is not None else AccountSessions()
         self._config = config
 
     def authenticate(

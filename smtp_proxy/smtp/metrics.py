@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-ACTIVE_CONNECTIONS = Gauge("smtp_proxy_smtp_active_connections", "Open SMTP sessions")
+# With several processes (smtp.processes), the open sessions of the live ones are summed.
+ACTIVE_CONNECTIONS = Gauge(
+    "smtp_proxy_smtp_active_connections", "Open SMTP sessions (summed over live processes)", multiprocess_mode="livesum"
+)
 SESSIONS = Counter("smtp_proxy_smtp_sessions_total", "Ended SMTP sessions by outcome", ["outcome"])
 MESSAGES = Counter(
     "smtp_proxy_smtp_messages_total", "Messages at the end of DATA by result and reason", ["result", "reason"]

@@ -40,7 +40,7 @@ from smtp_proxy.logs import new_correlation_id, set_correlation_id
 from smtp_proxy.smtp import metrics
 from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.account_state import MailPolicy
-from smtp_proxy.smtp.authenticator import Authenticator
+from smtp_proxy.smtp.authenticator import AccountSessions, Authenticator
 from smtp_proxy.smtp.budget import InFlightBudget
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.intake import Intake
@@ -90,14 +90,18 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         on_quiet: Callable[[], object] | None = None,
         mail_policy: MailPolicy | None = None,
         data_budget: InFlightBudget | None = None,
+        sessions: AccountSessions | None = None,
+        listening: socket.socket | None = None,
     ) -> None:
-        """``mail_policy`` and ``data_budget`` are shared by every listener of a process
-        (``lifecycle.SmtpListeners``); without them, the intake makes its own policy and
-        this server its own budget. ``verifier`` and ``throttle`` go to the ``Authenticator``."""
+        """``mail_policy``, ``data_budget`` and ``sessions`` are shared by every listener of a
+        process (``lifecycle.SmtpListeners``); without them, the intake makes its own policy and
+        this server its own budget and session counts. ``verifier`` and ``throttle`` go to the
+        ``Authenticator``. ``listening``: a socket already bound and listening (inherited from
+        a supervising parent, ``supervisor.py``) to serve instead of binding ``address``."""
         self._config = config
         self._on_quiet = on_quiet
         self.database = database
-        self.authenticator = Authenticator(verifier, throttle, config)
+        self.authenticator = Authenticator(verifier, throttle, config, sessions)
         self.intake = Intake(database, cipher, config, mail_policy)
         if data_budget is None:
             data_budget = InFlightBudget(config().smtp.max_data_in_flight)
@@ -115,7 +119,13 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self.drain_fd, self._drain_w = os.pipe()
         self.force_fd, self._force_w = os.pipe()
         self._drain_once = threading.Lock()
-        super().__init__(address, SessionHandler)
+        super().__init__(address, SessionHandler, bind_and_activate=listening is None)
+        if listening is not None:
+            self.socket.close()
+            # Non-blocking: another process may accept the connection that woke this one.
+            listening.setblocking(False)
+            self.socket = listening
+            self.server_address = listening.getsockname()
 
     @property
     def config(self) -> Config:
