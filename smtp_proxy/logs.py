@@ -138,6 +138,8 @@ class _Formatter(JsonFormatter):
             .replace("+00:00", "Z")
         )
         log_data["level"] = record.levelname.lower()
+        # With smtp.processes or api.processes above 1, several processes share one stream.
+        log_data["pid"] = record.process
 
 
 class _TextFormatter(logging.Formatter):
