@@ -21,7 +21,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from limits.storage import Storage
+from limits.storage import RedisStorage, Storage
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from smtp_proxy import systemd
@@ -32,13 +32,13 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.memory import FreeMemoryReleaser, freeze_startup_objects, limit_arenas
 from smtp_proxy.reload import ConfigWatcher
 from smtp_proxy.sending_limits import SendingLimits
+from smtp_proxy.smtp.account_sessions import AccountSessions, SharedAccountSessions
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
-from smtp_proxy.smtp.authenticator import AccountSessions
 from smtp_proxy.smtp.budget import InFlightBudget
 from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.server import DRAIN_SECONDS, SESSION_THREAD_STACK, SmtpServer
 from smtp_proxy.smtp.tls import TlsContextHolder
-from smtp_proxy.supervised import Listening, serve_metrics_socket, multiprocess_registry
+from smtp_proxy.supervised import Listening, multiprocess_registry, serve_metrics_socket
 
 log = logging.getLogger("smtp_proxy.lifecycle")
 
@@ -136,7 +136,11 @@ class SmtpListeners:
         # Both ports draw on one budget: it bounds the process's memory, not a port's;
         # and an account's sessions are counted over both.
         data_budget = InFlightBudget(smtp.max_data_in_flight)
-        sessions = AccountSessions()
+        self.sessions = (
+            SharedAccountSessions(counters.storage)
+            if isinstance(counters, RedisStorage)
+            else AccountSessions()
+        )
         if watcher is not None:
             watcher.subscribe(self._resize_budget)
         ports = [(smtp.port, False)] + ([(smtp.implicit_tls_port, True)] if smtp.implicit_tls_port else [])
@@ -156,13 +160,14 @@ class SmtpListeners:
                         on_quiet=release_memory,
                         mail_policy=mail_policy,
                         data_budget=data_budget,
-                        sessions=sessions,
+                        sessions=self.sessions,
                         listening=(listening or {}).get(port),
                     )
                 self.servers.append(server)
         except OSError:
             for server in self.servers:
                 server.server_close()
+            self.sessions.close()
             raise
         self.threads: list[threading.Thread] = []
 
@@ -196,6 +201,7 @@ class SmtpListeners:
         for thread in drains + self.threads:
             thread.join()
         self.sending_limits.flush()  # the last messages' counts, not yet sent to a shared storage
+        self.sessions.close()
         log.info("smtp stopped", extra={"event": "smtp.stopped"})
 
 
@@ -213,7 +219,10 @@ def _log_counters(uri: str) -> None:
 
 
 def start_metrics(
-    port: int | None, host: str, registry: CollectorRegistry = REGISTRY, listening: socket.socket | None = None
+    port: int | None,
+    host: str,
+    registry: CollectorRegistry = REGISTRY,
+    listening: socket.socket | None = None,
 ) -> Any:
     """The Prometheus endpoint on its own port, or None when the port is not configured.
 
@@ -279,7 +288,9 @@ def serve_worker(
     """
     stop = stop_signal()
     worker = _worker(config, database, watcher)
-    metrics = start_metrics(config.delivery.metrics_port, config.delivery.metrics_host) if own_metrics else None
+    metrics = (
+        start_metrics(config.delivery.metrics_port, config.delivery.metrics_host) if own_metrics else None
+    )
     freeze_startup_objects()
     worker.start()
     try:
@@ -301,7 +312,9 @@ def create_api_server(config: Config, app: Any, listening: socket.socket | None 
     import waitress
 
     where: dict[str, Any] = (
-        {"sockets": [listening]} if listening is not None else {"host": config.api.host, "port": config.api.port}
+        {"sockets": [listening]}
+        if listening is not None
+        else {"host": config.api.host, "port": config.api.port}
     )
     with binding(config.api.host, config.api.port):
         return waitress.create_server(

@@ -186,7 +186,13 @@ def _supervise(command: str, config: Config, create_app: Callable[[Config, Any],
                 )
             )
         if command == "all":
-            roles.append(Role("worker", 1, _child(config, lambda c, d, w: lifecycle.serve_worker(c, d, w, own_metrics=False))))
+            roles.append(
+                Role(
+                    "worker",
+                    1,
+                    _child(config, lambda c, d, w: lifecycle.serve_worker(c, d, w, own_metrics=False)),
+                )
+            )
     except BaseException:
         listening.close()
         raise

@@ -153,7 +153,8 @@ class Supervisor:
                 self._stopping = True
                 systemd.stopping()
                 log.info(
-                    "draining every process", extra={"event": "supervisor.draining", "processes": len(self._alive())}
+                    "draining every process",
+                    extra={"event": "supervisor.draining", "processes": len(self._alive())},
                 )
                 for slot in self.slots:
                     slot.restart_at = None
@@ -184,7 +185,9 @@ class Supervisor:
             if slot is None or b"READY=1" not in data.split(b"\n"):
                 continue
             slot.ready = True
-            log.info("process serving", extra={"event": "supervisor.child_ready", "role": slot.label, "pid": pid})
+            log.info(
+                "process serving", extra={"event": "supervisor.child_ready", "role": slot.label, "pid": pid}
+            )
             if not self._announced and all(s.ready for s in self.slots):
                 self._announced = True
                 systemd.ready(self.status)
@@ -212,7 +215,12 @@ class Supervisor:
             if self._stopping:
                 log.info(
                     "process drained",
-                    extra={"event": "supervisor.child_stopped", "role": slot.label, "pid": pid, "exit_code": code},
+                    extra={
+                        "event": "supervisor.child_stopped",
+                        "role": slot.label,
+                        "pid": pid,
+                        "exit_code": code,
+                    },
                 )
                 continue
             slot.failures = 0 if lived >= STABLE_SECONDS else slot.failures + 1
@@ -245,7 +253,9 @@ class Supervisor:
         if pid == 0:  # pragma: no cover - the child's coverage is its role's
             os._exit(self._child(slot))
         slot.pid, slot.started, slot.ready = pid, self._clock(), False
-        log.info("process started", extra={"event": "supervisor.child_started", "role": slot.label, "pid": pid})
+        log.info(
+            "process started", extra={"event": "supervisor.child_started", "role": slot.label, "pid": pid}
+        )
 
     # --- child ---------------------------------------------------------------------------------
 

@@ -28,8 +28,8 @@ from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.migrate import upgrade
 from smtp_proxy.logs import set_correlation_id, stop_background_writer
 from tests.leaks import keep_socket, new_sockets, new_threads, open_sockets
-from tests.pgdatabases import DatabasePool
 from tests.pgcluster import PgCluster, PgClusterError, free_port, wait_until_accepting
+from tests.pgdatabases import DatabasePool
 from tests.waiting import wait_for
 
 __all__ = ["free_port", "wait_until_accepting"]

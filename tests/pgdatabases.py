@@ -36,7 +36,8 @@ SELECT md5(string_agg(item, E'\\n' ORDER BY item)) FROM (
       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)'
   UNION ALL
     SELECT format('constraint %s %s %s', conrelid::regclass, conname, pg_get_constraintdef(oid))
-    FROM pg_constraint WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+    FROM pg_constraint
+    WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
   UNION ALL
     SELECT format('index %s', pg_get_indexdef(i.indexrelid))
     FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -48,7 +49,8 @@ SELECT md5(string_agg(item, E'\\n' ORDER BY item)) FROM (
     WHERE typnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
       AND typnamespace::regnamespace::text !~ '^pg_(toast|temp)'
   UNION ALL
-    SELECT format('trigger %s %s', tgrelid::regclass, pg_get_triggerdef(oid)) FROM pg_trigger WHERE NOT tgisinternal
+    SELECT format('trigger %s %s', tgrelid::regclass, pg_get_triggerdef(oid))
+    FROM pg_trigger WHERE NOT tgisinternal
   UNION ALL
     SELECT format('function %s %s', oid::regprocedure, md5(prosrc)) FROM pg_proc
     WHERE pronamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)

@@ -13,12 +13,11 @@ No socket and no database of its own: the verifier reads the account.
 from __future__ import annotations
 
 import logging
-import threading
-import uuid
 from collections.abc import Callable
 
 from smtp_proxy.config import Config
 from smtp_proxy.smtp import metrics
+from smtp_proxy.smtp.account_sessions import AccountSessions
 from smtp_proxy.smtp.credentials import (
     AuthenticatedAccount,
     AuthThrottle,
@@ -29,35 +28,6 @@ from smtp_proxy.smtp.credentials import (
 from smtp_proxy.smtp.protocol import AuthOutcome, CredentialsOffered
 
 log = logging.getLogger("smtp_proxy.smtp")
-
-
-class AccountSessions:
-    """Concurrent authenticated sessions per account, for max_connections_per_account."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[uuid.UUID, int] = {}
-
-    def acquire(self, account_id: uuid.UUID, limit: int) -> bool:
-        with self._lock:
-            count = self._counts.get(account_id, 0)
-            if count >= limit:
-                return False
-            self._counts[account_id] = count + 1
-            return True
-
-    def release(self, account_id: uuid.UUID) -> None:
-        with self._lock:
-            count = self._counts.get(account_id, 0) - 1
-            if count > 0:
-                self._counts[account_id] = count
-            else:
-                self._counts.pop(account_id, None)
-
-    def count(self, account_id: uuid.UUID) -> int:
-        """The account's open sessions now."""
-        with self._lock:
-            return self._counts.get(account_id, 0)
 
 
 class Authenticator:

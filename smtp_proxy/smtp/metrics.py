@@ -10,7 +10,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 # With several processes (smtp.processes), the open sessions of the live ones are summed.
 ACTIVE_CONNECTIONS = Gauge(
-    "smtp_proxy_smtp_active_connections", "Open SMTP sessions (summed over live processes)", multiprocess_mode="livesum"
+    "smtp_proxy_smtp_active_connections",
+    "Open SMTP sessions (summed over live processes)",
+    multiprocess_mode="livesum",
 )
 SESSIONS = Counter("smtp_proxy_smtp_sessions_total", "Ended SMTP sessions by outcome", ["outcome"])
 MESSAGES = Counter(

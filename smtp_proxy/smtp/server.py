@@ -39,8 +39,9 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.logs import new_correlation_id, set_correlation_id
 from smtp_proxy.smtp import metrics
 from smtp_proxy.smtp import replies as R
+from smtp_proxy.smtp.account_sessions import AccountSessions
 from smtp_proxy.smtp.account_state import MailPolicy
-from smtp_proxy.smtp.authenticator import AccountSessions, Authenticator
+from smtp_proxy.smtp.authenticator import Authenticator
 from smtp_proxy.smtp.budget import InFlightBudget
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier
 from smtp_proxy.smtp.intake import Intake
