@@ -198,10 +198,31 @@ def run_load(port: int, clients: int, per_session: int, seconds: float) -> dict[
     }
 
 
+def tree(pid: int) -> list[int]:
+    """The listener and its children (``smtp.processes`` above 1 forks them)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(child) for child in (task / "children").read_text().split()]
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time the listener's processes have used so far."""
+    total = 0
+    for each in tree(pid):
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size summed over the listener's processes: pages they share count once."""
+    total = 0
+    for each in tree(pid):
+        for line in Path(f"/proc/{each}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 def _status_field(pid: int, name: str) -> int:
@@ -213,11 +234,11 @@ def _status_field(pid: int, name: str) -> int:
 
 
 def rss_mib(pid: int) -> float:
-    return _status_field(pid, "VmRSS") / 1024
+    return sum(_status_field(each, "VmRSS") for each in tree(pid)) / 1024
 
 
 def thread_count(pid: int) -> int:
-    return _status_field(pid, "Threads")
+    return sum(_status_field(each, "Threads") for each in tree(pid))
 
 
 def mass_close(port: int, pid: int, held: list[socket.socket], base_threads: int) -> dict[str, float]:
@@ -509,21 +530,27 @@ def redis_counted(url: str) -> int:
 
 
 BASE_PHASES = ("one", "ten", "cold", "idle")
-PHASES = (*BASE_PHASES, "flood", "limits")
+PHASES = (*BASE_PHASES, "flood", "limits", "processes")
 
 
 class Bench:
     """The database, TLS files and key every listener of the run shares; writes configs, starts listeners."""
 
-    def __init__(self, workdir: Path, url: str, listener: str, max_connections: int) -> None:
+    def __init__(
+        self, workdir: Path, url: str, listener: str, max_connections: int, processes: int = 1
+    ) -> None:
         self.workdir, self.url, self.listener = workdir, url, listener
+        self.processes = processes
         self.max_connections = max_connections
         self.cert, self.key = write_self_signed(workdir / "tls", "localhost")
         self.encryption_key = generate_encryption_key()
         self.configs = 0
 
-    def config(self, port: int, per_ip: int, limits: dict[str, object] | None = None) -> Path:
+    def config(
+        self, port: int, per_ip: int, limits: dict[str, object] | None = None, processes: int | None = None
+    ) -> Path:
         self.configs += 1
+        processes = processes or self.processes
         path = self.workdir / f"config-{self.configs}.yaml"
         text = f"""
 smtp:
@@ -535,6 +562,7 @@ smtp:
   max_connections_per_ip: {per_ip}
   read_timeout: 5m
   metrics_port: null
+  processes: {processes}
 database:
   url: {self.url}
   pool_min: 20
@@ -553,16 +581,23 @@ security:
         if self.listener == "all":
             # The bench tenant has no routing rule: the worker fails each message at once, a
             # claim and an outcome per message beside the listener, as a small install runs.
-            text += f"api:\n  host: 127.0.0.1\n  port: {free_port()}\ndelivery:\n  metrics_port: null\n"
+            text += (
+                f"api:\n  host: 127.0.0.1\n  port: {free_port()}\n  processes: {processes}\n"
+                "delivery:\n  metrics_port: null\n"
+            )
         path.write_text(text)
         return path
 
-    def start(self, per_ip: int, limits: dict[str, object] | None = None) -> tuple[subprocess.Popen, int]:
-        """A listener on a free port, its credential cache warmed by one login (one bcrypt check)."""
+    def start(
+        self, per_ip: int, limits: dict[str, object] | None = None, processes: int | None = None
+    ) -> tuple[subprocess.Popen, int]:
+        """A listener on a free port, each process's credential cache warmed by logins."""
         port = free_port()
-        process = serve(self.listener, self.config(port, per_ip, limits), port)
+        process = serve(self.listener, self.config(port, per_ip, limits, processes), port)
         try:
-            Client(port, _client_context()).quit()
+            # Connections go to whichever process accepts first: enough logins to reach each.
+            for _ in range(4 * (processes or self.processes)):
+                Client(port, _client_context()).quit()
         except BaseException:
             stop(process)
             raise
@@ -603,10 +638,11 @@ def base_phases(args: argparse.Namespace, phases: set[str], port: int, pid: int)
         for count in (args.idle, 2 * args.idle):
             held, errors = hold_idle(port, count)
             time.sleep(1)
-            rss = rss_mib(pid)
+            rss, pss = rss_mib(pid), pss_mib(pid)
             meanwhile = sessions_meanwhile(port, 100)
             print(
-                f"{len(held):5d} idle held  : RSS {rss:6.1f} MiB (was {base_rss:.1f})   new session "
+                f"{len(held):5d} idle held  : RSS {rss:6.1f} MiB (was {base_rss:.1f}), PSS {pss:6.1f} MiB "
+                f"over {len(tree(pid))} processes   new session "
                 f"meanwhile p50 {meanwhile['p50_ms']:5.1f} ms  p99 {meanwhile['p99_ms']:5.1f} ms"
                 f"   ({errors} errors)"
             )
@@ -720,6 +756,51 @@ def limits_phase(bench: Bench, args: argparse.Namespace) -> None:
         print("  Redis counted nothing: this listener does not apply sending limits (yet)")
 
 
+def processes_phase(bench: Bench, args: argparse.Namespace) -> None:
+    """Phases 1 and 2 on a fresh listener per process count, in rounds (1 2 4, then 4 2 1)."""
+    counts = [int(n) for n in args.process_counts.split(",")]
+    runs: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    for round_ in range(args.process_rounds):
+        for count in counts if round_ % 2 == 0 else list(reversed(counts)):
+            listener, port = bench.start(0, processes=count)
+            try:
+                cpu = cpu_seconds(listener.pid)
+                one = run_load(port, args.clients, 1, args.seconds)
+                one_cpu = cpu_seconds(listener.pid) - cpu
+                ten = run_load(port, args.clients, 10, args.seconds)
+                ten_cpu = cpu_seconds(listener.pid) - cpu - one_cpu
+            finally:
+                stop(listener)
+            runs[count].append(
+                {
+                    "sessions_per_s": one["sessions_per_s"],
+                    "session_cpu_ms": one_cpu * 1000 / max(one["sessions"], 1),
+                    "messages_per_s": ten["messages_per_s"],
+                    "message_cpu_ms": ten_cpu * 1000 / max(ten["sessions"] * 10, 1),
+                    "errors": one["errors"] + ten["errors"],
+                }
+            )
+
+    def mean(count: int, key: str) -> float:
+        return statistics.fmean(run[key] for run in runs[count])
+
+    base = counts[0]
+    print(
+        f"processes (smtp.processes; {args.clients} clients, {args.process_rounds} x {args.seconds:.0f} s "
+        "per figure, each count on a fresh listener; CPU summed over the listener's processes):"
+    )
+    print("  processes  sessions/s (ratio)   CPU/session   messages/s (ratio)   CPU/message   errors")
+    for count in counts:
+        sessions, messages = mean(count, "sessions_per_s"), mean(count, "messages_per_s")
+        session_ratio = ratio(sessions, mean(base, "sessions_per_s"))
+        message_ratio = ratio(messages, mean(base, "messages_per_s"))
+        print(
+            f"  {count:9d}  {sessions:10.1f} ({session_ratio:.2f}x)"
+            f"   {mean(count, 'session_cpu_ms'):8.2f} ms   {messages:10.1f} ({message_ratio:.2f}x)"
+            f"   {mean(count, 'message_cpu_ms'):8.2f} ms   {sum(run['errors'] for run in runs[count]):.0f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -731,6 +812,13 @@ def main() -> None:
     parser.add_argument(
         "--limits-rounds", type=int, default=2, help="rounds of the limits phase's three variants"
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="smtp.processes of the listener of phases 1-5 (default 1)"
+    )
+    parser.add_argument(
+        "--process-counts", default="1,2", help="the processes phase's smtp.processes values (default 1,2)"
+    )
+    parser.add_argument("--process-rounds", type=int, default=2, help="rounds of the processes phase")
     parser.add_argument(
         "--phases",
         default=",".join(PHASES),
@@ -773,7 +861,7 @@ def main() -> None:
         database.dispose()
         if "cold" in phases:
             add_cold_accounts(url, 2000)
-        bench = Bench(workdir, url, args.listener, max(2 * args.idle, args.flood) + 500)
+        bench = Bench(workdir, url, args.listener, max(2 * args.idle, args.flood) + 500, args.processes)
 
         cores, phase = os.cpu_count(), f"{args.seconds:.0f} s"
         title = f"smtp-proxy SMTP benchmark (serve {args.listener})"
@@ -788,6 +876,8 @@ def main() -> None:
             flood_phase(bench, args)
         if "limits" in phases:
             limits_phase(bench, args)
+        if "processes" in phases:
+            processes_phase(bench, args)
     finally:
         stop(listener)
         cluster.stop()
