@@ -52,6 +52,16 @@ class Listening:
             if sock is not None:
                 sock.close()
 
+    def keep_only(self, role: str) -> None:
+        """In a child: close the other roles' sockets, so that a port closes when its own
+        processes stop serving it (an API process must not keep the SMTP port open)."""
+        if role != "smtp":
+            for sock in [*self.smtp.values(), self.metrics]:
+                if sock is not None:
+                    sock.close()
+        if role != "api" and self.api is not None:
+            self.api.close()
+
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound and listening; OSError names the address (``lifecycle.binding``)."""
@@ -112,7 +122,12 @@ def serve_metrics_socket(sock: socket.socket, registry: Any) -> Any:
     return server
 
 
-def _child(config: Config, serve: Callable[[Config, Any, ConfigWatcher | None], None]) -> Callable[[], int]:
+def _child(
+    config: Config,
+    role: str,
+    listening: Listening,
+    serve: Callable[[Config, Any, ConfigWatcher | None], None],
+) -> Callable[[], int]:
     """A child's life: its own logging thread, config watcher and database, then ``serve``."""
 
     def run() -> int:
@@ -120,6 +135,7 @@ def _child(config: Config, serve: Callable[[Config, Any, ConfigWatcher | None], 
         from smtp_proxy.logs import configure_logging
         from smtp_proxy.reload import start_watcher
 
+        listening.keep_only(role)
         configure_logging(config.logging, background=True)
         watcher = start_watcher(config)
         database = Database(config.database)
@@ -173,7 +189,9 @@ def _supervise(command: str, config: Config, create_app: Callable[[Config, Any],
                 Role(
                     "smtp",
                     smtp.processes,
-                    _child(config, lambda c, d, w: lifecycle.serve_smtp(c, d, w, listening)),
+                    _child(
+                        config, "smtp", listening, lambda c, d, w: lifecycle.serve_smtp(c, d, w, listening)
+                    ),
                 )
             )
         if command in ("api", "all"):
@@ -182,7 +200,12 @@ def _supervise(command: str, config: Config, create_app: Callable[[Config, Any],
                 Role(
                     "api",
                     api.processes,
-                    _child(config, lambda c, d, w: lifecycle.serve_api(c, create_app(c, d), d, listening)),
+                    _child(
+                        config,
+                        "api",
+                        listening,
+                        lambda c, d, w: lifecycle.serve_api(c, create_app(c, d), d, listening),
+                    ),
                 )
             )
         if command == "all":
@@ -190,7 +213,12 @@ def _supervise(command: str, config: Config, create_app: Callable[[Config, Any],
                 Role(
                     "worker",
                     1,
-                    _child(config, lambda c, d, w: lifecycle.serve_worker(c, d, w, own_metrics=False)),
+                    _child(
+                        config,
+                        "worker",
+                        listening,
+                        lambda c, d, w: lifecycle.serve_worker(c, d, w, own_metrics=False),
+                    ),
                 )
             )
     except BaseException:
@@ -209,7 +237,11 @@ def _supervise(command: str, config: Config, create_app: Callable[[Config, Any],
             extra={"event": "supervisor.counters_per_process"},
         )
     freeze_startup_objects()  # what the parent built is shared with every child, copy on write
-    supervisor = Supervisor(roles, status, on_child_exit=multiprocess.mark_process_dead)
+    # On SIGTERM the parent lets go of the ports at once: once the children have closed
+    # theirs too, a new client is refused instead of waiting in a queue nobody accepts from.
+    supervisor = Supervisor(
+        roles, status, on_child_exit=multiprocess.mark_process_dead, on_stop=listening.close
+    )
     try:
         return supervisor.run()
     finally:

@@ -84,13 +84,16 @@ class Supervisor:
         status: str,
         *,
         on_child_exit: Callable[[int], None] = lambda _pid: None,
+        on_stop: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``status`` goes to the service manager with READY=1; ``on_child_exit(pid)`` runs in
-        the parent for every child that ended (the metrics files of a dead child)."""
+        the parent for every child that ended (the metrics files of a dead child); ``on_stop``
+        once SIGTERM or SIGINT has been forwarded (the parent's copies of the sockets)."""
         self.slots = [_Slot(role, index) for role in roles for index in range(role.count)]
         self.status = status
         self._on_child_exit = on_child_exit
+        self._on_stop = on_stop
         self._clock = clock
         self._stopping = False
         self._announced = False
@@ -159,6 +162,7 @@ class Supervisor:
                 for slot in self.slots:
                     slot.restart_at = None
                 self._signal_all(signal.SIGTERM)
+                self._on_stop()
 
     def _signal_all(self, signum: int) -> None:
         for slot in self._alive():
