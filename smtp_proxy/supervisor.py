@@ -20,6 +20,7 @@ dying young), and exits 0 once every child has drained.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -44,6 +45,7 @@ FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+PR_SET_PDEATHSIG = 1  # prctl option, from linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class Supervisor:
         self._clock = clock
         self._stopping = False
         self._announced = False
-        self._notify_name = f"smtp-proxy-supervisor-{os.getpid()}-{secrets.token_hex(6)}"
+        self._parent = os.getpid()
+        self._notify_name = f"smtp-proxy-supervisor-{self._parent}-{secrets.token_hex(6)}"
 
     # --- parent --------------------------------------------------------------------------------
 
@@ -190,7 +193,8 @@ class Supervisor:
                 continue
             slot.ready = True
             log.info(
-                "process serving", extra={"event": "supervisor.child_ready", "role": slot.label, "pid": pid}
+                "process serving",
+                extra={"event": "supervisor.child_ready", "role": slot.label, "child_pid": pid},
             )
             if not self._announced and all(s.ready for s in self.slots):
                 self._announced = True
@@ -222,7 +226,7 @@ class Supervisor:
                     extra={
                         "event": "supervisor.child_stopped",
                         "role": slot.label,
-                        "pid": pid,
+                        "child_pid": pid,
                         "exit_code": code,
                     },
                 )
@@ -236,7 +240,7 @@ class Supervisor:
                 extra={
                     "event": "supervisor.child_died",
                     "role": slot.label,
-                    "pid": pid,
+                    "child_pid": pid,
                     "exit_code": code,
                     "lived_seconds": round(lived, 3),
                     "restart_in_seconds": delay,
@@ -258,7 +262,8 @@ class Supervisor:
             os._exit(self._child(slot))
         slot.pid, slot.started, slot.ready = pid, self._clock(), False
         log.info(
-            "process started", extra={"event": "supervisor.child_started", "role": slot.label, "pid": pid}
+            "process started",
+            extra={"event": "supervisor.child_started", "role": slot.label, "child_pid": pid},
         )
 
     # --- child ---------------------------------------------------------------------------------
@@ -270,6 +275,7 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            _drain_when_orphaned(self._parent)
             notify, wake_r, wake_w, selector = self._closing
             selector.close()
             notify.close()
@@ -285,6 +291,18 @@ class Supervisor:
         finally:
             _flush_logs()
         return code
+
+
+def _drain_when_orphaned(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the parent dies (killed outside systemd, which would
+    stop the whole unit): the child then drains and exits instead of serving unsupervised."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _note_signal(_signum: int, _frame: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -280,6 +281,8 @@ class ServeProcess:
                 cwd=config.parent,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                # Its own process group: kill() takes the processes it supervises with it.
+                start_new_session=True,
             )
 
     def output(self) -> str:
@@ -318,6 +321,7 @@ class ServeProcess:
         return self.process.wait(timeout=timeout)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        """SIGKILL to the process and every process it started (``smtp.processes`` above 1)."""
+        with contextlib.suppress(ProcessLookupError):  # the group is gone once every member is
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)

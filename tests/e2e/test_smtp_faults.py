@@ -59,7 +59,9 @@ def test_database_down_gives_451_and_stores_nothing_then_recovers(
 class ListenerProcess(ServeProcess):
     """`smtp-proxy serve smtp` as a child process on free ports."""
 
-    def __init__(self, tmp_path: Path, pg_url: str, encryption_key: str, tls_files) -> None:
+    def __init__(
+        self, tmp_path: Path, pg_url: str, encryption_key: str, tls_files, processes: int = 1
+    ) -> None:
         self.port = free_port()
         # Its own copies: a test may overwrite them to simulate a renewal.
         (tmp_path / "tls").mkdir()
@@ -76,6 +78,7 @@ smtp:
   metrics_port: {free_port()}
   max_connections: 500
   max_connections_per_account: 500
+  processes: {processes}
 database:
   url: {pg_url}
   pool_min: 5
@@ -177,6 +180,78 @@ def test_kill_9_under_load_loses_no_acknowledged_message(
     for thread in threads:
         thread.join(timeout=30)
     assert len(acknowledged) >= 200
+    engine = create_engine(pg_url)
+    with engine.connect() as connection:
+        stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM messages"))}
+    engine.dispose()
+    missing = {uuid.UUID(a) for a in acknowledged} - {uuid.UUID(s) for s in stored}
+    assert not missing, f"{len(missing)} acknowledged messages lost"
+
+
+def test_kill_9_of_one_of_two_processes_under_load_loses_nothing_and_it_is_back_within_2_s(
+    tmp_path: Path, pg_url: str, encryption_key: str, tls_files, client_tls: ssl.SSLContext
+) -> None:
+    listener = ListenerProcess(tmp_path, pg_url, encryption_key, tls_files, processes=2)
+    acknowledged: list[str] = []
+    broken: list[str] = []  # sessions cut short, by the kill or otherwise
+    lock = threading.Lock()
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def sender() -> None:
+        while not stop.is_set():
+            try:
+                client = smtplib.SMTP("127.0.0.1", listener.port, timeout=10)
+                client.starttls(context=client_tls)
+                client.login("tenant", PASSWORD)
+                for _ in range(20):
+                    client.mail("app@example.com")
+                    client.rcpt("a@example.net")
+                    code, reply = client.data(MESSAGE)
+                    match = re.search(rb"queued as ([0-9a-f-]{36})", reply)
+                    if code == 250 and match:
+                        with lock:
+                            acknowledged.append(match.group(1).decode())
+                client.quit()
+            except (smtplib.SMTPException, OSError) as error:
+                with lock:
+                    broken.append(repr(error))
+
+    try:
+        _create_tenant(pg_url)
+        ready = wait_for(
+            lambda: len(listener.events("supervisor.child_ready")) >= 2, "both processes serving"
+        )
+        assert ready
+        victim, survivor = (event["child_pid"] for event in listener.events("supervisor.child_ready")[:2])
+        # Fewer than smtp.max_connections_per_ip (20), which each process applies to its own sessions.
+        threads += [threading.Thread(target=sender) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(acknowledged) >= 200, "200 messages acknowledged", timeout=30)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        def replaced() -> list[dict]:
+            ready = listener.events("supervisor.child_ready")
+            return [e for e in ready if e["child_pid"] not in (victim, survivor)]
+
+        wait_for(replaced, "a new process serving in the killed one's place", timeout=5, interval=0.02)
+        back_after = time.monotonic() - killed_at
+        assert back_after < 2, f"the new process served {back_after:.2f} s after the kill"
+        died = listener.events("supervisor.child_died")
+        assert [(e["child_pid"], e["exit_code"]) for e in died] == [(victim, -signal.SIGKILL)]
+        with lock:
+            at_restart, broken_at_restart = len(acknowledged), len(broken)
+        wait_for(lambda: len(acknowledged) >= at_restart + 200, "200 more messages acknowledged", timeout=30)
+        # Only sessions of the killed process broke: none since it was replaced.
+        assert len(broken) == broken_at_restart, broken[broken_at_restart:]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        listener.stop()
+    assert broken, "no session was cut by the kill: the test did not load the killed process"
     engine = create_engine(pg_url)
     with engine.connect() as connection:
         stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM messages"))}
