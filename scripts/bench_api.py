@@ -11,7 +11,9 @@ api` on 127.0.0.1 (rate limit raised for the run), stores a tenant with 20
 providers and 10,000 queued messages, and drives three endpoints with wrk
 (2 threads, --connections connections, bounded by --seconds each): /healthz,
 GET /api/v1/providers and GET /api/v1/messages?status=queued (the first page
-of 50). Everything started is stopped by its pid.
+of 50). With --processes 1,2 it runs them once per api.processes value, each
+on a fresh server, and prints each figure's ratio to the first. Everything
+started is stopped by its pid.
 """
 
 from __future__ import annotations
@@ -122,7 +124,9 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
     parser.add_argument("--connections", type=int, default=50, help="concurrent connections")
+    parser.add_argument("--processes", default="1", help="api.processes values, comma-separated (default 1)")
     args = parser.parse_args()
+    counts = [int(n) for n in args.processes.split(",")]
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk (./scripts/test installs it)")
 
@@ -133,30 +137,6 @@ def main() -> None:
         url = migrated_database(cluster)
         encryption_key = generate_encryption_key()
         api_key = seed(url, encryption_key)
-        port = free_port()
-        config = workdir / "config.yaml"
-        config.write_text(
-            f"""
-api:
-  host: 127.0.0.1
-  port: {port}
-  rate_limit: 100000000/minute
-database:
-  url: {url}
-logging:
-  level: warning
-security:
-  encryption_key: {encryption_key}
-"""
-        )
-        server = serve("api", config, port)
-        base = f"http://127.0.0.1:{port}"
-        request = urllib.request.Request(  # noqa: S310 - our own 127.0.0.1 server
-            f"{base}/api/v1/messages?status=queued", headers={"Authorization": f"Bearer {api_key}"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our own 127.0.0.1 server
-            assert response.status == 200
-
         print(
             f"smtp-proxy API benchmark: {os.cpu_count()} cores, "
             f"wrk -t2 -c{args.connections}, {args.seconds:.0f} s runs"
@@ -170,12 +150,44 @@ security:
                 api_key,
             ),
         ]
-        for label, path, key in runs:
-            figures = wrk(base + path, args.seconds, args.connections, key)
-            print(
-                f"{label:50s} {figures['rps']:8.1f} req/s   p50 {figures['p50']:6.1f} ms   "
-                f"p99 {figures['p99']:6.1f} ms   ({figures['errors']:.0f} errors)"
+        first: dict[str, float] = {}
+        for processes in counts:
+            port = free_port()
+            config = workdir / f"config-{processes}.yaml"
+            config.write_text(
+                f"""
+api:
+  host: 127.0.0.1
+  port: {port}
+  rate_limit: 100000000/minute
+  processes: {processes}
+database:
+  url: {url}
+logging:
+  level: warning
+security:
+  encryption_key: {encryption_key}
+"""
             )
+            server = serve("api", config, port)
+            base = f"http://127.0.0.1:{port}"
+            request = urllib.request.Request(  # noqa: S310 - our own 127.0.0.1 server
+                f"{base}/api/v1/messages?status=queued", headers={"Authorization": f"Bearer {api_key}"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our own server
+                assert response.status == 200
+            if len(counts) > 1:
+                print(f"api.processes: {processes}")
+            for label, path, key in runs:
+                figures = wrk(base + path, args.seconds, args.connections, key)
+                first.setdefault(label, figures["rps"])
+                versus = f"  {figures['rps'] / first[label]:.2f}x" if len(counts) > 1 else ""
+                print(
+                    f"{label:50s} {figures['rps']:8.1f} req/s{versus}   p50 {figures['p50']:6.1f} ms   "
+                    f"p99 {figures['p99']:6.1f} ms   ({figures['errors']:.0f} errors)"
+                )
+            stop(server)
+            server = None
     finally:
         stop(server)
         cluster.stop()
