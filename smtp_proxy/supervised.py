@@ -122,20 +122,45 @@ def serve_metrics_socket(sock: socket.socket, registry: Any) -> Any:
     return server
 
 
+def _current(config: Config) -> Config:
+    """The config file as it is now; the given config if it cannot be read (the error is logged)."""
+    from smtp_proxy.config import load_config
+    from smtp_proxy.errors import ConfigError
+
+    if config.source is None:
+        return config
+    try:
+        return load_config(config.source)
+    except ConfigError as error:
+        log.error(
+            "config file unreadable; starting with the one read at start",
+            extra={"event": "config.reload_failed", "config_key": error.key, "problem": error.problem},
+        )
+        return config
+
+
 def _child(
-    config: Config,
+    initial: Config,
     role: str,
     listening: Listening,
     serve: Callable[[Config, Any, ConfigWatcher | None], None],
-) -> Callable[[], int]:
-    """A child's life: its own logging thread, config watcher and database, then ``serve``."""
+) -> Callable[[bool], int]:
+    """A child's life: its own logging thread, config watcher and database, then ``serve``.
 
-    def run() -> int:
+    A replacement for a child that died reads the config file and the certificate
+    again: they may have changed (and been reloaded by the others) since the parent
+    read them at start.
+    """
+
+    def run(replacement: bool) -> int:
         from smtp_proxy.db.session import Database
         from smtp_proxy.logs import configure_logging
         from smtp_proxy.reload import start_watcher
 
         listening.keep_only(role)
+        config = _current(initial) if replacement else initial
+        if replacement and listening.tls is not None:
+            listening.tls.reload(config.tls)
         configure_logging(config.logging, background=True)
         watcher = start_watcher(config)
         database = Database(config.database)

@@ -52,13 +52,15 @@ PR_SET_PDEATHSIG = 1  # prctl option, from linux/prctl.h
 class Role:
     """What some of the children run: ``serve`` returns the child's exit code once it has drained.
 
-    ``serve`` runs in the child, after the fork; it must announce itself with
-    ``systemd.ready()`` once it accepts, and handle SIGTERM and SIGHUP itself.
+    ``serve(replacement)`` runs in the child, after the fork; ``replacement`` is true for
+    a child started in place of one that died (what the parent loaded at start may be
+    stale by then). It must announce itself with ``systemd.ready()`` once it accepts,
+    and handle SIGTERM and SIGHUP itself.
     """
 
     name: str
     count: int
-    serve: Callable[[], int]
+    serve: Callable[[bool], int]
 
 
 @dataclass
@@ -283,7 +285,7 @@ class Supervisor:
             os.close(wake_w)
             # Readiness goes to the parent, which speaks for every child to the service manager.
             os.environ["NOTIFY_SOCKET"] = "@" + self._notify_name
-            code = slot.role.serve()
+            code = slot.role.serve(bool(slot.exits))
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
         except BaseException:
