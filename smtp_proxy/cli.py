@@ -481,13 +481,14 @@ def tls() -> None:
 @tls.command("dev-cert")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--hostname", default="localhost", show_default=True)
+@click.option("--rsa", "rsa_key", is_flag=True, help="An RSA-2048 key instead of ECDSA P-256.")
 @handle_errors
-def tls_dev_cert(out_dir: str, hostname: str) -> None:
+def tls_dev_cert(out_dir: str, hostname: str, rsa_key: bool) -> None:
     """Write a self-signed certificate and key for development (cert.pem, key.pem)."""
     from smtp_proxy.devcert import write_self_signed
 
     try:
-        cert, key = write_self_signed(Path(out_dir), hostname)
+        cert, key = write_self_signed(Path(out_dir), hostname, rsa_key=rsa_key)
     except OSError as exc:
         name = exc.filename2 or exc.filename  # for a rename, filename2 is the target
         where = f" {name}" if name else ""

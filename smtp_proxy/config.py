@@ -118,8 +118,16 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    cert_file: str = _opt("/etc/smtp-proxy/tls/cert.pem", "str")
-    key_file: str = _opt("/etc/smtp-proxy/tls/key.pem", "str")
+    # One file each, or two lists of the same length: pair i is (cert_file[i], key_file[i]), one
+    # pair per key type (ECDSA and RSA side by side). An empty key file: the key is in the cert file.
+    cert_file: tuple[str, ...] = _opt(("/etc/smtp-proxy/tls/cert.pem",), "files")
+    key_file: tuple[str, ...] = _opt(("/etc/smtp-proxy/tls/key.pem",), "files")
+
+    def __post_init__(self) -> None:
+        # Built in code with a bare string, each character would be taken for a file name.
+        for name in ("cert_file", "key_file"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"TlsConfig.{name} takes a tuple of file names, not a string")
 
 
 @dataclass(frozen=True)
@@ -293,6 +301,8 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
             return None
         if kind in ("str", "key"):
             return ""
+        if kind == "files":
+            return ("",)
         if kind == "key_list":
             return ()
         raise ConfigError(key, "must not be empty")
@@ -322,6 +332,8 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
         raise ConfigError(key, f"expected true or false, got {value!r}")
     if kind == "endpoints":
         return _endpoints(value, key)
+    if kind == "files":
+        return _files(value, key)
     if kind == "duration":
         seconds = parse_duration(value, key)
         if seconds < meta.get("min", 0):
@@ -369,6 +381,20 @@ def _endpoints(value: Any, key: str) -> Mapping[str, str]:
             raise ConfigError(f"{key}.{name}", f"expected an http:// or https:// base URL, got {url!r}")
         merged[name] = url.rstrip("/")
     return MappingProxyType(merged)
+
+
+def _files(value: Any, key: str) -> tuple[str, ...]:
+    """A file name, or a non-empty list of them; a plain string is a list of one."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a file name or a list of file names, got {value!r}")
+    if not value:
+        raise ConfigError(key, "must name at least one file")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{key}[{index}]", f"expected a file name, got {item!r}")
+    return tuple(value)
 
 
 def _expand_tree(node: Any, env: Mapping[str, str], key: str) -> Any:
@@ -432,6 +458,13 @@ def _check_consistency(config: Config) -> None:
     smtp = config.smtp
     if smtp.implicit_tls_port is not None and smtp.implicit_tls_port == smtp.port:
         raise ConfigError("smtp.implicit_tls_port", "must differ from smtp.port")
+    tls = config.tls
+    if len(tls.key_file) != len(tls.cert_file):
+        raise ConfigError(
+            "tls.key_file",
+            f"names {len(tls.key_file)} file(s) but tls.cert_file names {len(tls.cert_file)}; "
+            "give one key file per certificate file, in the same order",
+        )
     delivery = config.delivery
     if delivery.retry_max < delivery.retry_base:
         raise ConfigError("delivery.retry_max", f"must be at least retry_base ({delivery.retry_base:g}s)")

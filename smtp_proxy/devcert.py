@@ -11,16 +11,24 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 
-def write_self_signed(out_dir: Path, hostname: str = "localhost", days: int = 365) -> tuple[Path, Path]:
+def write_self_signed(
+    out_dir: Path, hostname: str = "localhost", days: int = 365, *, rsa_key: bool = False
+) -> tuple[Path, Path]:
     """Write ``cert.pem`` (mode 0644) and ``key.pem`` (0600), valid for hostname, localhost and 127.0.0.1.
 
+    The key is ECDSA P-256, the cheapest to sign a handshake with; ``rsa_key`` makes it RSA-2048,
+    for clients without ECDSA (beside the ECDSA pair in ``tls.cert_file``/``tls.key_file`` lists).
     Each file is created fresh and renamed into place: a symlink there is replaced, not followed.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if rsa_key
+        else ec.generate_private_key(ec.SECP256R1())
+    )
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
     alt_names: list[x509.GeneralName] = [x509.DNSName(hostname)]

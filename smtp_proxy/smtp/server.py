@@ -325,10 +325,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def finish(self) -> None:
         if self.sock is not self.request:  # the TLS socket took over the descriptor
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            _close_tls(self.sock)
         if self.account is not None:
             self.server.authenticator.release(self.account)
         if self.session is not None:
@@ -590,3 +587,24 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
             },
         )
+
+
+def _close_tls(sock: socket.socket) -> None:
+    """Send close_notify, then close (RFC 8446 6.1), without waiting for the client's own.
+
+    Without it, a client's TLS library reads our close as a truncation: OpenSSL 3
+    reports "unexpected eof while reading" after the 221, and a strict client may
+    throw away what it just read. Non-blocking: a client that does not read costs nothing.
+    """
+    try:
+        sock.setblocking(False)
+        if isinstance(sock, ssl.SSLSocket):
+            sock.unwrap()
+    except (ssl.SSLError, OSError, ValueError):
+        # Ours is sent and theirs not in yet (SSLWantReadError), the client is gone, or the
+        # handshake never finished: closing is all that is left either way.
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

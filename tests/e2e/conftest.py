@@ -96,17 +96,23 @@ class Listener:
 
 @pytest.fixture
 def start_listener(pg_url: str, make_config, tls_files) -> Iterator[Callable[..., Listener]]:
-    """Start SmtpServer in this process on a free port; ``smtp`` overrides config keys."""
+    """Start SmtpServer in this process on a free port; ``smtp`` overrides config keys.
+
+    ``tls``: the tls section, instead of the session's one certificate (``tls_files``).
+    """
     started: list[tuple[SmtpServer, threading.Thread, Database]] = []
 
     def start(
-        implicit_tls: bool = False, on_quiet: Callable[[], object] | None = None, **smtp: object
+        implicit_tls: bool = False,
+        on_quiet: Callable[[], object] | None = None,
+        tls: dict[str, object] | None = None,
+        **smtp: object,
     ) -> Listener:
         cert, key = tls_files
         config = make_config(
             pg_url,
             smtp={"host": "127.0.0.1", "hostname": "mx.test", "metrics_port": None, **smtp},
-            tls={"cert_file": str(cert), "key_file": str(key)},
+            tls=tls or {"cert_file": str(cert), "key_file": str(key)},
         )
         database = Database(config.database)
         cipher = Cipher.from_config(config.security)

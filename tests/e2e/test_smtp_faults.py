@@ -391,6 +391,70 @@ def test_sighup_picks_up_a_renewed_certificate(
     wait_for(lambda: served_certificate() != before, "the renewed certificate served", timeout=20)
 
 
+def _served_serial(port: int, context: ssl.SSLContext) -> int | None:
+    """The serial number of the certificate served after STARTTLS, or None when the handshake fails."""
+    from cryptography import x509
+
+    client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    try:
+        client.starttls(context=context)
+    except ssl.SSLError:
+        client.close()
+        return None
+    der = client.sock.getpeercert(binary_form=True)
+    client.quit()
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_pair_of_certificates_follows_the_config_file_and_sighup_renews_it(
+    listener_process: ListenerProcess, tmp_path: Path
+) -> None:
+    import yaml
+    from cryptography import x509
+
+    from smtp_proxy.devcert import write_self_signed
+
+    def serial(path: Path | str) -> int:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes()).serial_number
+
+    default = ssl.create_default_context()
+    default.check_hostname, default.verify_mode = False, ssl.CERT_NONE
+    rsa_only = ssl.create_default_context()
+    rsa_only.check_hostname, rsa_only.verify_mode = False, ssl.CERT_NONE
+    rsa_only.maximum_version = ssl.TLSVersion.TLSv1_2
+    rsa_only.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    port = listener_process.port
+    raw = yaml.safe_load(listener_process.config.read_text())
+    ecdsa_cert, ecdsa_key = raw["tls"]["cert_file"], raw["tls"]["key_file"]
+    assert _served_serial(port, rsa_only) is None  # one ECDSA certificate so far
+
+    # A config file change adds the RSA pair.
+    rsa_cert, rsa_key = write_self_signed(tmp_path / "tls-rsa", "localhost", rsa_key=True)
+    raw["tls"] = {"cert_file": [ecdsa_cert, str(rsa_cert)], "key_file": [ecdsa_key, str(rsa_key)]}
+    listener_process.config.write_text(yaml.safe_dump(raw))
+    reloaded = listener_process.wait_for_event("tls.reloaded", timeout=20)
+    assert reloaded["cert_file"] == [ecdsa_cert, str(rsa_cert)]
+    assert reloaded["key_file"] == [ecdsa_key, str(rsa_key)]
+    assert _served_serial(port, rsa_only) == serial(rsa_cert)
+    assert _served_serial(port, default) == serial(ecdsa_cert)
+
+    # SIGHUP re-reads both pairs: the RSA one renewed in place, the ECDSA one unchanged.
+    write_self_signed(tmp_path / "tls-rsa", "localhost", rsa_key=True)
+    listener_process.process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: _served_serial(port, rsa_only) == serial(rsa_cert), "the renewed RSA certificate", timeout=20
+    )
+    assert _served_serial(port, default) == serial(ecdsa_cert)
+
+    # A broken RSA key keeps both certificates in service.
+    rsa_key.write_text("-----BEGIN PRIVATE KEY-----\ntruncated\n")
+    listener_process.process.send_signal(signal.SIGHUP)
+    failed = listener_process.wait_for_event("tls.reload_failed", timeout=20)
+    assert failed["config_key"] == "tls.cert_file[1]"
+    assert _served_serial(port, rsa_only) == serial(rsa_cert)
+    assert _served_serial(port, default) == serial(ecdsa_cert)
+
+
 def test_a_second_drain_closes_nothing(start_listener) -> None:
     """The drain closes its pipes by number; a second drain must not close whatever reuses them."""
     listener: Listener = start_listener()

@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.cli_runner import run_cli
 
@@ -150,3 +152,18 @@ def test_unwritable_target_is_one_line_error_and_leaves_no_temporary_file(out: P
     assert lines[0].startswith("smtp-proxy: error: cannot write")
     assert str(out / "key.pem") in lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["key.pem"]
+
+
+def test_default_key_is_ecdsa_p256_and_rsa_flag_gives_rsa_2048(tmp_path: Path) -> None:
+    for flags, name in (([], "ecdsa"), (["--rsa"], "rsa")):
+        out = tmp_path / name
+        result = run_cli(["tls", "dev-cert", "--out", str(out), *flags])
+        assert result.returncode == 0, result.stderr
+        assert_fresh_pair(out)
+        public_key = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).public_key()
+        if name == "ecdsa":
+            assert isinstance(public_key, ec.EllipticCurvePublicKey)
+            assert public_key.curve.name == "secp256r1"
+        else:
+            assert isinstance(public_key, rsa.RSAPublicKey)
+            assert public_key.key_size == 2048

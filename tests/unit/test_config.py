@@ -121,8 +121,8 @@ def test_env_reference_replaced_when_embedded_in_text() -> None:
 
     config = config_from_dict(raw, env={"TLS_DIR": "/srv/tls", "KEY_NAME": "key"})
 
-    assert config.tls.cert_file == "/srv/tls/cert.pem"
-    assert config.tls.key_file == "/srv/tls/key.pem"
+    assert config.tls.cert_file == ("/srv/tls/cert.pem",)
+    assert config.tls.key_file == ("/srv/tls/key.pem",)
 
 
 @pytest.mark.parametrize("env", [{}, {"SMTP_HOST": ""}], ids=["unset", "empty"])
@@ -141,14 +141,14 @@ def test_env_default_ignored_when_variable_set() -> None:
 def test_env_default_may_be_empty() -> None:
     config = config_from_dict({"tls": {"cert_file": "${CERT:-}"}}, env={})
 
-    assert config.tls.cert_file == ""
+    assert config.tls.cert_file == ("",)
 
 
 def test_env_reference_empty_when_variable_unset_without_default() -> None:
     config = config_from_dict({"tls": {"cert_file": "${TLS_CERT}", "key_file": "k-${X}-k"}}, env={})
 
-    assert config.tls.cert_file == ""
-    assert config.tls.key_file == "k--k"
+    assert config.tls.cert_file == ("",)
+    assert config.tls.key_file == ("k--k",)
 
 
 @pytest.mark.parametrize(
@@ -167,8 +167,8 @@ def test_env_value_kept_literally_when_file_is_loaded(tmp_path: Path) -> None:
 
     config = load_config(path, env={"CERT": "a: b"})
 
-    assert config.tls.cert_file == "a: b"
-    assert config.tls.key_file == "[1]"
+    assert config.tls.cert_file == ("a: b",)
+    assert config.tls.key_file == ("[1]",)
 
 
 def test_env_expanded_when_inside_list() -> None:
@@ -632,9 +632,9 @@ def test_rate_limit_rejected_when_not_a_string() -> None:
 
 
 def test_str_rejected_when_given_a_mapping() -> None:
-    error = config_error({"tls": {"cert_file": {"path": "/x"}}})
+    error = config_error({"delivery": {"ca_file": {"path": "/x"}}})
 
-    assert error.key == "tls.cert_file"
+    assert error.key == "delivery.ca_file"
     assert "expected a string" in error.problem
 
 
@@ -953,6 +953,113 @@ def test_load_config_rejected_when_file_is_a_list(tmp_path: Path) -> None:
     assert error.key == "(top level)"
 
 
+# --- TLS certificate files ---------------------------------------------------------------------------
+
+
+def test_tls_files_are_one_pair_when_given_as_strings() -> None:
+    config = config_from_dict({"tls": {"cert_file": "/tls/cert.pem", "key_file": "/tls/key.pem"}}, env={})
+
+    assert config.tls.cert_file == ("/tls/cert.pem",)
+    assert config.tls.key_file == ("/tls/key.pem",)
+
+
+def test_tls_files_default_to_one_pair() -> None:
+    config = config_from_dict({}, env={})
+
+    assert config.tls.cert_file == ("/etc/smtp-proxy/tls/cert.pem",)
+    assert config.tls.key_file == ("/etc/smtp-proxy/tls/key.pem",)
+
+
+def test_tls_files_are_pairs_in_order_when_given_as_lists(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "tls:\n"
+        "  cert_file: ['${TLS}/ecdsa.pem', '${TLS}/rsa.pem']\n"
+        "  key_file:\n"
+        "    - ${TLS}/ecdsa.key\n"
+        "    - ${TLS}/rsa.key\n",
+        encoding="utf-8",
+    )
+
+    config = load_config(path, env={"TLS": "/srv/tls"})
+
+    assert config.tls.cert_file == ("/srv/tls/ecdsa.pem", "/srv/tls/rsa.pem")
+    assert config.tls.key_file == ("/srv/tls/ecdsa.key", "/srv/tls/rsa.key")
+
+
+def test_tls_key_file_list_may_leave_a_key_in_its_certificate_file() -> None:
+    raw = {"tls": {"cert_file": ["ecdsa.pem", "rsa-with-key.pem"], "key_file": ["ecdsa.key", ""]}}
+
+    config = config_from_dict(raw, env={})
+
+    assert config.tls.key_file == ("ecdsa.key", "")
+
+
+def test_tls_key_file_null_means_the_key_is_in_the_certificate_file() -> None:
+    config = config_from_dict({"tls": {"cert_file": "combined.pem", "key_file": None}}, env={})
+
+    assert config.tls.key_file == ("",)
+
+
+@pytest.mark.parametrize(
+    ("tls", "counts"),
+    [
+        ({"cert_file": ["a.pem", "b.pem"], "key_file": ["a.key"]}, ("1", "2")),
+        ({"cert_file": ["a.pem"], "key_file": ["a.key", "b.key"]}, ("2", "1")),
+        ({"cert_file": ["a.pem", "b.pem"], "key_file": "a.key"}, ("1", "2")),
+        ({"cert_file": ["a.pem", "b.pem"]}, ("1", "2")),  # the default key file is one file
+        ({"cert_file": "a.pem", "key_file": ["a.key", "b.key"]}, ("2", "1")),
+    ],
+    ids=["fewer_keys", "more_keys", "key_string", "key_default", "cert_string"],
+)
+def test_tls_files_rejected_when_lengths_differ(tls: dict[str, Any], counts: tuple[str, str]) -> None:
+    error = config_error({"tls": tls})
+
+    assert error.key == "tls.key_file"
+    assert error.problem.startswith(f"names {counts[0]} file(s) but tls.cert_file names {counts[1]}")
+
+
+@pytest.mark.parametrize("name", ["cert_file", "key_file"])
+def test_tls_files_rejected_when_list_is_empty(name: str) -> None:
+    error = config_error({"tls": {name: []}})
+
+    assert error.key == f"tls.{name}"
+    assert error.problem == "must name at least one file"
+
+
+@pytest.mark.parametrize("item", [None, 1, ["nested.pem"], {"path": "x.pem"}], ids=repr)
+def test_tls_files_rejected_naming_the_index_when_an_item_is_not_a_string(item: Any) -> None:
+    error = config_error({"tls": {"cert_file": ["a.pem", item], "key_file": ["a.key", "b.key"]}})
+
+    assert error.key == "tls.cert_file[1]"
+    assert error.problem == f"expected a file name, got {item!r}"
+
+
+@pytest.mark.parametrize("value", [{"path": "/x"}, 3, True], ids=repr)
+def test_tls_files_rejected_when_neither_a_string_nor_a_list(value: Any) -> None:
+    error = config_error({"tls": {"key_file": value}})
+
+    assert error.key == "tls.key_file"
+    assert "expected a file name or a list of file names" in error.problem
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config.dev.yaml"])
+def test_tls_files_in_the_shipped_configs_stay_strings(name: str) -> None:
+    raw = yaml.safe_load((Path(__file__).parents[2] / "etc" / name).read_text(encoding="utf-8"))
+
+    assert isinstance(raw["tls"]["cert_file"], str)
+    config = config_from_dict({"tls": raw["tls"]}, env={})
+    assert config.tls.cert_file == (raw["tls"]["cert_file"],)
+    assert config.tls.key_file == (raw["tls"]["key_file"],)
+
+
+def test_tls_files_change_is_a_changed_key() -> None:
+    one = config_from_dict({"tls": {"cert_file": "a.pem", "key_file": "a.key"}}, env={})
+    two = config_from_dict({"tls": {"cert_file": ["a.pem", "b.pem"], "key_file": ["a.key", "b.key"]}}, env={})
+
+    assert two.changed_keys(one) == ["tls.cert_file", "tls.key_file"]
+
+
 # --- the Config object -------------------------------------------------------------------------------
 
 
@@ -1213,3 +1320,10 @@ def test_every_key_is_in_the_readme_and_the_production_example(section: str) -> 
 
 # Alternatives to a key that the example shows instead.
 NOT_IN_EXAMPLE = {("security", "encryption_key_file")}
+
+
+def test_tls_config_built_in_code_refuses_a_bare_string() -> None:
+    from smtp_proxy.config import TlsConfig
+
+    with pytest.raises(TypeError, match="tuple of file names"):
+        TlsConfig(cert_file="/tls/cert.pem")  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from smtp_proxy.config import TlsConfig
 from smtp_proxy.devcert import write_self_signed
@@ -28,6 +28,8 @@ class Handshake:
     version: str | None = None
     cipher: str | None = None
     peer_der: bytes | None = None
+    session: ssl.SSLSession | None = None
+    session_reused: bool = False
     client_error: BaseException | None = None
     server_error: BaseException | None = None
 
@@ -35,9 +37,24 @@ class Handshake:
     def ok(self) -> bool:
         return self.client_error is None and self.server_error is None
 
+    @property
+    def key_type(self) -> str:
+        """The served certificate's public key type: RSA or EC."""
+        assert self.peer_der is not None
+        key = x509.load_der_x509_certificate(self.peer_der).public_key()
+        if isinstance(key, rsa.RSAPublicKey):
+            return "RSA"
+        return "EC" if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
 
-def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> Handshake:
-    """One TLS handshake over a socket pair, the server side on a thread."""
+
+def handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> Handshake:
+    """One TLS handshake over a socket pair, the server side on a thread.
+
+    The server writes one byte after its handshake, as the listener writes its first reply:
+    reading it, the client also reads the TLS 1.3 session ticket sent before it.
+    """
     result = Handshake()
     client_sock, server_sock = socket.socketpair()
     client_sock.settimeout(10)
@@ -46,6 +63,7 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> Handshake:
     def serve() -> None:
         try:
             with server.wrap_socket(server_sock, server_side=True) as tls:
+                tls.sendall(b"!")
                 tls.recv(1)  # until the client closes
         except (ssl.SSLError, OSError) as error:
             result.server_error = error
@@ -55,9 +73,11 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> Handshake:
     thread = threading.Thread(target=serve)
     thread.start()
     try:
-        with client.wrap_socket(client_sock, server_hostname="localhost") as tls:
+        with client.wrap_socket(client_sock, server_hostname="localhost", session=session) as tls:
             result.version, result.cipher = tls.version(), tls.cipher()[0]
             result.peer_der = tls.getpeercert(binary_form=True)
+            assert tls.recv(1) == b"!"
+            result.session, result.session_reused = tls.session, tls.session_reused
     except (ssl.SSLError, OSError) as error:
         result.client_error = error
     finally:
@@ -85,6 +105,14 @@ def pem_serial(path: Path) -> int:
     return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
 
 
+def one_pair(cert: Path | str, key: Path | str) -> TlsConfig:
+    return TlsConfig(cert_file=(str(cert),), key_file=(str(key),))
+
+
+def pairs(*files: tuple[Path, Path]) -> TlsConfig:
+    return TlsConfig(cert_file=tuple(str(c) for c, _ in files), key_file=tuple(str(k) for _, k in files))
+
+
 @pytest.fixture
 def cert_pair(tmp_path: Path) -> tuple[Path, Path]:
     return write_self_signed(tmp_path / "tls")
@@ -93,7 +121,7 @@ def cert_pair(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def tls_config(cert_pair: tuple[Path, Path]) -> TlsConfig:
     cert, key = cert_pair
-    return TlsConfig(cert_file=str(cert), key_file=str(key))
+    return one_pair(cert, key)
 
 
 def test_context_refuses_versions_below_tls_1_2(tls_config: TlsConfig) -> None:
@@ -173,7 +201,7 @@ def _assert_one_line(error: ConfigError, key: str, *fragments: str) -> None:
 def test_missing_certificate_file_is_a_config_error(tmp_path: Path, cert_pair: tuple[Path, Path]) -> None:
     missing = tmp_path / "nope" / "cert.pem"
     with pytest.raises(ConfigError) as caught:
-        make_server_context(TlsConfig(cert_file=str(missing), key_file=str(cert_pair[1])))
+        make_server_context(one_pair(missing, cert_pair[1]))
     _assert_one_line(caught.value, "tls.cert_file", str(missing), "No such file or directory")
     assert caught.value.problem == f"cannot load certificate {missing}: No such file or directory"
 
@@ -183,13 +211,13 @@ def test_missing_key_file_is_a_config_error_naming_the_key_file(
 ) -> None:
     missing = tmp_path / "nope.pem"
     with pytest.raises(ConfigError) as caught:
-        make_server_context(TlsConfig(cert_file=str(cert_pair[0]), key_file=str(missing)))
+        make_server_context(one_pair(cert_pair[0], missing))
     _assert_one_line(caught.value, "tls.key_file", str(missing), "No such file or directory")
 
 
 def test_directory_as_certificate_is_a_config_error(tmp_path: Path, cert_pair: tuple[Path, Path]) -> None:
     with pytest.raises(ConfigError) as caught:
-        make_server_context(TlsConfig(cert_file=str(tmp_path), key_file=str(cert_pair[1])))
+        make_server_context(one_pair(tmp_path, cert_pair[1]))
     _assert_one_line(caught.value, "tls.cert_file", str(tmp_path))
 
 
@@ -197,7 +225,7 @@ def test_garbage_certificate_is_a_config_error(tmp_path: Path, cert_pair: tuple[
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("this is not a certificate\n")
     with pytest.raises(ConfigError) as caught:
-        make_server_context(TlsConfig(cert_file=str(garbage), key_file=str(cert_pair[1])))
+        make_server_context(one_pair(garbage, cert_pair[1]))
     _assert_one_line(caught.value, "tls.cert_file", str(garbage), "no PEM certificate")
 
 
@@ -205,7 +233,7 @@ def test_corrupt_pem_certificate_is_a_config_error(tmp_path: Path, cert_pair: tu
     corrupt = tmp_path / "corrupt.pem"
     corrupt.write_text("-----BEGIN CERTIFICATE-----\nAAAA!!!!\n-----END CERTIFICATE-----\n")
     with pytest.raises(ConfigError) as caught:
-        make_server_context(TlsConfig(cert_file=str(corrupt), key_file=str(cert_pair[1])))
+        make_server_context(one_pair(corrupt, cert_pair[1]))
     _assert_one_line(caught.value, "tls.cert_file", str(corrupt), "invalid PEM data")
 
 
@@ -213,14 +241,14 @@ def test_garbage_key_is_a_config_error(tmp_path: Path, cert_pair: tuple[Path, Pa
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"\x00\xff binary junk")
     with pytest.raises(ConfigError) as caught:
-        make_server_context(TlsConfig(cert_file=str(cert_pair[0]), key_file=str(garbage)))
+        make_server_context(one_pair(cert_pair[0], garbage))
     _assert_one_line(caught.value, "tls.key_file", str(garbage), "no PEM private key")
 
 
 def test_mismatched_key_is_a_config_error(tmp_path: Path, cert_pair: tuple[Path, Path]) -> None:
     _, other_key = write_self_signed(tmp_path / "other")
     with pytest.raises(ConfigError) as caught:
-        make_server_context(TlsConfig(cert_file=str(cert_pair[0]), key_file=str(other_key)))
+        make_server_context(one_pair(cert_pair[0], other_key))
     _assert_one_line(caught.value, "tls.cert_file", str(cert_pair[0]), str(other_key), "does not match")
 
 
@@ -237,7 +265,7 @@ def test_encrypted_key_is_a_config_error_without_a_prompt(
         )
     )
     with pytest.raises(ConfigError) as caught:
-        make_server_context(TlsConfig(cert_file=str(cert_pair[0]), key_file=str(encrypted)))
+        make_server_context(one_pair(cert_pair[0], encrypted))
     _assert_one_line(caught.value, "tls.key_file", str(encrypted), "encrypted")
 
 
@@ -246,7 +274,7 @@ def test_certificate_and_key_in_one_file_with_empty_key_file(
 ) -> None:
     combined = tmp_path / "combined.pem"
     combined.write_bytes(cert_pair[1].read_bytes() + cert_pair[0].read_bytes())
-    context = make_server_context(TlsConfig(cert_file=str(combined), key_file=""))
+    context = make_server_context(one_pair(combined, ""))
     result = handshake(context, client_context(cert_pair[0]))
     assert result.ok, (result.client_error, result.server_error)
 
@@ -298,13 +326,221 @@ def test_holder_reload_with_broken_files_keeps_the_old_context(
 def test_holder_reload_with_new_paths(tls_config: TlsConfig, tmp_path: Path) -> None:
     holder = TlsContextHolder(tls_config)
     cert, key = write_self_signed(tmp_path / "renewed")
-    assert holder.reload(TlsConfig(cert_file=str(cert), key_file=str(key))) is True
-    assert holder.config.cert_file == str(cert)
+    assert holder.reload(one_pair(cert, key)) is True
+    assert holder.config.cert_file == (str(cert),)
     result = handshake(holder.context, client_context(cert))
     assert serial(result.peer_der) == pem_serial(cert)
 
 
 def test_holder_init_raises_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
-        TlsContextHolder(TlsConfig(cert_file=str(tmp_path / "x.pem"), key_file=str(tmp_path / "y.pem")))
+        TlsContextHolder(one_pair(tmp_path / "x.pem", tmp_path / "y.pem"))
     assert caught.value.key == "tls.cert_file"
+
+
+# --- one certificate per key type ------------------------------------------------------------------
+
+
+@pytest.fixture
+def rsa_pair(tmp_path: Path) -> tuple[Path, Path]:
+    return write_self_signed(tmp_path / "rsa", rsa_key=True)
+
+
+def trusting(*certs: Path) -> ssl.SSLContext:
+    """A client context that trusts each of the (self-signed) certificates."""
+    context = ssl.create_default_context(cadata="".join(c.read_text() for c in certs))
+    return context
+
+
+@pytest.mark.parametrize("rsa_first", [False, True], ids=["ecdsa_listed_first", "rsa_listed_first"])
+def test_default_clients_get_the_ecdsa_certificate_whatever_the_order(
+    cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path], rsa_first: bool
+) -> None:
+    config = pairs(rsa_pair, cert_pair) if rsa_first else pairs(cert_pair, rsa_pair)
+    context = make_server_context(config)
+    for maximum in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.MAXIMUM_SUPPORTED):
+        client = trusting(cert_pair[0], rsa_pair[0])
+        client.maximum_version = maximum
+        result = handshake(context, client)
+        assert result.ok, (result.client_error, result.server_error)
+        assert result.key_type == "EC", result.version
+        assert serial(result.peer_der) == pem_serial(cert_pair[0])
+
+
+@pytest.mark.parametrize("rsa_first", [False, True], ids=["ecdsa_listed_first", "rsa_listed_first"])
+def test_a_client_offering_only_rsa_suites_gets_the_rsa_certificate(
+    cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path], rsa_first: bool
+) -> None:
+    config = pairs(rsa_pair, cert_pair) if rsa_first else pairs(cert_pair, rsa_pair)
+    client = trusting(cert_pair[0], rsa_pair[0])
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    result = handshake(make_server_context(config), client)
+    assert result.ok, (result.client_error, result.server_error)
+    assert (result.version, result.cipher) == ("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
+    assert result.key_type == "RSA"
+    assert serial(result.peer_der) == pem_serial(rsa_pair[0])
+
+
+def test_two_certificates_of_one_key_type_are_a_config_error(
+    tmp_path: Path, cert_pair: tuple[Path, Path]
+) -> None:
+    # P-384 and P-256 share OpenSSL's one ECDSA slot: the second would silently replace the first.
+    other = write_self_signed(tmp_path / "other")
+    with pytest.raises(ConfigError) as caught:
+        make_server_context(pairs(cert_pair, other))
+    _assert_one_line(caught.value, "tls.cert_file[1]", str(other[0]), "ECDSA", str(cert_pair[0]))
+    assert "tls.cert_file[0]" in caught.value.problem
+
+
+def test_two_rsa_certificates_are_a_config_error(
+    tmp_path: Path, cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path]
+) -> None:
+    other = write_self_signed(tmp_path / "rsa2", rsa_key=True)
+    with pytest.raises(ConfigError) as caught:
+        make_server_context(pairs(rsa_pair, cert_pair, other))
+    _assert_one_line(caught.value, "tls.cert_file[2]", str(other[0]), "RSA", "tls.cert_file[0]")
+
+
+def test_errors_name_the_index_of_the_bad_pair(
+    tmp_path: Path, cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path]
+) -> None:
+    missing = tmp_path / "missing.key"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    rsa_cert, ec_key = rsa_pair[0], cert_pair[1]
+    cases = [
+        (pairs(cert_pair, (rsa_cert, missing)), "tls.key_file[1]", str(missing), "No such file"),
+        (pairs((garbage, ec_key), rsa_pair), "tls.cert_file[0]", str(garbage), "no PEM certificate"),
+        # The ECDSA key matches the ECDSA certificate already loaded, not the RSA one it is paired with.
+        (pairs(cert_pair, (rsa_cert, ec_key)), "tls.cert_file[1]", str(ec_key), "does not match"),
+        (pairs(cert_pair, (rsa_cert, "")), "tls.cert_file[1]", str(rsa_cert), "no PEM private key"),
+    ]
+    for config, key, *fragments in cases:
+        with pytest.raises(ConfigError) as caught:
+            make_server_context(config)
+        _assert_one_line(caught.value, key, *fragments)
+
+
+def test_a_pair_may_keep_its_key_in_the_certificate_file(
+    tmp_path: Path, cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path]
+) -> None:
+    combined = tmp_path / "rsa-combined.pem"
+    combined.write_bytes(rsa_pair[1].read_bytes() + rsa_pair[0].read_bytes())
+    context = make_server_context(pairs(cert_pair, (combined, "")))
+    client = trusting(rsa_pair[0])
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    result = handshake(context, client)
+    assert result.ok, (result.client_error, result.server_error)
+    assert result.key_type == "RSA"
+
+
+def test_holder_reload_swaps_in_a_renewed_pair_of_certificates(
+    cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = pairs(cert_pair, rsa_pair)
+    holder = TlsContextHolder(config)
+    old_ec, old_rsa = pem_serial(cert_pair[0]), pem_serial(rsa_pair[0])
+    write_self_signed(cert_pair[0].parent)  # same paths, new keys and certificates
+    write_self_signed(rsa_pair[0].parent, rsa_key=True)
+    assert (pem_serial(cert_pair[0]), pem_serial(rsa_pair[0])) != (old_ec, old_rsa)
+
+    with caplog.at_level(logging.INFO, logger="smtp_proxy.smtp.tls"):
+        assert holder.reload(config) is True
+    [record] = caplog.records
+    assert record.event == "tls.reloaded"
+    assert record.cert_file == [str(cert_pair[0]), str(rsa_pair[0])]
+    assert record.key_file == [str(cert_pair[1]), str(rsa_pair[1])]
+    client = trusting(cert_pair[0], rsa_pair[0])
+    assert serial(handshake(holder.context, client).peer_der) == pem_serial(cert_pair[0])
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    assert serial(handshake(holder.context, client).peer_der) == pem_serial(rsa_pair[0])
+
+
+def test_holder_reload_with_one_broken_file_of_a_pair_keeps_the_old_context(
+    cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = TlsContextHolder(pairs(cert_pair, rsa_pair))
+    context = holder.context
+    rsa_pair[1].write_text("-----BEGIN PRIVATE KEY-----\ntruncated")
+
+    with caplog.at_level(logging.INFO, logger="smtp_proxy.smtp.tls"):
+        assert holder.reload(pairs(cert_pair, rsa_pair)) is False
+    assert holder.context is context
+    [record] = caplog.records
+    assert (record.event, record.config_key) == ("tls.reload_failed", "tls.cert_file[1]")
+    assert str(rsa_pair[1]) in record.problem
+
+
+def test_holder_reload_from_one_pair_to_two(
+    cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = TlsContextHolder(pairs(cert_pair))
+    client = trusting(cert_pair[0], rsa_pair[0])
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    assert not handshake(holder.context, client).ok  # no RSA certificate yet
+
+    with caplog.at_level(logging.INFO, logger="smtp_proxy.smtp.tls"):
+        assert holder.reload(pairs(cert_pair, rsa_pair)) is True
+        assert handshake(holder.context, client).key_type == "RSA"
+        assert holder.config.cert_file == (str(cert_pair[0]), str(rsa_pair[0]))
+        # One pair is logged as the config gives it: strings.
+        assert holder.reload(pairs(cert_pair)) is True
+    assert caplog.records[-1].cert_file == str(cert_pair[0])
+    assert caplog.records[-1].key_file == str(cert_pair[1])
+
+
+# --- TLS 1.3 session resumption --------------------------------------------------------------------
+
+
+def test_tls_1_3_client_resumes_with_its_ticket(tls_config: TlsConfig, cert_pair: tuple[Path, Path]) -> None:
+    context = make_server_context(tls_config)
+    client = client_context(cert_pair[0], minimum=ssl.TLSVersion.TLSv1_3)
+    first = handshake(context, client)
+    assert first.ok and first.version == "TLSv1.3"
+    assert first.session is not None and first.session.has_ticket
+    assert not first.session_reused
+
+    second = handshake(context, client, session=first.session)
+    assert second.ok, (second.client_error, second.server_error)
+    assert second.session_reused
+    assert context.session_stats()["hits"] == 1
+
+
+def test_tickets_resume_with_either_certificate(
+    cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path]
+) -> None:
+    context = make_server_context(pairs(cert_pair, rsa_pair))
+    client = trusting(cert_pair[0], rsa_pair[0])
+    first = handshake(context, client)
+    assert handshake(context, client, session=first.session).session_reused
+    tls12_rsa = trusting(rsa_pair[0])
+    tls12_rsa.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls12_rsa.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    first = handshake(context, tls12_rsa)
+    resumed = handshake(context, tls12_rsa, session=first.session)
+    assert resumed.ok and resumed.session_reused and resumed.key_type == "RSA"
+
+
+def test_a_ticket_from_before_a_reload_gives_a_full_handshake(
+    tls_config: TlsConfig, cert_pair: tuple[Path, Path]
+) -> None:
+    # A new context has new ticket keys: an old ticket is declined, never an error.
+    holder = TlsContextHolder(tls_config)
+    client = client_context(cert_pair[0])
+    first = handshake(holder.context, client)
+    assert holder.reload(tls_config) is True
+    after = handshake(holder.context, client, session=first.session)
+    assert after.ok, (after.client_error, after.server_error)
+    assert not after.session_reused
+
+
+def test_key_of_another_type_than_the_certificate_is_a_config_error(
+    cert_pair: tuple[Path, Path], rsa_pair: tuple[Path, Path]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_server_context(one_pair(cert_pair[0], rsa_pair[1]))
+    _assert_one_line(caught.value, "tls.cert_file", str(rsa_pair[1]), "does not match", "another key type")
