@@ -648,3 +648,39 @@ def test_sighup_reloads_the_config_of_serve_all_and_it_keeps_serving(
     assert events.index("config.reloaded") < events.index("smtp.connect")
     assert served.process.poll() is None
     assert served.terminate() == 0, served.output()
+
+
+def test_serve_all_in_several_processes_is_ready_once_every_child_serves_and_stops_on_sigterm(
+    write_config, ports: Ports, serve, notify_socket
+) -> None:
+    # With smtp.processes and api.processes above 1, only the supervising parent speaks to
+    # the service manager: the children tell it, and it says READY=1 once for all of them.
+    path = write_config()
+    config = yaml.safe_load(path.read_text())
+    config["smtp"]["processes"] = 2
+    config["api"]["processes"] = 2
+    path.write_text(yaml.safe_dump(config))
+    manager = notify_socket()
+    served = serve("all", path, manager.address)
+    try:
+        ready = manager.receive(served)
+        refused = {key: port for key, port in ports.bound_by("all").items() if not accepts(port)}
+        assert ready.fields.get("READY") == "1", ready.fields
+        assert ready.fields.get("MAINPID") == str(served.process.pid)
+        assert ready.sender_pid == served.process.pid
+        assert refused == {}, f"not accepting when READY=1 arrived:\n{served.output()}"
+
+        served.process.send_signal(signal.SIGTERM)
+        stopping = manager.receive(served)
+        assert stopping.fields.get("STOPPING") == "1", stopping.fields
+        assert stopping.sender_pid == served.process.pid
+        assert served.process.wait(timeout=40) == 0, served.output()
+        # Read once every process has written its last line.
+        roles = sorted(line["role"] for line in served.events("supervisor.child_ready"))
+        assert roles == ["api/0", "api/1", "smtp/0", "smtp/1", "worker/0"], served.output()
+        stopped = served.events("supervisor.child_stopped")
+        assert sorted(line["role"] for line in stopped) == roles
+        assert [line["exit_code"] for line in stopped] == [0] * len(roles), stopped
+    finally:
+        if served.process.poll() is None:
+            served.terminate()  # the children end with their parent's drain, not with a kill of it

@@ -531,6 +531,42 @@ def test_implicit_tls_port_accepted_when_different_from_port() -> None:
     assert (config.smtp.port, config.smtp.implicit_tls_port) == (587, 465)
 
 
+# --- processes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("section", ["smtp", "api"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (0, "must be between 1 and 256, got 0"),
+        (-1, "must be between 1 and 256, got -1"),
+        (257, "must be between 1 and 256, got 257"),
+        ("many", "expected an integer, got 'many'"),
+        (True, "expected an integer, got True"),
+        (None, "must not be empty"),
+    ],
+    ids=repr,
+)
+def test_processes_rejected_when_not_a_count_or_auto(section: str, value: Any, problem: str) -> None:
+    error = config_error({section: {"processes": value}})
+
+    assert error.key == f"{section}.processes"
+    assert error.problem == problem
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", " auto "])
+def test_processes_auto_is_one_per_usable_cpu(value: str) -> None:
+    config = config_from_dict({"smtp": {"processes": value}, "api": {"processes": value}}, env={})
+
+    assert config.smtp.processes == config.api.processes == len(os.sched_getaffinity(0))
+
+
+def test_processes_taken_from_env_and_default_to_one() -> None:
+    config = config_from_dict({"smtp": {"processes": "${SMTP_PROCESSES:-1}"}}, env={"SMTP_PROCESSES": "4"})
+
+    assert (config.smtp.processes, config.api.processes) == (4, 1)
+
+
 # --- choices, host names, rates ----------------------------------------------------------------------
 
 
@@ -1144,8 +1180,10 @@ def _smtp_proxy_executable() -> Path:
         ("smtp:\n  prot: 25\n", "smtp.prot"),
         ("logging:\n  level: loud\n", "logging.level"),
         ("smtp: [\n", "--config"),
+        ("smtp:\n  processes: 0\n", "smtp.processes"),
+        ("smtp:\n  processes: many\n", "smtp.processes"),
     ],
-    ids=["port_out_of_range", "unknown_key", "bad_choice", "invalid_yaml"],
+    ids=["port_out_of_range", "unknown_key", "bad_choice", "invalid_yaml", "no_processes", "processes_word"],
 )
 def test_cli_exits_2_with_one_line_when_config_invalid(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "bad.yaml"
