@@ -277,6 +277,9 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            # Until the role's config watcher takes SIGHUP over, a reload has nothing to reload
+            # here yet; its default action would end the process.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _drain_when_orphaned(self._parent)
             notify, wake_r, wake_w, selector = self._closing
             selector.close()

@@ -261,6 +261,8 @@ def raw_client(listener: Listener) -> Iterator[Callable[[], RawClient]]:
 
 
 SMTP_PROXY = Path(sys.executable).parent / "smtp-proxy"
+# Where a JSON log record begins (logs.py writes the timestamp first).
+RECORD_START = re.compile(r'(?=\{"timestamp": ")')
 
 
 class ServeProcess:
@@ -295,9 +297,23 @@ class ServeProcess:
         return self.log_path.read_text()
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The JSON log lines, or those of one event."""
-        lines = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
-        return [line for line in lines if name is None or line.get("event") == name]
+        """The JSON log lines, or those of one event, from every process writing the log.
+
+        A line may be cut short: one still being written as it is read, or one whose
+        writer was killed in the middle of it (``smtp.processes`` above 1: the next
+        record then starts on the same line). Such a fragment is left out; a whole
+        record after it is kept.
+        """
+        lines = []
+        for row in self.output().splitlines():
+            for piece in RECORD_START.split(row):
+                try:
+                    line = json.loads(piece)
+                except ValueError:
+                    continue
+                if isinstance(line, dict) and (name is None or line.get("event") == name):
+                    lines.append(line)
+        return lines
 
     def wait_for_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
         try:

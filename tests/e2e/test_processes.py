@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import collections
 import http.client
-import json
 import os
-import re
 import signal
 import smtplib
 import socket
@@ -49,8 +47,6 @@ MESSAGE = b"From: app@example.com\r\nSubject: processes\r\n\r\nbody\r\n"
 SPREAD_LIMIT = 80
 # How long a teardown gives the parent to drain before the processes are killed.
 STOP_SECONDS = 15.0
-# Where a JSON log record begins (logs.py writes the timestamp first).
-RECORD_START = re.compile(r'(?=\{"timestamp": ")')
 
 
 # --- who serves a connection ----------------------------------------------------------------------
@@ -207,24 +203,6 @@ def total(samples: dict[str, float], name: str) -> float:
 
 class Supervised(ServeProcess):
     """``smtp-proxy serve`` whose config asks for several processes."""
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The JSON log lines, or those of one event, from every process.
-
-        A line may be cut short: one still being written as it is read, or one whose
-        writer was killed in the middle of it (the next record then starts on the same
-        line). Such a fragment is left out; a whole record after it is kept.
-        """
-        lines = []
-        for row in self.output().splitlines():
-            for piece in RECORD_START.split(row):
-                try:
-                    line = json.loads(piece)
-                except ValueError:
-                    continue
-                if isinstance(line, dict) and (name is None or line.get("event") == name):
-                    lines.append(line)
-        return lines
 
     def children(self, role: str | None = None) -> dict[str, int]:
         """The children serving now, by role label (``smtp/0``), as the supervisor logged them."""
