@@ -202,7 +202,10 @@ def tree(pid: int) -> list[int]:
     """The listener and its children (``smtp.processes`` above 1 forks them)."""
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
-        pids += [int(child) for child in (task / "children").read_text().split()]
+        try:
+            pids += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return pids
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,57 @@ def test_the_contract_is_standard_library_only() -> None:
     """Every layer imports the contract, so it may import nothing of theirs."""
     imported = imports_of(PACKAGE / "contract.py")
     assert {name.split(".")[0] for name in imported} <= {"__future__", "enum", "re", "typing"}, imported
+
+
+def test_the_supervisor_holds_nothing_a_fork_could_break() -> None:
+    """The parent forks again for every restart: no database, Redis or metrics client in it."""
+    imported = imports_of(PACKAGE / "supervisor.py")
+    assert {name.split(".")[0] for name in imported} <= {
+        "__future__",
+        "collections",
+        "ctypes",
+        "dataclasses",
+        "errno",
+        "logging",
+        "os",
+        "secrets",
+        "selectors",
+        "signal",
+        "smtp_proxy",
+        "socket",
+        "struct",
+        "sys",
+        "time",
+    }, imported
+    assert {name for name in imported if name.startswith("smtp_proxy")} <= {"smtp_proxy", "smtp_proxy.logs"}
+
+
+def test_the_multiprocess_metrics_mode_is_chosen_before_prometheus_client_is_imported() -> None:
+    """prometheus_client picks its value class at import: neither the command line nor
+    supervised.py may import it (or a module defining a metric) before ``serve_supervised``
+    has set the directory."""
+    top_level = set()
+    for node in ast.parse((PACKAGE / "supervised.py").read_text()).body:
+        if isinstance(node, ast.Import):
+            top_level.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top_level.add(node.module)
+    assert top_level <= {
+        "__future__",
+        "logging",
+        "os",
+        "shutil",
+        "socket",
+        "tempfile",
+        "collections.abc",
+        "dataclasses",
+        "pathlib",
+        "typing",
+        "smtp_proxy.config",
+    }, top_level
+    probe = (
+        "import sys, smtp_proxy.cli, smtp_proxy.supervised\n"
+        "print(sorted(m for m in sys.modules if 'prometheus' in m))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
