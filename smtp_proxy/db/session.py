@@ -76,6 +76,10 @@ def make_engine(config: DatabaseConfig, *, autocommit: bool = False) -> Engine:
         pool_size=config.pool_max,
         max_overflow=0,
         pool_timeout=config.connect_timeout,
+        # Last in, first out: under load the same few connections go round, each back
+        # within PING_IDLE_AFTER_SECONDS, so none is pinged; first in, first out cycled
+        # through all pool_max of them and pinged nearly every checkout.
+        pool_use_lifo=True,
         connect_args={"connect_timeout": max(int(round(config.connect_timeout)), 1)},
         hide_parameters=True,
         **options,
