@@ -8,6 +8,7 @@ validates is logged and ignored: the running config stays in force.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -54,6 +55,22 @@ RESTART_KEYS = (
     "delivery.metrics_host",
     "delivery.metrics_port",
 )
+
+
+def keeping_restart_keys(new: Config, running: Config) -> Config:
+    """``new``, with every key of ``RESTART_KEYS`` as ``running`` has it.
+
+    For a process that must behave like the ones already running (a supervised child
+    started in place of one that died): it takes what they would take on a reload,
+    and keeps what they cannot change without a restart, such as the database.
+    """
+    sections: dict[str, Any] = {}
+    for dotted in RESTART_KEYS:
+        section, key = dotted.split(".", 1)
+        kept = getattr(running, section)
+        current = sections.get(section, getattr(new, section))
+        sections[section] = dataclasses.replace(current, **{key: getattr(kept, key)})
+    return dataclasses.replace(new, **sections)
 
 
 class ConfigWatcher:

@@ -123,14 +123,16 @@ def serve_metrics_socket(sock: socket.socket, registry: Any) -> Any:
 
 
 def _current(config: Config) -> Config:
-    """The config file as it is now; the given config if it cannot be read (the error is logged)."""
+    """The config file as it is now, but for the keys that take a restart, which stay as the
+    other processes have them; the given config if the file cannot be read (logged)."""
     from smtp_proxy.config import load_config
     from smtp_proxy.errors import ConfigError
+    from smtp_proxy.reload import keeping_restart_keys
 
     if config.source is None:
         return config
     try:
-        return load_config(config.source)
+        return keeping_restart_keys(load_config(config.source), config)
     except ConfigError as error:
         log.error(
             "config file unreadable; starting with the one read at start",

@@ -19,7 +19,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from smtp_proxy.config import Config, config_from_dict, load_config
 from smtp_proxy.logs import apply_level
-from smtp_proxy.reload import ConfigWatcher
+from smtp_proxy.reload import RESTART_KEYS, ConfigWatcher, keeping_restart_keys
 from tests.waiting import wait_for
 
 DEADLINE = 5.0
@@ -482,3 +482,33 @@ def test_sighup_reloads_config_when_watcher_uses_short_debounce(
         wait_for(lambda: watcher.config.logging.level == "error", "logging.level error")
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_replacement_process_takes_the_reloadable_keys_and_keeps_those_that_take_a_restart() -> None:
+    running = config_from_dict(
+        {
+            "smtp": {"port": 2587, "max_message_size": 1_000_000, "processes": 2},
+            "database": {"url": "postgresql://db-a/relay", "pool_max": 30},
+            "logging": {"level": "info"},
+        },
+        env={},
+    )
+    edited = config_from_dict(
+        {
+            "smtp": {"port": 2588, "max_message_size": 2_000_000, "processes": 4},
+            "database": {"url": "postgresql://db-b/relay", "pool_max": 50},
+            "logging": {"level": "debug"},
+        },
+        env={},
+    )
+
+    merged = keeping_restart_keys(edited, running)
+
+    assert merged.changed_keys(running) == ["smtp.max_message_size", "logging.level"]
+    assert set(merged.changed_keys(edited)) == {
+        "smtp.port",
+        "smtp.processes",
+        "database.url",
+        "database.pool_max",
+    }
+    assert not set(merged.changed_keys(running)) & set(RESTART_KEYS)
