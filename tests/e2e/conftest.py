@@ -38,20 +38,6 @@ PASSWORD = "correct horse battery"
 TRACE_FIELD = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A few tests leave their own client's TLS socket to the garbage collector once the
-    # listener has closed the session (test_smtp_limits.py, test_smtp_shared_limits.py: seen
-    # with -W error); the listener closes its side itself. Only that warning is let through,
-    # and only for these tests. Every other unraisable exception fails.
-    for item in items:
-        if "/e2e/" in str(item.fspath):
-            item.add_marker(
-                pytest.mark.filterwarnings(
-                    "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
-                )
-            )
-
-
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_self_signed(tmp_path_factory.mktemp("tls"), "localhost")

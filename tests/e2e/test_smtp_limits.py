@@ -54,8 +54,20 @@ def change_tenant(listener: Listener, **values: object) -> None:
     listener.database.remove_session()
 
 
+# The clients login() opened in the running test; closed after it, whatever the listener did.
+_opened: list[smtplib.SMTP] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
 def login(listener: Listener, client_tls: ssl.SSLContext) -> smtplib.SMTP:
     client = smtplib.SMTP(listener.host, listener.port, local_hostname="client.test", timeout=10)
+    _opened.append(client)
     client.starttls(context=client_tls)
     client.login(listener.tenant, listener.password)
     return client

@@ -29,6 +29,17 @@ from tests.waiting import wait_for
 MESSAGE = b"From: app@example.com\r\nSubject: shared\r\n\r\nbody\r\n"
 
 
+# The clients opened in the running test; closed after it, whatever the listener did.
+_opened: list[smtplib.SMTP] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
 class SmtpProcess(ServeProcess):
     def __init__(self, config: Path, log: Path, port: int) -> None:
         self.port = port
@@ -38,6 +49,7 @@ class SmtpProcess(ServeProcess):
     def client(self, context: ssl.SSLContext, password: str = PASSWORD) -> smtplib.SMTP:
         """Logged in with AUTH PLAIN only (``login()`` would try LOGIN after a failed PLAIN)."""
         client = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=10)
+        _opened.append(client)
         client.starttls(context=context)
         client.ehlo()
         client.user, client.password = "tenant", password
@@ -204,6 +216,7 @@ def test_serve_all_shows_the_listeners_counts_on_the_usage_endpoint(
         process.wait_accepting(smtp_port)
         process.wait_accepting(api_port)
         client = smtplib.SMTP("127.0.0.1", smtp_port, local_hostname="client.test", timeout=10)
+        _opened.append(client)
         client.starttls(context=client_tls)
         client.login("tenant", PASSWORD)
         client.sendmail("app@example.com", ["a@example.net", "b@example.net"], MESSAGE)
