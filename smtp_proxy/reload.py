@@ -163,6 +163,11 @@ class ConfigWatcher:
         self._observer.daemon = True
         self._observer.schedule(_Handler(), str(self._path.parent), recursive=False)
         self._observer.start()
+        # Where edits are seen: a symlink swapped elsewhere is not (SIGHUP reloads it).
+        log.info(
+            "watching the config file",
+            extra={"event": "config.watching", "file": str(self._path), "directory": str(self._path.parent)},
+        )
         if threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.getsignal(signal.SIGHUP)
             # A signal handler must not take a lock the interrupted code may hold.
