@@ -20,10 +20,13 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from smtp_proxy.config import Config
 
@@ -72,9 +75,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
         return socket.create_server((host, port), family=family, backlog=BACKLOG)
 
 
-def prepare_metrics_directory(env: dict[str, str] | os._Environ[str] = os.environ) -> tuple[Path, bool]:
-    """The multiprocess directory, emptied, and whether it is ours to remove at exit."""
-    named = env.get(MULTIPROC_ENV)
+def prepare_metrics_directory() -> tuple[Path, bool]:
+    """The multiprocess directory (set in the environment for every process), emptied, and
+    whether it is ours to remove at exit."""
+    named = os.environ.get(MULTIPROC_ENV)
     if named:
         path = Path(named)
         path.mkdir(parents=True, exist_ok=True)
@@ -82,7 +86,7 @@ def prepare_metrics_directory(env: dict[str, str] | os._Environ[str] = os.enviro
             stale.unlink()
         return path, False
     path = Path(tempfile.mkdtemp(prefix="smtp-proxy-metrics-"))
-    env[MULTIPROC_ENV] = str(path)
+    os.environ[MULTIPROC_ENV] = str(path)
     return path, True
 
 
@@ -96,22 +100,20 @@ def multiprocess_registry() -> Any:
     return registry
 
 
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        """Scrapes are not logged (one line every few seconds, per scraper)."""
+
+
 def serve_metrics_socket(sock: socket.socket, registry: Any) -> Any:
     """Serve ``/metrics`` on an inherited socket in a thread; ``shutdown()`` stops it."""
-    import threading
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
-
     from prometheus_client import make_wsgi_app
 
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-
-    class QuietHandler(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-            """Scrapes are not logged (one line every few seconds, per scraper)."""
-
-    server = Server(sock.getsockname()[:2], QuietHandler, bind_and_activate=False)
+    server = _MetricsServer(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
     server.socket.close()
     sock.setblocking(False)  # another process may take the scrape that woke this one
     server.socket = sock

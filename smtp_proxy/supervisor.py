@@ -20,6 +20,7 @@ dying young), and exits 0 once every child has drained.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -32,7 +33,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from smtp_proxy import systemd
 
@@ -72,7 +73,7 @@ class _Slot:
     ready: bool = False
     failures: int = 0  # deaths in a row, each before STABLE_SECONDS
     restart_at: float | None = None
-    exits: list[int] = field(default_factory=list)
+    died: bool = False  # a child in this slot ended before: the next one replaces it
 
     @property
     def label(self) -> str:
@@ -171,10 +172,8 @@ class Supervisor:
 
     def _signal_all(self, signum: int) -> None:
         for slot in self._alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):  # ended a moment ago; reaped next
                 os.kill(slot.pid, signum)
-            except ProcessLookupError:
-                pass  # ended a moment ago; reaped next
 
     def _read_notifications(self, notify: socket.socket) -> None:
         while True:
@@ -221,7 +220,7 @@ class Supervisor:
             lived = self._clock() - slot.started
             slot.pid, slot.ready = 0, False
             code = os.waitstatus_to_exitcode(status)
-            slot.exits.append(code)
+            slot.died = True
             if self._stopping:
                 log.info(
                     "process drained",
@@ -288,7 +287,7 @@ class Supervisor:
             os.close(wake_w)
             # Readiness goes to the parent, which speaks for every child to the service manager.
             os.environ["NOTIFY_SOCKET"] = "@" + self._notify_name
-            code = slot.role.serve(bool(slot.exits))
+            code = slot.role.serve(slot.died)
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
         except BaseException:

@@ -38,6 +38,25 @@ PASSWORD = "correct horse battery"
 TRACE_FIELD = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 
+def create_tenant(pg_url: str) -> None:
+    """The account ``tenant`` (PASSWORD, example.com), for listeners run as processes; once."""
+    from smtp_proxy.config import config_from_dict
+
+    database = Database(config_from_dict({"database": {"url": pg_url}}, env={}).database)
+    with database.transaction() as session:
+        if not accounts.list_accounts(session):
+            accounts.create_account(
+                session,
+                name="tenant",
+                email="ops@example.com",
+                allowed_domains=["example.com"],
+                password=PASSWORD,
+                bcrypt_cost=4,
+                actor=CLI,
+            )
+    database.dispose()
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_self_signed(tmp_path_factory.mktemp("tls"), "localhost")

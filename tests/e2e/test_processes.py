@@ -32,10 +32,8 @@ from sqlalchemy import func, select
 from smtp_proxy.config import config_from_dict
 from smtp_proxy.db.models import Message
 from smtp_proxy.db.session import Database
-from smtp_proxy.storage import accounts
-from smtp_proxy.storage.audit import CLI
 from tests.conftest import free_port
-from tests.e2e.conftest import PASSWORD, ServeProcess
+from tests.e2e.conftest import PASSWORD, ServeProcess, create_tenant
 from tests.e2e.test_systemd import NotifySocket
 from tests.waiting import wait_for
 
@@ -273,18 +271,7 @@ def listening(port: int) -> bool:
 
 @pytest.fixture
 def tenant(pg_url: str) -> None:
-    database = Database(config_from_dict({"database": {"url": pg_url}}, env={}).database)
-    with database.transaction() as session:
-        accounts.create_account(
-            session,
-            name="tenant",
-            email="ops@example.com",
-            allowed_domains=["example.com"],
-            password=PASSWORD,
-            bcrypt_cost=4,
-            actor=CLI,
-        )
-    database.dispose()
+    create_tenant(pg_url)
 
 
 class Ports:

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from smtp_proxy.storage.audit import CLI
 from tests.conftest import free_port, wait_until_accepting
-from tests.e2e.conftest import PASSWORD, Listener, RawClient, ServeProcess
+from tests.e2e.conftest import PASSWORD, Listener, RawClient, ServeProcess, create_tenant
 from tests.waiting import wait_for
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
@@ -171,7 +170,7 @@ def test_kill_9_under_load_loses_no_acknowledged_message(
         except (smtplib.SMTPException, OSError):
             return
 
-    _create_tenant(pg_url)
+    create_tenant(pg_url)
     threads = [threading.Thread(target=sender) for _ in range(100)]
     for thread in threads:
         thread.start()
@@ -218,7 +217,7 @@ def test_kill_9_of_one_of_two_processes_under_load_loses_nothing_and_it_is_back_
                     broken.append(repr(error))
 
     try:
-        _create_tenant(pg_url)
+        create_tenant(pg_url)
         ready = wait_for(
             lambda: len(listener.events("supervisor.child_ready")) >= 2, "both processes serving"
         )
@@ -260,30 +259,10 @@ def test_kill_9_of_one_of_two_processes_under_load_loses_nothing_and_it_is_back_
     assert not missing, f"{len(missing)} acknowledged messages lost"
 
 
-def _create_tenant(pg_url: str) -> None:
-    from smtp_proxy.config import config_from_dict
-    from smtp_proxy.db.session import Database
-    from smtp_proxy.storage import accounts
-
-    database = Database(config_from_dict({"database": {"url": pg_url}}, env={}).database)
-    with database.transaction() as session:
-        if not accounts.list_accounts(session):
-            accounts.create_account(
-                session,
-                name="tenant",
-                email="ops@example.com",
-                allowed_domains=["example.com"],
-                password=PASSWORD,
-                bcrypt_cost=4,
-                actor=CLI,
-            )
-    database.dispose()
-
-
 @pytest.fixture(autouse=True)
 def _tenant_for_processes(request: pytest.FixtureRequest) -> None:
     if "listener_process" in request.fixturenames:
-        _create_tenant(request.getfixturevalue("pg_url"))
+        create_tenant(request.getfixturevalue("pg_url"))
 
 
 def _log_lines(process: ListenerProcess) -> list[dict]:

@@ -23,7 +23,7 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
 from tests.conftest import free_port
-from tests.e2e.conftest import PASSWORD, SMTP_PROXY, ServeProcess
+from tests.e2e.conftest import PASSWORD, SMTP_PROXY, ServeProcess, create_tenant
 from tests.waiting import wait_for
 
 MESSAGE = b"From: app@example.com\r\nSubject: shared\r\n\r\nbody\r\n"
@@ -61,18 +61,7 @@ class SmtpProcess(ServeProcess):
 def start_smtp(
     tmp_path: Path, pg_url: str, encryption_key: str, tls_files
 ) -> Iterator[Callable[..., SmtpProcess]]:
-    database = Database(config_from_dict({"database": {"url": pg_url}}, env={}).database)
-    with database.transaction() as session:
-        accounts.create_account(
-            session,
-            name="tenant",
-            email="ops@example.com",
-            allowed_domains=["example.com"],
-            password=PASSWORD,
-            bcrypt_cost=4,
-            actor=CLI,
-        )
-    database.dispose()
+    create_tenant(pg_url)
     started: list[SmtpProcess] = []
 
     def start(name: str, limits: dict, smtp: dict | None = None) -> SmtpProcess:
