@@ -58,7 +58,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchlib import migrated_database, serve, stop  # also puts the checkout on sys.path
+from benchlib import SmtpWire, migrated_database, serve, stop  # also puts the checkout on sys.path
 from sqlalchemy import create_engine, insert, select
 
 from smtp_proxy.config import config_from_dict
@@ -76,7 +76,7 @@ BODY = (
 )  # about 10 KB
 
 
-class Client:
+class Client(SmtpWire):
     """A lean SMTP client: the commands a mailer sends, with PIPELINING for the envelope."""
 
     def __init__(
@@ -97,22 +97,6 @@ class Client:
         token = base64.b64encode(f"\0{user}\0{PASSWORD}".encode())
         self.send(b"AUTH PLAIN " + token + b"\r\n")
         self.expect(b"235")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def expect(self, code: bytes) -> None:
-        while True:
-            while b"\r\n" not in self.buffer:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed")
-                self.buffer += chunk
-            line, _, self.buffer = self.buffer.partition(b"\r\n")
-            if line[3:4] != b"-":
-                if not line.startswith(code):
-                    raise RuntimeError(f"expected {code!r}, got {line!r}")
-                return
 
     def message(self) -> None:
         self.send(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")

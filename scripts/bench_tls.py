@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import serve, stop  # also puts the checkout on sys.path
+from benchlib import SmtpWire, serve, stop  # also puts the checkout on sys.path
 from sqlalchemy import create_engine
 
 from smtp_proxy.config import TlsConfig
@@ -74,7 +74,7 @@ VARIANTS = (
 )
 
 
-class Session:
+class Session(SmtpWire):
     """One client session; ``session``: a TLS session to offer (resumption)."""
 
     def __init__(self, port: int, variant: Variant, context: ssl.SSLContext | None, session=None) -> None:
@@ -97,23 +97,6 @@ class Session:
             self.command(b"QUIT\r\n", b"221")
         finally:
             self.sock.close()
-
-    def command(self, line: bytes, code: bytes) -> None:
-        self.sock.sendall(line)
-        self.expect(code)
-
-    def expect(self, code: bytes) -> None:
-        while True:
-            while b"\r\n" not in self.buffer:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed")
-                self.buffer += chunk
-            line, _, self.buffer = self.buffer.partition(b"\r\n")
-            if line[3:4] != b"-":
-                if not line.startswith(code):
-                    raise RuntimeError(f"expected {code!r}, got {line!r}")
-                return
 
 
 def _context(variant: Variant) -> ssl.SSLContext | None:

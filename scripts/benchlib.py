@@ -1,4 +1,4 @@
-"""What the benchmarks share: a durable throwaway database and an `smtp-proxy serve` child."""
+"""What the benchmarks share: a durable throwaway database, an `smtp-proxy serve` child, SMTP replies."""
 
 from __future__ import annotations
 
@@ -60,3 +60,31 @@ def stop(process: subprocess.Popen | None, timeout: float = 40) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+class SmtpWire:
+    """Commands to and replies from an SMTP server, on the socket the subclass opens."""
+
+    sock: socket.socket
+    buffer: bytes
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, line: bytes, code: bytes) -> None:
+        self.send(line)
+        self.expect(code)
+
+    def expect(self, code: bytes) -> None:
+        """Read one whole reply (its continuation lines too); it must start with ``code``."""
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed")
+                self.buffer += chunk
+            line, _, self.buffer = self.buffer.partition(b"\r\n")
+            if line[3:4] != b"-":
+                if not line.startswith(code):
+                    raise RuntimeError(f"expected {code!r}, got {line!r}")
+                return
