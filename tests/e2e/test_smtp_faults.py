@@ -145,6 +145,24 @@ def test_sigterm_drains_idle_now_busy_after_their_message_then_exits_0(
         idle.close()
 
 
+def send_one(client: smtplib.SMTP) -> str | None:
+    """One message; its queue id when the listener acknowledged it with 250."""
+    client.mail("app@example.com")
+    client.rcpt("a@example.net")
+    code, reply = client.data(MESSAGE)
+    match = re.search(rb"queued as ([0-9a-f-]{36})", reply)
+    return match.group(1).decode() if code == 250 and match else None
+
+
+def assert_all_stored(pg_url: str, acknowledged: list[str]) -> None:
+    engine = create_engine(pg_url)
+    with engine.connect() as connection:
+        stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM messages"))}
+    engine.dispose()
+    missing = {uuid.UUID(a) for a in acknowledged} - {uuid.UUID(s) for s in stored}
+    assert not missing, f"{len(missing)} acknowledged messages lost"
+
+
 def test_kill_9_under_load_loses_no_acknowledged_message(
     listener_process: ListenerProcess, client_tls: ssl.SSLContext, pg_url: str
 ) -> None:
@@ -160,13 +178,10 @@ def test_kill_9_under_load_loses_no_acknowledged_message(
             for _ in range(30):
                 if time.monotonic() > stop_at:
                     return
-                client.mail("app@example.com")
-                client.rcpt("a@example.net")
-                code, reply = client.data(MESSAGE)
-                match = re.search(rb"queued as ([0-9a-f-]{36})", reply)
-                if code == 250 and match:
+                queued = send_one(client)
+                if queued:
                     with lock:
-                        acknowledged.append(match.group(1).decode())
+                        acknowledged.append(queued)
         except (smtplib.SMTPException, OSError):
             return
 
@@ -179,12 +194,7 @@ def test_kill_9_under_load_loses_no_acknowledged_message(
     for thread in threads:
         thread.join(timeout=30)
     assert len(acknowledged) >= 200
-    engine = create_engine(pg_url)
-    with engine.connect() as connection:
-        stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM messages"))}
-    engine.dispose()
-    missing = {uuid.UUID(a) for a in acknowledged} - {uuid.UUID(s) for s in stored}
-    assert not missing, f"{len(missing)} acknowledged messages lost"
+    assert_all_stored(pg_url, acknowledged)
 
 
 def test_kill_9_of_one_of_two_processes_under_load_loses_nothing_and_it_is_back_within_2_s(
@@ -204,13 +214,10 @@ def test_kill_9_of_one_of_two_processes_under_load_loses_nothing_and_it_is_back_
                 client.starttls(context=client_tls)
                 client.login("tenant", PASSWORD)
                 for _ in range(20):
-                    client.mail("app@example.com")
-                    client.rcpt("a@example.net")
-                    code, reply = client.data(MESSAGE)
-                    match = re.search(rb"queued as ([0-9a-f-]{36})", reply)
-                    if code == 250 and match:
+                    queued = send_one(client)
+                    if queued:
                         with lock:
-                            acknowledged.append(match.group(1).decode())
+                            acknowledged.append(queued)
                 client.quit()
             except (smtplib.SMTPException, OSError) as error:
                 with lock:
@@ -251,12 +258,7 @@ def test_kill_9_of_one_of_two_processes_under_load_loses_nothing_and_it_is_back_
             thread.join(timeout=30)
         listener.stop()
     assert broken, "no session was cut by the kill: the test did not load the killed process"
-    engine = create_engine(pg_url)
-    with engine.connect() as connection:
-        stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM messages"))}
-    engine.dispose()
-    missing = {uuid.UUID(a) for a in acknowledged} - {uuid.UUID(s) for s in stored}
-    assert not missing, f"{len(missing)} acknowledged messages lost"
+    assert_all_stored(pg_url, acknowledged)
 
 
 @pytest.fixture(autouse=True)
