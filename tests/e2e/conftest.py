@@ -38,6 +38,22 @@ PASSWORD = "correct horse battery"
 TRACE_FIELD = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 
+# Clients a test opened; closed after it, whatever the listener did with their sessions.
+_clients: list[smtplib.SMTP] = []
+
+
+def closed_after_test(client: smtplib.SMTP) -> smtplib.SMTP:
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def create_tenant(pg_url: str) -> None:
     """The account ``tenant`` (PASSWORD, example.com), for listeners run as processes; once."""
     from smtp_proxy.config import config_from_dict

@@ -23,7 +23,7 @@ from smtp_proxy.smtp import server as server_module
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
-from tests.e2e.conftest import Listener, RawClient
+from tests.e2e.conftest import Listener, RawClient, closed_after_test
 from tests.waiting import wait_for
 
 MESSAGE = b"From: App <app@example.com>\r\nSubject: limits\r\n\r\nbody\r\n"
@@ -54,20 +54,9 @@ def change_tenant(listener: Listener, **values: object) -> None:
     listener.database.remove_session()
 
 
-# The clients login() opened in the running test; closed after it, whatever the listener did.
-_opened: list[smtplib.SMTP] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _opened:
-        _opened.pop().close()
-
-
 def login(listener: Listener, client_tls: ssl.SSLContext) -> smtplib.SMTP:
     client = smtplib.SMTP(listener.host, listener.port, local_hostname="client.test", timeout=10)
-    _opened.append(client)
+    closed_after_test(client)
     client.starttls(context=client_tls)
     client.login(listener.tenant, listener.password)
     return client

@@ -23,21 +23,10 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
 from tests.conftest import free_port
-from tests.e2e.conftest import PASSWORD, SMTP_PROXY, ServeProcess, create_tenant
+from tests.e2e.conftest import PASSWORD, SMTP_PROXY, ServeProcess, closed_after_test, create_tenant
 from tests.waiting import wait_for
 
 MESSAGE = b"From: app@example.com\r\nSubject: shared\r\n\r\nbody\r\n"
-
-
-# The clients opened in the running test; closed after it, whatever the listener did.
-_opened: list[smtplib.SMTP] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _opened:
-        _opened.pop().close()
 
 
 class SmtpProcess(ServeProcess):
@@ -49,7 +38,7 @@ class SmtpProcess(ServeProcess):
     def client(self, context: ssl.SSLContext, password: str = PASSWORD) -> smtplib.SMTP:
         """Logged in with AUTH PLAIN only (``login()`` would try LOGIN after a failed PLAIN)."""
         client = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=10)
-        _opened.append(client)
+        closed_after_test(client)
         client.starttls(context=context)
         client.ehlo()
         client.user, client.password = "tenant", password
@@ -205,7 +194,7 @@ def test_serve_all_shows_the_listeners_counts_on_the_usage_endpoint(
         process.wait_accepting(smtp_port)
         process.wait_accepting(api_port)
         client = smtplib.SMTP("127.0.0.1", smtp_port, local_hostname="client.test", timeout=10)
-        _opened.append(client)
+        closed_after_test(client)
         client.starttls(context=client_tls)
         client.login("tenant", PASSWORD)
         client.sendmail("app@example.com", ["a@example.net", "b@example.net"], MESSAGE)
