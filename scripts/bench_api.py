@@ -12,7 +12,10 @@ providers and 10,000 queued messages, and drives three endpoints with wrk
 (2 threads, --connections connections, bounded by --seconds each): /healthz,
 GET /api/v1/providers and GET /api/v1/messages?status=queued (the first page
 of 50). With --processes 1,2 it runs them once per api.processes value, each
-on a fresh server, and prints each figure's ratio to the first. Everything
+on a fresh server, and prints each figure's ratio to the first; --rounds N
+repeats that in alternating order (1 2, then 2 1) and prints the means. Beside
+each figure it prints where the machine's CPU went per request: the server's
+processes, wrk, PostgreSQL, and the time every core sat idle. Everything
 started is stopped by its pid.
 """
 
@@ -22,14 +25,16 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchlib import migrated_database, serve, stop  # also puts the checkout on sys.path
+from benchlib import cpu_split, migrated_database, serve, stop  # also puts the checkout on sys.path
 from sqlalchemy import create_engine, insert
 
 from smtp_proxy.config import config_from_dict
@@ -118,6 +123,66 @@ def wrk(url: str, seconds: float, connections: int, api_key: str | None) -> dict
     return figures
 
 
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+
+
+def start_server(workdir: Path, url: str, encryption_key: str, api_key: str, processes: int) -> Server:
+    """`serve api` with api.processes PROCESSES on a free port, answering the tenant's key."""
+    port = free_port()
+    config = workdir / f"config-{port}.yaml"
+    config.write_text(
+        f"""
+api:
+  host: 127.0.0.1
+  port: {port}
+  rate_limit: 100000000/minute
+  processes: {processes}
+database:
+  url: {url}
+logging:
+  level: warning
+security:
+  encryption_key: {encryption_key}
+"""
+    )
+    process = serve("api", config, port)
+    request = urllib.request.Request(  # noqa: S310 - our own 127.0.0.1 server
+        f"http://127.0.0.1:{port}/api/v1/messages?status=queued",
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our own server
+            assert response.status == 200
+    except BaseException:
+        stop(process)
+        raise
+    return Server(process, port)
+
+
+def report(results: dict[str, dict[int, list[dict[str, float]]]], counts: list[int]) -> None:
+    """Each figure's mean over the rounds, its ratio to the first process count, and where the CPU went."""
+    for label, by_count in results.items():
+        print(label)
+        for processes in counts:
+            runs = by_count[processes]
+
+            def mean(key: str, runs: list[dict[str, float]] = runs) -> float:
+                return statistics.fmean(run[key] for run in runs)
+
+            versus = mean("rps") / statistics.fmean(run["rps"] for run in by_count[counts[0]])
+            each = ", ".join(f"{run['rps']:.0f}" for run in runs)
+            print(
+                f"  api.processes {processes}: {mean('rps'):8.1f} req/s ({versus:.2f}x; runs: {each})"
+                f"   p50 {mean('p50'):6.1f} ms   p99 {mean('p99'):6.1f} ms"
+                f"   ({sum(run['errors'] for run in runs):.0f} errors)\n"
+                f"    per request: server {mean('server'):.2f} ms, wrk {mean('generator'):.2f}, "
+                f"PostgreSQL {mean('postgres'):.2f}, all cores idle {mean('idle'):.2f} (ms of one core)"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,13 +190,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
     parser.add_argument("--connections", type=int, default=50, help="concurrent connections")
     parser.add_argument("--processes", default="1", help="api.processes values, comma-separated (default 1)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of each figure, in alternating order (1 2, then 2 1)"
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk (./scripts/test installs it)")
 
     cluster = PgCluster.start(durable=True)
-    server = None
+    server: Server | None = None
     workdir = Path(tempfile.mkdtemp(prefix="smtp-proxy-bench-api-"))
     try:
         url = migrated_database(cluster)
@@ -150,46 +218,26 @@ def main() -> None:
                 api_key,
             ),
         ]
-        first: dict[str, float] = {}
-        for processes in counts:
-            port = free_port()
-            config = workdir / f"config-{processes}.yaml"
-            config.write_text(
-                f"""
-api:
-  host: 127.0.0.1
-  port: {port}
-  rate_limit: 100000000/minute
-  processes: {processes}
-database:
-  url: {url}
-logging:
-  level: warning
-security:
-  encryption_key: {encryption_key}
-"""
-            )
-            server = serve("api", config, port)
-            base = f"http://127.0.0.1:{port}"
-            request = urllib.request.Request(  # noqa: S310 - our own 127.0.0.1 server
-                f"{base}/api/v1/messages?status=queued", headers={"Authorization": f"Bearer {api_key}"}
-            )
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our own server
-                assert response.status == 200
-            if len(counts) > 1:
-                print(f"api.processes: {processes}")
-            for label, path, key in runs:
-                figures = wrk(base + path, args.seconds, args.connections, key)
-                first.setdefault(label, figures["rps"])
-                versus = f"  {figures['rps'] / first[label]:.2f}x" if len(counts) > 1 else ""
-                print(
-                    f"{label:50s} {figures['rps']:8.1f} req/s{versus}   p50 {figures['p50']:6.1f} ms   "
-                    f"p99 {figures['p99']:6.1f} ms   ({figures['errors']:.0f} errors)"
-                )
-            stop(server)
-            server = None
+        # label -> api.processes -> one figures dict per round (the CPU split merged in)
+        results: dict[str, dict[int, list[dict[str, float]]]] = {
+            label: {n: [] for n in counts} for label, _, _ in runs
+        }
+        for round_ in range(args.rounds):
+            for processes in counts if round_ % 2 == 0 else list(reversed(counts)):
+                server = start_server(workdir, url, encryption_key, api_key, processes)
+                base = f"http://127.0.0.1:{server.port}"
+                for label, path, key in runs:
+                    before = cpu_split(server.process.pid, cluster)
+                    figures = wrk(base + path, args.seconds, args.connections, key)
+                    after = cpu_split(server.process.pid, cluster)
+                    requests = max(figures["rps"] * args.seconds, 1)
+                    figures.update({name: (after[name] - before[name]) * 1000 / requests for name in before})
+                    results[label][processes].append(figures)
+                stop(server.process)
+                server = None
+        report(results, counts)
     finally:
-        stop(server)
+        stop(server.process if server else None)
         cluster.stop()
 
 

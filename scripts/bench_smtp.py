@@ -58,7 +58,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchlib import SmtpWire, migrated_database, serve, stop  # also puts the checkout on sys.path
+from benchlib import (
+    SmtpWire,
+    cpu_seconds,
+    cpu_split,
+    migrated_database,
+    process_tree,
+    serve,
+    stop,
+)  # also puts the checkout on sys.path
 from sqlalchemy import create_engine, insert, select
 
 from smtp_proxy.config import config_from_dict
@@ -182,30 +190,10 @@ def run_load(port: int, clients: int, per_session: int, seconds: float) -> dict[
     }
 
 
-def tree(pid: int) -> list[int]:
-    """The listener and its children (``smtp.processes`` above 1 forks them)."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            pids += [int(child) for child in (task / "children").read_text().split()]
-        except FileNotFoundError:  # a thread that ended meanwhile
-            continue
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the listener's processes have used so far."""
-    total = 0
-    for each in tree(pid):
-        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def pss_mib(pid: int) -> float:
     """Proportional set size summed over the listener's processes: pages they share count once."""
     total = 0
-    for each in tree(pid):
+    for each in process_tree(pid):
         for line in Path(f"/proc/{each}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
                 total += int(line.split()[1])
@@ -221,11 +209,11 @@ def _status_field(pid: int, name: str) -> int:
 
 
 def rss_mib(pid: int) -> float:
-    return sum(_status_field(each, "VmRSS") for each in tree(pid)) / 1024
+    return sum(_status_field(each, "VmRSS") for each in process_tree(pid)) / 1024
 
 
 def thread_count(pid: int) -> int:
-    return sum(_status_field(each, "Threads") for each in tree(pid))
+    return sum(_status_field(each, "Threads") for each in process_tree(pid))
 
 
 def mass_close(port: int, pid: int, held: list[socket.socket], base_threads: int) -> dict[str, float]:
@@ -629,7 +617,7 @@ def base_phases(args: argparse.Namespace, phases: set[str], port: int, pid: int)
             meanwhile = sessions_meanwhile(port, 100)
             print(
                 f"{len(held):5d} idle held  : RSS {rss:6.1f} MiB (was {base_rss:.1f}), PSS {pss:6.1f} MiB "
-                f"over {len(tree(pid))} processes   new session "
+                f"over {len(process_tree(pid))} processes   new session "
                 f"meanwhile p50 {meanwhile['p50_ms']:5.1f} ms  p99 {meanwhile['p99_ms']:5.1f} ms"
                 f"   ({errors} errors)"
             )
@@ -743,27 +731,37 @@ def limits_phase(bench: Bench, args: argparse.Namespace) -> None:
         print("  Redis counted nothing: this listener does not apply sending limits (yet)")
 
 
-def processes_phase(bench: Bench, args: argparse.Namespace) -> None:
-    """Phases 1 and 2 on a fresh listener per process count, in rounds (1 2 4, then 4 2 1)."""
+def processes_phase(bench: Bench, cluster: PgCluster, args: argparse.Namespace) -> None:
+    """Phases 1 and 2 on a fresh listener per process count, in rounds (1 2 4, then 4 2 1).
+
+    Beside the listener's CPU per session it measures where the rest of the machine went: the load
+    generator, PostgreSQL and what stayed idle. On a machine the generator shares, the listener's
+    share of a saturated machine bounds what more processes can gain.
+    """
     counts = [int(n) for n in args.process_counts.split(",")]
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
     for round_ in range(args.process_rounds):
         for count in counts if round_ % 2 == 0 else list(reversed(counts)):
             listener, port = bench.start(0, processes=count)
             try:
-                cpu = cpu_seconds(listener.pid)
+                before = cpu_split(listener.pid, cluster)
                 one = run_load(port, args.clients, 1, args.seconds)
-                one_cpu = cpu_seconds(listener.pid) - cpu
+                middle = cpu_split(listener.pid, cluster)
                 ten = run_load(port, args.clients, 10, args.seconds)
-                ten_cpu = cpu_seconds(listener.pid) - cpu - one_cpu
+                after = cpu_split(listener.pid, cluster)
             finally:
                 stop(listener)
+            sessions, messages = max(one["sessions"], 1), max(ten["sessions"] * 10, 1)
+            split = {key: (middle[key] - before[key]) * 1000 / sessions for key in before}
             runs[count].append(
                 {
                     "sessions_per_s": one["sessions_per_s"],
-                    "session_cpu_ms": one_cpu * 1000 / max(one["sessions"], 1),
+                    "session_cpu_ms": split["server"],
+                    "generator_ms": split["generator"],
+                    "postgres_ms": split["postgres"],
+                    "idle_ms": split["idle"],
                     "messages_per_s": ten["messages_per_s"],
-                    "message_cpu_ms": ten_cpu * 1000 / max(ten["sessions"] * 10, 1),
+                    "message_cpu_ms": (after["server"] - middle["server"]) * 1000 / messages,
                     "errors": one["errors"] + ten["errors"],
                 }
             )
@@ -785,6 +783,17 @@ def processes_phase(bench: Bench, args: argparse.Namespace) -> None:
             f"  {count:9d}  {sessions:10.1f} ({session_ratio:.2f}x)"
             f"   {mean(count, 'session_cpu_ms'):8.2f} ms   {messages:10.1f} ({message_ratio:.2f}x)"
             f"   {mean(count, 'message_cpu_ms'):8.2f} ms   {sum(run['errors'] for run in runs[count]):.0f}"
+        )
+    print("  where the machine's CPU went per session, one message per session (ms of one core):")
+    print("  processes   listener   generator   PostgreSQL   other   idle")
+    for count in counts:
+        listener, generator = mean(count, "session_cpu_ms"), mean(count, "generator_ms")
+        postgres, idle = mean(count, "postgres_ms"), mean(count, "idle_ms")
+        whole = os.cpu_count() * 1000 / mean(count, "sessions_per_s")
+        other = whole - listener - generator - postgres - idle
+        print(
+            f"  {count:9d}   {listener:8.2f}   {generator:9.2f}   {postgres:10.2f}"
+            f"   {other:5.2f}   {idle:4.2f}"
         )
 
 
@@ -864,7 +873,7 @@ def main() -> None:
         if "limits" in phases:
             limits_phase(bench, args)
         if "processes" in phases:
-            processes_phase(bench, args)
+            processes_phase(bench, cluster, args)
     finally:
         stop(listener)
         cluster.stop()

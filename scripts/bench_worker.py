@@ -66,7 +66,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from benchlib import migrated_database, stop  # also puts the checkout on sys.path
+from benchlib import (  # also puts the checkout on sys.path
+    cpu_seconds,
+    machine_ticks,
+    migrated_database,
+    postgres_cpu_seconds,
+    stop,
+)
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -268,47 +274,6 @@ class SlowServer(ServerProcess):
 
 
 # --- processes and their CPU time ----------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state is [0], ppid [1], utime [11])."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
-    fields = _stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def postgres_cpu_seconds(cluster: PgCluster) -> float | None:
-    """CPU time of the whole cluster so far: the postmaster, its live backends, and the ended ones.
-
-    Ended backends are in the postmaster's cutime/cstime once reaped. None when the postmaster's
-    pid cannot be read (then the figure is left out, not guessed).
-    """
-    try:
-        postmaster = int((cluster.base / "data" / "postmaster.pid").read_text().split()[0])
-        fields = _stat_fields(postmaster)
-    except (OSError, ValueError, IndexError):
-        return None
-    ticks = sum(int(x) for x in fields[11:15])
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            child = _stat_fields(int(entry.name))
-        except OSError:
-            continue
-        if int(child[1]) == postmaster:
-            ticks += int(child[11]) + int(child[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all cores so far, from /proc/stat; iowait counts as idle."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)
 
 
 @dataclass

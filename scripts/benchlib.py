@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -88,3 +89,77 @@ class SmtpWire:
                 if not line.startswith(code):
                     raise RuntimeError(f"expected {code!r}, got {line!r}")
                 return
+
+
+# --- processes and their CPU time ----------------------------------------------------------------------
+
+
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state is [0], ppid [1], utime [11])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its children (``processes`` above 1 forks them)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            pids += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process and its live children have used so far."""
+    ticks = 0
+    for each in process_tree(pid):
+        try:
+            fields = stat_fields(each)
+        except FileNotFoundError:  # a child that exited meanwhile
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(cluster: PgCluster) -> float | None:
+    """CPU time of the whole cluster so far: the postmaster, its live backends, and the ended ones.
+
+    Ended backends are in the postmaster's cutime/cstime once reaped. None when the postmaster's
+    pid cannot be read (then the figure is left out, not guessed).
+    """
+    try:
+        postmaster = int((cluster.base / "data" / "postmaster.pid").read_text().split()[0])
+        fields = stat_fields(postmaster)
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks = sum(int(x) for x in fields[11:15])
+    for child in process_tree(postmaster)[1:]:
+        try:
+            ticks += sum(int(x) for x in stat_fields(child)[11:13])
+        except FileNotFoundError:
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores so far, from /proc/stat; iowait counts as idle."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def cpu_split(server: int, cluster: PgCluster) -> dict[str, float]:
+    """CPU seconds used so far by the server's processes, by this benchmark and the load processes it
+    has waited for (the generator), and by PostgreSQL; and the seconds every core has been idle.
+
+    Taken before and after a run, the differences say where a saturated machine's time went.
+    """
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy, total = machine_ticks()
+    return {
+        "server": cpu_seconds(server),
+        "generator": mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime,
+        "postgres": postgres_cpu_seconds(cluster) or 0.0,
+        "idle": (total - busy) / os.sysconf("SC_CLK_TCK"),
+    }
