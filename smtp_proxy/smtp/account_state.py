@@ -2,12 +2,13 @@
 
 A session authenticates once and may then send for up to ``smtp.max_session_time``.
 What an admin changes meanwhile must still reach it, in every listener process, so
-the state a transaction depends on (active, allowed domains, the header-From
-exemption, the account's own limits) is read from the database, not from the
-session: ``AccountStates`` keeps each account's row for ``STATE_TTL`` seconds, and
-a MAIL FROM after that re-reads it with one query (``storage.auth.find_login``).
-A deactivation therefore ends a live session at its next MAIL FROM within a few
-seconds, whichever process holds it.
+the state a transaction depends on (active, the credential enabled, allowed domains,
+the header-From exemption, the account's own limits) is read from the database, not
+from the session: ``AccountStates`` keeps each session identity's state (a credential,
+or an account reached through a relay network) for ``STATE_TTL`` seconds, and a MAIL
+FROM after that re-reads it with one query (``storage.auth.find_login`` or
+``find_policy``). A deactivation, or a credential disabled or deleted, therefore ends a
+live session at its next MAIL FROM within a few seconds, whichever process holds it.
 
 ``MailPolicy.check`` answers the core's ``MailFromOffered``: a deactivated account
 gets 421 and the session closes; an account over a sending limit gets ``451 4.7.1
@@ -37,7 +38,7 @@ from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.addresses import domain_allowed
 from smtp_proxy.smtp.credentials import AuthenticatedAccount
 from smtp_proxy.smtp.replies import Reply
-from smtp_proxy.storage.auth import find_login
+from smtp_proxy.storage.auth import find_login, find_policy
 
 log = logging.getLogger("smtp_proxy.smtp")
 
@@ -64,8 +65,12 @@ class _Entry:
     expires: float
 
 
+_Identity = tuple[uuid.UUID, uuid.UUID | None]  # the account's id, the credential's (None: relay)
+
+
 class AccountStates:
-    """Account states by id, each re-read from the database once older than ``ttl``; thread-safe."""
+    """States by session identity (account and credential), each re-read from the database once
+    older than ``ttl``; thread-safe."""
 
     def __init__(
         self,
@@ -80,22 +85,23 @@ class AccountStates:
         self._clock = clock
         self._max_entries = max_entries
         self._lock = threading.Lock()
-        self._entries: dict[uuid.UUID, _Entry] = {}
+        self._entries: dict[_Identity, _Entry] = {}
 
-    def get(self, account_id: uuid.UUID, name: str) -> AccountState:
-        """The account's state, at most ``ttl`` seconds old.
+    def get(self, account: AuthenticatedAccount) -> AccountState:
+        """The state of the account as this session reaches it, at most ``ttl`` seconds old.
 
-        An account that no longer exists under this name and id reads as inactive.
-        While the database does not answer, a state read before is used however old;
-        without one, ``DatabaseUnavailable`` is raised.
+        A credential that no longer exists (or now belongs elsewhere), or an account that no
+        longer exists, reads as inactive. While the database does not answer, a state read
+        before is used however old; without one, ``DatabaseUnavailable`` is raised.
         """
         now = self._clock()
+        identity = (account.id, account.credential_id)
         with self._lock:
-            entry = self._entries.get(account_id)
+            entry = self._entries.get(identity)
         if entry is not None and now < entry.expires:
             return entry.state
         try:
-            state = self._read(account_id, name)
+            state = self._read(account)
         except DatabaseUnavailable:
             if entry is not None:
                 return entry.state
@@ -105,20 +111,24 @@ class AccountStates:
         with self._lock:
             if len(self._entries) >= self._max_entries:
                 self._prune(now)
-            self._entries[account_id] = _Entry(state, self._clock() + self._ttl)
+            self._entries[identity] = _Entry(state, self._clock() + self._ttl)
         return state
 
-    def _read(self, account_id: uuid.UUID, name: str) -> AccountState:
+    def _read(self, account: AuthenticatedAccount) -> AccountState:
         with self._database.autocommit() as connection:
-            login = find_login(connection, name)
-        if login is None or login.id != account_id:
-            return AccountState(account_id, False, (), False, {})
+            if account.credential_id is None:
+                found = find_policy(connection, account.id)
+            else:
+                login = find_login(connection, account.username or "")
+                found = login if login is not None and login.credential_id == account.credential_id else None
+        if found is None or found.id != account.id:
+            return AccountState(account.id, False, (), False, {})
         return AccountState(
-            login.id,
-            login.active,
-            tuple(login.allowed_domains),
-            login.allow_any_header_from,
-            dict(login.limits),
+            found.id,
+            found.active,
+            tuple(found.allowed_domains),
+            found.allow_any_header_from,
+            dict(found.limits),
         )
 
     def _prune(self, now: float) -> None:
@@ -150,7 +160,7 @@ class MailPolicy:
 
     def check(self, account: AuthenticatedAccount, sender: str, config: Config) -> MailDecision:
         """Raises ``DatabaseUnavailable`` when the account's state cannot be read at all."""
-        state = self.states.get(account.id, account.name)
+        state = self.states.get(account)
         current = replace(
             account,
             allowed_domains=state.allowed_domains,

@@ -126,6 +126,7 @@ class Intake:
             recipients=message.recipients,
             when=datetime.now(UTC),
             tls=tls,
+            authenticated=account.credential_id is not None,
         )
         data = trace + message.data
         try:
@@ -139,6 +140,7 @@ class Intake:
                     data=data,
                     correlation_id=correlation_id,
                     message_id=message_id,
+                    credential_id=account.credential_id,
                 )
         except (DatabaseUnavailable, SQLAlchemyError) as error:
             metrics.MESSAGES.labels("rejected", "storage_unavailable").inc()
@@ -164,6 +166,7 @@ class Intake:
                 "event": "smtp.message_accepted",
                 "message_id": str(message_id),
                 "account": account.name,
+                "auth": account.auth,
                 "sender": message.sender,
                 "recipients": len(message.recipients),
                 "size": len(data),

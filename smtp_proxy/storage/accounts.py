@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from smtp_proxy import crypto, validation
 from smtp_proxy.db.models import Account
 from smtp_proxy.errors import Conflict, NotFound, ValidationError
-from smtp_proxy.storage import audit
+from smtp_proxy.storage import audit, credentials
 from smtp_proxy.storage.audit import Actor
 
 ENTITY = "account"
@@ -100,10 +100,10 @@ def create_account(
     email = validation.email(email)
     domains = validation.domain_patterns(allowed_domains)
     overrides = validation.limit_overrides(dict(limits or {}))
-    password = password if password is not None else crypto.generate_password()
-    password_hash = crypto.hash_password(password, bcrypt_cost)
     if session.scalar(select(Account.id).where(Account.name == name)) is not None:
         raise Conflict(f"an account named {name!r} already exists")
+    if credentials.username_taken(session, name):
+        raise Conflict(f"{name!r} is taken as another account's SMTP user name")
     if unique_domains:
         check_domains_free(session, domains, exclude=None)
     api_key = crypto.generate_api_key()
@@ -112,7 +112,6 @@ def create_account(
         name=name,
         email=email,
         allowed_domains=domains,
-        password_hash=password_hash,
         api_key_digest=crypto.api_key_digest(api_key),
         is_admin=is_admin,
         active=True,
@@ -120,6 +119,9 @@ def create_account(
         limits=overrides,
     )
     session.add(account)
+    session.flush()  # the credential's foreign key needs the row
+    # The account's own login: its first SMTP credential, user name = the account's name.
+    password = credentials.set_primary_password(session, account, bcrypt_cost, password, actor=actor)
     fields = ["name", "email", "allowed_domains", "is_admin", "password", "api_key"]
     fields += ["allow_any_header_from"] if allow_any_header_from else []
     fields += ["limits"] if overrides else []
@@ -163,9 +165,8 @@ def list_accounts(session: Session) -> list[Account]:
 def set_password(
     session: Session, account: Account, bcrypt_cost: int, password: str | None = None, *, actor: Actor
 ) -> str:
-    """Replace the SMTP password (a generated one unless given); returns it."""
-    password = password if password is not None else crypto.generate_password()
-    account.password_hash = crypto.hash_password(password, bcrypt_cost)
+    """Replace the password of the account's own login (a generated one unless given); returns it."""
+    password = credentials.set_primary_password(session, account, bcrypt_cost, password, actor=actor)
     _audit_update(session, account, actor, ("password",))
     return password
 
@@ -238,7 +239,7 @@ def update_account(
         if name in values:
             setattr(account, name, values[name])
     if "password" in values:
-        account.password_hash = crypto.hash_password(values["password"], bcrypt_cost)
+        credentials.set_primary_password(session, account, bcrypt_cost, values["password"], actor=actor)
     if not values:
         return AccountUpdate([], None)
     action = "update"

@@ -118,6 +118,7 @@ def enqueue_message(
     created_at: datetime | None = None,
     next_attempt_at: datetime | None = None,
     message_id: uuid.UUID | None = None,
+    credential_id: uuid.UUID | None = None,
 ) -> EnqueuedMessage:
     """Insert a queued message (body encrypted); committed by the caller.
 
@@ -126,6 +127,7 @@ def enqueue_message(
     follow-up messages (recipients a provider refused for now) carry their
     original's attempts and acceptance time, so the same retry limits apply.
     The listener picks the id itself, to name it in the message's Received field.
+    ``credential_id`` is the SMTP credential that submitted it (None: a relay network's client).
     """
     headers, subject = parse_headers(data)
     message_id = message_id or uuid.uuid4()
@@ -135,6 +137,7 @@ def enqueue_message(
         dict(
             id=message_id,
             account_id=account_id,
+            credential_id=credential_id,
             sender=sender,
             recipients=list(recipients),
             subject=subject,
