@@ -100,6 +100,8 @@ def create_account(
     email = validation.email(email)
     domains = validation.domain_patterns(allowed_domains)
     overrides = validation.limit_overrides(dict(limits or {}))
+    if password is not None:
+        crypto.check_password_policy(password)  # a bad field is told before any conflict
     if session.scalar(select(Account.id).where(Account.name == name)) is not None:
         raise Conflict(f"an account named {name!r} already exists")
     if credentials.username_taken(session, name):
@@ -121,7 +123,7 @@ def create_account(
     session.add(account)
     session.flush()  # the credential's foreign key needs the row
     # The account's own login: its first SMTP credential, user name = the account's name.
-    password = credentials.set_primary_password(session, account, bcrypt_cost, password, actor=actor)
+    password = credentials.set_primary_password(session, account, bcrypt_cost, password)
     fields = ["name", "email", "allowed_domains", "is_admin", "password", "api_key"]
     fields += ["allow_any_header_from"] if allow_any_header_from else []
     fields += ["limits"] if overrides else []
@@ -166,7 +168,7 @@ def set_password(
     session: Session, account: Account, bcrypt_cost: int, password: str | None = None, *, actor: Actor
 ) -> str:
     """Replace the password of the account's own login (a generated one unless given); returns it."""
-    password = credentials.set_primary_password(session, account, bcrypt_cost, password, actor=actor)
+    password = credentials.set_primary_password(session, account, bcrypt_cost, password)
     _audit_update(session, account, actor, ("password",))
     return password
 
@@ -239,7 +241,7 @@ def update_account(
         if name in values:
             setattr(account, name, values[name])
     if "password" in values:
-        credentials.set_primary_password(session, account, bcrypt_cost, values["password"], actor=actor)
+        credentials.set_primary_password(session, account, bcrypt_cost, values["password"])
     if not values:
         return AccountUpdate([], None)
     action = "update"

@@ -152,10 +152,11 @@ def primary_credential(session: Session, account: Account) -> SmtpCredential | N
 
 
 def set_primary_password(
-    session: Session, account: Account, bcrypt_cost: int, password: str | None = None, *, actor: Actor
+    session: Session, account: Account, bcrypt_cost: int, password: str | None = None
 ) -> str:
     """The account's own login gets a new password (a generated one unless given); made again if
-    it was deleted. Returns the password."""
+    it was deleted. Returns the password. Not audited here: it is a change of the account, which
+    the caller (``storage.accounts``) audits as one row."""
     credential = primary_credential(session, account)
     if credential is None:
         if username_taken(session, account.name):
@@ -163,16 +164,15 @@ def set_primary_password(
         label = PRIMARY_CREDENTIAL_LABEL
         while _label_taken(session, account.id, label):
             label = f"{PRIMARY_CREDENTIAL_LABEL}-{uuid.uuid4().hex[:8]}"
-        return _create_primary(session, account, label, bcrypt_cost, password, actor)
+        return _create_primary(session, account, label, bcrypt_cost, password)
     password = password if password is not None else crypto.generate_password()
     credential.password_hash = crypto.hash_password(password, bcrypt_cost)
-    _audit(session, credential, actor, "update", ["password"])
     session.flush()
     return password
 
 
 def _create_primary(
-    session: Session, account: Account, label: str, bcrypt_cost: int, password: str | None, actor: Actor
+    session: Session, account: Account, label: str, bcrypt_cost: int, password: str | None
 ) -> str:
     password = password if password is not None else crypto.generate_password()
     credential = SmtpCredential(
@@ -186,7 +186,6 @@ def _create_primary(
         allowed_domains=None,
     )
     session.add(credential)
-    _audit(session, credential, actor, "create", ["username", "label", "password", "enabled"])
     session.flush()
     return password
 
