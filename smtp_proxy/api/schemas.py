@@ -61,6 +61,16 @@ ACCOUNT_FIELDS: Schema = {
         ),
     },
     "limits": {"$ref": "#/components/schemas/AccountLimits"},
+    "relay_networks": {
+        "type": "array",
+        "maxItems": 100,
+        "items": {"$ref": "#/components/schemas/RelayNetwork"},
+        "description": (
+            "Set by an admin only. Networks whose clients send as this account without AUTH "
+            "(printers, old appliances); a PUT replaces the whole list. None wider than /16 (IPv4) "
+            "or /48 (IPv6); one overlapping another account's is 409 conflict."
+        ),
+    },
 }
 ACCOUNT_UPDATE_FIELDS: Schema = {
     **{k: v for k, v in ACCOUNT_FIELDS.items() if k != "name"},
@@ -115,6 +125,27 @@ SCHEMAS: dict[str, Schema] = {
             "{} goes back to every default."
         ),
     },
+    "RelayNetwork": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["network"],
+        "properties": {
+            "network": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 50,
+                "description": "CIDR, host bits clear: 192.0.2.0/24, 2001:db8:1::/48, 192.0.2.7 (one host).",
+            },
+            "require_tls": {
+                "type": "boolean",
+                "default": True,
+                "description": (
+                    "true (the default): MAIL FROM before STARTTLS gets 530 5.7.0. false lets a device "
+                    "that cannot do TLS send in the clear, from this network only."
+                ),
+            },
+        },
+    },
     "AccountCreate": {
         "type": "object",
         "additionalProperties": False,
@@ -132,9 +163,9 @@ SCHEMAS: dict[str, Schema] = {
         "properties": ACCOUNT_UPDATE_FIELDS,
         "description": (
             "A tenant may change its own email and password. allowed_domains, is_admin, active, "
-            "allow_any_header_from and limits are the operator's: an admin sets them, a tenant naming "
-            "one gets 403 forbidden_field. Granting a domain another active account holds, or "
-            "reactivating an account whose domain was granted since, is 409 domain_taken."
+            "allow_any_header_from, limits and relay_networks are the operator's: an admin sets them, "
+            "a tenant naming one gets 403 forbidden_field. Granting a domain another active account "
+            "holds, or reactivating an account whose domain was granted since, is 409 domain_taken."
         ),
     },
     "Account": {
@@ -148,6 +179,7 @@ SCHEMAS: dict[str, Schema] = {
             "active",
             "allow_any_header_from",
             "limits",
+            "relay_networks",
             "created_at",
             "updated_at",
         ],
@@ -163,6 +195,7 @@ SCHEMAS: dict[str, Schema] = {
                 "$ref": "#/components/schemas/AccountLimits",
                 "description": "The account's own overrides only; GET .../usage shows the limits in force.",
             },
+            "relay_networks": {"type": "array", "items": {"$ref": "#/components/schemas/RelayNetwork"}},
             "created_at": _TIME,
             "updated_at": _TIME,
         },

@@ -29,7 +29,7 @@ from sqlalchemy import (
     Uuid,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from smtp_proxy.contract import (
     ACCOUNT_NAME_MAX,
@@ -95,6 +95,10 @@ class Account(Base):
     limits: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
+    # Admin-only: networks whose clients send as this account without AUTH.
+    relay_networks: Mapped[list[RelayNetwork]] = relationship(
+        order_by="RelayNetwork.network", lazy="selectin", cascade="all, delete-orphan", passive_deletes=True
+    )
 
 
 class SmtpCredential(Base):

@@ -27,6 +27,7 @@ ACCOUNT_KEYS = {
     "active",
     "allow_any_header_from",
     "limits",
+    "relay_networks",
     "created_at",
     "updated_at",
 }
