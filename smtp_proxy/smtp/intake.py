@@ -76,7 +76,7 @@ class Intake:
             return session.mail_checked(R.R451_STORAGE_DOWN), None
         if decision.account != account:
             # Domains or the header-From exemption changed since AUTH: the core judges by these now.
-            session.connection.account = decision.account
+            session.account_changed(decision.account)
         refusal = decision.refusal
         reason = decision.reason or "policy"
         if refusal is not None:
