@@ -4,11 +4,12 @@ A session authenticates once and may then send for up to ``smtp.max_session_time
 What an admin changes meanwhile must still reach it, in every listener process, so
 the state a transaction depends on (active, the credential enabled, allowed domains,
 the header-From exemption, the account's own limits) is read from the database, not
-from the session: ``AccountStates`` keeps each session identity's state (a credential,
-or an account reached through a relay network) for ``STATE_TTL`` seconds, and a MAIL
-FROM after that re-reads it with one query (``storage.auth.find_login`` or
-``find_policy``). A deactivation, or a credential disabled or deleted, therefore ends a
-live session at its next MAIL FROM within a few seconds, whichever process holds it.
+from the session: ``AccountStates`` keeps each account's policy, with the state of each
+of its credentials, for ``STATE_TTL`` seconds, and a MAIL FROM after that re-reads it
+with one query (``storage.auth.find_policy``), whichever of the account's credentials
+(or relay networks) the session came by: an account's thousand devices cost what one
+does. A deactivation, or a credential disabled or deleted, therefore ends a live
+session at its next MAIL FROM within a few seconds, whichever process holds it.
 
 ``MailPolicy.check`` answers the core's ``MailFromOffered``: a deactivated account
 gets 421 and the session closes; an account over a sending limit gets ``451 4.7.1
@@ -38,7 +39,7 @@ from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.addresses import domain_allowed
 from smtp_proxy.smtp.credentials import AuthenticatedAccount
 from smtp_proxy.smtp.replies import Reply
-from smtp_proxy.storage.auth import find_login, find_policy
+from smtp_proxy.storage.auth import Policy, effective_domains, find_policy
 
 log = logging.getLogger("smtp_proxy.smtp")
 
@@ -61,16 +62,12 @@ class AccountState:
 
 @dataclass(frozen=True)
 class _Entry:
-    state: AccountState
+    policy: Policy | None  # None: no such account
     expires: float
 
 
-_Identity = tuple[uuid.UUID, uuid.UUID | None]  # the account's id, the credential's (None: relay)
-
-
 class AccountStates:
-    """States by session identity (account and credential), each re-read from the database once
-    older than ``ttl``; thread-safe."""
+    """Account policies by id, each re-read from the database once older than ``ttl``; thread-safe."""
 
     def __init__(
         self,
@@ -85,7 +82,7 @@ class AccountStates:
         self._clock = clock
         self._max_entries = max_entries
         self._lock = threading.Lock()
-        self._entries: dict[_Identity, _Entry] = {}
+        self._entries: dict[uuid.UUID, _Entry] = {}
 
     def get(self, account: AuthenticatedAccount) -> AccountState:
         """The state of the account as this session reaches it, at most ``ttl`` seconds old.
@@ -95,41 +92,24 @@ class AccountStates:
         before is used however old; without one, ``DatabaseUnavailable`` is raised.
         """
         now = self._clock()
-        identity = (account.id, account.credential_id)
         with self._lock:
-            entry = self._entries.get(identity)
-        if entry is not None and now < entry.expires:
-            return entry.state
-        try:
-            state = self._read(account)
-        except DatabaseUnavailable:
-            if entry is not None:
-                return entry.state
-            raise
-        finally:
-            self._database.remove_session()
-        with self._lock:
-            if len(self._entries) >= self._max_entries:
-                self._prune(now)
-            self._entries[identity] = _Entry(state, self._clock() + self._ttl)
-        return state
-
-    def _read(self, account: AuthenticatedAccount) -> AccountState:
-        with self._database.autocommit() as connection:
-            if account.credential_id is None:
-                found = find_policy(connection, account.id)
+            entry = self._entries.get(account.id)
+        if entry is None or now >= entry.expires:
+            try:
+                with self._database.autocommit() as connection:
+                    policy = find_policy(connection, account.id)
+            except DatabaseUnavailable:
+                if entry is None:
+                    raise
             else:
-                login = find_login(connection, account.username or "")
-                found = login if login is not None and login.credential_id == account.credential_id else None
-        if found is None or found.id != account.id:
-            return AccountState(account.id, False, (), False, {})
-        return AccountState(
-            found.id,
-            found.active,
-            tuple(found.allowed_domains),
-            found.allow_any_header_from,
-            dict(found.limits),
-        )
+                entry = _Entry(policy, self._clock() + self._ttl)
+                with self._lock:
+                    if len(self._entries) >= self._max_entries:
+                        self._prune(now)
+                    self._entries[account.id] = entry
+            finally:
+                self._database.remove_session()
+        return _state(entry.policy, account)
 
     def _prune(self, now: float) -> None:
         """Drop expired states, then the oldest half if all are fresh; the caller holds the lock."""
@@ -138,6 +118,22 @@ class AccountStates:
         if len(self._entries) >= self._max_entries:
             for key in list(self._entries)[: len(self._entries) // 2]:
                 del self._entries[key]
+
+
+def _state(policy: Policy | None, account: AuthenticatedAccount) -> AccountState:
+    """What the session may do now: its account's policy, narrowed by its credential's state."""
+    inactive = AccountState(account.id, False, (), False, {})
+    if policy is None:
+        return inactive
+    domains = policy.allowed_domains
+    active = policy.active
+    if account.credential_id is not None:
+        credential = policy.credentials.get(account.credential_id)
+        if credential is None:  # deleted
+            return inactive
+        active = active and credential.enabled
+        domains = effective_domains(domains, credential.allowed_domains)
+    return AccountState(policy.id, active, tuple(domains), policy.allow_any_header_from, dict(policy.limits))
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@
 a disabled credential or a deactivation takes effect at once, and at a live session's
 MAIL FROM once its state is older than a few seconds; it therefore reads the login and
 sending-policy columns and nothing else, in one query over the credential and its
-account. ``find_policy`` is the same policy for a session without a credential (a relay
-network's client).
+account. ``find_policy`` reads an account's policy with the state of each of its
+credentials, for every live session of the account at once.
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ class Login(NamedTuple):
     last_used_at: datetime | None
 
 
+class CredentialState(NamedTuple):
+    enabled: bool
+    allowed_domains: list[str] | None  # the credential's own subset; None: the account's
+
+
 class Policy(NamedTuple):
-    """An account's sending policy, for a session that has no credential."""
+    """An account's sending policy and the state of each of its credentials: what a live
+    session's MAIL FROM depends on, read in one query for all the account's sessions."""
 
     id: uuid.UUID
     name: str
@@ -48,6 +54,7 @@ class Policy(NamedTuple):
     active: bool
     allow_any_header_from: bool
     limits: dict[str, Any]
+    credentials: dict[uuid.UUID, CredentialState]
 
 
 _accounts = Account.__table__.c
@@ -71,14 +78,23 @@ _LOGIN = (
     .select_from(SmtpCredential.__table__.join(Account.__table__, _credentials.account_id == _accounts.id))
     .where(_credentials.username == bindparam("username"))
 )
-_POLICY = select(
-    _accounts.id,
-    _accounts.name,
-    _accounts.allowed_domains,
-    _accounts.active,
-    _accounts.allow_any_header_from,
-    _accounts.limits,
-).where(_accounts.id == bindparam("id"))
+_POLICY = (
+    select(
+        _accounts.id,
+        _accounts.name,
+        _accounts.allowed_domains,
+        _accounts.active,
+        _accounts.allow_any_header_from,
+        _accounts.limits,
+        _credentials.id.label("credential_id"),
+        _credentials.enabled,
+        _credentials.allowed_domains.label("credential_domains"),
+    )
+    .select_from(
+        Account.__table__.outerjoin(SmtpCredential.__table__, _credentials.account_id == _accounts.id)
+    )
+    .where(_accounts.id == bindparam("id"))
+)
 
 
 def effective_domains(account_domains: list[str], credential_domains: list[str] | None) -> list[str]:
@@ -119,9 +135,11 @@ def find_login(session: Session | Connection, username: str) -> Login | None:
 
 
 def find_policy(session: Session | Connection, account_id: uuid.UUID) -> Policy | None:
-    row = session.execute(_POLICY, {"id": account_id}).one_or_none()
-    if row is None:
+    """The account's policy with its credentials' states, or None when there is no such account."""
+    rows = session.execute(_POLICY, {"id": account_id}).all()
+    if not rows:
         return None
+    row = rows[0]
     return Policy(
         row.id,
         row.name,
@@ -129,6 +147,11 @@ def find_policy(session: Session | Connection, account_id: uuid.UUID) -> Policy 
         bool(row.active),
         bool(row.allow_any_header_from),
         dict(row.limits or {}),
+        {
+            each.credential_id: CredentialState(bool(each.enabled), each.credential_domains)
+            for each in rows
+            if each.credential_id is not None
+        },
     )
 
 
