@@ -7,6 +7,7 @@ other response; the hash is in none.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,8 @@ from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage import credentials as store
+
+_INDEX = re.compile(r"\[([0-9]+)\]")
 
 bp = Blueprint("smtp_credentials", __name__, url_prefix="/accounts/<uuid:account_id>/smtp-credentials")
 
@@ -75,7 +78,8 @@ def _checked(data: dict[str, Any], account: Any) -> None:
             try:
                 check(data[name])
             except ValidationError as error:
-                fields[error.field] = error.problem
+                # allowed_ips[2] as the schema's errors name it: allowed_ips.2
+                fields[_INDEX.sub(r".\1", error.field)] = error.problem
     if fields:
         raise invalid(fields)
 
