@@ -13,24 +13,15 @@ from typing import Any
 from sqlalchemy import event, select
 
 from smtp_proxy import crypto
+from smtp_proxy.api.schemas import SCHEMAS
 from smtp_proxy.db.models import AuditLog, Message, MessageStatus, SmtpCredential
 from smtp_proxy.storage.messages import enqueue_message
 from tests.api.checks import assert_error, assert_invalid
 from tests.api.conftest import ApiServer, Client, Tenant, own_domain
 
 GENERATED_PASSWORD_LENGTH = 32
-KEYS = {
-    "id",
-    "account_id",
-    "username",
-    "label",
-    "enabled",
-    "allowed_ips",
-    "allowed_domains",
-    "last_used_at",
-    "created_at",
-    "updated_at",
-}
+# Every field the contract promises, and no other (no hash, no password but at creation).
+KEYS = set(SCHEMAS["SmtpCredential"]["required"])
 
 
 def no_hash(response: Any) -> Any:

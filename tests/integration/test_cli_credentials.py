@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from smtp_proxy import crypto
+from smtp_proxy.api.schemas import SCHEMAS
 from smtp_proxy.db.models import AuditLog
 from smtp_proxy.db.session import Database
 from smtp_proxy.storage import credentials as credential_store
@@ -22,18 +23,8 @@ from tests.integration.test_cli import Cli, assert_one_line_error, create
 # test_cli.py's fixtures, for pytest to find in this module too.
 make_cli, cli, sqlite_cli, storage = test_cli.make_cli, test_cli.cli, test_cli.sqlite_cli, test_cli.storage
 
-KEYS = {
-    "id",
-    "account_id",
-    "username",
-    "label",
-    "enabled",
-    "allowed_ips",
-    "allowed_domains",
-    "last_used_at",
-    "created_at",
-    "updated_at",
-}
+# The CLI prints a credential as the API shows it.
+KEYS = set(SCHEMAS["SmtpCredential"]["required"])
 
 
 def audit_trail(storage: Database, credential_id: str) -> list[tuple[str, str, list[str]]]:
