@@ -64,6 +64,14 @@ def restricted_domains(value: object, account: Account) -> list[str] | None:
     return patterns
 
 
+def own_username(value: object, account: Account) -> str:
+    """A user name the account may hold: its own name, or ``<account>.<anything>``."""
+    username = validation.credential_username(value)
+    if username != account.name and not username.startswith(account.name + "."):
+        raise ValidationError("username", f"must be {account.name!r} or begin with {account.name + '.'!r}")
+    return username
+
+
 def _label_taken(session: Session, account_id: uuid.UUID, label: str) -> bool:
     mine = SmtpCredential.account_id == account_id
     return session.scalar(select(SmtpCredential.id).where(mine, SmtpCredential.label == label)) is not None
@@ -89,11 +97,7 @@ def create_credential(
     """Validate, hash and add a credential. Raises ValidationError, or Conflict for a taken
     label (within the account) or user name (across the relay)."""
     label = validation.credential_label(label)
-    if username is None:
-        username = f"{account.name}.{label}"
-    username = validation.credential_username(username)
-    if username != account.name and not username.startswith(account.name + "."):
-        raise ValidationError("username", f"must be {account.name!r} or begin with {account.name + '.'!r}")
+    username = own_username(username if username is not None else f"{account.name}.{label}", account)
     if not isinstance(enabled, bool):
         raise ValidationError("enabled", "must be true or false")
     ips = validation.networks(list(allowed_ips) if isinstance(allowed_ips, tuple) else allowed_ips)
