@@ -35,6 +35,7 @@ from smtp_proxy.logs import configure_logging
 from smtp_proxy.reload import ConfigWatcher, start_watcher
 from smtp_proxy.storage import accounts as account_store
 from smtp_proxy.storage import credentials as credential_store
+from smtp_proxy.storage import relay_networks
 from smtp_proxy.storage.audit import CLI
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -218,6 +219,7 @@ def _account_json(account: Any) -> dict[str, Any]:
         "active": account.active,
         "allow_any_header_from": bool(account.allow_any_header_from),
         "limits": dict(account.limits or {}),
+        "relay_networks": relay_networks.render(account),
         "created_at": iso_timestamp(account.created_at),
     }
 
@@ -337,6 +339,21 @@ def accounts_create(
 @click.option("--limit", "limit_options", multiple=True, metavar="NAME=VALUE", help=_LIMIT_HELP)
 @click.option("--admin/--no-admin", default=None, help="May manage all accounts through the API, or not.")
 @click.option("--activate", is_flag=True, help="Reactivate a deactivated account.")
+@click.option(
+    "--relay-network",
+    "relay_tls",
+    multiple=True,
+    metavar="CIDR",
+    help="A network whose clients send as the account without AUTH, after STARTTLS (repeat).",
+)
+@click.option(
+    "--relay-network-without-tls",
+    "relay_clear",
+    multiple=True,
+    metavar="CIDR",
+    help="The same, for devices that cannot do TLS: they send in the clear (repeat).",
+)
+@click.option("--no-relay-networks", is_flag=True, help="Withdraw every relay network of the account.")
 @click.pass_context
 @handle_errors
 def accounts_update(
@@ -347,12 +364,17 @@ def accounts_update(
     limit_options: tuple[str, ...],
     admin: bool | None,
     activate: bool,
+    relay_tls: tuple[str, ...],
+    relay_clear: tuple[str, ...],
+    no_relay_networks: bool,
 ) -> None:
-    """Change an account's domains, header-From exemption, limits or admin flag; print it as JSON.
+    """Change an account's domains, header-From exemption, limits, admin flag or relay networks;
+    print it as JSON.
 
     Limits given are set one by one; the others keep their value. A domain (or a
     reactivated account's domain) that another active account holds is refused,
-    unless security.unique_sender_domains is false.
+    unless security.unique_sender_domains is false. Relay networks given replace the
+    account's list; one that overlaps another account's is refused.
     """
     runtime = runtime_of(ctx)
     given_limits = _parse_limits(limit_options)
@@ -365,6 +387,12 @@ def accounts_update(
         changes["is_admin"] = admin
     if activate:
         changes["active"] = True
+    if no_relay_networks and (relay_tls or relay_clear):
+        raise ValidationError("relay_networks", "--no-relay-networks cannot be given with networks")
+    if relay_tls or relay_clear or no_relay_networks:
+        changes["relay_networks"] = [{"network": n, "require_tls": True} for n in relay_tls] + [
+            {"network": n, "require_tls": False} for n in relay_clear
+        ]
     if not changes and not given_limits:
         raise ValidationError("update", "nothing to change; see --help")
     security = runtime.config.security

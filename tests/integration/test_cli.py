@@ -584,3 +584,34 @@ def test_help_works_with_a_broken_config_file(sqlite_cli: Cli, tmp_path: Path, v
     sub = run("accounts", "--help", **kwargs)
     assert sub.returncode == 0, sub.stderr
     assert "create" in sub.stdout and "Traceback" not in sub.stderr
+
+
+def test_accounts_update_sets_and_withdraws_relay_networks(cli: Cli, storage: Database) -> None:
+    create(cli, "printers")
+    create(cli, "other")
+    shown = cli.json(
+        "accounts", "update", "printers", "--relay-network", "192.0.2.0/28",
+        "--relay-network-without-tls", "198.51.100.7",
+    )  # fmt: skip
+    assert shown["relay_networks"] == [
+        {"network": "192.0.2.0/28", "require_tls": True},
+        {"network": "198.51.100.7/32", "require_tls": False},
+    ]
+    listed = {a["name"]: a["relay_networks"] for a in cli.json("accounts", "list")}
+    assert listed == {"printers": shown["relay_networks"], "other": []}
+
+    # Another account's overlapping network, a network too wide, both flags at once: one line each.
+    taken = cli.run("accounts", "update", "other", "--relay-network", "192.0.2.8/29")
+    assert taken.returncode == 1
+    assert taken.stderr.startswith("smtp-proxy: error: 192.0.2.8/29 is already another account's relay")
+    wide = cli.run("accounts", "update", "other", "--relay-network", "10.0.0.0/8")
+    assert wide.returncode == 1 and "wider than /16" in wide.stderr
+    both = cli.run("accounts", "update", "other", "--relay-network", "10.0.0.0/24", "--no-relay-networks")
+    assert both.returncode == 1 and "--no-relay-networks" in both.stderr
+    assert {a["name"]: a["relay_networks"] for a in cli.json("accounts", "list")}["other"] == []
+
+    assert cli.json("accounts", "update", "printers", "--no-relay-networks")["relay_networks"] == []
+    with storage.transaction() as session:
+        account = account_store.get_account_by_name(session, "printers")
+        rows = [(r.action, r.changes["fields"]) for r in reversed(audit.list_entries(session, account.id))]
+    assert rows[1:] == [("update", ["relay_networks"]), ("update", ["relay_networks"])]
