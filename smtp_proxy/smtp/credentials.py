@@ -287,19 +287,27 @@ def _account(login: Login) -> AuthenticatedAccount:
     )
 
 
-def ip_allowed(client_ip: str, networks: list[str]) -> bool:
-    """Whether the client's address is in one of ``networks`` (CIDRs); an empty list allows all.
+def client_address(client_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address for matching against networks, None if it is none.
 
-    An IPv4 client seen as an IPv4-mapped IPv6 address (a dual-stack socket) is matched as IPv4.
+    An IPv4 client seen as an IPv4-mapped IPv6 address (a dual-stack socket) is the IPv4 one.
     """
-    if not networks:
-        return True
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+def ip_allowed(client_ip: str, networks: list[str]) -> bool:
+    """Whether the client's address is in one of ``networks`` (CIDRs); an empty list allows all."""
+    if not networks:
+        return True
+    address = client_address(client_ip)
+    if address is None:
+        return False
     for network in networks:
         try:
             if address in ipaddress.ip_network(network):

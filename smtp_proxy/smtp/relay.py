@@ -11,7 +11,6 @@ none (clients must AUTH).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ from collections.abc import Callable
 
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
-from smtp_proxy.smtp.credentials import AuthenticatedAccount
+from smtp_proxy.smtp.credentials import AuthenticatedAccount, client_address
 from smtp_proxy.smtp.protocol import RelayGrant
 from smtp_proxy.storage.relay_networks import Grant, all_grants
 
@@ -51,12 +50,9 @@ class RelayNetworks:
         grants = self._current()
         if not grants:
             return None
-        try:
-            address = ipaddress.ip_address(client_ip)
-        except ValueError:
+        address = client_address(client_ip)
+        if address is None:
             return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         for grant in grants:
             if address.version == grant.network.version and address in grant.network:
                 if not grant.active:
