@@ -32,12 +32,14 @@ defaults
 """
 
 
-def tcp_front(front: int, back: int, send: str) -> str:
-    """A TCP frontend on 127.0.0.1:``front`` relaying to 127.0.0.1:``back`` with ``send``
-    (``send-proxy``, ``send-proxy-v2`` or nothing)."""
+def relay(front: int, back: int, send: str = "", mode: str = "tcp", options: str = "") -> str:
+    """A frontend on 127.0.0.1:``front`` relaying to 127.0.0.1:``back``, with ``send`` on the
+    server line (``send-proxy``, ``send-proxy-v2`` or nothing) and ``options`` in the frontend
+    (``option forwardfor`` in http mode)."""
     return (
-        f"frontend front\n    bind 127.0.0.1:{front}\n    default_backend back\n\n"
-        f"backend back\n    server app 127.0.0.1:{back} {send}\n"
+        f"frontend front\n    mode {mode}\n    bind 127.0.0.1:{front}\n    {options}\n"
+        "    default_backend back\n\n"
+        f"backend back\n    mode {mode}\n    server app 127.0.0.1:{back} {send}\n"
     )
 
 

@@ -26,7 +26,7 @@ from smtp_proxy.proxy_protocol import V2_SIGNATURE
 from smtp_proxy.smtp.replies import R421_TOO_MANY_FROM_IP, R554_PROXY_HEADER
 from tests.conftest import free_port
 from tests.e2e.conftest import Listener, RawClient, closed_after_test
-from tests.haproxy import Haproxy, tcp_front
+from tests.haproxy import Haproxy, relay
 from tests.waiting import wait_for
 
 BALANCER = ["127.0.0.1/32"]
@@ -77,7 +77,7 @@ def start_haproxy(tmp_path: Path) -> Iterator[Callable[[int, str], int]]:
 
     def start(back: int, send: str) -> int:
         front = free_port()
-        started.append(Haproxy(tmp_path / f"haproxy-{len(started)}", tcp_front(front, back, send)))
+        started.append(Haproxy(tmp_path / f"haproxy-{len(started)}", relay(front, back, send)))
         return front
 
     yield start
