@@ -86,12 +86,12 @@ class Haproxy:
                 chunks.append(chunk)
         return b"".join(chunks).decode()
 
-    def server_status(self, backend: str = "back", server: str = "app") -> str:
-        """The server's status as its health checks see it: ``UP``, ``DOWN``, ``no check``, ..."""
+    def server_check(self, backend: str = "back", server: str = "app") -> tuple[str, str]:
+        """The server's status and its last health check's: ``("UP", "L7OK")``, ``("DOWN", "L4CON")``..."""
         rows = csv.DictReader(self.command("show stat").lstrip("# ").splitlines())
         for row in rows:
             if row["pxname"] == backend and row["svname"] == server:
-                return row["status"]
+                return row["status"], row["check_status"]
         raise AssertionError(f"no server {backend}/{server} in haproxy's stats")
 
     def stop(self) -> None:
