@@ -30,7 +30,12 @@ STARTTLS + AUTH PLAIN + messages of 10 KB, for a bounded time. Measured:
    refuse on `limits.storage: memory://`, and on a throwaway redis-server
    (`redis://127.0.0.1:PORT`), each on a fresh listener, in --limits-rounds
    rounds (ABC, then CBA, to even out drift); the ratios to the figure without
-   limits (target: within 5%), and how many messages Redis counted.
+   limits (target: within 5%), and how many messages Redis counted;
+7. haproxy: the one-message-per-session figure through a real HAProxy
+   (`send-proxy-v2`, connecting from BALANCER_ADDRESS, which the listener
+   trusts in smtp.proxy_protocol_from) beside direct connections to the same
+   listener, in --haproxy-rounds rounds (direct, proxied, then the reverse);
+   the ratio, and the CPU per session of the listener and of HAProxy.
 
 Phases 1-4 share one listener with smtp.max_connections_per_ip 0 (off): their
 load comes from one address. Everything listens on 127.0.0.1 only, every loop is bounded in count and time,
@@ -76,6 +81,7 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.devcert import write_self_signed
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
+from tests.haproxy import HAPROXY, Haproxy, relay
 from tests.pgcluster import PgCluster, free_port
 
 PASSWORD = "bench password 123"  # noqa: S105 - the throwaway bench tenant
@@ -505,7 +511,9 @@ def redis_counted(url: str) -> int:
 
 
 BASE_PHASES = ("one", "ten", "cold", "idle")
-PHASES = (*BASE_PHASES, "flood", "limits", "processes")
+PHASES = (*BASE_PHASES, "flood", "limits", "processes", "haproxy")
+# The balancer's connections come from here, the load generator's direct ones from 127.0.0.1.
+BALANCER_ADDRESS = "127.0.0.3"
 
 
 class Bench:
@@ -522,7 +530,12 @@ class Bench:
         self.configs = 0
 
     def config(
-        self, port: int, per_ip: int, limits: dict[str, object] | None = None, processes: int | None = None
+        self,
+        port: int,
+        per_ip: int,
+        limits: dict[str, object] | None = None,
+        processes: int | None = None,
+        balancers: tuple[str, ...] = (),
     ) -> Path:
         self.configs += 1
         processes = processes or self.processes
@@ -538,6 +551,7 @@ smtp:
   read_timeout: 5m
   metrics_port: null
   processes: {processes}
+  proxy_protocol_from: [{", ".join(balancers)}]
 database:
   url: {self.url}
   pool_min: 20
@@ -564,11 +578,15 @@ security:
         return path
 
     def start(
-        self, per_ip: int, limits: dict[str, object] | None = None, processes: int | None = None
+        self,
+        per_ip: int,
+        limits: dict[str, object] | None = None,
+        processes: int | None = None,
+        balancers: tuple[str, ...] = (),
     ) -> tuple[subprocess.Popen, int]:
         """A listener on a free port, each process's credential cache warmed by logins."""
         port = free_port()
-        process = serve(self.listener, self.config(port, per_ip, limits, processes), port)
+        process = serve(self.listener, self.config(port, per_ip, limits, processes, balancers), port)
         try:
             # Connections go to whichever process accepts first: enough logins to reach each.
             for _ in range(4 * (processes or self.processes)):
@@ -797,6 +815,53 @@ def processes_phase(bench: Bench, cluster: PgCluster, args: argparse.Namespace) 
         )
 
 
+def haproxy_phase(bench: Bench, args: argparse.Namespace) -> None:
+    """One message per session, direct and through HAProxy with send-proxy-v2, on one listener."""
+    if not Path(HAPROXY).exists():
+        print("haproxy            : not installed (./scripts/test installs Debian's haproxy); skipped")
+        return
+    listener, port = bench.start(0, balancers=(f"{BALANCER_ADDRESS}/32",))
+    haproxy = None
+    try:
+        front = free_port()
+        haproxy = Haproxy(
+            bench.workdir / "haproxy", relay(front, port, send=f"send-proxy-v2 source {BALANCER_ADDRESS}")
+        )
+        targets = {"direct": port, "haproxy": front}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        run_load(front, args.clients, 1, min(2.0, args.seconds / 4))  # warm-up, not counted
+        for round_ in range(args.haproxy_rounds):
+            for name in targets if round_ % 2 == 0 else list(reversed(targets)):
+                cpu, balancer_cpu = cpu_seconds(listener.pid), cpu_seconds(haproxy.process.pid)
+                result = run_load(targets[name], args.clients, 1, args.seconds)
+                sessions = max(result["sessions"], 1)
+                result["cpu_ms"] = (cpu_seconds(listener.pid) - cpu) * 1000 / sessions
+                result["haproxy_cpu_ms"] = (cpu_seconds(haproxy.process.pid) - balancer_cpu) * 1000 / sessions
+                runs[name].append(result)
+                print(
+                    f"  haproxy round {round_ + 1} {name:7s}: {result['sessions_per_s']:7.1f} sessions/s  "
+                    f"p99 {result['p99_ms']:6.1f} ms  listener CPU {result['cpu_ms']:.2f} ms/session  "
+                    f"({result['sessions']} sessions, {result['errors']} errors)"
+                )
+    finally:
+        if haproxy is not None:
+            haproxy.stop()
+        stop(listener)
+
+    def mean(name: str, key: str) -> float:
+        return statistics.fmean(run[key] for run in runs[name])
+
+    direct, proxied = mean("direct", "sessions_per_s"), mean("haproxy", "sessions_per_s")
+    print(
+        f"haproxy (1 message/session, {args.clients} clients, {args.haproxy_rounds} x {args.seconds:.0f} s "
+        f"each, one listener trusting {BALANCER_ADDRESS}): direct {direct:.1f} sessions/s "
+        f"(p99 {mean('direct', 'p99_ms'):.1f} ms), through HAProxy send-proxy-v2 {proxied:.1f} sessions/s "
+        f"(p99 {mean('haproxy', 'p99_ms'):.1f} ms): {ratio(proxied, direct):.2f}x; listener CPU "
+        f"{mean('direct', 'cpu_ms'):.2f} -> {mean('haproxy', 'cpu_ms'):.2f} ms/session, HAProxy "
+        f"{mean('haproxy', 'haproxy_cpu_ms'):.2f} ms/session"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -815,6 +880,7 @@ def main() -> None:
         "--process-counts", default="1,2", help="the processes phase's smtp.processes values (default 1,2)"
     )
     parser.add_argument("--process-rounds", type=int, default=2, help="rounds of the processes phase")
+    parser.add_argument("--haproxy-rounds", type=int, default=2, help="rounds of the haproxy phase")
     parser.add_argument(
         "--phases",
         default=",".join(PHASES),
@@ -830,8 +896,12 @@ def main() -> None:
     phases = set(args.phases.split(","))
     if not phases or not phases <= set(PHASES):
         parser.error(f"--phases takes a comma-separated subset of {','.join(PHASES)}")
-    if not 1 <= args.flood <= 10_000 or not 1 <= args.limits_rounds <= 10:
-        parser.error("--flood takes 1 to 10000, --limits-rounds 1 to 10")
+    if (
+        not 1 <= args.flood <= 10_000
+        or not 1 <= args.limits_rounds <= 10
+        or not 1 <= args.haproxy_rounds <= 10
+    ):
+        parser.error("--flood takes 1 to 10000, --limits-rounds and --haproxy-rounds 1 to 10")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the listener too
@@ -874,6 +944,8 @@ def main() -> None:
             limits_phase(bench, args)
         if "processes" in phases:
             processes_phase(bench, cluster, args)
+        if "haproxy" in phases:
+            haproxy_phase(bench, args)
     finally:
         stop(listener)
         cluster.stop()
