@@ -151,21 +151,26 @@ def _parse_v1(data: bytes) -> ProxyHeader | _NeedData:
 
 
 def _ipv4(text: bytes) -> str:
-    if _IPV4.fullmatch(text):
-        try:
-            return str(ipaddress.IPv4Address(text.decode("ascii")))
-        except ValueError:
-            pass
-    raise ProxyHeaderError("bad_address", f"not an IPv4 address: {text[:40]!r}")
+    return _address(text, _IPV4, ipaddress.IPv4Address, "IPv4")
 
 
 def _ipv6(text: bytes) -> str:
-    if _IPV6.fullmatch(text):
+    return _address(text, _IPV6, ipaddress.IPv6Address, "IPv6")
+
+
+def _address(
+    text: bytes,
+    form: re.Pattern[bytes],
+    make: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address],
+    family: str,
+) -> str:
+    """The address in its canonical text, if ``text`` has the strict ``form`` and is one."""
+    if form.fullmatch(text):
         try:
-            return str(ipaddress.IPv6Address(text.decode("ascii")))
+            return str(make(text.decode("ascii")))
         except ValueError:
             pass
-    raise ProxyHeaderError("bad_address", f"not an IPv6 address: {text[:50]!r}")
+    raise ProxyHeaderError("bad_address", f"not an {family} address: {text[:50]!r}")
 
 
 def _port(text: bytes) -> int:

@@ -14,7 +14,6 @@ import http.client
 import logging
 import socket
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,8 +27,6 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.proxy_protocol import V2_SIGNATURE
 from tests.api.checks import assert_error
 from tests.api.conftest import AppUnderTest, close_counters, serve, stop
-from tests.conftest import free_port
-from tests.haproxy import Haproxy, relay
 from tests.waiting import wait_for
 
 PROVIDERS = "/api/v1/providers"
@@ -219,20 +216,6 @@ def test_a_header_from_anyone_else_is_refused(
 
 
 # --- through a real HAProxy -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def start_haproxy(tmp_path: Path) -> Iterator[Callable[..., int]]:
-    started: list[Haproxy] = []
-
-    def start(back: int, **relay_options: str) -> int:
-        front = free_port()
-        started.append(Haproxy(tmp_path / f"haproxy-{len(started)}", relay(front, back, **relay_options)))
-        return front
-
-    yield start
-    for haproxy in started:
-        haproxy.stop()
 
 
 def get_from(port: int, source: str) -> int:

@@ -16,7 +16,6 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,9 +23,7 @@ from prometheus_client import REGISTRY
 
 from smtp_proxy.proxy_protocol import V2_SIGNATURE
 from smtp_proxy.smtp.replies import R421_TOO_MANY_FROM_IP, R554_PROXY_HEADER
-from tests.conftest import free_port
 from tests.e2e.conftest import Listener, RawClient, closed_after_test
-from tests.haproxy import Haproxy, relay
 from tests.waiting import wait_for
 
 BALANCER = ["127.0.0.1/32"]
@@ -70,21 +67,6 @@ def clients() -> Iterator[Callable[..., RawClient]]:
         client.close()
 
 
-@pytest.fixture
-def start_haproxy(tmp_path: Path) -> Iterator[Callable[[int, str], int]]:
-    """HAProxy relaying a free port on 127.0.0.1 to the listener's port; returns the free port."""
-    started: list[Haproxy] = []
-
-    def start(back: int, send: str) -> int:
-        front = free_port()
-        started.append(Haproxy(tmp_path / f"haproxy-{len(started)}", relay(front, back, send)))
-        return front
-
-    yield start
-    for haproxy in started:
-        haproxy.stop()
-
-
 def auth_plain(password: str) -> bytes:
     return b"AUTH PLAIN " + base64.b64encode(f"\0tenant\0{password}".encode()) + b"\r\n"
 
@@ -97,7 +79,7 @@ def test_the_per_address_cap_counts_each_client_behind_the_balancer(
     start_listener, start_haproxy, clients, send: str
 ) -> None:
     listener: Listener = start_listener(proxy_protocol_from=BALANCER, max_connections_per_ip=2)
-    front = start_haproxy(listener.port, send)
+    front = start_haproxy(listener.port, send=send)
     refused = per_ip_rejections()
     for _ in range(2):
         assert clients(front, "127.0.0.2").reply().startswith(b"220 ")
@@ -117,7 +99,7 @@ def test_the_auth_throttle_counts_each_client_behind_the_balancer(
     """The fixture's throttle allows 5 failures per address; the 6th guess gets 454, the tenant
     on another address behind the same balancer still logs in."""
     listener: Listener = start_listener(proxy_protocol_from=BALANCER)
-    front = start_haproxy(listener.port, send)
+    front = start_haproxy(listener.port, send=send)
     guesser = clients(front, "127.0.0.2")
     assert guesser.auth(dataclasses.replace(listener, password="wrong"), client_tls).startswith(b"535 5.7.8")
     for _ in range(4):
@@ -133,7 +115,7 @@ def test_logs_and_the_received_field_name_the_client_not_the_balancer(
     start_listener, start_haproxy, client_tls: ssl.SSLContext, records
 ) -> None:
     listener: Listener = start_listener(proxy_protocol_from=BALANCER)
-    front = start_haproxy(listener.port, "send-proxy-v2")
+    front = start_haproxy(listener.port, send="send-proxy-v2")
     client = closed_after_test(
         smtplib.SMTP(
             "127.0.0.1", front, local_hostname="client.test", timeout=10, source_address=("127.0.0.2", 0)
