@@ -31,7 +31,11 @@ STARTTLS + AUTH PLAIN + messages of 10 KB, for a bounded time. Measured:
    (`redis://127.0.0.1:PORT`), each on a fresh listener, in --limits-rounds
    rounds (ABC, then CBA, to even out drift); the ratios to the figure without
    limits (target: within 5%), and how many messages Redis counted;
-7. haproxy: the one-message-per-session figure through a real HAProxy
+7. credentials: the one-message-per-session figure with the sessions spread over
+   the own logins of 100 accounts, against 1,000 logins (ten credentials per
+   account), in --limits-rounds interleaved rounds on fresh listeners (target:
+   within 5%);
+8. haproxy: the one-message-per-session figure through a real HAProxy
    (`send-proxy-v2`, connecting from BALANCER_ADDRESS, which the listener
    trusts in smtp.proxy_protocol_from) beside direct connections to the same
    listener, in --haproxy-rounds rounds (direct, proxied, then the reverse);
@@ -46,9 +50,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import math
 import multiprocessing
 import os
+import random
 import resource
 import shutil
 import socket
@@ -79,15 +85,14 @@ from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.models import Account
 from smtp_proxy.db.session import Database
 from smtp_proxy.devcert import write_self_signed
-from smtp_proxy.storage import accounts
+from smtp_proxy.storage import accounts, credentials
 from smtp_proxy.storage.audit import CLI
 from tests.haproxy import HAPROXY, Haproxy, relay
 from tests.pgcluster import PgCluster, free_port
 
 PASSWORD = "bench password 123"  # noqa: S105 - the throwaway bench tenant
-BODY = (
-    b"From: bench@example.com\r\nTo: sink@example.net\r\nSubject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 130
-)  # about 10 KB
+# After the From: field: about 10 KB.
+BODY = b"To: sink@example.net\r\nSubject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 130
 
 
 class Client(SmtpWire):
@@ -112,12 +117,12 @@ class Client(SmtpWire):
         self.send(b"AUTH PLAIN " + token + b"\r\n")
         self.expect(b"235")
 
-    def message(self) -> None:
-        self.send(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")
+    def message(self, sender: bytes = b"bench@example.com") -> None:
+        self.send(b"MAIL FROM:<" + sender + b">\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")
         self.expect(b"250")
         self.expect(b"250")
         self.expect(b"354")
-        self.send(BODY + b".\r\n")
+        self.send(b"From: " + sender + b"\r\n" + BODY + b".\r\n")
         self.expect(b"250")
 
     def quit(self) -> None:
@@ -133,20 +138,33 @@ def _client_context() -> ssl.SSLContext:
     return context
 
 
-def _worker(port: int, threads: int, per_session: int, deadline: float, queue: multiprocessing.Queue) -> None:
-    """One load process: `threads` clients in a loop until the deadline; reports latencies."""
+def _worker(
+    port: int,
+    threads: int,
+    per_session: int,
+    deadline: float,
+    queue: multiprocessing.Queue,
+    logins: list[tuple[str, str]] | None = None,
+) -> None:
+    """One load process: `threads` clients in a loop until the deadline; reports latencies.
+
+    ``logins``: (user name, sender) pairs that the sessions take in turn; else the bench tenant's.
+    """
     context = _client_context()
     latencies: list[float] = []
     errors: dict[str, int] = {}  # what went wrong (the exception, its first 80 characters) -> times
     lock = threading.Lock()
+    logins = logins or [("bench", "bench@example.com")]
+    turn = itertools.count(random.randrange(len(logins)))
 
     def loop() -> None:
         while time.time() < deadline:
             started = time.perf_counter()
+            user, sender = logins[next(turn) % len(logins)]
             try:
-                client = Client(port, context)
+                client = Client(port, context, user=user)
                 for _ in range(per_session):
-                    client.message()
+                    client.message(sender.encode())
                 client.quit()
             except (OSError, RuntimeError, ConnectionError) as error:
                 kind = f"{type(error).__name__}: {error}"[:80]
@@ -164,14 +182,16 @@ def _worker(port: int, threads: int, per_session: int, deadline: float, queue: m
     queue.put((latencies, errors))
 
 
-def run_load(port: int, clients: int, per_session: int, seconds: float) -> dict[str, Any]:
+def run_load(
+    port: int, clients: int, per_session: int, seconds: float, logins: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
     processes = min(4, clients)
     per_process = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
     deadline = time.time() + seconds
     queue: multiprocessing.Queue = multiprocessing.Queue()
     started = time.perf_counter()
     workers = [
-        multiprocessing.Process(target=_worker, args=(port, n, per_session, deadline, queue))
+        multiprocessing.Process(target=_worker, args=(port, n, per_session, deadline, queue, logins))
         for n in per_process
     ]
     for worker in workers:
@@ -511,7 +531,9 @@ def redis_counted(url: str) -> int:
 
 
 BASE_PHASES = ("one", "ten", "cold", "idle")
-PHASES = (*BASE_PHASES, "flood", "limits", "processes", "haproxy")
+PHASES = (*BASE_PHASES, "flood", "limits", "processes", "credentials", "haproxy")
+CREDENTIAL_ACCOUNTS = 100
+CREDENTIALS_PER_ACCOUNT = 10
 # The balancer's connections come from here, the load generator's direct ones from 127.0.0.1.
 BALANCER_ADDRESS = "127.0.0.3"
 
@@ -535,7 +557,7 @@ class Bench:
         per_ip: int,
         limits: dict[str, object] | None = None,
         processes: int | None = None,
-        balancers: tuple[str, ...] = (),
+        smtp: dict[str, object] | None = None,
     ) -> Path:
         self.configs += 1
         processes = processes or self.processes
@@ -551,8 +573,7 @@ smtp:
   read_timeout: 5m
   metrics_port: null
   processes: {processes}
-  proxy_protocol_from: [{", ".join(balancers)}]
-database:
+{"".join(f"  {name}: {value}" + chr(10) for name, value in (smtp or {}).items())}database:
   url: {self.url}
   pool_min: 20
   pool_max: 100
@@ -582,11 +603,11 @@ security:
         per_ip: int,
         limits: dict[str, object] | None = None,
         processes: int | None = None,
-        balancers: tuple[str, ...] = (),
+        smtp: dict[str, object] | None = None,
     ) -> tuple[subprocess.Popen, int]:
         """A listener on a free port, each process's credential cache warmed by logins."""
         port = free_port()
-        process = serve(self.listener, self.config(port, per_ip, limits, processes, balancers), port)
+        process = serve(self.listener, self.config(port, per_ip, limits, processes, smtp), port)
         try:
             # Connections go to whichever process accepts first: enough logins to reach each.
             for _ in range(4 * (processes or self.processes)):
@@ -749,6 +770,106 @@ def limits_phase(bench: Bench, args: argparse.Namespace) -> None:
         print("  Redis counted nothing: this listener does not apply sending limits (yet)")
 
 
+def add_credential_accounts(url: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """CREDENTIAL_ACCOUNTS accounts of CREDENTIALS_PER_ACCOUNT credentials each (bcrypt cost 4, so
+    that warming every credential's cache entry takes seconds); returns the (user, sender) pairs of
+    the accounts' own logins, and of every credential."""
+    database = Database(config_from_dict({"database": {"url": url}}, env={}).database)
+    own: list[tuple[str, str]] = []
+    every: list[tuple[str, str]] = []
+    with database.transaction() as session:
+        for n in range(CREDENTIAL_ACCOUNTS):
+            name, domain = f"cred-{n}", f"c{n}.bench.test"
+            account = accounts.create_account(
+                session,
+                name=name,
+                email=f"ops@{domain}",
+                allowed_domains=[domain],
+                password=PASSWORD,
+                bcrypt_cost=4,
+                actor=CLI,
+            ).account
+            own.append((name, f"app@{domain}"))
+            every.append((name, f"app@{domain}"))
+            for label in range(1, CREDENTIALS_PER_ACCOUNT):
+                created = credentials.create_credential(
+                    session, account, label=f"device-{label}", password=PASSWORD, bcrypt_cost=4, actor=CLI
+                )
+                every.append((created.credential.username, f"app@{domain}"))
+    database.dispose()
+    return own, every
+
+
+def warm_logins(port: int, logins: list[tuple[str, str]], threads: int = 10) -> None:
+    """Log in once with each user name, ``threads`` at a time."""
+    context = _client_context()
+    pending = iter(logins)
+    lock = threading.Lock()
+
+    def run() -> None:
+        while True:
+            with lock:
+                login = next(pending, None)
+            if login is None:
+                return
+            Client(port, context, user=login[0]).quit()
+
+    pool = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+
+
+def credentials_phase(bench: Bench, args: argparse.Namespace) -> None:
+    """One message per session spread over 100 logins (each account's own) against 1,000 (ten
+    credentials per account), interleaved rounds on fresh listeners; target: within 5%."""
+    own, every = add_credential_accounts(bench.url)
+    variants = {f"{len(own)} logins": own, f"{len(every)} logins": every}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for round_ in range(args.limits_rounds):
+        for name in variants if round_ % 2 == 0 else list(reversed(variants)):
+            # Every login's first AUTH is a bcrypt check counted by the AUTH throttle until it
+            # succeeds: 50 clients from one address would otherwise trip its per-address count.
+            listener, port = bench.start(0, smtp={"auth_failures_per_ip": 100_000})
+            try:
+                # Warm-up, not counted: every login's first AUTH pays its bcrypt check (and writes
+                # its last_used_at), as it would once in a long-running listener's life.
+                warm_logins(port, variants[name])
+                run_load(port, args.clients, 1, min(3.0, args.seconds / 3), variants[name])
+                cpu = cpu_seconds(listener.pid)
+                result = run_load(port, args.clients, 1, args.seconds, variants[name])
+                result["cpu_ms"] = (cpu_seconds(listener.pid) - cpu) * 1000 / max(result["sessions"], 1)
+            finally:
+                stop(listener)
+            runs[name].append(result)
+
+    def mean(name: str, key: str) -> float:
+        return statistics.fmean(run[key] for run in runs[name])
+
+    base = next(iter(variants))
+    print(
+        f"credentials (1 message/session, {args.clients} clients, {args.limits_rounds} x "
+        f"{args.seconds:.0f} s per variant, each on a fresh listener; {CREDENTIAL_ACCOUNTS} accounts; "
+        "target >= 0.95 for sessions/s):"
+    )
+    for name in variants:
+        rate, cpu = mean(name, "sessions_per_s"), mean(name, "cpu_ms")
+        errors = sum(run["errors"] for run in runs[name])
+        print(
+            f"  {name:12s}: {rate:7.1f} sessions/s ({ratio(rate, mean(base, 'sessions_per_s')):.3f}x)   "
+            f"listener CPU {cpu:.2f} ms/session ({ratio(cpu, mean(base, 'cpu_ms')):.3f}x)   "
+            f"p99 {mean(name, 'p99_ms'):.1f} ms   ({errors} errors)"
+        )
+        kinds: dict[str, int] = {}
+        for run in runs[name]:
+            for kind, count in run["error_kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + count
+        if kinds:
+            worst = sorted(kinds.items(), key=lambda item: -item[1])[:3]
+            print(f"    errors: {'; '.join(f'{count} x {kind}' for kind, count in worst)}")
+
+
 def processes_phase(bench: Bench, cluster: PgCluster, args: argparse.Namespace) -> None:
     """Phases 1 and 2 on a fresh listener per process count, in rounds (1 2 4, then 4 2 1).
 
@@ -820,7 +941,7 @@ def haproxy_phase(bench: Bench, args: argparse.Namespace) -> None:
     if not Path(HAPROXY).exists():
         print("haproxy            : not installed (./scripts/test installs Debian's haproxy); skipped")
         return
-    listener, port = bench.start(0, balancers=(f"{BALANCER_ADDRESS}/32",))
+    listener, port = bench.start(0, smtp={"proxy_protocol_from": f"[{BALANCER_ADDRESS}/32]"})
     haproxy = None
     try:
         front = free_port()
@@ -871,7 +992,10 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=5000, help="idle connections to hold")
     parser.add_argument("--flood", type=int, default=2000, help="connections the flood phase opens")
     parser.add_argument(
-        "--limits-rounds", type=int, default=2, help="rounds of the limits phase's three variants"
+        "--limits-rounds",
+        type=int,
+        default=2,
+        help="rounds of the limits phase's three variants and of the credentials phase's two",
     )
     parser.add_argument(
         "--processes", type=int, default=1, help="smtp.processes of the listener of phases 1-5 (default 1)"
@@ -944,6 +1068,8 @@ def main() -> None:
             limits_phase(bench, args)
         if "processes" in phases:
             processes_phase(bench, cluster, args)
+        if "credentials" in phases:
+            credentials_phase(bench, args)
         if "haproxy" in phases:
             haproxy_phase(bench, args)
     finally:

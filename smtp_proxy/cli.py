@@ -34,6 +34,7 @@ from smtp_proxy.errors import (
 from smtp_proxy.logs import configure_logging
 from smtp_proxy.reload import ConfigWatcher, start_watcher
 from smtp_proxy.storage import accounts as account_store
+from smtp_proxy.storage import credentials as credential_store
 from smtp_proxy.storage.audit import CLI
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -431,6 +432,131 @@ def accounts_deactivate(ctx: click.Context, name: str) -> None:
         account = account_store.get_account_by_name(session, name)
         account_store.deactivate_account(session, account, actor=CLI)
     click.echo(f"account {name} deactivated")
+
+
+# --- SMTP credentials -----------------------------------------------------------------------------
+
+
+@main.group(cls=click.Group)
+def credentials() -> None:
+    """SMTP credentials: several logins per account, each revoked on its own."""
+
+
+def _credential_json(credential: Any) -> dict[str, Any]:
+    """The API's rendering (never the hash); the API package is loaded only when needed."""
+    from smtp_proxy.api.smtp_credentials import render
+
+    return render(credential)
+
+
+@credentials.command("create")
+@click.argument("account_name", metavar="ACCOUNT")
+@click.argument("label")
+@click.option("--username", help="SMTP user name: ACCOUNT or ACCOUNT.<anything> (default ACCOUNT.LABEL).")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password (16+ characters) from stdin (else generated)."
+)
+@click.option(
+    "--allowed-ip",
+    "allowed_ips",
+    multiple=True,
+    metavar="CIDR",
+    help="A network it may AUTH from (repeat); without any, anywhere.",
+)
+@click.option(
+    "--allowed-domain",
+    "allowed_domains",
+    multiple=True,
+    metavar="DOMAIN",
+    help="A sender domain of the account's it may use (repeat); without any, all of them.",
+)
+@click.pass_context
+@handle_errors
+def credentials_create(
+    ctx: click.Context,
+    account_name: str,
+    label: str,
+    username: str | None,
+    password_stdin: bool,
+    allowed_ips: tuple[str, ...],
+    allowed_domains: tuple[str, ...],
+) -> None:
+    """Add an SMTP credential to an account; print it with its password, once, as JSON."""
+    runtime = runtime_of(ctx)
+    password = _read_password_stdin() if password_stdin else None
+    with runtime.database.transaction() as session:
+        account = account_store.get_account_by_name(session, account_name)
+        created = credential_store.create_credential(
+            session,
+            account,
+            label=label,
+            username=username,
+            password=password,
+            allowed_ips=list(allowed_ips),
+            allowed_domains=list(allowed_domains) or None,
+            bcrypt_cost=runtime.config.security.bcrypt_cost,
+            actor=CLI,
+        )
+        body = {**_credential_json(created.credential), "password": created.password}
+    _emit(body)
+
+
+@credentials.command("list")
+@click.argument("account_name", metavar="ACCOUNT")
+@click.pass_context
+@handle_errors
+def credentials_list(ctx: click.Context, account_name: str) -> None:
+    """List an account's SMTP credentials as a JSON array, oldest first."""
+    with runtime_of(ctx).database.transaction() as session:
+        account = account_store.get_account_by_name(session, account_name)
+        _emit([_credential_json(c) for c in credential_store.list_credentials(session, account.id)])
+
+
+def _set_enabled(ctx: click.Context, username: str, enabled: bool) -> None:
+    runtime = runtime_of(ctx)
+    with runtime.database.transaction() as session:
+        credential = credential_store.get_by_username(session, username)
+        account = account_store.get_account(session, credential.account_id)
+        credential_store.update_credential(
+            session,
+            credential,
+            account,
+            {"enabled": enabled},
+            bcrypt_cost=runtime.config.security.bcrypt_cost,
+            actor=CLI,
+        )
+        body = _credential_json(credential)
+    _emit(body)
+
+
+@credentials.command("disable")
+@click.argument("username")
+@click.pass_context
+@handle_errors
+def credentials_disable(ctx: click.Context, username: str) -> None:
+    """Refuse AUTH with this user name; its open sessions end at their next MAIL FROM."""
+    _set_enabled(ctx, username, False)
+
+
+@credentials.command("enable")
+@click.argument("username")
+@click.pass_context
+@handle_errors
+def credentials_enable(ctx: click.Context, username: str) -> None:
+    """Accept AUTH with this user name again."""
+    _set_enabled(ctx, username, True)
+
+
+@credentials.command("delete")
+@click.argument("username")
+@click.pass_context
+@handle_errors
+def credentials_delete(ctx: click.Context, username: str) -> None:
+    """Delete an SMTP credential; its messages are kept, without it."""
+    with runtime_of(ctx).database.transaction() as session:
+        credential = credential_store.get_by_username(session, username)
+        credential_store.delete_credential(session, credential, actor=CLI)
+    click.echo(f"credential {username} deleted")
 
 
 # --- keys and TLS ---------------------------------------------------------------------------------

@@ -61,6 +61,15 @@ def values(kind: type[enum.StrEnum]) -> list[str]:
 # An account name is also the SMTP AUTH user name, so it stays plain ASCII.
 ACCOUNT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"
 ACCOUNT_NAME_MAX = 64
+# An SMTP credential's user name: an account name's alphabet, long enough for "<account>.<label>".
+CREDENTIAL_USERNAME = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,128}$"
+CREDENTIAL_USERNAME_MAX = 129
+# A credential's label: what the device or application is ("printer-2nd-floor", "billing.app").
+CREDENTIAL_LABEL = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+CREDENTIAL_LABEL_MAX = 64
+# The label of the credential an account's own login became (its user name is the account's name).
+PRIMARY_CREDENTIAL_LABEL = "account"
+NETWORK_MAX = 43  # an IPv6 CIDR: 39 characters of address, "/" and 3 of prefix
 # A region is a host label in SES's default endpoint: AWS's shape, e.g. eu-west-1, us-gov-west-1.
 SES_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
 # ACCESS_KEY_ID:SECRET, the form an ses provider's api_key takes.

@@ -36,6 +36,7 @@ from smtp_proxy.smtp.account_sessions import AccountSessions, SharedAccountSessi
 from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
 from smtp_proxy.smtp.budget import InFlightBudget
 from smtp_proxy.smtp.credentials import AuthThrottle, CredentialVerifier
+from smtp_proxy.smtp.relay import RelayNetworks
 from smtp_proxy.smtp.server import DRAIN_SECONDS, SESSION_THREAD_STACK, SmtpServer
 from smtp_proxy.smtp.tls import TlsContextHolder
 from smtp_proxy.supervised import Listening, multiprocess_registry, serve_metrics_socket
@@ -143,6 +144,7 @@ class SmtpListeners:
         )
         if watcher is not None:
             watcher.subscribe(self._resize_budget)
+        relay = RelayNetworks(database)
         ports = [(smtp.port, False)] + ([(smtp.implicit_tls_port, True)] if smtp.implicit_tls_port else [])
         self.servers: list[SmtpServer] = []
         try:
@@ -162,6 +164,7 @@ class SmtpListeners:
                         data_budget=data_budget,
                         sessions=self.sessions,
                         listening=(listening or {}).get(port),
+                        relay=relay,
                     )
                 self.servers.append(server)
         except OSError:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 
 import idna
 
 from smtp_proxy.config import SENDING_LIMITS
-from smtp_proxy.contract import ACCOUNT_NAME, MAX_LIMIT
+from smtp_proxy.contract import ACCOUNT_NAME, CREDENTIAL_LABEL, CREDENTIAL_USERNAME, MAX_LIMIT
 from smtp_proxy.errors import ValidationError
 
 _ACCOUNT_NAME = re.compile(ACCOUNT_NAME)
+_CREDENTIAL_USERNAME = re.compile(CREDENTIAL_USERNAME)
+_CREDENTIAL_LABEL = re.compile(CREDENTIAL_LABEL)
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
 
@@ -23,6 +26,52 @@ def account_name(value: object) -> str:
             "must be 1-64 characters of letters, digits and . _ @ + -, starting with a letter or digit",
         )
     return value
+
+
+def credential_username(value: object, field: str = "username") -> str:
+    """An SMTP user name: an account name's alphabet, up to 129 characters (``<account>.<label>``)."""
+    if not isinstance(value, str) or not _CREDENTIAL_USERNAME.fullmatch(value):
+        raise ValidationError(
+            field,
+            "must be 1-129 characters of letters, digits and . _ @ + -, starting with a letter or digit",
+        )
+    return value
+
+
+def credential_label(value: object, field: str = "label") -> str:
+    if not isinstance(value, str) or not _CREDENTIAL_LABEL.fullmatch(value):
+        raise ValidationError(
+            field, "must be 1-64 characters of letters, digits and . _ -, starting with a letter or digit"
+        )
+    return value
+
+
+def network(value: object, field: str = "network") -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR ("192.0.2.0/24", "2001:db8::/48"; a bare address is one host), host bits clear."""
+    if not isinstance(value, str) or not value or len(value) > 50 or not value.isascii():
+        raise ValidationError(field, "must be a network in CIDR notation, such as 192.0.2.0/24")
+    try:
+        parsed = ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as error:
+        reason = "has host bits set" if "host bits" in str(error) else "is not a network in CIDR notation"
+        raise ValidationError(field, f"{reason} ({value!r}); for example 192.0.2.0/24") from None
+    if isinstance(parsed, ipaddress.IPv6Network) and parsed.network_address.ipv4_mapped is not None:
+        raise ValidationError(field, "must name IPv4 networks in IPv4 notation, not as ::ffff:a.b.c.d")
+    return parsed
+
+
+def networks(values: object, field: str = "allowed_ips") -> list[str]:
+    """A list of CIDRs, canonical and without repeats (may be empty)."""
+    if not isinstance(values, (list, tuple)):
+        raise ValidationError(field, "must be a list of networks in CIDR notation")
+    if len(values) > 100:
+        raise ValidationError(field, "must hold at most 100 networks")
+    found: list[str] = []
+    for index, item in enumerate(values):
+        text = str(network(item, f"{field}[{index}]"))
+        if text not in found:
+            found.append(text)
+    return found
 
 
 def domain(value: object, field: str = "domain") -> str:
@@ -114,6 +163,22 @@ def patterns_overlap(first: str, second: str) -> bool:
     if b_wild:
         return a.endswith(b[1:])
     return a == b
+
+
+def pattern_within(pattern: str, patterns: Iterable[str]) -> bool:
+    """Whether every domain ``pattern`` covers is covered by one of ``patterns`` too."""
+    wanted = _bare(pattern)
+    for other in patterns:
+        held = _bare(other)
+        if held == wanted:
+            return True
+        if held.startswith("*."):
+            base = held[1:]  # with the dot: only strict subdomains
+            if wanted.startswith("*.") and wanted[1:].endswith(base):
+                return True
+            if not wanted.startswith("*.") and wanted.endswith(base):
+                return True
+    return False
 
 
 def first_overlap(wanted: Iterable[str], held: Iterable[str]) -> tuple[str, str] | None:

@@ -18,6 +18,7 @@ from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.sending_limits import effective_limits
 from smtp_proxy.storage import accounts as store
+from smtp_proxy.storage import relay_networks as relay
 
 bp = Blueprint("accounts", __name__, url_prefix="/accounts")
 
@@ -33,6 +34,7 @@ def render(account: Any) -> dict[str, Any]:
         "active": bool(account.active),
         "allow_any_header_from": bool(account.allow_any_header_from),
         "limits": dict(account.limits or {}),
+        "relay_networks": relay.render(account),
         "created_at": iso_timestamp(account.created_at),
         "updated_at": iso_timestamp(account.updated_at),
     }
@@ -58,6 +60,7 @@ def _checked(data: dict[str, Any]) -> dict[str, Any]:
         "allowed_domains": validation.domain_patterns,
         "password": crypto.check_password_policy,
         "limits": validation.limit_overrides,
+        "relay_networks": relay.entries,
     }
     values = dict(data)
     fields: dict[str, str] = {}
@@ -90,6 +93,7 @@ def create() -> ResponseReturnValue:
             is_admin=data.get("is_admin", False),
             allow_any_header_from=data.get("allow_any_header_from", False),
             limits=data.get("limits"),
+            relay_networks=data.get("relay_networks", ()),
             unique_domains=settings.security.unique_sender_domains,
             bcrypt_cost=settings.security.bcrypt_cost,
             actor=caller.actor,

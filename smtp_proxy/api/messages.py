@@ -34,6 +34,7 @@ def render(row: Any) -> dict[str, Any]:
         "status": row.status.value,
         "attempts": row.attempts,
         "provider_id": str(row.provider_id) if row.provider_id else None,
+        "credential_id": str(row.credential_id) if row.credential_id else None,
         "correlation_id": row.correlation_id,
         "next_attempt_at": _iso(row.next_attempt_at),
         "processed_at": _iso(row.processed_at),
@@ -53,19 +54,32 @@ def _status() -> MessageStatus | None:
         raise invalid({"status": f"must be one of {choices}"}) from None
 
 
+def _credential_id() -> uuid.UUID | None:
+    value = request.args.get("credential_id")
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise invalid({"credential_id": "must be a UUID"}) from None
+
+
 @bp.get("")
 def list_() -> ResponseReturnValue:
     query = pages.gather(
         status=_status,
+        credential_id=_credential_id,
         since=lambda: pages.timestamp("since"),
         until=lambda: pages.timestamp("until"),
         limit=pages.limit,
         before=pages.cursor,
     )
+    limit = query.pop("limit")
+    filters = store.Filters(**query)
     with database().autocommit() as connection:  # one SELECT, no ORM objects
-        rendered = store.list_messages_json(connection, principal().id, **query)
+        rendered = store.list_messages_json(connection, principal().id, filters, limit=limit)
         if rendered is None:
-            page = store.list_messages(connection, principal().id, **query)
+            page = store.list_messages(connection, principal().id, filters, limit=limit)
     if rendered is not None:  # PostgreSQL built the items (storage/json_rows.py)
         cursor = pages.encode_cursor(*rendered.last) if rendered.last else None
         return pages.prerendered(f'{{"items": {rendered.items}, "next_cursor": {json.dumps(cursor)}}}')

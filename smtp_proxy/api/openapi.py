@@ -19,6 +19,12 @@ _COMMON_ERRORS = {
     "503": "The database is not answering; see Retry-After.",
 }
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+_CREDENTIAL_ID = {
+    "name": "credential_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
 _PAGE_PARAMS = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": pages.MAX_LIMIT}},
     {
@@ -33,6 +39,12 @@ _MESSAGE_PARAMS = [
         "name": "status",
         "in": "query",
         "schema": {"enum": contract.values(MessageStatus)},
+    },
+    {
+        "name": "credential_id",
+        "in": "query",
+        "schema": {"type": "string", "format": "uuid"},
+        "description": "Only the messages this SMTP credential submitted.",
     },
     {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
     {"name": "until", "in": "query", "schema": {"type": "string", "format": "date-time"}},
@@ -131,6 +143,37 @@ def document() -> dict[str, Any]:
             "parameters": [_ID],
             "post": _op(
                 "Issue a new API key; the old one stops working", ("200", _ref("ApiKey")), errors=("404",)
+            ),
+        },
+        "/accounts/{id}/smtp-credentials": {
+            "parameters": [_ID],
+            "post": _op(
+                "Add an SMTP credential to an account (an admin any, a tenant itself)",
+                ("201", _ref("SmtpCredentialCreated")),
+                body="SmtpCredentialCreate",
+                errors=(*_WRITE, "404", "409"),
+                notes={"409": "The account has a credential with this label, or the user name is taken."},
+            ),
+            "get": _op(
+                "List an account's SMTP credentials, oldest first",
+                ("200", list_of("SmtpCredential")),
+                errors=("404",),
+            ),
+        },
+        "/accounts/{id}/smtp-credentials/{credential_id}": {
+            "parameters": [_ID, _CREDENTIAL_ID],
+            "get": _op("One SMTP credential", ("200", _ref("SmtpCredential")), errors=("404",)),
+            "patch": _op(
+                "Change an SMTP credential's label, state, restrictions or password",
+                ("200", _ref("SmtpCredential")),
+                body="SmtpCredentialUpdate",
+                errors=(*_WRITE, "404", "409"),
+                notes={"409": "The account has another credential with this label."},
+            ),
+            "delete": _op(
+                "Delete an SMTP credential; its open sessions end at their next MAIL FROM",
+                ("204", None),
+                errors=("404",),
             ),
         },
         "/providers": {

@@ -18,6 +18,7 @@ from smtp_proxy import contract, crypto
 from smtp_proxy.api.errors import ApiError, invalid
 from smtp_proxy.config import SENDING_LIMITS
 from smtp_proxy.contract import DeliveryStatus, MailgunRegion, MessageStatus, ProviderType, SmtpTls
+from smtp_proxy.storage.credentials import MIN_CHOSEN_PASSWORD
 
 Schema = dict[str, Any]
 
@@ -61,6 +62,16 @@ ACCOUNT_FIELDS: Schema = {
         ),
     },
     "limits": {"$ref": "#/components/schemas/AccountLimits"},
+    "relay_networks": {
+        "type": "array",
+        "maxItems": 100,
+        "items": {"$ref": "#/components/schemas/RelayNetwork"},
+        "description": (
+            "Set by an admin only. Networks whose clients send as this account without AUTH "
+            "(printers, old appliances); a PUT replaces the whole list. None wider than /16 (IPv4) "
+            "or /48 (IPv6); one overlapping another account's is 409 conflict."
+        ),
+    },
 }
 ACCOUNT_UPDATE_FIELDS: Schema = {
     **{k: v for k, v in ACCOUNT_FIELDS.items() if k != "name"},
@@ -84,6 +95,41 @@ RULE_FIELDS: Schema = {
     "priority": {"type": "integer", "minimum": 0, "maximum": contract.PRIORITY_MAX},
     "conditions": {"$ref": "#/components/schemas/Conditions"},
     "enabled": {"type": "boolean"},
+}
+
+CREDENTIAL_FIELDS: Schema = {
+    "label": {
+        "type": "string",
+        "pattern": contract.CREDENTIAL_LABEL,
+        "description": "What the login is for (printer-2nd-floor, billing.app); unique within the account.",
+    },
+    "enabled": {"type": "boolean", "description": "false: AUTH fails and its open sessions end."},
+    "allowed_ips": {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1, "maxLength": 50},
+        "maxItems": 100,
+        "description": (
+            "Networks in CIDR notation (192.0.2.0/24, 2001:db8::/48; an address alone is one host) "
+            "the credential may AUTH from; empty: anywhere."
+        ),
+    },
+    "allowed_domains": {
+        "type": ["array", "null"],
+        "items": _DOMAIN_PATTERN,
+        "minItems": 1,
+        "maxItems": 1000,
+        "description": "Sender domains, each within the account's allowed_domains; null: all of those.",
+    },
+    "password": {
+        "type": "string",
+        "minLength": MIN_CHOSEN_PASSWORD,
+        "maxLength": crypto.MAX_PASSWORD_BYTES,
+        "writeOnly": True,
+        "description": (
+            f"A chosen SMTP password, {MIN_CHOSEN_PASSWORD} to {crypto.MAX_PASSWORD_BYTES} characters "
+            f"and at most {crypto.MAX_PASSWORD_BYTES} bytes as UTF-8."
+        ),
+    },
 }
 
 SCHEMAS: dict[str, Schema] = {
@@ -115,6 +161,27 @@ SCHEMAS: dict[str, Schema] = {
             "{} goes back to every default."
         ),
     },
+    "RelayNetwork": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["network"],
+        "properties": {
+            "network": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 50,
+                "description": "CIDR, host bits clear: 192.0.2.0/24, 2001:db8:1::/48, 192.0.2.7 (one host).",
+            },
+            "require_tls": {
+                "type": "boolean",
+                "default": True,
+                "description": (
+                    "true (the default): MAIL FROM before STARTTLS gets 530 5.7.0. false lets a device "
+                    "that cannot do TLS send in the clear, from this network only."
+                ),
+            },
+        },
+    },
     "AccountCreate": {
         "type": "object",
         "additionalProperties": False,
@@ -132,9 +199,9 @@ SCHEMAS: dict[str, Schema] = {
         "properties": ACCOUNT_UPDATE_FIELDS,
         "description": (
             "A tenant may change its own email and password. allowed_domains, is_admin, active, "
-            "allow_any_header_from and limits are the operator's: an admin sets them, a tenant naming "
-            "one gets 403 forbidden_field. Granting a domain another active account holds, or "
-            "reactivating an account whose domain was granted since, is 409 domain_taken."
+            "allow_any_header_from, limits and relay_networks are the operator's: an admin sets them, "
+            "a tenant naming one gets 403 forbidden_field. Granting a domain another active account "
+            "holds, or reactivating an account whose domain was granted since, is 409 domain_taken."
         ),
     },
     "Account": {
@@ -148,6 +215,7 @@ SCHEMAS: dict[str, Schema] = {
             "active",
             "allow_any_header_from",
             "limits",
+            "relay_networks",
             "created_at",
             "updated_at",
         ],
@@ -163,6 +231,7 @@ SCHEMAS: dict[str, Schema] = {
                 "$ref": "#/components/schemas/AccountLimits",
                 "description": "The account's own overrides only; GET .../usage shows the limits in force.",
             },
+            "relay_networks": {"type": "array", "items": {"$ref": "#/components/schemas/RelayNetwork"}},
             "created_at": _TIME,
             "updated_at": _TIME,
         },
@@ -378,6 +447,67 @@ SCHEMAS: dict[str, Schema] = {
             "updated_at": _TIME,
         },
     },
+    "SmtpCredentialCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["label"],
+        "properties": {
+            **CREDENTIAL_FIELDS,
+            "username": {
+                "type": "string",
+                "pattern": contract.CREDENTIAL_USERNAME,
+                "description": (
+                    "The SMTP AUTH user name, unique across the relay: the account's name or "
+                    "<account>.<anything>; <account>.<label> when left out."
+                ),
+            },
+        },
+        "description": "Without password, one is generated; either way the 201 shows it this once.",
+    },
+    "SmtpCredentialUpdate": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": CREDENTIAL_FIELDS,
+        "description": "The user name never changes (devices hold it); a password replaces the old one.",
+    },
+    "SmtpCredential": {
+        "type": "object",
+        "required": [
+            "id",
+            "account_id",
+            "username",
+            "label",
+            "enabled",
+            "allowed_ips",
+            "allowed_domains",
+            "last_used_at",
+            "created_at",
+            "updated_at",
+        ],
+        "properties": {
+            "id": _UUID,
+            "account_id": _UUID,
+            "username": {"type": "string"},
+            "label": {"type": "string"},
+            "enabled": {"type": "boolean"},
+            "allowed_ips": {"type": "array", "items": {"type": "string"}},
+            "allowed_domains": {"type": ["array", "null"], "items": {"type": "string"}},
+            "last_used_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "The last AUTH with it, to the minute; null: never used.",
+            },
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+    "SmtpCredentialCreated": {
+        "allOf": [{"$ref": "#/components/schemas/SmtpCredential"}],
+        "type": "object",
+        "required": ["password"],
+        "properties": {"password": {"type": "string", "description": "Shown this once."}},
+    },
     "Message": {
         "type": "object",
         "required": [
@@ -389,6 +519,7 @@ SCHEMAS: dict[str, Schema] = {
             "status",
             "attempts",
             "provider_id",
+            "credential_id",
             "correlation_id",
             "next_attempt_at",
             "processed_at",
@@ -404,6 +535,12 @@ SCHEMAS: dict[str, Schema] = {
             "status": {"enum": contract.values(MessageStatus)},
             "attempts": {"type": "integer"},
             "provider_id": {"type": ["string", "null"], "format": "uuid"},
+            "credential_id": {
+                "type": ["string", "null"],
+                "format": "uuid",
+                "description": "The SMTP credential that submitted it; null: a relay network's client, "
+                "or the credential was deleted since.",
+            },
             "correlation_id": {"type": "string"},
             "next_attempt_at": _TIME,
             "processed_at": {"type": ["string", "null"], "format": "date-time"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
-from smtp_proxy.api import accounts, audit_log, messages, openapi, providers, routing_rules
+from smtp_proxy.api import accounts, audit_log, messages, openapi, providers, routing_rules, smtp_credentials
 from smtp_proxy.api.auth import authenticate
 
 bp = Blueprint("v1", __name__, url_prefix="/api/v1")
@@ -23,5 +23,5 @@ def openapi_json() -> ResponseReturnValue:
     return openapi.document()
 
 
-for child in (accounts.bp, providers.bp, routing_rules.bp, messages.bp, audit_log.bp):
+for child in (accounts.bp, smtp_credentials.bp, providers.bp, routing_rules.bp, messages.bp, audit_log.bp):
     bp.register_blueprint(child)

@@ -29,12 +29,15 @@ from sqlalchemy import (
     Uuid,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from smtp_proxy.contract import (
     ACCOUNT_NAME_MAX,
+    CREDENTIAL_LABEL_MAX,
+    CREDENTIAL_USERNAME_MAX,
     EMAIL_MAX,
     NAME_MAX,
+    NETWORK_MAX,
     DeliveryStatus,
     MessageStatus,
     ProviderType,
@@ -73,14 +76,13 @@ def _updated() -> Mapped[datetime]:
 
 
 class Account(Base):
-    """A tenant: SMTP AUTH user (``name``) and API key holder."""
+    """A tenant: API key holder, with SMTP credentials (``SmtpCredential``) and relay networks."""
 
     __tablename__ = "accounts"
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     name: Mapped[str] = mapped_column(String(ACCOUNT_NAME_MAX), unique=True)
     email: Mapped[str] = mapped_column(String(EMAIL_MAX))
-    password_hash: Mapped[str] = mapped_column(String(60))
     api_key_digest: Mapped[str] = mapped_column(String(64), unique=True)
     # Sender domains this account may use: "example.com" or "*.example.com".
     allowed_domains: Mapped[list[Any]] = mapped_column(default=list)
@@ -93,6 +95,53 @@ class Account(Base):
     limits: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
+    # Admin-only: networks whose clients send as this account without AUTH.
+    relay_networks: Mapped[list[RelayNetwork]] = relationship(
+        order_by="RelayNetwork.network", lazy="selectin", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class SmtpCredential(Base):
+    """One SMTP login of an account: one per application or device, revoked on its own.
+
+    The account's own login (user name = the account's name) is the credential labelled
+    ``account``. ``allowed_ips`` (CIDRs; empty: anywhere) and ``allowed_domains`` (a subset of
+    the account's; NULL: all of them) narrow what the credential may do.
+    """
+
+    __tablename__ = "smtp_credentials"
+    __table_args__ = (UniqueConstraint("account_id", "label"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    username: Mapped[str] = mapped_column(String(CREDENTIAL_USERNAME_MAX), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(60))
+    label: Mapped[str] = mapped_column(String(CREDENTIAL_LABEL_MAX))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    allowed_ips: Mapped[list[Any]] = mapped_column(default=list)
+    allowed_domains: Mapped[list[Any] | None] = mapped_column(JsonDocument)
+    # Written at most once a minute, so a busy device costs no write per login.
+    last_used_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class RelayNetwork(Base):
+    """A network whose clients send as the account without AUTH (printers, old appliances).
+
+    One network belongs to one account, and networks of different accounts never overlap
+    (``storage.relay_networks`` checks it under a lock), so an address names one account.
+    """
+
+    __tablename__ = "relay_networks"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    # Canonical CIDR text ("192.0.2.0/24", "2001:db8::/48").
+    network: Mapped[str] = mapped_column(String(NETWORK_MAX), unique=True)
+    # False lets a device that cannot do TLS send in the clear, from this network only.
+    require_tls: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created()
 
 
 class EspProvider(Base):
@@ -145,6 +194,8 @@ class Message(Base):
         # A page of one status, newest first (GET /api/v1/messages?status=...).
         Index(None, "account_id", "status", "created_at", "id"),
         Index(None, "account_id", "created_at"),
+        # One credential's messages, newest first (GET /api/v1/messages?credential_id=...).
+        Index(None, "account_id", "credential_id", "created_at", "id"),
         # The worker's claim query: due messages of one status, oldest first; and per account,
         # so that one account's backlog cannot hide another's new message.
         Index(None, "status", "next_attempt_at"),
@@ -162,6 +213,11 @@ class Message(Base):
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    # The SMTP credential that submitted it; NULL for a relay network's client (no AUTH), or once
+    # the credential is deleted.
+    credential_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("smtp_credentials.id", ondelete="SET NULL")
+    )
     sender: Mapped[str] = mapped_column(String(256))
     recipients: Mapped[list[Any]] = mapped_column()
     subject: Mapped[str | None] = mapped_column(Text)

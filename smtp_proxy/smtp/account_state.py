@@ -2,12 +2,14 @@
 
 A session authenticates once and may then send for up to ``smtp.max_session_time``.
 What an admin changes meanwhile must still reach it, in every listener process, so
-the state a transaction depends on (active, allowed domains, the header-From
-exemption, the account's own limits) is read from the database, not from the
-session: ``AccountStates`` keeps each account's row for ``STATE_TTL`` seconds, and
-a MAIL FROM after that re-reads it with one query (``storage.auth.find_login``).
-A deactivation therefore ends a live session at its next MAIL FROM within a few
-seconds, whichever process holds it.
+the state a transaction depends on (active, the credential enabled, allowed domains,
+the header-From exemption, the account's own limits) is read from the database, not
+from the session: ``AccountStates`` keeps each account's policy, with the state of each
+of its credentials, for ``STATE_TTL`` seconds, and a MAIL FROM after that re-reads it
+with one query (``storage.auth.find_policy``), whichever of the account's credentials
+(or relay networks) the session came by: an account's thousand devices cost what one
+does. A deactivation, or a credential disabled or deleted, therefore ends a live
+session at its next MAIL FROM within a few seconds, whichever process holds it.
 
 ``MailPolicy.check`` answers the core's ``MailFromOffered``: a deactivated account
 gets 421 and the session closes; an account over a sending limit gets ``451 4.7.1
@@ -37,7 +39,7 @@ from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.addresses import domain_allowed
 from smtp_proxy.smtp.credentials import AuthenticatedAccount
 from smtp_proxy.smtp.replies import Reply
-from smtp_proxy.storage.auth import find_login
+from smtp_proxy.storage.auth import Policy, effective_domains, find_policy
 
 log = logging.getLogger("smtp_proxy.smtp")
 
@@ -60,12 +62,12 @@ class AccountState:
 
 @dataclass(frozen=True)
 class _Entry:
-    state: AccountState
+    policy: Policy | None  # None: no such account
     expires: float
 
 
 class AccountStates:
-    """Account states by id, each re-read from the database once older than ``ttl``; thread-safe."""
+    """Account policies by id, each re-read from the database once older than ``ttl``; thread-safe."""
 
     def __init__(
         self,
@@ -82,44 +84,32 @@ class AccountStates:
         self._lock = threading.Lock()
         self._entries: dict[uuid.UUID, _Entry] = {}
 
-    def get(self, account_id: uuid.UUID, name: str) -> AccountState:
-        """The account's state, at most ``ttl`` seconds old.
+    def get(self, account: AuthenticatedAccount) -> AccountState:
+        """The state of the account as this session reaches it, at most ``ttl`` seconds old.
 
-        An account that no longer exists under this name and id reads as inactive.
-        While the database does not answer, a state read before is used however old;
-        without one, ``DatabaseUnavailable`` is raised.
+        A credential that no longer exists (or now belongs elsewhere), or an account that no
+        longer exists, reads as inactive. While the database does not answer, a state read
+        before is used however old; without one, ``DatabaseUnavailable`` is raised.
         """
         now = self._clock()
         with self._lock:
-            entry = self._entries.get(account_id)
-        if entry is not None and now < entry.expires:
-            return entry.state
-        try:
-            state = self._read(account_id, name)
-        except DatabaseUnavailable:
-            if entry is not None:
-                return entry.state
-            raise
-        finally:
-            self._database.remove_session()
-        with self._lock:
-            if len(self._entries) >= self._max_entries:
-                self._prune(now)
-            self._entries[account_id] = _Entry(state, self._clock() + self._ttl)
-        return state
-
-    def _read(self, account_id: uuid.UUID, name: str) -> AccountState:
-        with self._database.autocommit() as connection:
-            login = find_login(connection, name)
-        if login is None or login.id != account_id:
-            return AccountState(account_id, False, (), False, {})
-        return AccountState(
-            login.id,
-            login.active,
-            tuple(login.allowed_domains),
-            login.allow_any_header_from,
-            dict(login.limits),
-        )
+            entry = self._entries.get(account.id)
+        if entry is None or now >= entry.expires:
+            try:
+                with self._database.autocommit() as connection:
+                    policy = find_policy(connection, account.id)
+            except DatabaseUnavailable:
+                if entry is None:
+                    raise
+            else:
+                entry = _Entry(policy, self._clock() + self._ttl)
+                with self._lock:
+                    if len(self._entries) >= self._max_entries:
+                        self._prune(now)
+                    self._entries[account.id] = entry
+            finally:
+                self._database.remove_session()
+        return _state(entry.policy, account)
 
     def _prune(self, now: float) -> None:
         """Drop expired states, then the oldest half if all are fresh; the caller holds the lock."""
@@ -128,6 +118,22 @@ class AccountStates:
         if len(self._entries) >= self._max_entries:
             for key in list(self._entries)[: len(self._entries) // 2]:
                 del self._entries[key]
+
+
+def _state(policy: Policy | None, account: AuthenticatedAccount) -> AccountState:
+    """What the session may do now: its account's policy, narrowed by its credential's state."""
+    inactive = AccountState(account.id, False, (), False, {})
+    if policy is None:
+        return inactive
+    domains = policy.allowed_domains
+    active = policy.active
+    if account.credential_id is not None:
+        credential = policy.credentials.get(account.credential_id)
+        if credential is None:  # deleted
+            return inactive
+        active = active and credential.enabled
+        domains = effective_domains(domains, credential.allowed_domains)
+    return AccountState(policy.id, active, tuple(domains), policy.allow_any_header_from, dict(policy.limits))
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ class MailPolicy:
 
     def check(self, account: AuthenticatedAccount, sender: str, config: Config) -> MailDecision:
         """Raises ``DatabaseUnavailable`` when the account's state cannot be read at all."""
-        state = self.states.get(account.id, account.name)
+        state = self.states.get(account)
         current = replace(
             account,
             allowed_domains=state.allowed_domains,

@@ -4,11 +4,14 @@ Imports storage, crypto, the db session type and the standard library; no
 socket, no protocol. Every piece exists because bcrypt is deliberately slow
 (the cost factor sets how slow) and runs on the session's own thread:
 
-* ``CredentialVerifier`` looks the account up on every attempt (one small
-  query), so a password change or a deactivation takes effect at once.
+* ``CredentialVerifier`` looks the credential and its account up on every attempt
+  (one small query), so a password change, a disabled or deleted credential or a
+  deactivation takes effect at once. A credential limited to some networks
+  (``allowed_ips``) fails from anywhere else exactly as a wrong password does (535,
+  counted, a bcrypt check against the dummy hash), and the log line says why.
 * A verified-credential cache answers a repeat login without bcrypt. A client
   that opens a connection per message would otherwise pay a bcrypt check of
-  CPU each time. Entries are keyed by the account name and an HMAC of the password under
+  CPU each time. Entries are keyed by the user name and an HMAC of the password under
   a secret made per process. The password is never kept, and a leaked memory
   image gives no offline oracle. A hit also needs the stored hash to equal the
   one that was verified.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -53,8 +57,10 @@ from limits.storage import Storage
 from smtp_proxy import crypto
 from smtp_proxy.counters import LocalCounters, counting_address, get_many
 from smtp_proxy.db.session import Database
+from smtp_proxy.db.types import utcnow
 from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.storage.auth import Login, find_login
+from smtp_proxy.storage.credentials import LAST_USED_RESOLUTION, touch_last_used
 
 # Enough for every account that submits regularly; a miss only costs one bcrypt check.
 CACHE_MAX_ENTRIES = 10_000
@@ -70,13 +76,21 @@ log = logging.getLogger("smtp_proxy.smtp")
 
 @dataclass(frozen=True)
 class AuthenticatedAccount:
-    """What the session needs after AUTH: who, which sender domains it may use, and whether
-    the core checks the message's From:/Sender: addresses against them."""
+    """What the session needs once it is an account's: who, which sender domains it may use,
+    whether the core checks the message's From:/Sender: addresses against them, and how it
+    got there: the credential it logged in with, or None for a relay network's client."""
 
     id: uuid.UUID
     name: str
     allowed_domains: tuple[str, ...]
     header_from_check: bool = True
+    credential_id: uuid.UUID | None = None
+    username: str | None = None  # the credential's user name
+
+    @property
+    def auth(self) -> str:
+        """How the session became the account's: "password" (SMTP AUTH) or "network" (relay)."""
+        return "password" if self.credential_id is not None else "network"
 
 
 @dataclass(frozen=True)
@@ -129,15 +143,19 @@ class CredentialVerifier:
         # Same cost as the stored hashes, so an unknown user takes as long as a known one.
         self._dummy_hash = crypto.hash_password(crypto.generate_password(), dummy_cost)
 
-    def verify(self, username: str, password: str) -> AuthenticatedAccount | None:
+    def verify(
+        self, username: str, password: str, client_ip: str | None = None
+    ) -> AuthenticatedAccount | None:
         """The account when the credentials are right and it is active, else None (no throttle).
 
         Blocks for up to one bcrypt check plus one query. Raises
         ``DatabaseUnavailable`` when the database does not answer.
         """
-        return self.check(username, password).account
+        return self.check(username, password, client_ip=client_ip).account
 
-    def check(self, username: str, password: str, gate: _Gate | None = None) -> AuthResult:
+    def check(
+        self, username: str, password: str, gate: _Gate | None = None, *, client_ip: str | None = None
+    ) -> AuthResult:
         """Verify under a throttle ``gate``: count each distinct guess, then decide, then bcrypt.
 
         Where the gate counts decides what parallel logins cost: a verified credential
@@ -145,31 +163,48 @@ class CredentialVerifier:
         name is already over its limit, so the cache is no faster oracle than bcrypt);
         connections offering the same credentials at once share one bcrypt check and one
         count (a mailer opening twenty connections makes one guess, not twenty); every
-        other attempt, an unknown user's too, is counted before its check. Raises
+        other attempt, an unknown user's too, is counted before its check. ``client_ip``
+        is checked against the credential's ``allowed_ips`` (None: not checked). Raises
         ``DatabaseUnavailable`` when the database does not answer; nothing was counted then.
         """
         with self._database.autocommit() as session:
             login = find_login(session, username)
+        failure = None
         if login is None or not login.active:
+            failure = "invalid_credentials"
+        elif client_ip is not None and not ip_allowed(client_ip, login.allowed_ips):
+            failure = "ip_not_allowed"
+        if login is None or failure is not None:
+            # The same cost and answer as a wrong password: no oracle for names or restrictions.
             refused = gate.begin() if gate is not None else None
             if refused is not None:
                 return AuthResult(None, f"throttled_{refused}")
             self._bcrypt(password, self._dummy_hash)
             if gate is not None:
                 gate.failed()
-            return AuthResult(None, "invalid_credentials")
-        key: _Key = (login.name, self._mac(password))
+            return AuthResult(None, failure)
+        key: _Key = (login.username, self._mac(password))
         if self._cached(key, login):
             refused = gate.over() if gate is not None else None
             if refused is not None:
                 return AuthResult(None, f"throttled_{refused}")
-            return AuthResult(_account(login), None)
+            return AuthResult(self._succeeded(login), None)
         flight = self._single_flight(key, password, login.password_hash, gate)
         if flight.refused is not None:
             return AuthResult(None, f"throttled_{flight.refused}")
         if not flight.ok:
             return AuthResult(None, "invalid_credentials")
-        return AuthResult(_account(login), None)
+        return AuthResult(self._succeeded(login), None)
+
+    def _succeeded(self, login: Login) -> AuthenticatedAccount:
+        """The session's account; the credential's ``last_used_at`` is written at most once a minute."""
+        if login.last_used_at is None or login.last_used_at < utcnow() - LAST_USED_RESOLUTION:
+            try:
+                with self._database.transaction() as session:
+                    touch_last_used(session, login.credential_id)
+            except DatabaseUnavailable:
+                pass  # a bookkeeping write: the login itself stands
+        return _account(login)
 
     def _check_hash(self, password: str, password_hash: str) -> bool:
         """The bcrypt step itself; a seam for tests that count or time it."""
@@ -247,7 +282,31 @@ def _account(login: Login) -> AuthenticatedAccount:
         name=login.name,
         allowed_domains=tuple(login.allowed_domains),
         header_from_check=not login.allow_any_header_from,
+        credential_id=login.credential_id,
+        username=login.username,
     )
+
+
+def ip_allowed(client_ip: str, networks: list[str]) -> bool:
+    """Whether the client's address is in one of ``networks`` (CIDRs); an empty list allows all.
+
+    An IPv4 client seen as an IPv4-mapped IPv6 address (a dual-stack socket) is matched as IPv4.
+    """
+    if not networks:
+        return True
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for network in networks:
+        try:
+            if address in ipaddress.ip_network(network):
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 @dataclass(frozen=True)
@@ -458,7 +517,8 @@ class AuthThrottle:
 @dataclass(frozen=True)
 class AuthResult:
     account: AuthenticatedAccount | None
-    # None, or "throttled_ip", "throttled_user", "invalid_credentials", "database_unavailable"
+    # None, or "throttled_ip", "throttled_user", "invalid_credentials", "ip_not_allowed",
+    # "database_unavailable"
     failure: str | None
 
 
@@ -506,7 +566,7 @@ def authenticate(
     counted, since no password was checked.
     """
     try:
-        result = verifier.check(username, password, _Gate(throttle, client_ip, username))
+        result = verifier.check(username, password, _Gate(throttle, client_ip, username), client_ip=client_ip)
     except DatabaseUnavailable:
         return AuthResult(None, "database_unavailable")
     account = result.account

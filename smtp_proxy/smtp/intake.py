@@ -76,7 +76,7 @@ class Intake:
             return session.mail_checked(R.R451_STORAGE_DOWN), None
         if decision.account != account:
             # Domains or the header-From exemption changed since AUTH: the core judges by these now.
-            session.connection.account = decision.account
+            session.account_changed(decision.account)
         refusal = decision.refusal
         reason = decision.reason or "policy"
         if refusal is not None:
@@ -126,6 +126,7 @@ class Intake:
             recipients=message.recipients,
             when=datetime.now(UTC),
             tls=tls,
+            authenticated=account.credential_id is not None,
         )
         data = trace + message.data
         try:
@@ -139,6 +140,7 @@ class Intake:
                     data=data,
                     correlation_id=correlation_id,
                     message_id=message_id,
+                    credential_id=account.credential_id,
                 )
         except (DatabaseUnavailable, SQLAlchemyError) as error:
             metrics.MESSAGES.labels("rejected", "storage_unavailable").inc()
@@ -164,6 +166,7 @@ class Intake:
                 "event": "smtp.message_accepted",
                 "message_id": str(message_id),
                 "account": account.name,
+                "auth": account.auth,
                 "sender": message.sender,
                 "recipients": len(message.recipients),
                 "size": len(data),

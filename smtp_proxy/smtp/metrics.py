@@ -20,6 +20,11 @@ SESSIONS = Counter("smtp_proxy_smtp_sessions_total", "Ended SMTP sessions by out
 MESSAGES = Counter(
     "smtp_proxy_smtp_messages_total", "Messages at the end of DATA by result and reason", ["result", "reason"]
 )
+AUTHENTICATED = Counter(
+    "smtp_proxy_smtp_authenticated_sessions_total",
+    "Sessions that became an account's, by how: password (SMTP AUTH) or network (a relay network)",
+    ["auth"],
+)
 RECEIVED_BYTES = Counter("smtp_proxy_smtp_received_bytes_total", "Bytes read from SMTP clients")
 AUTH_FAILURES = Counter(
     "smtp_proxy_smtp_auth_failures_total", "Failed SMTP AUTH attempts by reason", ["reason"]

@@ -28,7 +28,9 @@ Rules of this module (after h11's ``_state.py``):
 Security properties that live here:
 
 - AUTH is refused before TLS and never advertised before it (RFC 4954 4,
-  RFC 8314); MAIL needs TLS and AUTH.
+  RFC 8314); MAIL needs TLS and AUTH. The one exception is a client the caller
+  found in an account's relay network (``RelayGrant``): it is that account
+  without AUTH, and needs TLS unless the network's grant says otherwise.
 - At STARTTLS all buffered input is dropped (CVE-2011-0411, RFC 3207 4.2),
   and the session starts over after the handshake.
 - The end of DATA is CRLF "." CRLF and nothing else: no ``<LF>.<LF>``,
@@ -141,6 +143,15 @@ class SessionPolicy:
     tls_available: bool = True
     tls_active: bool = False  # implicit TLS (RFC 8314): TLS from the first byte
     max_errors: int = 10
+
+
+@dataclass(frozen=True)
+class RelayGrant:
+    """The client's address is in an account's relay network: it sends as ``account`` without
+    AUTH (a printer, an old appliance). ``require_tls`` False lets it send in the clear."""
+
+    account: Account
+    require_tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -369,6 +380,7 @@ class Connection:
         "helo_name",
         "esmtp",
         "account",
+        "relay",
         "errors",
         "commands",
         "messages_accepted",
@@ -379,7 +391,8 @@ class Connection:
         self.tls_active = policy.tls_active
         self.helo_name: str | None = None
         self.esmtp = False
-        self.account: Account | None = None
+        self.account: Account | None = None  # the account AUTH gave
+        self.relay: RelayGrant | None = None  # the account the client's network gives, without AUTH
         self.errors = 0
         self.commands = 0
         self.messages_accepted = 0
@@ -403,11 +416,14 @@ class SmtpSession:
         "close_reason",
     )
 
-    def __init__(self, policy: SessionPolicy, data_budget: DataBudget | None = None) -> None:
+    def __init__(
+        self, policy: SessionPolicy, data_budget: DataBudget | None = None, relay: RelayGrant | None = None
+    ) -> None:
         self.policy = policy
         self._budget = data_budget
         self.state = State.GREETED
         self.connection = Connection(policy)
+        self.connection.relay = relay
         self.envelope = Envelope()
         self._buffer = bytearray()
         self._waiting_for: type | None = None  # the event whose answer is awaited
@@ -433,7 +449,23 @@ class SmtpSession:
 
     @property
     def authenticated(self) -> bool:
-        return self.connection.account is not None
+        """The session is an account's: through AUTH, or through a relay network."""
+        return self.connection.account is not None or self.connection.relay is not None
+
+    @property
+    def account(self) -> Account | None:
+        """The account the session sends as: AUTH's, else the relay network's."""
+        connection = self.connection
+        if connection.account is not None:
+            return connection.account
+        return connection.relay.account if connection.relay is not None else None
+
+    def account_changed(self, account: Account) -> None:
+        """The caller read the account's current state (its domains may have changed since)."""
+        if self.connection.account is not None:
+            self.connection.account = account
+        elif self.connection.relay is not None:
+            self.connection.relay = RelayGrant(account, self.connection.relay.require_tls)
 
     def greeting(self) -> list[Output]:
         return [R.greeting(self.policy.hostname)]
@@ -648,7 +680,7 @@ class SmtpSession:
 
     def _misaligned_header(self, data: bytes, sender: str) -> str | None:
         """A From:/Sender: address outside the account's domains, when the account is checked."""
-        account = self.connection.account
+        account = self.account
         if account is None or not account.header_from_check:
             return None
         return alignment.misaligned_header_address(data, account.allowed_domains, sender)
@@ -796,6 +828,11 @@ class SmtpSession:
         """Why a transaction cannot start now, or None."""
         if self.connection.helo_name is None:
             return self._error(R.R503_EHLO_FIRST)
+        relay = self.connection.relay
+        if self.connection.account is None and relay is not None:
+            if relay.require_tls and not self.connection.tls_active:
+                return self._error(R.R530_STARTTLS_FIRST)
+            return None
         if not self.connection.tls_active:
             return self._error(R.R530_STARTTLS_FIRST)
         if self.connection.account is None:
@@ -815,7 +852,7 @@ class SmtpSession:
         declared = path.params.get("SIZE")
         if declared is not None and int(declared) > self.policy.max_message_size:
             return [R.R552_TOO_BIG]  # RFC 1870 6.1
-        account = self.connection.account
+        account = self.account
         assert account is not None
         if not domain_allowed(path.domain, account.allowed_domains):
             return [self._error(R.R553_SENDER_NOT_ALLOWED)]

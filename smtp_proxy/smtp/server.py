@@ -57,10 +57,12 @@ from smtp_proxy.smtp.protocol import (
     MessageReceived,
     MessageRejected,
     Output,
+    RelayGrant,
     SessionPolicy,
     SmtpSession,
     TlsRequested,
 )
+from smtp_proxy.smtp.relay import RelayNetworks
 from smtp_proxy.smtp.replies import Reply
 from smtp_proxy.smtp.tls import TlsContextHolder
 
@@ -99,17 +101,20 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         data_budget: InFlightBudget | None = None,
         sessions: AccountSessions | None = None,
         listening: socket.socket | None = None,
+        relay: RelayNetworks | None = None,
     ) -> None:
         """``mail_policy``, ``data_budget`` and ``sessions`` are shared by every listener of a
         process (``lifecycle.SmtpListeners``); without them, the intake makes its own policy and
         this server its own budget and session counts. ``verifier`` and ``throttle`` go to the
         ``Authenticator``. ``listening``: a socket already bound and listening (inherited from
-        a supervising parent, ``supervisor.py``) to serve instead of binding ``address``."""
+        a supervising parent, ``supervisor.py``) to serve instead of binding ``address``.
+        ``relay``: the relay networks, shared by every listener of a process (else its own)."""
         self._config = config
         self._on_quiet = on_quiet
         self.database = database
         self.authenticator = Authenticator(verifier, throttle, config, sessions)
         self.intake = Intake(database, cipher, config, mail_policy)
+        self.relay = relay if relay is not None else RelayNetworks(database)
         if data_budget is None:
             data_budget = InFlightBudget(config().smtp.max_data_in_flight)
         self.data_budget = data_budget
@@ -304,7 +309,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
         # The address this session is counted under in max_connections_per_ip, if any.
         self.counted_ip: str | None = None if self.proxied else self.client_ip
         self.session: SmtpSession | None = None
-        self.account: AuthenticatedAccount | None = None
+        self.account: AuthenticatedAccount | None = None  # AUTH's, or the relay network's
+        self.relay: RelayGrant | None = None
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
         self.outcome = "closed_by_client"
@@ -391,6 +397,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.outcome = "early_talker"
             self._send_quietly(R.R554_EARLY_TALKER)
             return
+        if not self._relay_network():
+            return
         # The core is made when the client first sends: until then an idle
         # connection needs nothing but its greeting (see _core).
         if not self._write(R.greeting(self.server.policy(self.server.implicit_tls).hostname).to_bytes()):
@@ -424,9 +432,33 @@ class SessionHandler(socketserver.BaseRequestHandler):
             # Kept: a config reload may give the server a new budget while this session holds bytes.
             self.data_budget = self.server.data_budget
             self.session = SmtpSession(
-                self.server.policy(self.server.implicit_tls), data_budget=self.data_budget
+                self.server.policy(self.server.implicit_tls), data_budget=self.data_budget, relay=self.relay
             )
         return self.session
+
+    def _relay_network(self) -> bool:
+        """A client in an account's relay network is that account from the start (False: refused).
+
+        It takes one of the account's sessions (``smtp.max_connections_per_account``) as AUTH
+        would; with none left, 421 before the greeting.
+        """
+        smtp = self.server.config.smtp
+        grant = self.server.relay.grant_for(self.client_ip, header_from_check=smtp.header_from_check)
+        if grant is None:
+            return True
+        account = grant.account
+        assert isinstance(account, AuthenticatedAccount)
+        if not self.server.authenticator.sessions.acquire(account.id, smtp.max_connections_per_account):
+            self.outcome = "account_limit"
+            log.warning(
+                "too many sessions for account",
+                extra={"event": "smtp.account_limit", "client_ip": self.client_ip, "account": account.name},
+            )
+            self._send_quietly(R.R421_ACCOUNT_SESSIONS)
+            return False
+        self.relay, self.account = grant, account
+        metrics.AUTHENTICATED.labels("network").inc()
+        return True
 
     # --- the session's clocks -----------------------------------------------------------------------
 
@@ -646,7 +678,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
         if isinstance(event, CredentialsOffered):
             outcome, account = self.server.authenticator.authenticate(event, self.client_ip)
             if account is not None:
+                if self.account is not None:  # the relay network's: AUTH's account takes over
+                    self.server.authenticator.release(self.account)
                 self.account = account
+                metrics.AUTHENTICATED.labels("password").inc()
             return self.session.credentials_checked(outcome, account)
         if isinstance(event, MailFromOffered):
             assert self.account is not None
@@ -710,6 +745,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 "tls_version": self.tls_version,
                 "tls_cipher": self.tls_cipher,
                 "account": self.account.name if self.account else None,
+                "auth": self.account.auth if self.account else None,
                 "commands": session.connection.commands if session else 0,
                 "messages_accepted": session.connection.messages_accepted if session else 0,
                 "messages_rejected": session.connection.messages_rejected if session else 0,

@@ -1,9 +1,10 @@
 """The Received: field the listener puts at the top of each message it accepts (RFC 5321 4.4).
 
 RFC 5321 makes the trace field a MUST for every server that takes a message in. It names the
-client (its EHLO name and the address it came from), this server, the protocol (ESMTPSA, RFC 3848:
-ESMTP with STARTTLS or implicit TLS, and AUTH), the message id the API shows, the recipient when
-there is exactly one (RFC 5321 7.2: more would reveal Bcc recipients to each other) and the time.
+client (its EHLO name and the address it came from), this server, the protocol (RFC 3848:
+ESMTPSA for ESMTP with TLS and AUTH; ESMTPS or ESMTP for a relay network's clients), the
+message id the API shows, the recipient when there is exactly one (RFC 5321 7.2: more would
+reveal Bcc recipients to each other) and the time.
 
 Pure: the adapter passes in what it knows of the connection and the clock.
 """
@@ -17,7 +18,11 @@ from email.utils import format_datetime
 
 from smtp_proxy.smtp.addresses import is_host
 
-PROTOCOL = "ESMTPSA"  # MAIL needs TLS and AUTH, so every accepted message came this way
+
+def protocol(*, tls: bool, authenticated: bool) -> str:
+    """RFC 3848's protocol name: ESMTP, plus S with TLS, plus A with AUTH (a relay network's
+    clients send without AUTH, and some of them without TLS)."""
+    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
 
 
 def address_literal(ip: str) -> str:
@@ -42,6 +47,7 @@ def received_field(
     recipients: Sequence[str],
     when: datetime,
     tls: tuple[str, str] | None = None,
+    authenticated: bool = True,
 ) -> bytes:
     """The whole field, folded, ending in CRLF, to put before the message's first line.
 
@@ -53,7 +59,8 @@ def received_field(
     lines = [f"Received: from {origin} ({literal})"]
     if tls is not None:
         lines.append(f"\t(using {tls[0]} with cipher {tls[1]})")
-    lines.append(f"\tby {hostname} (smtp-proxy) with {PROTOCOL}")
+    with_ = protocol(tls=tls is not None, authenticated=authenticated)
+    lines.append(f"\tby {hostname} (smtp-proxy) with {with_}")
     lines.append(f"\tid {message_id}")
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>")

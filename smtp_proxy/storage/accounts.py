@@ -18,13 +18,23 @@ from sqlalchemy.orm import Session
 from smtp_proxy import crypto, validation
 from smtp_proxy.db.models import Account
 from smtp_proxy.errors import Conflict, NotFound, ValidationError
-from smtp_proxy.storage import audit
+from smtp_proxy.storage import audit, credentials
+from smtp_proxy.storage import relay_networks as relay
 from smtp_proxy.storage.audit import Actor
 
 ENTITY = "account"
 # Fields update_account takes; the last five are the operator's (admins and the CLI only).
-UPDATABLE = ("email", "password", "allowed_domains", "is_admin", "active", "allow_any_header_from", "limits")
-OPERATOR_FIELDS = ("allowed_domains", "is_admin", "active", "allow_any_header_from", "limits")
+UPDATABLE = (
+    "email",
+    "password",
+    "allowed_domains",
+    "is_admin",
+    "active",
+    "allow_any_header_from",
+    "limits",
+    "relay_networks",
+)
+OPERATOR_FIELDS = UPDATABLE[2:]  # all but email and password: admins and the CLI only
 # An arbitrary constant naming "the grant of sender domains" in pg_advisory_xact_lock
 # (db/migrate.py uses another for migrations).
 _DOMAIN_LOCK_ID = 0x736D74705F646F6D  # "smtp_dom"
@@ -88,6 +98,7 @@ def create_account(
     is_admin: bool = False,
     allow_any_header_from: bool = False,
     limits: Mapping[str, int | None] | None = None,
+    relay_networks: object = (),
     unique_domains: bool = True,
     actor: Actor,
 ) -> NewAccount:
@@ -100,10 +111,13 @@ def create_account(
     email = validation.email(email)
     domains = validation.domain_patterns(allowed_domains)
     overrides = validation.limit_overrides(dict(limits or {}))
-    password = password if password is not None else crypto.generate_password()
-    password_hash = crypto.hash_password(password, bcrypt_cost)
+    networks = relay.entries(list(relay_networks) if isinstance(relay_networks, tuple) else relay_networks)
+    if password is not None:
+        crypto.check_password_policy(password)  # a bad field is told before any conflict
     if session.scalar(select(Account.id).where(Account.name == name)) is not None:
         raise Conflict(f"an account named {name!r} already exists")
+    if credentials.username_taken(session, name):
+        raise Conflict(f"{name!r} is taken as another account's SMTP user name")
     if unique_domains:
         check_domains_free(session, domains, exclude=None)
     api_key = crypto.generate_api_key()
@@ -112,7 +126,6 @@ def create_account(
         name=name,
         email=email,
         allowed_domains=domains,
-        password_hash=password_hash,
         api_key_digest=crypto.api_key_digest(api_key),
         is_admin=is_admin,
         active=True,
@@ -120,9 +133,15 @@ def create_account(
         limits=overrides,
     )
     session.add(account)
+    session.flush()  # the credential's foreign key needs the row
+    # The account's own login: its first SMTP credential, user name = the account's name.
+    password = credentials.set_primary_password(session, account, bcrypt_cost, password)
+    if networks:
+        relay.replace_networks(session, account, networks)
     fields = ["name", "email", "allowed_domains", "is_admin", "password", "api_key"]
     fields += ["allow_any_header_from"] if allow_any_header_from else []
     fields += ["limits"] if overrides else []
+    fields += ["relay_networks"] if networks else []
     audit.record(
         session,
         actor=actor,
@@ -163,9 +182,8 @@ def list_accounts(session: Session) -> list[Account]:
 def set_password(
     session: Session, account: Account, bcrypt_cost: int, password: str | None = None, *, actor: Actor
 ) -> str:
-    """Replace the SMTP password (a generated one unless given); returns it."""
-    password = password if password is not None else crypto.generate_password()
-    account.password_hash = crypto.hash_password(password, bcrypt_cost)
+    """Replace the password of the account's own login (a generated one unless given); returns it."""
+    password = credentials.set_primary_password(session, account, bcrypt_cost, password)
     _audit_update(session, account, actor, ("password",))
     return password
 
@@ -219,6 +237,8 @@ def update_account(
         values["allowed_domains"] = validation.domain_patterns(values["allowed_domains"])
     if "limits" in values:
         values["limits"] = validation.limit_overrides(values["limits"])
+    if "relay_networks" in values:
+        values["relay_networks"] = relay.entries(values["relay_networks"])
     for flag in ("is_admin", "active", "allow_any_header_from"):
         if flag in values and not isinstance(values[flag], bool):
             raise ValidationError(flag, "must be true or false")
@@ -237,8 +257,10 @@ def update_account(
     for name in ("email", "allowed_domains", "is_admin", "active", "allow_any_header_from", "limits"):
         if name in values:
             setattr(account, name, values[name])
+    if "relay_networks" in values:
+        relay.replace_networks(session, account, values["relay_networks"])
     if "password" in values:
-        account.password_hash = crypto.hash_password(values["password"], bcrypt_cost)
+        credentials.set_primary_password(session, account, bcrypt_cost, values["password"])
     if not values:
         return AccountUpdate([], None)
     action = "update"

@@ -118,6 +118,7 @@ def enqueue_message(
     created_at: datetime | None = None,
     next_attempt_at: datetime | None = None,
     message_id: uuid.UUID | None = None,
+    credential_id: uuid.UUID | None = None,
 ) -> EnqueuedMessage:
     """Insert a queued message (body encrypted); committed by the caller.
 
@@ -126,6 +127,7 @@ def enqueue_message(
     follow-up messages (recipients a provider refused for now) carry their
     original's attempts and acceptance time, so the same retry limits apply.
     The listener picks the id itself, to name it in the message's Received field.
+    ``credential_id`` is the SMTP credential that submitted it (None: a relay network's client).
     """
     headers, subject = parse_headers(data)
     message_id = message_id or uuid.uuid4()
@@ -135,6 +137,7 @@ def enqueue_message(
         dict(
             id=message_id,
             account_id=account_id,
+            credential_id=credential_id,
             sender=sender,
             recipients=list(recipients),
             subject=subject,
@@ -175,7 +178,9 @@ class Page(NamedTuple):
 
 
 @functools.cache
-def _page_select(status: bool, since: bool, until: bool, before: bool, *, ranked: bool = False) -> Any:
+def _page_select(
+    status: bool, credential: bool, since: bool, until: bool, before: bool, *, ranked: bool = False
+) -> Any:
     """One page's SELECT for one combination of filters, built once with bound parameters.
 
     Building it per request cost more than running it. ``ranked`` adds each
@@ -189,6 +194,8 @@ def _page_select(status: bool, since: bool, until: bool, before: bool, *, ranked
     query = select(*columns).where(c.account_id == bindparam("account_id"))
     if status:
         query = query.where(c.status == bindparam("status", type_=c.status.type))
+    if credential:
+        query = query.where(c.credential_id == bindparam("credential_id", type_=c.credential_id.type))
     if since:
         query = query.where(c.created_at >= bindparam("since", type_=c.created_at.type))
     if until:
@@ -201,48 +208,48 @@ def _page_select(status: bool, since: bool, until: bool, before: bool, *, ranked
     return query.order_by(*newest_first).limit(bindparam("fetch"))
 
 
-def _page(
-    account_id: uuid.UUID,
-    status: MessageStatus | None,
-    since: datetime | None,
-    until: datetime | None,
-    before: tuple[datetime, uuid.UUID] | None,
-    limit: int,
-) -> tuple[tuple[bool, bool, bool, bool], dict[str, Any]]:
+class Filters(NamedTuple):
+    """What a page of messages is narrowed to; None leaves a filter out."""
+
+    status: MessageStatus | None = None
+    credential_id: uuid.UUID | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    before: tuple[datetime, uuid.UUID] | None = None  # the last (created_at, id) of the page before
+
+
+EVERY_MESSAGE = Filters()
+
+
+def _page(account_id: uuid.UUID, filters: Filters, limit: int) -> tuple[tuple[bool, ...], dict[str, Any]]:
     """Which filters a page uses, and the parameters of its statement.
 
     A page fetches ``limit`` rows plus one, to tell whether more follow.
     """
-    filters = (status is not None, since is not None, until is not None, before is not None)
+    status, credential_id, since, until, before = filters
+    used = tuple(value is not None for value in filters)
     parameters = {
         "account_id": account_id,
         "status": status,
+        "credential_id": credential_id,
         "since": since,
         "until": until,
         "before_created": before[0] if before else None,
         "before_id": before[1] if before else None,
         "fetch": limit + 1,
     }
-    return filters, parameters
+    return used, parameters
 
 
 def list_messages(
-    session: Session | Connection,
-    account_id: uuid.UUID,
-    *,
-    status: MessageStatus | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    before: tuple[datetime, uuid.UUID] | None = None,
-    limit: int = 50,
+    session: Session | Connection, account_id: uuid.UUID, filters: Filters = EVERY_MESSAGE, *, limit: int = 50
 ) -> Page:
     """One page of a tenant's messages, newest first, without bodies.
 
-    ``before`` is the (created_at, id) of the last row of the previous page
-    (a keyset cursor: pages stay stable while new messages arrive).
+    ``filters.before`` is a keyset cursor: pages stay stable while new messages arrive.
     """
-    filters, parameters = _page(account_id, status, since, until, before, limit)
-    rows = session.execute(_page_select(*filters), parameters).all()
+    used, parameters = _page(account_id, filters, limit)
+    rows = session.execute(_page_select(*used), parameters).all()
     return Page(rows[:limit], len(rows) > limit)
 
 
@@ -253,30 +260,23 @@ class JsonPage(NamedTuple):
 
 
 def list_messages_json(
-    connection: Connection,
-    account_id: uuid.UUID,
-    *,
-    status: MessageStatus | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    before: tuple[datetime, uuid.UUID] | None = None,
-    limit: int = 50,
+    connection: Connection, account_id: uuid.UUID, filters: Filters = EVERY_MESSAGE, *, limit: int = 50
 ) -> JsonPage | None:
     """``list_messages`` with its rows as the API renders them, built by PostgreSQL; None elsewhere."""
     if not json_rows.renders_json(connection):
         return None
-    filters, parameters = _page(account_id, status, since, until, before, limit)
+    used, parameters = _page(account_id, filters, limit)
     items, rows, last_created, last_id = connection.execute(
-        _json_page(*filters), {**parameters, "limit": limit}
+        _json_page(*used), {**parameters, "limit": limit}
     ).one()
     more = rows > limit
     return JsonPage(items, more, (last_created, last_id) if more else None)
 
 
 @functools.cache
-def _json_page(status: bool, since: bool, until: bool, before: bool) -> Any:
+def _json_page(*used: bool) -> Any:
     """The page as one JSON array, its row count and its last row's keys (built once per filter set)."""
-    page = _page_select(status, since, until, before, ranked=True).subquery()
+    page = _page_select(*used, ranked=True).subquery()
     fields = {
         "id": page.c.id,
         "sender": page.c.sender,
@@ -286,6 +286,7 @@ def _json_page(status: bool, since: bool, until: bool, before: bool) -> Any:
         "status": page.c.status,
         "attempts": page.c.attempts,
         "provider_id": page.c.provider_id,
+        "credential_id": page.c.credential_id,
         "correlation_id": page.c.correlation_id,
         "next_attempt_at": page.c.next_attempt_at,
         "processed_at": page.c.processed_at,

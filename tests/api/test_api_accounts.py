@@ -15,6 +15,7 @@ from smtp_proxy.db.models import Account
 from smtp_proxy.storage.auth import Login, find_login
 from tests.api.checks import assert_error
 from tests.api.conftest import ApiServer, Client, Tenant, own_domain
+from tests.logins import login_hash
 
 ACCOUNTS = "/api/v1/accounts"
 ACCOUNT_KEYS = {
@@ -26,6 +27,7 @@ ACCOUNT_KEYS = {
     "active",
     "allow_any_header_from",
     "limits",
+    "relay_networks",
     "created_at",
     "updated_at",
 }
@@ -58,7 +60,7 @@ def stored_account(api: ApiServer, account_id: str) -> dict[str, Any]:
                 "allowed_domains": list(row.allowed_domains),
                 "is_admin": row.is_admin,
                 "active": row.active,
-                "password_hash": row.password_hash,
+                "password_hash": login_hash(session, row),
                 "api_key_digest": row.api_key_digest,
             }
     finally:

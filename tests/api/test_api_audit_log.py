@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from smtp_proxy.db.models import Account, AuditLog
 from tests.api.checks import assert_error
 from tests.api.conftest import ApiServer, Client, Tenant
+from tests.logins import login_hash
 
 AUDIT = "/api/v1/audit-log"
 ACCOUNTS = "/api/v1/accounts"
@@ -456,7 +457,7 @@ def test_entries_name_fields_but_never_hold_secret_values(api: ApiServer) -> Non
         with api.database.transaction() as session:
             row = session.get(Account, uuid.UUID(tenant.id))
             assert row is not None
-            stored = (row.password_hash, row.api_key_digest)
+            stored = (login_hash(session, row), row.api_key_digest)
             raw_changes = json.dumps([r.changes for r in session.scalars(select(AuditLog))])
     finally:
         api.database.remove_session()

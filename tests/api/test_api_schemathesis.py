@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -58,10 +58,12 @@ class Seeded:
     provider_id: str
     rule_id: str
     message_id: str
+    credential_id: str
 
 
 def seed(api: ApiServer, client: Client, account_id: str) -> Seeded:
-    """A provider, a rule, messages with delivery attempts: lists then have items to validate."""
+    """A provider, a rule, an SMTP credential, messages it sent with delivery attempts: lists then
+    have items to validate."""
     provider = client.post(
         "/api/v1/providers", json={"name": "seeded", "provider_type": "sendgrid", "api_key": "SG.key"}
     )
@@ -72,6 +74,11 @@ def seed(api: ApiServer, client: Client, account_id: str) -> Seeded:
         json={"name": "all", "provider_id": provider_id, "priority": 1, "conditions": {"weight": 50}},
     )
     assert rule.status_code == 201, rule.text
+    credential = client.post(
+        f"/api/v1/accounts/{account_id}/smtp-credentials", json={"label": "seeded", "allowed_ips": ["::1"]}
+    )
+    assert credential.status_code == 201, credential.text
+    credential_id = credential.json()["id"]
     start = datetime(2024, 5, 1, tzinfo=UTC)
     with api.database.transaction() as session:
         for n in range(5):
@@ -83,6 +90,7 @@ def seed(api: ApiServer, client: Client, account_id: str) -> Seeded:
                 recipients=["rcpt@example.net"],
                 data=f"From: sender@example.com\r\nSubject: seeded {n}\r\n\r\nbody {n}".encode(),
                 correlation_id=f"seed-{n}",
+                credential_id=uuid.UUID(credential_id) if n % 2 else None,
             )
             row = session.get(Message, queued.id)
             assert row is not None
@@ -97,7 +105,7 @@ def seed(api: ApiServer, client: Client, account_id: str) -> Seeded:
                     created_at=start + timedelta(hours=n, minutes=1),
                 )
             )
-    return Seeded(provider_id, rule.json()["id"], str(queued.id))
+    return Seeded(provider_id, rule.json()["id"], str(queued.id), credential_id)
 
 
 def load_schema(api: ApiServer) -> BaseOpenAPISchema:
@@ -108,12 +116,12 @@ def load_schema(api: ApiServer) -> BaseOpenAPISchema:
     )
 
 
-def pointing_at(existing_id: str | None, provider_id: str) -> Callable[[Case], Case]:
+def pointing_at(parameters: dict[str, str], provider_id: str) -> Callable[[Case], Case]:
     """Aim a generated case at a row that exists (and at an own provider in a rule's body)."""
 
     def aim(case: Case) -> Case:
-        if existing_id is not None:
-            case.path_parameters = {**(case.path_parameters or {}), "id": existing_id}
+        if parameters:
+            case.path_parameters = {**(case.path_parameters or {}), **parameters}
         if isinstance(case.body, dict) and "provider_id" in case.body:
             case.body = {**case.body, "provider_id": provider_id}
         return case
@@ -156,12 +164,12 @@ def describe(failure: BaseException) -> str:
 
 
 def fuzz(
-    api: ApiServer, api_key: str, existing: dict[str, str], provider_id: str
+    api: ApiServer, api_key: str, existing: dict[str, dict[str, str]], provider_id: str
 ) -> tuple[dict[str, set[int]], list[str]]:
     """Run every operation, then again aimed at existing rows; statuses seen and failures.
 
-    ``existing`` maps an operation ("PUT /providers/{id}") to the id of a row it
-    may act on; each such operation gets a second run against that row.
+    ``existing`` maps an operation ("PUT /providers/{id}") to the path parameters of a
+    row it may act on; each such operation gets a second run against that row.
     """
     schema = load_schema(api)
     headers = {"Authorization": f"Bearer {api_key}"}
@@ -173,7 +181,7 @@ def fuzz(
             name = f"{operation.method.upper()} {operation.path}"
             runs: list[tuple[str, Callable[[Case], Case] | None]] = [(name, None)]
             if name in existing:
-                runs.append((f"{name} existing", pointing_at(existing[name] or None, provider_id)))
+                runs.append((f"{name} existing", pointing_at(existing[name], provider_id)))
             for label, aim in runs:
                 try:
                     statuses[label] = exercise(operation, session, headers, aim)
@@ -182,25 +190,32 @@ def fuzz(
     return statuses, failures
 
 
-def targets(seeded: Seeded, account_id: str) -> dict[str, str]:
-    """Operations to aim at existing rows. Never DELETE (later runs need the rows) nor the
-    caller's own rotate-key (the run would lose its key); "" keeps a random id."""
+def targets(seeded: Seeded, account_id: str) -> dict[str, dict[str, str]]:
+    """Operations to aim at existing rows, and their path parameters. Never DELETE (later runs
+    need the rows) nor the caller's own rotate-key (the run would lose its key); {} keeps random
+    ids. ``seeded.credential_id`` is one of ``account_id``'s credentials."""
+    account = {"id": account_id}
+    credential = {**account, "credential_id": seeded.credential_id}
     return {
-        "GET /accounts/{id}": account_id,
-        "GET /accounts/{id}/usage": account_id,
-        "PUT /accounts/{id}": account_id,
-        "GET /providers/{id}": seeded.provider_id,
-        "PUT /providers/{id}": seeded.provider_id,
-        "POST /routing-rules": "",
-        "GET /routing-rules/{id}": seeded.rule_id,
-        "PUT /routing-rules/{id}": seeded.rule_id,
-        "GET /messages/{id}": seeded.message_id,
+        "GET /accounts/{id}": account,
+        "GET /accounts/{id}/usage": account,
+        "PUT /accounts/{id}": account,
+        "GET /accounts/{id}/smtp-credentials": account,
+        "POST /accounts/{id}/smtp-credentials": account,
+        "GET /accounts/{id}/smtp-credentials/{credential_id}": credential,
+        "PATCH /accounts/{id}/smtp-credentials/{credential_id}": credential,
+        "GET /providers/{id}": {"id": seeded.provider_id},
+        "PUT /providers/{id}": {"id": seeded.provider_id},
+        "POST /routing-rules": {},
+        "GET /routing-rules/{id}": {"id": seeded.rule_id},
+        "PUT /routing-rules/{id}": {"id": seeded.rule_id},
+        "GET /messages/{id}": {"id": seeded.message_id},
     }
 
 
-def assert_meaningful(statuses: dict[str, set[int]], existing: dict[str, str]) -> None:
+def assert_meaningful(statuses: dict[str, set[int]], existing: dict[str, dict[str, str]]) -> None:
     """The run reached every operation, past authentication, listed real rows, found existing ones."""
-    assert len(statuses) == 20 + len(existing), sorted(statuses)
+    assert len(statuses) == 25 + len(existing), sorted(statuses)
     for name, seen in statuses.items():
         assert 401 not in seen, (name, seen)
         assert all(status < 500 for status in seen), (name, seen)
@@ -225,6 +240,8 @@ def test_every_operation_with_a_tenant_key(served_api: ApiServer) -> None:
     assert statuses["POST /accounts"] == {403}  # a tenant may not create accounts
     assert 200 in statuses["PUT /providers/{id} existing"]
     assert 201 in statuses["POST /providers"]
+    assert 201 in statuses["POST /accounts/{id}/smtp-credentials existing"]
+    assert 200 in statuses["PATCH /accounts/{id}/smtp-credentials/{credential_id} existing"]
     assert time.monotonic() - started < 90
 
 
@@ -232,10 +249,12 @@ def test_every_operation_with_the_admin_key(served_api: ApiServer) -> None:
     api = served_api
     seeded = seed(api, api.admin, api.admin_id)
     other = api.tenant()  # the admin acts on another account, never on its own key
+    theirs = api.admin.post(f"/api/v1/accounts/{other.id}/smtp-credentials", json={"label": "theirs"})
+    assert theirs.status_code == 201, theirs.text
     existing = {
-        **targets(seeded, other.id),
-        "POST /accounts/{id}/rotate-key": other.id,
-        "DELETE /accounts/{id}": other.id,
+        **targets(replace(seeded, credential_id=theirs.json()["id"]), other.id),
+        "POST /accounts/{id}/rotate-key": {"id": other.id},
+        "DELETE /accounts/{id}": {"id": other.id},
     }
     started = time.monotonic()
     statuses, failures = fuzz(api, api.admin.api_key or "", existing, seeded.provider_id)

@@ -20,6 +20,7 @@ from smtp_proxy.db.models import Account, AuditLog
 from smtp_proxy.sending_limits import SendingLimits
 from tests.api.checks import assert_error, assert_invalid
 from tests.api.conftest import AppUnderTest, own_domain
+from tests.logins import login_hash
 
 ACCOUNTS = "/api/v1/accounts"
 OPERATOR_VALUES: dict[str, Any] = {
@@ -43,7 +44,7 @@ def stored(app: AppUnderTest, account_id: str) -> dict[str, Any]:
                 "active": row.active,
                 "allow_any_header_from": row.allow_any_header_from,
                 "limits": dict(row.limits),
-                "password_hash": row.password_hash,
+                "password_hash": login_hash(session, row),
                 "updated_at": row.updated_at,
             }
     finally:

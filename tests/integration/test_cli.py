@@ -32,6 +32,7 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.storage import accounts as account_store
 from smtp_proxy.storage import audit
 from tests.cli_runner import OPERATOR_VARIABLES, run_cli
+from tests.logins import login_hash
 
 SMTP_PROXY = Path(sys.executable).with_name("smtp-proxy")
 CONFIG_YAML = """\
@@ -199,8 +200,8 @@ def test_accounts_create_prints_credentials_once(cli: Cli, storage: Database) ->
         assert account.email == "Ops@example.com"
         assert account.allowed_domains == ["example.com", "*.mail.example.com"]
         # bcrypt_cost 4 from the config file given with --config.
-        assert account.password_hash.startswith("$2b$04$")
-        assert crypto.verify_password(created["password"], account.password_hash)
+        assert login_hash(session, account).startswith("$2b$04$")
+        assert crypto.verify_password(created["password"], login_hash(session, account))
         found = account_store.find_by_api_key(session, created["api_key"])
         assert found is not None and found.id == account.id
 
@@ -211,8 +212,8 @@ def test_accounts_create_with_password_stdin(cli: Cli, storage: Database) -> Non
     with storage.transaction() as session:
         account = account_store.get_account_by_name(session, "bob")
         assert account.is_admin is False
-        assert crypto.verify_password("my chosen password", account.password_hash)
-        assert not crypto.verify_password("my chosen password\n", account.password_hash)
+        assert crypto.verify_password("my chosen password", login_hash(session, account))
+        assert not crypto.verify_password("my chosen password\n", login_hash(session, account))
 
 
 def test_config_file_from_environment_variable(make_cli, sqlite_url: str, make_config) -> None:
@@ -228,8 +229,8 @@ def test_config_file_from_environment_variable(make_cli, sqlite_url: str, make_c
         with db.transaction() as session:
             account = account_store.get_account_by_name(session, "envcfg")
             # The default cost is 12: cost 4 proves the file named by SMTP_PROXY_CONFIG was read.
-            assert account.password_hash.startswith("$2b$04$")
-            assert crypto.verify_password(created["password"], account.password_hash)
+            assert login_hash(session, account).startswith("$2b$04$")
+            assert crypto.verify_password(created["password"], login_hash(session, account))
     finally:
         db.dispose()
 
@@ -275,8 +276,8 @@ def test_set_password_generated_and_from_stdin(cli: Cli, storage: Database) -> N
     assert generated["password"] != created["password"]
     with storage.transaction() as session:
         account = account_store.get_account_by_name(session, "alice")
-        assert crypto.verify_password(generated["password"], account.password_hash)
-        assert not crypto.verify_password(created["password"], account.password_hash)
+        assert crypto.verify_password(generated["password"], login_hash(session, account))
+        assert not crypto.verify_password(created["password"], login_hash(session, account))
     storage.remove_session()
 
     given = cli.json(
@@ -285,8 +286,8 @@ def test_set_password_generated_and_from_stdin(cli: Cli, storage: Database) -> N
     assert given == {"name": "alice", "password": "another long password"}
     with storage.transaction() as session:
         account = account_store.get_account_by_name(session, "alice")
-        assert crypto.verify_password("another long password", account.password_hash)
-        assert not crypto.verify_password(generated["password"], account.password_hash)
+        assert crypto.verify_password("another long password", login_hash(session, account))
+        assert not crypto.verify_password(generated["password"], login_hash(session, account))
 
 
 def test_rotate_key(cli: Cli, storage: Database) -> None:

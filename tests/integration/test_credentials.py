@@ -19,6 +19,7 @@ from smtp_proxy.errors import DatabaseUnavailable
 from smtp_proxy.smtp.credentials import AuthenticatedAccount, AuthThrottle, CredentialVerifier, authenticate
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
+from tests.logins import logged_in
 from tests.waiting import wait_for
 
 BCRYPT_COST = 4
@@ -78,7 +79,7 @@ def create(database: Database, name: str = "alice", password: str = PASSWORD) ->
             actor=CLI,
         )
         account = created.account
-        return AuthenticatedAccount(account.id, account.name, tuple(account.allowed_domains))
+        return logged_in(session, account)
 
 
 def run_threads(count: int, target) -> list:

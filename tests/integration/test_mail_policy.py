@@ -21,6 +21,7 @@ from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
 from smtp_proxy.smtp.credentials import AuthenticatedAccount
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
+from tests.logins import logged_in
 
 
 class Clock:
@@ -48,8 +49,7 @@ def tenant(database: Database) -> AuthenticatedAccount:
             bcrypt_cost=4,
             actor=CLI,
         )
-        account = created.account
-        return AuthenticatedAccount(account.id, account.name, ("example.com",))
+        return logged_in(session, created.account)
 
 
 def change(database: Database, **values: object) -> None:

@@ -34,6 +34,7 @@ from smtp_proxy.logs import PREFIX_LENGTH, configure_logging, correlation
 from smtp_proxy.storage import accounts, messages, providers
 from smtp_proxy.storage.audit import CLI
 from tests.cli_runner import run_cli
+from tests.logins import login_hash
 
 BAD_DB_URL = "postgresql://user:pw@127.0.0.1:1/x"
 SMTP_PROXY = Path(sys.executable).parent / "smtp-proxy"
@@ -198,8 +199,8 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
 
             with database.transaction() as session:
                 account = accounts.get_account(session, account_id)
-                assert crypto.verify_password(new_password, account.password_hash)
-                assert not crypto.verify_password(password, account.password_hash)
+                assert crypto.verify_password(new_password, login_hash(session, account))
+                assert not crypto.verify_password(password, login_hash(session, account))
                 assert accounts.find_by_api_key(session, first_key) is None
                 assert accounts.find_by_api_key(session, second_key).id == account_id
 
@@ -370,7 +371,7 @@ def test_no_secret_reaches_logs_cli_output_or_database_columns(
         with check.transaction() as session:
             tenant = accounts.get_account_by_name(session, "cli-tenant")
             assert tenant.api_key_digest == crypto.api_key_digest(cli_key_2)
-            assert crypto.verify_password(cli_password_2, tenant.password_hash)
+            assert crypto.verify_password(cli_password_2, login_hash(session, tenant))
             assert accounts.find_by_api_key(session, cli_key) is None
     finally:
         check.dispose()

@@ -31,9 +31,9 @@ def insert_account(pool: DatabasePool, name: str, account: str) -> None:
     run(
         pool,
         name,
-        "INSERT INTO accounts (id, name, email, password_hash, api_key_digest, allowed_domains, is_admin,"
+        "INSERT INTO accounts (id, name, email, api_key_digest, allowed_domains, is_admin,"
         " active, allow_any_header_from, limits, created_at, updated_at)"
-        f" VALUES (gen_random_uuid(), '{account}', 'a@example.com', 'x', '{account}', '[]', false, true,"
+        f" VALUES (gen_random_uuid(), '{account}', 'a@example.com', '{account}', '[]', false, true,"
         " false, '{}', now(), now())",
     )
 

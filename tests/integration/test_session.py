@@ -124,7 +124,6 @@ def test_an_autocommit_statement_is_committed_when_it_returns(database: Database
         "id": uuid.uuid4(),
         "name": "autocommitted",
         "email": "a@example.com",
-        "password_hash": "x",
         "api_key_digest": uuid.uuid4().hex * 2,
         "allowed_domains": ["example.com"],
         "active": True,
@@ -203,7 +202,6 @@ def test_unique_violation_becomes_conflict_and_rolls_back(database: Database) ->
                     id=uuid.uuid4(),
                     name="dup",
                     email="e@example.com",
-                    password_hash="x",
                     api_key_digest="0" * 64,
                     allowed_domains=["example.com"],
                 )
@@ -276,7 +274,6 @@ def _account_row(name: str) -> dict[str, object]:
         "id": uuid.uuid4(),
         "name": name,
         "email": "e@example.com",
-        "password_hash": "x",
         "api_key_digest": uuid.uuid4().hex * 2,
         "allowed_domains": ["example.com"],
         "active": True,

@@ -32,6 +32,7 @@ from smtp_proxy.storage import accounts, audit, messages, providers, routing_rul
 from smtp_proxy.storage.accounts import NewAccount
 from smtp_proxy.storage.audit import Actor
 from tests.conftest import wait_until_accepting
+from tests.logins import login_hash
 from tests.waiting import wait_for
 
 BCRYPT_COST = 4
@@ -140,10 +141,10 @@ def test_create_account_returns_credentials_once_and_stores_only_hash_and_digest
         assert stored.is_admin is False
         assert stored.active is True
         # The password only as a bcrypt hash of the configured cost.
-        assert stored.password_hash != created.password
-        assert stored.password_hash.startswith("$2b$04$")
-        assert crypto.verify_password(created.password, stored.password_hash)
-        assert not crypto.verify_password(created.password + "x", stored.password_hash)
+        assert login_hash(session, stored) != created.password
+        assert login_hash(session, stored).startswith("$2b$04$")
+        assert crypto.verify_password(created.password, login_hash(session, stored))
+        assert not crypto.verify_password(created.password + "x", login_hash(session, stored))
         # The API key only as its SHA-256 digest.
         assert stored.api_key_digest == hashlib.sha256(created.api_key.encode()).hexdigest()
         row = session.execute(select(Account.__table__)).one()._asdict()
@@ -160,7 +161,7 @@ def test_create_account_with_given_password_and_admin_flag(database: Database) -
     with fresh(database) as session:
         stored = accounts.get_account_by_name(session, "bob")
         assert stored.is_admin is True
-        assert crypto.verify_password("correct horse battery", stored.password_hash)
+        assert crypto.verify_password("correct horse battery", login_hash(session, stored))
 
 
 def test_create_account_writes_audit_row_naming_fields_without_values(database: Database) -> None:
@@ -275,8 +276,8 @@ def test_set_password_replaces_the_old_one(database: Database) -> None:
     assert given == "a brand new password"
     with fresh(database) as session:
         stored = accounts.get_account_by_name(session, "alice")
-        assert crypto.verify_password("a brand new password", stored.password_hash)
-        assert not crypto.verify_password(created.password, stored.password_hash)
+        assert crypto.verify_password("a brand new password", login_hash(session, stored))
+        assert not crypto.verify_password(created.password, login_hash(session, stored))
 
     with database.transaction() as session:
         generated = accounts.set_password(
@@ -285,8 +286,8 @@ def test_set_password_replaces_the_old_one(database: Database) -> None:
     assert len(generated) >= crypto.MIN_PASSWORD_LENGTH
     with fresh(database) as session:
         stored = accounts.get_account_by_name(session, "alice")
-        assert crypto.verify_password(generated, stored.password_hash)
-        assert not crypto.verify_password("a brand new password", stored.password_hash)
+        assert crypto.verify_password(generated, login_hash(session, stored))
+        assert not crypto.verify_password("a brand new password", login_hash(session, stored))
 
     updates = [e for e in audit_rows(database, created.account.id) if e.action == "update"]
     assert [e.changes for e in updates] == [{"fields": ["password"]}] * 2
@@ -302,7 +303,7 @@ def test_set_password_refuses_a_short_password(database: Database) -> None:
     assert caught.value.field == "password"
     with fresh(database) as session:
         stored = accounts.get_account_by_name(session, "alice")
-        assert crypto.verify_password(created.password, stored.password_hash)
+        assert crypto.verify_password(created.password, login_hash(session, stored))
 
 
 def test_rotate_api_key_retires_the_old_key(database: Database) -> None:
@@ -334,7 +335,7 @@ def test_deactivate_keeps_data_blocks_key_and_is_idempotent(database: Database, 
         assert stored.active is False
         assert stored.email == "alice@example.com"
         assert stored.allowed_domains == ["example.com", "*.example.org"]
-        assert crypto.verify_password(created.password, stored.password_hash)
+        assert crypto.verify_password(created.password, login_hash(session, stored))
         assert [p.name for p in providers.list_providers(session, created.account.id)] == ["sendgrid-main"]
 
     with database.transaction() as session:
@@ -402,7 +403,7 @@ def test_transaction_that_raises_keeps_neither_change_nor_audit_row(
         assert [a.name for a in accounts.list_accounts(session)] == ["alice"]
         stored = accounts.get_account_by_name(session, "alice")
         assert stored.active is True
-        assert crypto.verify_password(created.password, stored.password_hash)
+        assert crypto.verify_password(created.password, login_hash(session, stored))
         assert accounts.find_by_api_key(session, created.api_key) is not None
         assert providers.list_providers(session, created.account.id) == []
         assert [(e.action, e.entity) for e in audit.list_entries(session)] == [("create", "account")]
@@ -432,7 +433,7 @@ def test_update_account_applies_each_field_with_one_audit_row(database: Database
         assert stored.allowed_domains == ["shop.example", "*.shop.example"]
         assert stored.is_admin is True and stored.allow_any_header_from is True
         assert stored.limits == {"messages_per_minute": 30, "recipients_per_day": None}
-        assert crypto.verify_password("a fresh password", stored.password_hash)
+        assert crypto.verify_password("a fresh password", login_hash(session, stored))
     row = audit_rows(database, created.account.id)[0]
     assert (row.action, row.actor, row.actor_id) == ("update", "root", admin.account_id)
     assert row.changes == {"fields": sorted(fields)}

@@ -27,6 +27,7 @@ from smtp_proxy.smtp.intake import Intake
 from smtp_proxy.smtp.protocol import AuthOutcome, MailFromOffered, MessageReceived, MessageRejected, State
 from smtp_proxy.storage import accounts, messages
 from smtp_proxy.storage.audit import CLI
+from tests.logins import logged_in
 from tests.pgcluster import free_port
 from tests.unit.smtp.conftest import Driver, Live, plain_response
 
@@ -81,7 +82,7 @@ def tenant(database: Database) -> AuthenticatedAccount:
             bcrypt_cost=4,
             actor=CLI,
         ).account
-        tenant = AuthenticatedAccount(account.id, account.name, ("example.com",))
+        tenant = logged_in(session, account)
     database.remove_session()
     return tenant
 
