@@ -23,6 +23,8 @@ from prometheus_client import REGISTRY
 
 from smtp_proxy.proxy_protocol import V2_SIGNATURE
 from smtp_proxy.smtp.replies import R421_TOO_MANY_FROM_IP, R554_PROXY_HEADER
+from smtp_proxy.storage import accounts
+from smtp_proxy.storage.audit import CLI
 from tests.e2e.conftest import Listener, RawClient, closed_after_test
 from tests.waiting import wait_for
 
@@ -109,6 +111,33 @@ def test_the_auth_throttle_counts_each_client_behind_the_balancer(
     assert guesser.reply().startswith(b"454 4.7.0")
     clients(front, "127.0.0.3").login(listener, client_tls)
     assert {r.client_ip for r in records("smtp.auth_failed")} == {"127.0.0.2"}  # what fail2ban reads
+
+
+def test_a_relay_network_holds_the_client_behind_the_balancer_not_the_balancer(
+    start_listener, start_haproxy, clients
+) -> None:
+    """The tenant's relay network is 127.0.0.2: that client sends without AUTH through the
+    balancer; another client behind the same balancer (127.0.0.3) must still log in."""
+    listener: Listener = start_listener(proxy_protocol_from=BALANCER)
+    with listener.database.transaction() as session:
+        account = accounts.get_account_by_name(session, listener.tenant)
+        accounts.update_account(
+            session,
+            account,
+            {"relay_networks": [{"network": "127.0.0.2/32", "require_tls": False}]},
+            actor=CLI,
+            bcrypt_cost=4,
+            unique_domains=True,
+        )
+    listener.database.remove_session()
+    front = start_haproxy(listener.port, send="send-proxy-v2")
+    for source, reply in (("127.0.0.2", b"250 "), ("127.0.0.3", b"530 5.7.0")):
+        client = clients(front, source)
+        assert client.reply().startswith(b"220 ")
+        client.send(b"EHLO client.test\r\n")
+        assert client.reply().startswith(b"250")
+        client.send(b"MAIL FROM:<app@example.com>\r\n")
+        assert client.reply().startswith(reply), source
 
 
 def test_logs_and_the_received_field_name_the_client_not_the_balancer(
