@@ -560,12 +560,12 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def _refuse_proxy_header(self, reason: str | None = None, detail: str = "", reply: bool = True) -> None:
         """Close over a PROXY header: a balancer's that failed (``reason``), or one nobody may send."""
-        if reason is None:
-            # From an untrusted peer it could name any address; from a balancer it is a second one.
-            reason = "repeated" if self.proxied else "untrusted"
-            detail = "a PROXY protocol header from an address not in smtp.proxy_protocol_from"
-            if self.proxied:
-                detail = "a second PROXY protocol header"
+        if reason is None:  # from an untrusted peer it could name any address
+            reason, detail = (
+                ("repeated", "a second PROXY protocol header")
+                if self.proxied
+                else ("untrusted", "a PROXY protocol header from an address not in smtp.proxy_protocol_from")
+            )
         self.outcome = "proxy_header_refused"
         metrics.PROXY_HEADER_FAILURES.labels(reason).inc()
         self._correlate()
