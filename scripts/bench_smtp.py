@@ -30,12 +30,16 @@ STARTTLS + AUTH PLAIN + messages of 10 KB, for a bounded time. Measured:
    refuse on `limits.storage: memory://`, and on a throwaway redis-server
    (`redis://127.0.0.1:PORT`), each on a fresh listener, in --limits-rounds
    rounds (ABC, then CBA, to even out drift); the ratios to the figure without
-   limits (target: within 5%), and how many messages Redis counted.
-
+   limits (target: within 5%), and how many messages Redis counted;
 7. credentials: the one-message-per-session figure with the sessions spread over
    the own logins of 100 accounts, against 1,000 logins (ten credentials per
    account), in --limits-rounds interleaved rounds on fresh listeners (target:
-   within 5%).
+   within 5%);
+8. haproxy: the one-message-per-session figure through a real HAProxy
+   (`send-proxy-v2`, connecting from BALANCER_ADDRESS, which the listener
+   trusts in smtp.proxy_protocol_from) beside direct connections to the same
+   listener, in --haproxy-rounds rounds (direct, proxied, then the reverse);
+   the ratio, and the CPU per session of the listener and of HAProxy.
 
 Phases 1-4 share one listener with smtp.max_connections_per_ip 0 (off): their
 load comes from one address. Everything listens on 127.0.0.1 only, every loop is bounded in count and time,
@@ -83,6 +87,7 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.devcert import write_self_signed
 from smtp_proxy.storage import accounts, credentials
 from smtp_proxy.storage.audit import CLI
+from tests.haproxy import HAPROXY, Haproxy, relay
 from tests.pgcluster import PgCluster, free_port
 
 PASSWORD = "bench password 123"  # noqa: S105 - the throwaway bench tenant
@@ -526,9 +531,11 @@ def redis_counted(url: str) -> int:
 
 
 BASE_PHASES = ("one", "ten", "cold", "idle")
-PHASES = (*BASE_PHASES, "flood", "limits", "processes", "credentials")
+PHASES = (*BASE_PHASES, "flood", "limits", "processes", "credentials", "haproxy")
 CREDENTIAL_ACCOUNTS = 100
 CREDENTIALS_PER_ACCOUNT = 10
+# The balancer's connections come from here, the load generator's direct ones from 127.0.0.1.
+BALANCER_ADDRESS = "127.0.0.3"
 
 
 class Bench:
@@ -929,6 +936,53 @@ def processes_phase(bench: Bench, cluster: PgCluster, args: argparse.Namespace) 
         )
 
 
+def haproxy_phase(bench: Bench, args: argparse.Namespace) -> None:
+    """One message per session, direct and through HAProxy with send-proxy-v2, on one listener."""
+    if not Path(HAPROXY).exists():
+        print("haproxy            : not installed (./scripts/test installs Debian's haproxy); skipped")
+        return
+    listener, port = bench.start(0, smtp={"proxy_protocol_from": f"[{BALANCER_ADDRESS}/32]"})
+    haproxy = None
+    try:
+        front = free_port()
+        haproxy = Haproxy(
+            bench.workdir / "haproxy", relay(front, port, send=f"send-proxy-v2 source {BALANCER_ADDRESS}")
+        )
+        targets = {"direct": port, "haproxy": front}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        run_load(front, args.clients, 1, min(2.0, args.seconds / 4))  # warm-up, not counted
+        for round_ in range(args.haproxy_rounds):
+            for name in targets if round_ % 2 == 0 else list(reversed(targets)):
+                cpu, balancer_cpu = cpu_seconds(listener.pid), cpu_seconds(haproxy.process.pid)
+                result = run_load(targets[name], args.clients, 1, args.seconds)
+                sessions = max(result["sessions"], 1)
+                result["cpu_ms"] = (cpu_seconds(listener.pid) - cpu) * 1000 / sessions
+                result["haproxy_cpu_ms"] = (cpu_seconds(haproxy.process.pid) - balancer_cpu) * 1000 / sessions
+                runs[name].append(result)
+                print(
+                    f"  haproxy round {round_ + 1} {name:7s}: {result['sessions_per_s']:7.1f} sessions/s  "
+                    f"p99 {result['p99_ms']:6.1f} ms  listener CPU {result['cpu_ms']:.2f} ms/session  "
+                    f"({result['sessions']} sessions, {result['errors']} errors)"
+                )
+    finally:
+        if haproxy is not None:
+            haproxy.stop()
+        stop(listener)
+
+    def mean(name: str, key: str) -> float:
+        return statistics.fmean(run[key] for run in runs[name])
+
+    direct, proxied = mean("direct", "sessions_per_s"), mean("haproxy", "sessions_per_s")
+    print(
+        f"haproxy (1 message/session, {args.clients} clients, {args.haproxy_rounds} x {args.seconds:.0f} s "
+        f"each, one listener trusting {BALANCER_ADDRESS}): direct {direct:.1f} sessions/s "
+        f"(p99 {mean('direct', 'p99_ms'):.1f} ms), through HAProxy send-proxy-v2 {proxied:.1f} sessions/s "
+        f"(p99 {mean('haproxy', 'p99_ms'):.1f} ms): {ratio(proxied, direct):.2f}x; listener CPU "
+        f"{mean('direct', 'cpu_ms'):.2f} -> {mean('haproxy', 'cpu_ms'):.2f} ms/session, HAProxy "
+        f"{mean('haproxy', 'haproxy_cpu_ms'):.2f} ms/session"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -950,6 +1004,7 @@ def main() -> None:
         "--process-counts", default="1,2", help="the processes phase's smtp.processes values (default 1,2)"
     )
     parser.add_argument("--process-rounds", type=int, default=2, help="rounds of the processes phase")
+    parser.add_argument("--haproxy-rounds", type=int, default=2, help="rounds of the haproxy phase")
     parser.add_argument(
         "--phases",
         default=",".join(PHASES),
@@ -965,8 +1020,12 @@ def main() -> None:
     phases = set(args.phases.split(","))
     if not phases or not phases <= set(PHASES):
         parser.error(f"--phases takes a comma-separated subset of {','.join(PHASES)}")
-    if not 1 <= args.flood <= 10_000 or not 1 <= args.limits_rounds <= 10:
-        parser.error("--flood takes 1 to 10000, --limits-rounds 1 to 10")
+    if (
+        not 1 <= args.flood <= 10_000
+        or not 1 <= args.limits_rounds <= 10
+        or not 1 <= args.haproxy_rounds <= 10
+    ):
+        parser.error("--flood takes 1 to 10000, --limits-rounds and --haproxy-rounds 1 to 10")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the listener too
@@ -1011,6 +1070,8 @@ def main() -> None:
             processes_phase(bench, cluster, args)
         if "credentials" in phases:
             credentials_phase(bench, args)
+        if "haproxy" in phases:
+            haproxy_phase(bench, args)
     finally:
         stop(listener)
         cluster.stop()

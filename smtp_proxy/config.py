@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -41,6 +42,7 @@ _RATE_LIMIT = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
 MAX_PROCESSES = 256
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _opt(default: Any, kind: str, **rules: Any) -> Any:
@@ -76,6 +78,9 @@ class SmtpConfig:
     auth_failure_window: float = _opt(900.0, "duration", min=1)
     # Processes serving the ports (supervisor.py); ``auto``: one per usable CPU.
     processes: int = _opt(1, "processes")
+    # Load balancers whose connections start with a PROXY protocol header naming the client.
+    proxy_protocol_from: tuple[Network, ...] = _opt((), "networks")
+    proxy_protocol_timeout: float = _opt(5.0, "duration", min=0.1)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,10 @@ class ApiConfig:
     # Per client address, for requests without a valid key, before any database lookup.
     unauthenticated_rate_limit: str = _opt("60/minute", "rate_limit")
     processes: int = _opt(1, "processes")
+    # Load balancers whose connections start with a PROXY protocol header (as for SMTP), and
+    # HTTP proxies whose X-Forwarded-For names the client.
+    proxy_protocol_from: tuple[Network, ...] = _opt((), "networks")
+    trusted_proxies: tuple[Network, ...] = _opt((), "networks")
 
 
 @dataclass(frozen=True)
@@ -303,7 +312,7 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
             return ""
         if kind == "files":
             return ("",)
-        if kind == "key_list":
+        if kind in ("key_list", "networks"):
             return ()
         raise ConfigError(key, "must not be empty")
     if kind in ("int", "port"):
@@ -334,6 +343,8 @@ def _coerce(value: Any, meta: Mapping[str, Any], key: str) -> Any:
         return _endpoints(value, key)
     if kind == "files":
         return _files(value, key)
+    if kind == "networks":
+        return _networks(value, key)
     if kind == "duration":
         seconds = parse_duration(value, key)
         if seconds < meta.get("min", 0):
@@ -395,6 +406,35 @@ def _files(value: Any, key: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(f"{key}[{index}]", f"expected a file name, got {item!r}")
     return tuple(value)
+
+
+def _networks(value: Any, key: str) -> tuple[Network, ...]:
+    """CIDRs (``10.0.0.0/24``, ``2001:db8::/64``) or single addresses; a string is a list of one.
+
+    Strict: host bits set (``10.0.0.1/24``) are refused rather than silently widened, and so is
+    a /0, which would let every address on the internet name itself as anyone.
+    """
+    if isinstance(value, str):
+        value = [value] if value.strip() else []
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of networks such as 10.0.0.0/24, got {value!r}")
+    networks: list[Network] = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(item, str):
+            raise ConfigError(where, f"expected a network such as 10.0.0.0/24, got {item!r}")
+        try:
+            network = ipaddress.ip_network(item.strip())
+        except ValueError:
+            try:
+                meant = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(where, f"not a network such as 10.0.0.0/24: {item!r}") from None
+            raise ConfigError(where, f"{item!r} has host bits set (did you mean {meant}?)") from None
+        if network.prefixlen == 0:
+            raise ConfigError(where, f"{item!r} would trust every address; name your balancers")
+        networks.append(network)
+    return tuple(networks)
 
 
 def _expand_tree(node: Any, env: Mapping[str, str], key: str) -> Any:

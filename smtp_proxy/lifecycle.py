@@ -314,19 +314,29 @@ def create_api_server(config: Config, app: Any, listening: socket.socket | None 
     """
     import waitress
 
+    from smtp_proxy.api import client_address
+
     where: dict[str, Any] = (
         {"sockets": [listening]}
         if listening is not None
         else {"host": config.api.host, "port": config.api.port}
     )
+    socket_map: dict[int, Any] = {}
     with binding(config.api.host, config.api.port):
-        return waitress.create_server(
+        server = waitress.create_server(
             app,
+            map=socket_map,
             **where,
             threads=config.api.threads,
             channel_timeout=int(max(config.api.read_timeout, 1)),
             ident="smtp-proxy",
+            # waitress drops X-Forwarded-* unless its own trusted_proxy (one address) is set;
+            # api.trusted_proxies (networks) is judged by the app's ForwardedFor instead.
+            clear_untrusted_proxy_headers=not config.api.trusted_proxies,
         )
+    # Each connection's client: a trusted balancer's PROXY header names it (api.proxy_protocol_from).
+    client_address.install(socket_map, config.api.proxy_protocol_from, config.api.read_timeout)
+    return server
 
 
 def serve_api(config: Config, app: Any, database: Database, listening: Listening | None = None) -> None:

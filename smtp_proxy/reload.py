@@ -44,6 +44,8 @@ RESTART_KEYS = (
     "api.rate_limit_storage",
     "api.unauthenticated_rate_limit",
     "api.processes",
+    "api.proxy_protocol_from",
+    "api.trusted_proxies",
     "limits.storage",
     "database.url",
     "database.pool_min",

@@ -14,7 +14,7 @@ import logging
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from smtp_proxy.config import Config, config_from_dict
 from smtp_proxy.crypto import generate_encryption_key
 from smtp_proxy.db.migrate import upgrade
 from smtp_proxy.logs import set_correlation_id, stop_background_writer
+from tests.haproxy import Haproxy, relay
 from tests.leaks import keep_socket, new_sockets, new_threads, open_sockets
 from tests.pgcluster import PgCluster, PgClusterError, free_port, wait_until_accepting
 from tests.pgdatabases import DatabasePool
@@ -219,6 +220,23 @@ def redis_url(tmp_path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture
+def start_haproxy(tmp_path: Path) -> Iterator[Callable[..., int]]:
+    """``start_haproxy(back, **relay_options)``: a real HAProxy on a free port of 127.0.0.1 relaying
+    to 127.0.0.1:``back`` (``tests.haproxy.relay``: ``send=``, ``mode=``, ``options=``); returns
+    its port, and stops it after the test."""
+    started: list[Haproxy] = []
+
+    def start(back: int, **relay_options: str) -> int:
+        front = free_port()
+        started.append(Haproxy(tmp_path / f"haproxy-{len(started)}", relay(front, back, **relay_options)))
+        return front
+
+    yield start
+    for haproxy in started:
+        haproxy.stop()
 
 
 def _answers(url: str) -> bool:

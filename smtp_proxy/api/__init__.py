@@ -58,6 +58,7 @@ def create_app(config: Config, database: Database | None = None) -> Flask:
             "request",
             extra={
                 "event": "api.request",
+                "client_ip": request.remote_addr,
                 "method": request.method,
                 "path": request.path,
                 "status": response.status_code,
@@ -70,6 +71,11 @@ def create_app(config: Config, database: Database | None = None) -> Flask:
     def _end_session(_exc: BaseException | None) -> None:
         app.extensions["smtp_proxy.db"].remove_session()
         set_correlation_id(None)
+
+    if config.api.trusted_proxies:  # before everything that reads the client's address
+        from smtp_proxy.api.client_address import ForwardedFor
+
+        app.wsgi_app = ForwardedFor(app.wsgi_app, config.api.trusted_proxies)  # type: ignore[method-assign]
 
     from smtp_proxy.api import errors, health, v1
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from smtp_proxy import proxy_protocol
+
 # With several processes (smtp.processes), the open sessions of the live ones are summed.
 ACTIVE_CONNECTIONS = Gauge(
     "smtp_proxy_smtp_active_connections",
@@ -55,3 +57,11 @@ LIMIT_REASONS = (
 )
 for _reason in LIMIT_REASONS:
     LIMIT_REJECTIONS.labels(_reason)
+PROXY_HEADER_FAILURES = Counter(
+    "smtp_proxy_smtp_proxy_header_failures_total",
+    "Connections closed over a PROXY protocol header: a trusted balancer's bad, late or missing"
+    " one (the parser's reason, timeout, closed), or one sent by an untrusted peer or sent twice",
+    ["reason"],
+)
+for _reason in (*proxy_protocol.REASONS, "timeout", "closed", "untrusted", "repeated"):
+    PROXY_HEADER_FAILURES.labels(_reason)

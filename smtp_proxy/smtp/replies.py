@@ -96,6 +96,8 @@ R552_TOO_BIG = _r(552, "5.3.4", "Message size exceeds fixed maximum message size
 R553_SENDER_NOT_ALLOWED = _r(553, "5.7.1", "Sender address not allowed for this account")
 R554_BARE_CR = _r(554, "5.6.0", "Bare CR in message data; lines must end with CRLF")
 R554_EARLY_TALKER = _r(554, "5.5.1", "Protocol error: data sent before the greeting", close=True)
+# A PROXY protocol header from an address not configured as a load balancer (it could forge any address).
+R554_PROXY_HEADER = _r(554, "5.7.1", "PROXY protocol header not accepted from this address", close=True)
 R555_PARAMETERS = _r(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
 
 

@@ -13,7 +13,13 @@ Limits follow the live config (hot reload): every check reads
 ``server.config``. Over ``smtp.max_connections`` (or
 ``smtp.max_connections_per_ip`` from one address) a connection is answered
 421 in ``verify_request`` on the accept thread and closed, so it never costs
-a session thread. The session's clocks live here too: a session not
+a session thread. A connection from a trusted load balancer
+(``smtp.proxy_protocol_from``) must open with a PROXY protocol header: its
+session thread reads exactly that header, within ``smtp.proxy_protocol_timeout``,
+before the greeting, and the client it names becomes ``client_ip`` (and only then
+is counted against ``max_connections_per_ip``), so the AUTH throttle, the logs
+and the Received: field all see the real client. Anyone else who sends such a
+header is refused: it could name any address. The session's clocks live here too: a session not
 authenticated within ``smtp.auth_timeout`` is closed whatever it sends, and
 any session is closed once idle after ``smtp.max_session_time``.
 """
@@ -32,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from smtp_proxy import gil
+from smtp_proxy import gil, proxy_protocol
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
@@ -119,6 +125,9 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self._active: set[SessionHandler] = set()
         self._pending = 0  # accepted, thread not yet registered
         self._per_ip: dict[str, int] = {}  # open connections (pending or active) per client address
+        # Descriptors of connections from trusted balancers, accepted and not yet taken by their
+        # session: their client's address is only known once the session has read the header.
+        self._awaiting_header: set[int] = set()
         self._policies: tuple[Config, dict[bool, SessionPolicy]] | None = None
         # Session threads wait in poll() on their socket and these pipes, so a drain can
         # wake them without touching a TLS connection from another thread.
@@ -146,14 +155,20 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         """On the accept thread: over a limit, 421 at once and no session thread."""
         smtp = self.config.smtp
         ip = str(client_address[0])
+        # A balancer's connections are counted per client once the session has read its header.
+        proxied = proxy_protocol.is_trusted(ip, smtp.proxy_protocol_from)
         with self._lock:
             over = len(self._active) + self._pending >= smtp.max_connections
             from_ip = self._per_ip.get(ip, 0)
-            over_ip = bool(smtp.max_connections_per_ip) and from_ip >= smtp.max_connections_per_ip
+            cap = smtp.max_connections_per_ip
+            over_ip = not proxied and bool(cap) and from_ip >= cap
             draining = self.draining.is_set()
             if not over and not over_ip and not draining:
                 self._pending += 1
-                self._per_ip[ip] = from_ip + 1
+                if proxied:
+                    self._awaiting_header.add(request.fileno())
+                else:
+                    self._per_ip[ip] = from_ip + 1
                 return True
         if draining:
             reply, outcome = R.R421_SHUTTING_DOWN, "refused_draining"
@@ -169,16 +184,19 @@ class SmtpServer(socketserver.ThreadingTCPServer):
             except OSError:
                 pass
         metrics.SESSIONS.labels(outcome).inc()
-        log.warning(
-            "connection refused",
-            extra={
-                "event": "smtp.connection_refused",
-                "client_ip": ip,
-                "code": reply.code,
-                "reason": outcome,
-            },
-        )
+        _log_refused(ip, reply, outcome)
         return False
+
+    def admit(self, handler: SessionHandler, ip: str) -> bool:
+        """Count a balancer's client under ``max_connections_per_ip``, once its header named it."""
+        cap = self.config.smtp.max_connections_per_ip
+        with self._lock:
+            count = self._per_ip.get(ip, 0)
+            if cap and count >= cap:
+                return False
+            self._per_ip[ip] = count + 1
+            handler.counted_ip = ip
+        return True
 
     def _release_ip(self, ip: str) -> None:
         """The caller holds the lock."""
@@ -201,19 +219,28 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         except RuntimeError:  # no thread could be started: give the slot back
             with self._lock:
                 self._pending -= 1
-                self._release_ip(str(client_address[0]))
+                if request.fileno() in self._awaiting_header:
+                    self._awaiting_header.discard(request.fileno())
+                else:
+                    self._release_ip(str(client_address[0]))
             raise
 
-    def register(self, handler: SessionHandler) -> None:
+    def register(self, handler: SessionHandler) -> bool:
+        """Count the session as active; True when it comes from a trusted balancer."""
+        fd = handler.request.fileno()
         with self._lock:
             self._pending -= 1
             self._active.add(handler)
+            proxied = fd in self._awaiting_header
+            self._awaiting_header.discard(fd)
         gil.PACING.started()
+        return proxied
 
     def unregister(self, handler: SessionHandler) -> None:
         with self._lock:
             self._active.discard(handler)
-            self._release_ip(str(handler.client_address[0]))
+            if handler.counted_ip is not None:
+                self._release_ip(handler.counted_ip)
             quiet = not self._active and not self._pending
         gil.PACING.ended()
         if quiet and self._on_quiet is not None:
@@ -274,10 +301,13 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def setup(self) -> None:
         # Nothing here may fail before register(): finish() only runs once setup() returned.
-        self.server.register(self)
+        self.proxied = self.server.register(self)
         metrics.ACTIVE_CONNECTIONS.inc()
         self.sock: socket.socket = self.request
+        # The peer, until a trusted balancer's header names the client (_take_proxy_header).
         self.client_ip = str(self.client_address[0])
+        # The address this session is counted under in max_connections_per_ip, if any.
+        self.counted_ip: str | None = None if self.proxied else self.client_ip
         self.session: SmtpSession | None = None
         self.account: AuthenticatedAccount | None = None  # AUTH's, or the relay network's
         self.relay: RelayGrant | None = None
@@ -302,11 +332,13 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         self.correlation_id: str | None = None
-        if log.isEnabledFor(logging.DEBUG):
-            # The close line carries the whole story; this one only helps to debug a hang.
-            self._correlate()
-            log.debug("connection opened", extra={"event": "smtp.connect", "client_ip": self.client_ip})
         try:
+            if self.proxied and not self._take_proxy_header():
+                return
+            if log.isEnabledFor(logging.DEBUG):
+                # The close line carries the whole story; this one only helps to debug a hang.
+                self._correlate()
+                log.debug("connection opened", extra={"event": "smtp.connect", "client_ip": self.client_ip})
             self._run()
         except Exception:
             self.outcome = "error"
@@ -353,9 +385,15 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self._poller.register(self.server.drain_fd, select.POLLIN)
         self._poller.register(self.server.force_fd, select.POLLIN)
         if self.server.implicit_tls:
+            if self._talked_first() and self._sent_proxy_header():
+                self._refuse_proxy_header(reply=False)  # its client expects TLS, not a reply
+                return
             if not self._handshake():
                 return
         elif self._talked_first():
+            if self._sent_proxy_header():
+                self._refuse_proxy_header()
+                return
             self.outcome = "early_talker"
             self._send_quietly(R.R554_EARLY_TALKER)
             return
@@ -373,6 +411,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 return
             data = self._recv()
             if data is None or self._expired():
+                return
+            if self.session is None and proxy_protocol.looks_like_header(data):
+                self._refuse_proxy_header()  # sent right after our greeting: the same forgery
                 return
             self.busy = True
             try:
@@ -452,6 +493,93 @@ class SessionHandler(socketserver.BaseRequestHandler):
         probe = select.poll()  # not select(): descriptors beyond 1024 are normal here
         probe.register(self.sock.fileno(), select.POLLIN)
         return bool(probe.poll(0))
+
+    # --- the PROXY protocol -------------------------------------------------------------------------
+
+    def _take_proxy_header(self) -> bool:
+        """Read a trusted balancer's header, and not one byte more; False: the connection is closed.
+
+        Peeks, then takes exactly the bytes the header spans (all of them while it is still
+        incomplete), so the client's first command stays in the socket for the session. LOCAL
+        (a balancer's health check) and v1 UNKNOWN keep the balancer as the client.
+        """
+        smtp = self.server.config.smtp
+        deadline = time.monotonic() + smtp.proxy_protocol_timeout
+        self.sock.settimeout(smtp.proxy_protocol_timeout)  # bounds each recv; the loop bounds the whole
+        probe = select.poll()
+        probe.register(self.sock.fileno(), select.POLLIN)
+        taken = b""
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not probe.poll(left * 1000):
+                    raise proxy_protocol.ProxyHeaderError("timeout", "no complete header in time")
+                peeked = self.sock.recv(proxy_protocol.MAX_HEADER_LENGTH - len(taken), socket.MSG_PEEK)
+                if not peeked:
+                    raise proxy_protocol.ProxyHeaderError("closed", "closed before its header ended")
+                header = proxy_protocol.parse(taken + peeked)
+                if isinstance(header, proxy_protocol.ProxyHeader):
+                    self._recv_exactly(header.length - len(taken))
+                    break
+                taken += self._recv_exactly(len(peeked))
+        except proxy_protocol.ProxyHeaderError as error:
+            self._refuse_proxy_header(error.reason, str(error), reply=False)
+            return False
+        except OSError:
+            self._refuse_proxy_header("closed", "the connection failed before its header ended", reply=False)
+            return False
+        if header.source is not None:
+            self.client_ip = header.source[0]
+        if not self.server.admit(self, self.client_ip):
+            self.outcome = "refused_per_ip"
+            metrics.LIMIT_REJECTIONS.labels("per_ip").inc()
+            _log_refused(self.client_ip, R.R421_TOO_MANY_FROM_IP, self.outcome)
+            if not self.server.implicit_tls:
+                self._send_quietly(R.R421_TOO_MANY_FROM_IP)
+            return False
+        return True
+
+    def _recv_exactly(self, size: int) -> bytes:
+        """``size`` bytes the kernel already holds (they were peeked)."""
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise OSError("closed")
+            data += chunk
+        return data
+
+    def _sent_proxy_header(self) -> bool:
+        """Whether the bytes waiting start a PROXY header (peeked: the caller refuses either way)."""
+        try:
+            return proxy_protocol.looks_like_header(
+                self.sock.recv(len(proxy_protocol.V2_SIGNATURE), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            )
+        except OSError:
+            return False
+
+    def _refuse_proxy_header(self, reason: str | None = None, detail: str = "", reply: bool = True) -> None:
+        """Close over a PROXY header: a balancer's that failed (``reason``), or one nobody may send."""
+        if reason is None:  # from an untrusted peer it could name any address
+            reason, detail = (
+                ("repeated", "a second PROXY protocol header")
+                if self.proxied
+                else ("untrusted", "a PROXY protocol header from an address not in smtp.proxy_protocol_from")
+            )
+        self.outcome = "proxy_header_refused"
+        metrics.PROXY_HEADER_FAILURES.labels(reason).inc()
+        self._correlate()
+        log.warning(
+            "PROXY protocol header refused",
+            extra={
+                "event": "smtp.proxy_header_refused",
+                "client_ip": self.client_ip,
+                "reason": reason,
+                "detail": detail,
+            },
+        )
+        if reply:
+            self._send_quietly(R.R554_PROXY_HEADER)
 
     def _recv(self) -> bytes | None:
         """The next bytes, or None when the session is over (EOF, timeout, a session clock, drain)."""
@@ -612,6 +740,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
             extra={
                 "event": "smtp.disconnect",
                 "client_ip": self.client_ip,
+                # The balancer it came through, when it came through one.
+                "proxy_ip": str(self.client_address[0]) if self.proxied else None,
                 "tls_version": self.tls_version,
                 "tls_cipher": self.tls_cipher,
                 "account": self.account.name if self.account else None,
@@ -623,6 +753,13 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
             },
         )
+
+
+def _log_refused(ip: str, reply: Reply, outcome: str) -> None:
+    log.warning(
+        "connection refused",
+        extra={"event": "smtp.connection_refused", "client_ip": ip, "code": reply.code, "reason": outcome},
+    )
 
 
 def _close_tls(sock: socket.socket) -> None:

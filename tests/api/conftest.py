@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,6 @@ from typing import Any
 
 import pytest
 import requests
-import waitress
 from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -29,6 +29,7 @@ from smtp_proxy.api import create_app
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
+from smtp_proxy.lifecycle import create_api_server
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
 from tests.rolled_back import RolledBackDatabase
@@ -188,8 +189,10 @@ def make_admin(database: Database, *, unique_domains: bool = True) -> tuple[str,
         database.remove_session()
 
 
-def serve(app: Any, threads: int = 4) -> tuple[Any, threading.Thread, str]:
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads, ident="smtp-proxy")
+def serve(app: Any, config: Config) -> tuple[Any, threading.Thread, str]:
+    """The app under waitress as ``serve api`` builds it, on a free port of 127.0.0.1."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    server = create_api_server(config, app, listening)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     return server, thread, f"http://127.0.0.1:{server.effective_port}"
@@ -227,7 +230,7 @@ def start_api(pg_url: str, make_config) -> Iterator[Callable[..., ApiServer]]:
         database = Database(config.database)
         admin_key, admin_id = make_admin(database)
         app = create_app(config, database)
-        server, thread, base_url = serve(app)
+        server, thread, base_url = serve(app, config)
         cipher = Cipher.from_config(config.security)
         api = ApiServer(base_url, config, database, cipher, Client(base_url, admin_key), admin_id)
         api.clients.append(api.admin)

@@ -204,8 +204,11 @@ def smtp_client(listener: Listener, client_tls: ssl.SSLContext) -> Iterator[Call
 class RawClient:
     """A byte-level client for what smtplib will not send: pipelining, smuggling, junk."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
-        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 10.0, source: str | None = None) -> None:
+        """``source``: the local address to connect from (127.0.0.x), to be another client."""
+        self.sock: socket.socket = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self._buffer = b""
 
     def send(self, data: bytes) -> None:

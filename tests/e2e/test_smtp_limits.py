@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import select
 import smtplib
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -27,14 +26,6 @@ from tests.e2e.conftest import Listener, RawClient, closed_after_test
 from tests.waiting import wait_for
 
 MESSAGE = b"From: App <app@example.com>\r\nSubject: limits\r\n\r\nbody\r\n"
-
-
-class BoundClient(RawClient):
-    """A RawClient whose connection comes from a chosen local address (127.0.0.x)."""
-
-    def __init__(self, host: str, port: int, source: str, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
-        self._buffer = b""
 
 
 def metric(name: str, **labels: str) -> float:
@@ -88,7 +79,7 @@ def test_the_21st_connection_from_one_address_gets_421_and_other_addresses_still
     assert extra.closed()
     assert metric("smtp_proxy_smtp_sessions_total", outcome="refused_per_ip") == refused_before + 1
     # Another address is not affected ...
-    other = BoundClient(listener.host, listener.port, "127.0.0.2")
+    other = RawClient(listener.host, listener.port, source="127.0.0.2")
     clients.append(other)
     assert other.reply().startswith(b"220 mx.test")
     # ... and a slot the first address gives up is its own again.

@@ -17,6 +17,7 @@ CORE = [
     "smtp/sasl.py",
     "smtp/trace.py",
     "smtp/alignment.py",
+    "proxy_protocol.py",
 ]
 CORE_ALLOWED = {
     "__future__",

@@ -23,7 +23,7 @@ BUILT = {
 ALL = {**NAMED, **BUILT}
 # RFC 3463 2: class "." subject "." detail, 1-3 digits each; the class is 2, 4 or 5.
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
-CLOSING = {"R221_BYE", "R554_EARLY_TALKER", "R500_HTTP"}
+CLOSING = {"R221_BYE", "R554_EARLY_TALKER", "R554_PROXY_HEADER", "R500_HTTP"}
 
 
 def test_reply_table_is_not_empty() -> None:
