@@ -105,17 +105,24 @@ def looks_like_header(data: bytes) -> bool:
     return data.startswith(V1_PREFIX) or data.startswith(V2_SIGNATURE)
 
 
+def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address for matching against networks, None if ``text`` is none.
+
+    An IPv4 client seen as an IPv4-mapped IPv6 address (a dual-stack socket) is the IPv4 one.
+    """
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
     """Whether ``address`` (an IPv4-mapped IPv6 address counts as its IPv4) is in ``networks``."""
-    if not networks:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+    ip = client_address(address) if networks else None
+    return ip is not None and any(ip in network for network in networks)
 
 
 # --- version 1: one line of text ---------------------------------------------------------------------

@@ -9,7 +9,8 @@ application or device, each revoked on its own. The account's own login moves
 there as the credential labelled ``account`` whose user name is the account's
 name, so every existing login keeps working; ``accounts.password_hash`` goes.
 ``relay_networks`` lets an admin give an account networks whose clients send
-without AUTH. ``messages.credential_id`` records who submitted each message.
+without AUTH. ``messages.credential_id`` records who submitted each message, and
+``audit_log.client_ip`` the address each API change came from.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def upgrade() -> None:
         ["account_id", "credential_id", "created_at", "id"],
         unique=False,
     )
+    with op.batch_alter_table("audit_log") as batch:
+        batch.add_column(sa.Column("client_ip", sa.String(length=45), nullable=True))
 
 
 def _credentials_table() -> sa.TableClause:
@@ -145,6 +148,8 @@ def _credentials_table() -> sa.TableClause:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("audit_log") as batch:
+        batch.drop_column("client_ip")
     op.drop_index(op.f("ix_messages_account_id_credential_id_created_at_id"), table_name="messages")
     with op.batch_alter_table("messages") as batch:
         batch.drop_constraint(op.f("fk_messages_credential_id_smtp_credentials"), type_="foreignkey")

@@ -21,6 +21,7 @@ def render(entry: Any) -> dict[str, Any]:
     return {
         "id": str(entry.id),
         "actor": entry.actor,
+        "client_ip": entry.client_ip,
         "action": entry.action,
         "entity": entry.entity,
         "entity_id": str(entry.entity_id),

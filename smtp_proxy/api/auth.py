@@ -52,7 +52,8 @@ class Principal:
 
     @property
     def actor(self) -> Actor:
-        return Actor(self.name, self.id)
+        """The account as the audit log records it, with the address of the current request."""
+        return Actor(self.name, self.id, request.remote_addr)
 
 
 class KeyCache:

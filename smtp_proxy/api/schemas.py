@@ -571,10 +571,27 @@ SCHEMAS: dict[str, Schema] = {
     },
     "AuditEntry": {
         "type": "object",
-        "required": ["id", "actor", "action", "entity", "entity_id", "account_id", "fields", "created_at"],
+        "required": [
+            "id",
+            "actor",
+            "client_ip",
+            "action",
+            "entity",
+            "entity_id",
+            "account_id",
+            "fields",
+            "created_at",
+        ],
         "properties": {
             "id": _UUID,
             "actor": {"type": "string"},
+            "client_ip": {
+                "type": ["string", "null"],
+                "description": (
+                    "The address the API call came from (the real client's behind a trusted proxy); "
+                    "null for the CLI and for entries written before it was recorded."
+                ),
+            },
             "action": {"type": "string"},
             "entity": {"type": "string"},
             "entity_id": _UUID,

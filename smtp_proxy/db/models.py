@@ -272,6 +272,8 @@ class AuditLog(Base):
     # The account that acted; NULL with actor "cli" for operator commands.
     actor_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("accounts.id", ondelete="SET NULL"))
     actor: Mapped[str] = mapped_column(String(100))
+    # The address an API call came from (behind a trusted proxy, the real client's); NULL for the CLI.
+    client_ip: Mapped[str | None] = mapped_column(String(45))
     action: Mapped[str] = mapped_column(String(32))
     entity: Mapped[str] = mapped_column(String(32))
     entity_id: Mapped[uuid.UUID] = mapped_column(Uuid)

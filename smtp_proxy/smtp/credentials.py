@@ -59,6 +59,7 @@ from smtp_proxy.counters import LocalCounters, counting_address, get_many
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.errors import DatabaseUnavailable
+from smtp_proxy.proxy_protocol import client_address
 from smtp_proxy.storage.auth import Login, find_login
 from smtp_proxy.storage.credentials import LAST_USED_RESOLUTION, touch_last_used
 
@@ -285,20 +286,6 @@ def _account(login: Login) -> AuthenticatedAccount:
         credential_id=login.credential_id,
         username=login.username,
     )
-
-
-def client_address(client_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's address for matching against networks, None if it is none.
-
-    An IPv4 client seen as an IPv4-mapped IPv6 address (a dual-stack socket) is the IPv4 one.
-    """
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def ip_allowed(client_ip: str, networks: list[str]) -> bool:

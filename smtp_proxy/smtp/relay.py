@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import DatabaseUnavailable
-from smtp_proxy.smtp.credentials import AuthenticatedAccount, client_address
+from smtp_proxy.proxy_protocol import client_address
+from smtp_proxy.smtp.credentials import AuthenticatedAccount
 from smtp_proxy.smtp.protocol import RelayGrant
 from smtp_proxy.storage.relay_networks import Grant, all_grants
 

@@ -15,10 +15,12 @@ from smtp_proxy.db.models import AuditLog
 
 @dataclass(frozen=True)
 class Actor:
-    """Who is making a change: an account, or the operator's CLI."""
+    """Who is making a change: an account (and the address its API call came from), or the
+    operator's CLI."""
 
     name: str
     account_id: uuid.UUID | None = None
+    client_ip: str | None = None
 
 
 CLI = Actor("cli")
@@ -38,6 +40,7 @@ def record(
     row = AuditLog(
         actor=actor.name,
         actor_id=actor.account_id,
+        client_ip=actor.client_ip,
         action=action,
         entity=entity,
         entity_id=entity_id,

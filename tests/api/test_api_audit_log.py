@@ -19,7 +19,9 @@ AUDIT = "/api/v1/audit-log"
 ACCOUNTS = "/api/v1/accounts"
 PROVIDERS = "/api/v1/providers"
 RULES = "/api/v1/routing-rules"
-ENTRY_KEYS = {"id", "actor", "action", "entity", "entity_id", "account_id", "fields", "created_at"}
+ENTRY_KEYS = {
+    "id", "actor", "client_ip", "action", "entity", "entity_id", "account_id", "fields", "created_at",
+}  # fmt: skip
 ACCOUNT_CREATE_FIELDS = ["allowed_domains", "api_key", "email", "is_admin", "name", "password"]
 PROVIDER_CREATE_FIELDS = ["enabled", "name", "provider_type", "settings", "smtp_config"]
 RULE_FIELDS = ["conditions", "enabled", "name", "priority", "provider_id"]

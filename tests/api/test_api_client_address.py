@@ -245,3 +245,29 @@ def test_behind_haproxy_the_rate_limit_and_the_log_see_each_client(
         lambda: len(records("api.request")) == 4 and records("api.request"), "four request lines"
     )
     assert [r.client_ip for r in lines] == ["127.0.0.2"] * 3 + ["127.0.0.3"]
+
+
+def test_the_audit_log_records_the_real_client_of_each_api_change(make_app, pg_url: str) -> None:
+    app: AppUnderTest = make_app(pg_url, api={"trusted_proxies": ["192.0.2.1"]})
+    through_proxy = app.call(
+        "PUT",
+        f"/api/v1/accounts/{app.admin_id}",
+        app.admin_key,
+        body={"email": "ops@proxied.example"},
+        address="192.0.2.1",
+        headers={"X-Forwarded-For": "198.51.100.66, 203.0.113.5"},
+    )
+    assert through_proxy.status_code == 200, through_proxy.text
+    direct = app.call(
+        "PUT",
+        f"/api/v1/accounts/{app.admin_id}",
+        app.admin_key,
+        body={"email": "ops@direct.example"},
+        address="198.51.100.7",
+        headers={"X-Forwarded-For": "203.0.113.9"},  # not from a trusted proxy: ignored
+    )
+    assert direct.status_code == 200, direct.text
+    listed = app.call("GET", "/api/v1/audit-log", app.admin_key)
+    assert listed.status_code == 200, listed.text
+    updates = [e["client_ip"] for e in listed.json()["items"] if e["action"] == "update"]
+    assert updates == ["198.51.100.7", "203.0.113.5"]  # newest first
