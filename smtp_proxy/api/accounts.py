@@ -71,7 +71,9 @@ def _checked(data: dict[str, Any]) -> dict[str, Any]:
             except ValidationError as error:
                 fields[error.field] = error.problem
                 continue
-            if name != "password":
+            # Relay networks stay as given: storage checks them again and takes the JSON form,
+            # not the Entry tuples this check returns.
+            if name not in ("password", "relay_networks"):
                 values[name] = result
     if fields:
         raise invalid(fields)
