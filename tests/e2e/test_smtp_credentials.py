@@ -429,6 +429,37 @@ def test_auth_from_a_relay_network_takes_over_the_session(
     assert closed.auth == "password"
 
 
+def test_a_relay_session_ends_at_its_next_mail_from_once_its_account_is_deactivated(
+    relay_listener: Listener,
+) -> None:
+    """The account's state is read again at MAIL FROM for a session without a credential too; new
+    connections from the network lose the grant once the listener reads the grants again."""
+    listener = relay_listener
+    live = connect(listener, CLEAR_CLIENT)
+    live.ehlo()
+    send(live)
+    with listener.database.transaction() as session:
+        accounts.deactivate_account(
+            session, accounts.get_account_by_name(session, listener.tenant), actor=CLI
+        )
+    listener.database.remove_session()
+    code, text, elapsed = mail_until_refused(live)
+    assert (code, text, elapsed < 5.0) == (421, b"4.7.0 Account disabled, closing connection", True)
+
+    def without_grant() -> bool:
+        """A new connection's MAIL in the clear: 421 while the listener still holds the old grant
+        (the account's state says inactive), 530 once it has read the grants again."""
+        client = connect(listener, CLEAR_CLIENT)
+        client.ehlo()
+        code = client.mail(SENDER)[0]
+        client.close()
+        assert code in (421, 530), code
+        return code == 530
+
+    wait_for(without_grant, "new connections to lose the grant", timeout=15, interval=0.2)
+    assert len(listener.stored()) == 1
+
+
 def test_a_relay_client_takes_one_of_the_accounts_sessions(start_listener) -> None:
     """Over smtp.max_connections_per_account, a relay client gets 421 before any greeting."""
     listener: Listener = start_listener(max_connections_per_account=1)
