@@ -11,6 +11,7 @@ import logging
 import re
 import smtplib
 import ssl
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -138,6 +139,15 @@ def received(listener: Listener, message_id: uuid.UUID) -> str:
     return listener.received_and_content(stored(listener)[message_id])[0]
 
 
+def swaks_as(
+    listener: Listener, username: str, password: str, *extra: str, mechanism: str = "PLAIN"
+) -> subprocess.CompletedProcess[str]:
+    """swaks with STARTTLS and AUTH as ``username``; ``extra`` options after those."""
+    return _swaks(
+        listener, "--tls", "--auth", mechanism, "--auth-user", username, "--auth-password", password, *extra
+    )
+
+
 def swaks_id(result: Any) -> uuid.UUID:
     assert result.returncode == 0, result.stdout + result.stderr
     match = QUEUED.search(result.stdout.encode())
@@ -171,18 +181,7 @@ def test_two_credentials_of_one_account_both_send_and_each_message_names_its_own
     scanner = add_credential(listener, "scanner", SCANNER_PASSWORD)
     by_printer = send(logged_in(listener, client_tls, "tenant.printer", PRINTER_PASSWORD))
     by_scanner = send(logged_in(listener, client_tls, "tenant.scanner", SCANNER_PASSWORD))
-    by_swaks = swaks_id(
-        _swaks(
-            listener,
-            "--tls",
-            "--auth",
-            "LOGIN",
-            "--auth-user",
-            "tenant.scanner",
-            "--auth-password",
-            SCANNER_PASSWORD,
-        )
-    )
+    by_swaks = swaks_id(swaks_as(listener, "tenant.scanner", SCANNER_PASSWORD, mechanism="LOGIN"))
     by_account = send(logged_in(listener, client_tls, listener.tenant, listener.password))
     messages = stored(listener)
     assert messages[by_printer].credential_id == printer.credential.id
@@ -219,16 +218,7 @@ def test_each_credential_disabled_in_turn_gets_535_while_the_other_sends(
 def test_swaks_with_a_disabled_credential_is_refused(listener: Listener) -> None:
     printer = add_credential(listener, "printer", PRINTER_PASSWORD)
     change_credential(listener, printer, enabled=False)
-    result = _swaks(
-        listener,
-        "--tls",
-        "--auth",
-        "PLAIN",
-        "--auth-user",
-        "tenant.printer",
-        "--auth-password",
-        PRINTER_PASSWORD,
-    )
+    result = swaks_as(listener, "tenant.printer", PRINTER_PASSWORD)
     assert result.returncode != 0
     assert "535 5.7.8 Authentication credentials invalid" in result.stdout
     assert listener.stored() == []
@@ -274,18 +264,7 @@ def test_a_credentials_domain_subset_refuses_other_senders_at_mail_from(
 
 def test_swaks_outside_a_credentials_domains_gets_553(listener: Listener) -> None:
     add_credential(listener, "printer", PRINTER_PASSWORD, allowed_domains=["example.com"])
-    result = _swaks(
-        listener,
-        "--tls",
-        "--auth",
-        "PLAIN",
-        "--auth-user",
-        "tenant.printer",
-        "--auth-password",
-        PRINTER_PASSWORD,
-        "--from",
-        "news@news.example.org",
-    )
+    result = swaks_as(listener, "tenant.printer", PRINTER_PASSWORD, "--from", "news@news.example.org")
     assert result.returncode != 0
     assert "553 5.7.1 Sender address not allowed for this account" in result.stdout
     assert listener.stored() == []

@@ -7,34 +7,22 @@ Every result is read back through a fresh session, so what is checked is what re
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from smtp_proxy.db.models import Account, RelayNetwork
 from smtp_proxy.db.session import Database
 from smtp_proxy.errors import Conflict, ValidationError
 from smtp_proxy.storage import accounts, audit
 from smtp_proxy.storage import relay_networks as relay
-from tests.waiting import wait_for
+from tests.integration.test_storage import _wait_for_lock_waiter, fresh
 
 BCRYPT_COST = 4
-
-
-@contextlib.contextmanager
-def fresh(db: Database) -> Iterator[Session]:
-    """A transaction on a brand-new session: everything it returns comes from the database."""
-    db.remove_session()
-    with db.transaction() as session:
-        yield session
-    db.remove_session()
 
 
 def new_account(db: Database, name: str, networks: list[Any] | None = None) -> uuid.UUID:
@@ -54,20 +42,25 @@ def new_account(db: Database, name: str, networks: list[Any] | None = None) -> u
     return account_id
 
 
-def set_networks(db: Database, account_id: uuid.UUID, networks: Any) -> None:
-    """The account's relay networks become ``networks``, as the API's admin update sets them."""
+def change_account(db: Database, account_id: uuid.UUID, **changes: Any) -> None:
+    """An admin's update of the account (``storage.accounts.update_account``), committed."""
     try:
         with db.transaction() as session:
             accounts.update_account(
                 session,
                 accounts.get_account(session, account_id),
-                {"relay_networks": networks},
+                changes,
                 actor=audit.CLI,
                 bcrypt_cost=BCRYPT_COST,
                 unique_domains=True,
             )
     finally:
         db.remove_session()
+
+
+def set_networks(db: Database, account_id: uuid.UUID, networks: Any) -> None:
+    """The account's relay networks become ``networks``, as the API's admin update sets them."""
+    change_account(db, account_id, relay_networks=networks)
 
 
 def stored(db: Database) -> dict[str, tuple[str, bool, uuid.UUID]]:
@@ -336,16 +329,7 @@ def test_a_grant_waits_for_a_concurrent_overlapping_grant_and_then_sees_it(pg_ur
     db = Database(make_config(pg_url).database)
     first_id = new_account(db, "first")
     second_id = new_account(db, "second")
-    holding, release = threading.Event(), threading.Event()
     outcome: list[BaseException | None] = []
-
-    def first() -> None:
-        with db.transaction() as session:
-            account = accounts.get_account(session, first_id)
-            relay.replace_networks(session, account, relay.entries([grant("10.1.0.0/16")]))
-            holding.set()
-            release.wait(timeout=30)
-        db.remove_session()
 
     def second() -> None:
         try:
@@ -355,25 +339,19 @@ def test_a_grant_waits_for_a_concurrent_overlapping_grant_and_then_sees_it(pg_ur
         else:
             outcome.append(None)
 
-    def waiting_for_the_lock() -> bool:
-        with db.autocommit() as connection:
-            query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            return connection.exec_driver_sql(query).scalar() == 1
-
-    threads = [threading.Thread(target=first)]
-    threads[0].start()
+    thread = threading.Thread(target=second)
     try:
-        assert holding.wait(timeout=30)
-        threads.append(threading.Thread(target=second))
-        threads[1].start()
-        wait_for(waiting_for_the_lock, "the second grant to wait on the advisory lock", timeout=30)
-        assert outcome == []  # still waiting
-    finally:
-        release.set()
-        for thread in threads:
-            thread.join(timeout=30)
-    try:
+        with db.transaction() as session:
+            account = accounts.get_account(session, first_id)
+            relay.replace_networks(session, account, relay.entries([grant("10.1.0.0/16")]))
+            thread.start()
+            # Commit only once the second grant waits on the lock this transaction holds.
+            _wait_for_lock_waiter(pg_url, pg_url.rsplit("/", 1)[1])
+            assert outcome == []
+        db.remove_session()
+        thread.join(30)
         assert len(outcome) == 1 and isinstance(outcome[0], relay.NetworkTaken), outcome
         assert {net: owner for net, (owner, _, _) in stored(db).items()} == {"10.1.0.0/16": "first"}
     finally:
+        thread.join(30)
         db.dispose()

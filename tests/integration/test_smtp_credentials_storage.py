@@ -9,7 +9,6 @@ database, not by waiting.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -32,19 +31,12 @@ from smtp_proxy.errors import Conflict, NotFound, ValidationError
 from smtp_proxy.smtp.credentials import CredentialVerifier
 from smtp_proxy.storage import accounts, audit, credentials, messages
 from smtp_proxy.storage.auth import effective_domains, find_login
+from tests.integration.test_relay_networks import change_account
+from tests.integration.test_storage import fresh
 
 BCRYPT_COST = 4
 DOMAINS = ["example.com", "*.example.org"]
 CHOSEN = "sixteen-chars-ok"  # exactly credentials.MIN_CHOSEN_PASSWORD
-
-
-@contextlib.contextmanager
-def fresh(db: Database) -> Iterator[Session]:
-    """A transaction on a brand-new session: everything it returns comes from the database."""
-    db.remove_session()
-    with db.transaction() as session:
-        yield session
-    db.remove_session()
 
 
 def new_account(db: Database, name: str = "office", domains: list[str] | None = None) -> uuid.UUID:
@@ -79,15 +71,21 @@ def change(db: Database, account_id: uuid.UUID, credential_id: uuid.UUID, **chan
 
 
 def set_account_domains(db: Database, account_id: uuid.UUID, domains: list[str]) -> None:
-    with fresh(db) as session:
-        accounts.update_account(
-            session,
-            accounts.get_account(session, account_id),
-            {"allowed_domains": domains},
-            actor=audit.CLI,
-            bcrypt_cost=BCRYPT_COST,
-            unique_domains=True,
-        )
+    change_account(db, account_id, allowed_domains=domains)
+
+
+def enqueue(connection: Any, cipher: Cipher, account_id: uuid.UUID, credential_id: uuid.UUID) -> uuid.UUID:
+    """A queued message the credential sent; its id."""
+    return messages.enqueue_message(
+        connection,
+        cipher,
+        account_id=account_id,
+        sender="scan@office.example.net",
+        recipients=["a@example.com"],
+        data=b"Subject: scan\r\n\r\nhi\r\n",
+        correlation_id="c-1",
+        credential_id=credential_id,
+    ).id
 
 
 def row(db: Database, credential_id: uuid.UUID) -> SmtpCredential | None:
@@ -418,24 +416,15 @@ def test_a_deleted_credential_is_gone_and_its_messages_keep_no_link(
     office = new_account(database)
     printer = new_credential(database, office, "printer")
     with database.autocommit() as connection:
-        queued = messages.enqueue_message(
-            connection,
-            cipher,
-            account_id=office,
-            sender="scan@office.example.net",
-            recipients=["a@example.com"],
-            data=b"Subject: scan\r\n\r\nhi\r\n",
-            correlation_id="c-1",
-            credential_id=printer.credential.id,
-        )
+        queued = enqueue(connection, cipher, office, printer.credential.id)
     with fresh(database) as session:
-        assert session.get(Message, queued.id).credential_id == printer.credential.id
+        assert session.get(Message, queued).credential_id == printer.credential.id
         credentials.delete_credential(
             session, credentials.get_credential(session, office, printer.credential.id), actor=audit.CLI
         )
     with fresh(database) as session:
         assert find_login(session, "office.printer") is None
-        assert session.get(Message, queued.id).credential_id is None
+        assert session.get(Message, queued).credential_id is None
         [entry] = session.scalars(
             select(AuditLog).where(AuditLog.entity_id == printer.credential.id, AuditLog.action == "delete")
         )
@@ -600,16 +589,7 @@ def test_migration_0005_moves_the_account_password_into_a_credential_and_back(
         )
         session.delete(moved[shop])
         session.flush()
-        sent = messages.enqueue_message(
-            session.connection(),
-            cipher,
-            account_id=office,
-            sender="scan@office.example.com",
-            recipients=["a@example.net"],
-            data=b"Subject: scan\r\n\r\nhi\r\n",
-            correlation_id="c-1",
-            credential_id=extra.credential.id,
-        )
+        sent = enqueue(session.connection(), cipher, office, extra.credential.id)
         session.commit()
         changed_hash = session.get(SmtpCredential, primary.id).password_hash
 
@@ -625,7 +605,7 @@ def test_migration_0005_moves_the_account_password_into_a_credential_and_back(
     assert not crypto.verify_password("", hashes["shop"])
     with engine.connect() as connection:
         kept = connection.execute(text("SELECT count(*) FROM messages")).scalar()
-    assert kept == 1, sent.id  # the message stays, without its credential
+    assert kept == 1, sent  # the message stays, without its credential
 
     assert upgrade(engine) == ("0004", head_revision())  # and forward again, with these rows
     with Session(engine) as session:

@@ -42,6 +42,15 @@ def relay_driver(require_tls: bool = True, account: FakeAccount = PRINTER, **pol
     return driver
 
 
+AUTH_APP = f"AUTH PLAIN {plain_response('app', 'secret-password')}\r\n"
+
+
+def auth_as_app(driver: Driver) -> list[Output]:
+    """AUTH PLAIN as the app's credential, answered OK; the answer's outputs."""
+    assert driver.send(AUTH_APP) == [CredentialsOffered("PLAIN", "app", "secret-password")]
+    return driver.credentials_checked(AuthOutcome.OK, APP)
+
+
 def send_message(driver: Driver, sender: str = SENDER, content: bytes = MESSAGE) -> list[Output]:
     """MAIL, RCPT and DATA checked, then the content; the outputs of the content."""
     driver.open_data(sender, [RECIPIENT])
@@ -211,12 +220,7 @@ def test_auth_during_a_relay_session_takes_over() -> None:
     """AUTH's account replaces the network's: its domains count from then on."""
     driver = relay_driver(require_tls=True)
     driver.secure()
-    out = driver.send(f"AUTH PLAIN {plain_response('app', 'secret-password')}\r\n")
-    assert out == [CredentialsOffered("PLAIN", "app", "secret-password")]
-    assert (
-        driver.wire(driver.credentials_checked(AuthOutcome.OK, APP))
-        == b"235 2.7.0 Authentication successful\r\n"
-    )
+    assert driver.wire(auth_as_app(driver)) == b"235 2.7.0 Authentication successful\r\n"
     assert driver.session.account == APP
     assert driver.replies(driver.send(f"MAIL FROM:<{SENDER}>\r\n")) == [R.R553_SENDER_NOT_ALLOWED]
     assert driver.codes(driver.send(b"MAIL FROM:<noreply@app.example>\r\n")) == [250]
@@ -225,9 +229,8 @@ def test_auth_during_a_relay_session_takes_over() -> None:
 def test_a_second_auth_after_taking_over_is_503() -> None:
     driver = relay_driver(require_tls=True)
     driver.secure()
-    driver.send(f"AUTH PLAIN {plain_response('app', 'secret-password')}\r\n")
-    driver.credentials_checked(AuthOutcome.OK, APP)
-    out = driver.send(f"AUTH PLAIN {plain_response('app', 'secret-password')}\r\n")
+    auth_as_app(driver)
+    out = driver.send(AUTH_APP)
     assert driver.replies(out) == [R.R503_ALREADY_AUTHENTICATED]
 
 
@@ -247,7 +250,7 @@ def test_auth_in_the_clear_is_refused_even_where_the_grant_allows_the_clear() ->
     driver = relay_driver(require_tls=False)
     out = driver.ehlo()
     assert "AUTH PLAIN LOGIN" not in driver.replies(out)[0].lines
-    out = driver.send(f"AUTH PLAIN {plain_response('app', 'secret-password')}\r\n")
+    out = driver.send(AUTH_APP)
     assert driver.replies(out) == [R.R530_STARTTLS_FIRST]
     assert driver.events(out) == []
 
@@ -263,7 +266,7 @@ def test_auth_inside_a_relay_transaction_is_503() -> None:
     driver = relay_driver(require_tls=True)
     driver.secure()
     driver.send(f"MAIL FROM:<{SENDER}>\r\n")
-    out = driver.send(f"AUTH PLAIN {plain_response('app', 'secret-password')}\r\n")
+    out = driver.send(AUTH_APP)
     assert driver.replies(out) == [R.R503_AUTH_IN_TRANSACTION]
 
 
@@ -286,8 +289,7 @@ def test_a_relay_session_is_the_networks_account_from_the_start() -> None:
 def test_after_auth_the_account_is_auths() -> None:
     driver = relay_driver()
     driver.secure()
-    driver.send(f"AUTH PLAIN {plain_response('app', 'secret-password')}\r\n")
-    driver.credentials_checked(AuthOutcome.OK, APP)
+    auth_as_app(driver)
     assert driver.session.authenticated
     assert driver.session.account == APP
     assert driver.session.connection.relay == RelayGrant(PRINTER, True)
@@ -311,8 +313,7 @@ def test_account_changed_gives_a_relay_session_new_domains_and_keeps_its_tls_rul
 def test_account_changed_after_auth_changes_auths_account_not_the_grant() -> None:
     driver = relay_driver(require_tls=True)
     driver.secure()
-    driver.send(f"AUTH PLAIN {plain_response('app', 'secret-password')}\r\n")
-    driver.credentials_checked(AuthOutcome.OK, APP)
+    auth_as_app(driver)
     changed = FakeAccount("app", ("app.example",), header_from_check=False)
     driver.session.account_changed(changed)
     assert driver.session.account == changed
