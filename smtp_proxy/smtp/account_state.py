@@ -94,7 +94,10 @@ class AccountStates:
         now = self._clock()
         with self._lock:
             entry = self._entries.get(account.id)
-        if entry is None or now >= entry.expires:
+        # A state that would refuse this session is read again before it does: the session may
+        # have logged in after it was read, with a credential made or enabled since. A refusal
+        # closes the session, so this costs at most one more query per session.
+        if entry is None or now >= entry.expires or not _state(entry.policy, account).active:
             try:
                 with self._database.autocommit() as connection:
                     policy = find_policy(connection, account.id)
