@@ -17,10 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from limits.storage import MemoryStorage
 
 from smtp_proxy.api import create_app
 from smtp_proxy.db.models import Message
 from smtp_proxy.db.session import Database
+from smtp_proxy.sending_limits import SendingLimits
+from smtp_proxy.smtp.account_state import AccountStates, MailPolicy
 from smtp_proxy.storage import accounts, credentials
 from smtp_proxy.storage.audit import CLI
 from smtp_proxy.storage.credentials import NewCredential
@@ -281,7 +284,7 @@ def test_a_live_session_ends_at_its_next_mail_from_once_its_credential_goes(
     printer = add_credential(listener, "printer", PRINTER_PASSWORD)
     add_credential(listener, "scanner", SCANNER_PASSWORD)
     scanner_session = logged_in(listener, client_tls, "tenant.scanner", SCANNER_PASSWORD)
-    send(scanner_session)  # its state is read before the printer's, so it is stale first too
+    send(scanner_session)
     printer_session = logged_in(listener, client_tls, "tenant.printer", PRINTER_PASSWORD)
     sent = send(printer_session)
     assert stored(listener)[sent].credential_id == printer.credential.id
@@ -294,10 +297,31 @@ def test_a_live_session_ends_at_its_next_mail_from_once_its_credential_goes(
     assert elapsed < 5.0
     with pytest.raises(smtplib.SMTPServerDisconnected):
         printer_session.noop()
-    # The scanner's state is older than the one the printer's 421 came from: this MAIL FROM reads it again.
+    # The account's state is read once for all its sessions: the read that gave the printer its 421
+    # (or a newer one) judges this MAIL FROM, and the scanner is still enabled in it.
     send(scanner_session)
     expected = printer.credential.id if action == "disable" else None  # deleted: the link is gone
     assert stored(listener)[sent].credential_id == expected
+
+
+@pytest.mark.parametrize("how", ["created", "enabled"])
+def test_a_credential_made_or_enabled_while_the_accounts_state_is_held_sends_at_once(
+    listener: Listener, client_tls: ssl.SSLContext, how: str
+) -> None:
+    """The account's state is held for a minute here, read while the credential was not usable:
+    its first MAIL FROM must not be judged by that state (421 would close the new session)."""
+    listener.server.intake.mail_policy = MailPolicy(
+        AccountStates(listener.database, ttl=60.0), SendingLimits(MemoryStorage())
+    )
+    if how == "enabled":
+        printer = add_credential(listener, "printer", PRINTER_PASSWORD, enabled=False)
+    send(logged_in(listener, client_tls, listener.tenant, listener.password))  # the state is read now
+    if how == "created":
+        printer = add_credential(listener, "printer", PRINTER_PASSWORD)
+    else:
+        change_credential(listener, printer, enabled=True)
+    message_id = send(logged_in(listener, client_tls, "tenant.printer", PRINTER_PASSWORD))
+    assert stored(listener)[message_id].credential_id == printer.credential.id
 
 
 # --- relay networks ------------------------------------------------------------------------------

@@ -28,11 +28,13 @@ from smtp_proxy.db.models import Account, AuditLog, Message, SmtpCredential
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.errors import Conflict, NotFound, ValidationError
-from smtp_proxy.smtp.credentials import CredentialVerifier
+from smtp_proxy.smtp.account_state import AccountStates
+from smtp_proxy.smtp.credentials import AuthenticatedAccount, CredentialVerifier
 from smtp_proxy.storage import accounts, audit, credentials, messages
 from smtp_proxy.storage.auth import effective_domains, find_login
 from tests.integration.test_relay_networks import change_account
 from tests.integration.test_storage import fresh
+from tests.logins import logged_in
 
 BCRYPT_COST = 4
 DOMAINS = ["example.com", "*.example.org"]
@@ -505,6 +507,27 @@ def test_a_login_from_outside_allowed_ips_fails_as_a_wrong_password(database: Da
     assert verifier.check("office.printer", "wrong-password-16", client_ip="192.0.2.9").failure == (
         "invalid_credentials"
     )
+
+
+def test_the_mail_from_state_knows_a_credential_made_or_enabled_since_it_was_read(database: Database) -> None:
+    """The account's state is held for its TTL, but not to refuse a session that logged in with a
+    credential the held state does not know or holds disabled; a disable waits for the TTL."""
+    office = new_account(database)
+    now = [1000.0]
+    states = AccountStates(database, ttl=2.0, clock=lambda: now[0])
+    with fresh(database) as session:
+        assert states.get(logged_in(session, accounts.get_account(session, office))).active
+    made = new_credential(database, office, "printer")
+    printer = AuthenticatedAccount(
+        office, "office", ("office.example.net",), credential_id=made.credential.id, username="office.printer"
+    )
+    assert states.get(printer).active  # made after the state was read
+    change(database, office, made.credential.id, enabled=False)
+    assert states.get(printer).active  # within the TTL the state read before still holds
+    now[0] += 2.0
+    assert not states.get(printer).active
+    change(database, office, made.credential.id, enabled=True)
+    assert states.get(printer).active  # enabled again: read again rather than refused
 
 
 # --- migration 0005 ------------------------------------------------------------------------------
