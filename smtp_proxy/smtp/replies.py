@@ -57,6 +57,9 @@ R421_INTERNAL_ERROR = _r(421, "4.3.0", "Internal error, closing connection", clo
 R421_AUTH_TIMEOUT = _r(421, "4.7.0", "Authentication time limit reached, closing connection", close=True)
 R421_SESSION_TIME = _r(421, "4.7.0", "Session time limit reached, closing connection", close=True)
 R421_ACCOUNT_DISABLED = _r(421, "4.7.0", "Account disabled, closing connection", close=True)
+R421_RELAY_WITHDRAWN = _r(
+    421, "4.7.0", "This network may no longer send without authentication, closing connection", close=True
+)
 R421_TOO_MANY_FROM_IP = _r(
     421, "4.7.0", "Too many connections from your address, try again later", close=True
 )

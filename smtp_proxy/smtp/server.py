@@ -75,6 +75,7 @@ DRAIN_SECONDS = 30.0
 # Past max_session_time a transaction may still finish, for at most this long: a client
 # keeping one open with NOOPs, or trickling its DATA, cannot hold the session forever.
 SESSION_GRACE = 300.0
+UNCAPPED = 2**31 - 1  # a session slot limit that always lets a session take its slot back
 
 
 class SmtpServer(socketserver.ThreadingTCPServer):
@@ -676,15 +677,22 @@ class SessionHandler(socketserver.BaseRequestHandler):
         if isinstance(event, TlsRequested):
             return self.session.tls_started() if self._handshake() else None
         if isinstance(event, CredentialsOffered):
+            # A relay network's session gives its slot back first, so AUTH as the same account
+            # at its session limit still succeeds; a failed AUTH takes it back.
+            if self.account is not None:
+                self.server.authenticator.release(self.account)
             outcome, account = self.server.authenticator.authenticate(event, self.client_ip)
             if account is not None:
-                if self.account is not None:  # the relay network's: AUTH's account takes over
-                    self.server.authenticator.release(self.account)
                 self.account = account
                 metrics.AUTHENTICATED.labels("password").inc()
+            elif self.account is not None:
+                self.server.authenticator.sessions.acquire(self.account.id, UNCAPPED)
             return self.session.credentials_checked(outcome, account)
         if isinstance(event, MailFromOffered):
             assert self.account is not None
+            if self._relay_withdrawn():
+                metrics.LIMIT_REJECTIONS.labels("relay_withdrawn").inc()
+                return self.session.mail_checked(R.R421_RELAY_WITHDRAWN, reason="relay_withdrawn")
             outputs, self._recipients_refusal = self.server.intake.mail_from(
                 self.session, self.account, event.sender
             )
@@ -703,6 +711,19 @@ class SessionHandler(socketserver.BaseRequestHandler):
             finally:
                 self.data_budget.give(event.held)  # stored or refused: no longer held
         raise TypeError(f"unknown event {event!r}")
+
+    def _relay_withdrawn(self) -> bool:
+        """A session sending as its network's account, whose grant was withdrawn (or now needs
+        TLS it does not have) since it connected: checked at each MAIL FROM, as a deactivation is."""
+        assert self.session is not None
+        if self.relay is None or self.session.connection.account is not None:
+            return False
+        current = self.server.relay.grant_for(self.client_ip)
+        return (
+            current is None
+            or current.account.id != self.relay.account.id
+            or (current.require_tls and not self.session.connection.tls_active)
+        )
 
     def _handshake(self) -> bool:
         self._correlate()

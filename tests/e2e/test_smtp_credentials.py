@@ -480,6 +480,54 @@ def test_a_relay_client_takes_one_of_the_accounts_sessions(start_listener) -> No
     assert connect(listener, CLEAR_CLIENT).noop()[0] == 250  # the slot came back
 
 
+def test_a_relay_session_ends_at_its_next_mail_from_once_its_network_is_withdrawn(
+    relay_listener: Listener,
+) -> None:
+    """Withdrawing the grant reaches live sessions as a deactivation does, once the listener has
+    read the grants again (every 5 s)."""
+    listener = relay_listener
+    clear = connect(listener, CLEAR_CLIENT)
+    clear.ehlo()
+    send(clear)
+    grant_networks(listener, [{"network": TLS_NETWORK, "require_tls": True}])
+    code, text, _ = mail_until_refused(clear, timeout=15)
+    assert code == 421
+    assert text == b"4.7.0 This network may no longer send without authentication, closing connection"
+    assert len(listener.stored()) == 1
+
+
+def test_a_relay_session_that_now_needs_tls_ends_at_its_next_mail_from_in_the_clear(
+    relay_listener: Listener,
+) -> None:
+    listener = relay_listener
+    clear = connect(listener, CLEAR_CLIENT)
+    clear.ehlo()
+    send(clear)
+    grant_networks(
+        listener,
+        [{"network": TLS_NETWORK, "require_tls": True}, {"network": CLEAR_NETWORK, "require_tls": True}],
+    )
+    assert mail_until_refused(clear, timeout=15)[0] == 421
+
+
+def test_auth_as_its_own_account_from_a_relay_session_at_the_session_limit_succeeds(
+    start_listener, client_tls: ssl.SSLContext
+) -> None:
+    """The relay session's slot goes back before AUTH takes one; a failed AUTH takes it back."""
+    listener: Listener = start_listener(max_connections_per_account=1)
+    grant_networks(listener, [{"network": TLS_NETWORK, "require_tls": True}])
+    client = connect(listener, TLS_CLIENT)
+    client.starttls(context=client_tls)
+    assert auth_plain(client, listener.tenant, "a wrong password, surely")[0] == 535
+    with pytest.raises(smtplib.SMTPConnectError) as refused:  # the failed AUTH kept the slot
+        connect(listener, TLS_CLIENT)
+    assert refused.value.smtp_code == 421
+    assert auth_plain(client, listener.tenant, listener.password)[0] == 235
+    message_id = send(client)
+    client.quit()
+    assert " with ESMTPSA id " in received(listener, message_id)
+
+
 # --- relay networks through the API --------------------------------------------------------------
 
 

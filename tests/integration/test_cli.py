@@ -252,6 +252,7 @@ def test_accounts_list(cli: Cli) -> None:
         "active",
         "allow_any_header_from",
         "limits",
+        "relay_networks",
         "created_at",
     }
     assert first["email"] == "alice@example.com"
