@@ -110,11 +110,12 @@ def test_an_unauthenticated_session_is_closed_after_auth_timeout_even_while_it_s
 ) -> None:
     listener: Listener = start_listener(auth_timeout=1)
     before = rejections("auth_timeout")
+    # Before the connections: the listener's AUTH clock starts at its accept, never earlier.
+    started = time.monotonic()
     silent = RawClient(listener.host, listener.port)
     busy = RawClient(listener.host, listener.port)
     authenticated = RawClient(listener.host, listener.port)
     clients += [silent, busy, authenticated]
-    started = time.monotonic()
     authenticated.login(listener, client_tls)
     assert busy.reply().startswith(b"220")
     busy.send(b"EHLO client.test\r\n")
