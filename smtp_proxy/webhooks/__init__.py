@@ -1,0 +1,1 @@
+"""Delivery events for tenants: signed webhooks fed from a durable outbox."""
