@@ -260,6 +260,75 @@ class DeliveryLog(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class WebhookEndpoint(Base):
+    """Where a tenant wants its delivery events POSTed, and the secret that signs them.
+
+    The secret is sealed (AES-GCM, bound to the row); after a rotation the previous one keeps
+    signing beside the new one until ``previous_secret_expires_at``.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    # The event types it wants ("message.delivered", ...).
+    events: Mapped[list[Any]] = mapped_column(default=list)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    secret_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    previous_secret_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class WebhookEvent(Base):
+    """One event for one account, written in the transaction of the outcome that caused it."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index(None, "account_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    # The JSON object POSTed, as built when the event happened.
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = _created()
+
+
+class WebhookDelivery(Base):
+    """One event owed to one endpoint: the outbox row the sender claims, retries and settles."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint_id"),
+        # The sender's claim: pending deliveries that are due, oldest first.
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index(None, "endpoint_id", "created_at"),
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    event_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    # "pending" (owed, retried with backoff), "delivered" (a 2xx), "dropped" (gave up after 24 h).
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The claim that holds it while a sender POSTs it; its outcome is only written under it.
+    lease_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    last_attempt_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
 class AuditLog(Base):
     """Who changed what. ``changes`` lists field names and never holds a secret."""
 
