@@ -31,7 +31,9 @@ class QuotaExceeded(Exception):
         self.setting = setting
 
 
-def check_quota(session: Session, account_id: uuid.UUID, model: Any, limit: int | None, setting: str) -> None:
+def check_quota(
+    session: Session, account_id: uuid.UUID, model: Any, limit: int | None, setting: str, what: str = ""
+) -> None:
     """Raise QuotaExceeded when the account holds ``limit`` rows of ``model`` already.
 
     The account's row is locked first (PostgreSQL; SQLite has one writer), so two
@@ -42,7 +44,7 @@ def check_quota(session: Session, account_id: uuid.UUID, model: Any, limit: int 
     session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
     count = session.scalar(select(func.count()).select_from(model).where(model.account_id == account_id))
     if (count or 0) >= limit:
-        what = "providers" if model is EspProvider else "routing rules"
+        what = what or ("providers" if model is EspProvider else "routing rules")
         raise QuotaExceeded(what, limit, setting)
 
 

@@ -10,9 +10,10 @@ from sqlalchemy import create_engine, select, text
 
 from smtp_proxy.config import config_from_dict, decode_key
 from smtp_proxy.crypto import Cipher, generate_encryption_key, key_id
-from smtp_proxy.db.models import EspProvider, Message
+from smtp_proxy.db.models import EspProvider, Message, WebhookEndpoint
 from smtp_proxy.db.session import Database
-from smtp_proxy.storage import accounts, messages, providers
+from smtp_proxy.db.types import utcnow
+from smtp_proxy.storage import accounts, messages, providers, webhooks
 from smtp_proxy.storage.audit import CLI
 from tests.cli_runner import run_cli
 
@@ -43,6 +44,15 @@ def _seed(db_url: str, old_key: str) -> None:
             api_key="SG.secret",
             actor=CLI,
         )
+        hook = webhooks.create_endpoint(
+            session,
+            cipher,
+            account_id=owner.id,
+            url_="https://hooks.example.net/in",
+            events=["message.failed"],
+            actor=CLI,
+        )
+        webhooks.rotate_secret(session, cipher, hook.endpoint, actor=CLI)  # two sealed secrets
         for n in range(7):
             messages.enqueue_message(
                 session,
@@ -65,6 +75,7 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["provider_secrets"] == 1 and report["message_bodies"] == 7
+    assert report["webhook_secrets"] == 2
 
     # Everything now opens with the new key alone.
     new_only = Cipher(decode_key(new_key, "k"))
@@ -81,10 +92,17 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
             assert messages.message_body(new_only, message).startswith(b"Subject: ")
         provider = session.scalars(select(EspProvider)).one()
         assert providers.provider_secrets(new_only, provider).api_key == "SG.secret"
+        endpoint = session.scalars(select(WebhookEndpoint)).one()
+        assert len(webhooks.signing_secrets(new_only, endpoint, now=utcnow())) == 2
     database.dispose()
 
     again = _run(["keys", "reencrypt"], db_url, config)
-    assert json.loads(again.stdout) == {**report, "provider_secrets": 0, "message_bodies": 0}
+    assert json.loads(again.stdout) == {
+        **report,
+        "provider_secrets": 0,
+        "webhook_secrets": 0,
+        "message_bodies": 0,
+    }
 
 
 def test_reencrypt_without_the_old_key_fails_in_one_line(db_url: str, tmp_path: Path) -> None:

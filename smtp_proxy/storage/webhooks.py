@@ -1,0 +1,274 @@
+"""Webhook endpoints, their secrets, and the outbox of events owed to them.
+
+An endpoint is a tenant's URL, the event types it wants and a secret that signs what
+is POSTed there. The secret is generated, shown once, and sealed at rest (AES-GCM,
+bound to its row and column). Rotating it keeps the previous secret valid for
+``PREVIOUS_SECRET_HOURS``, so a receiver can switch without losing a request.
+
+``record_event`` is the outbox: it writes the event and one delivery row per endpoint
+that wants it, in the caller's transaction, the one that writes the outcome the event
+reports. A process that dies afterwards leaves the rows for the sender to find.
+"""
+
+from __future__ import annotations
+
+import secrets as random_secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from smtp_proxy.crypto import Cipher
+from smtp_proxy.db.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
+from smtp_proxy.db.types import utcnow
+from smtp_proxy.errors import NotFound, ValidationError
+from smtp_proxy.storage import audit
+from smtp_proxy.storage.audit import Actor
+from smtp_proxy.storage.providers import check_quota
+
+ENTITY = "webhook"
+EVENT_TYPES = ("message.delivered", "message.deferred", "message.failed", "message.suppressed")
+MAX_ENDPOINTS = 10  # per account
+PREVIOUS_SECRET_HOURS = 24
+URL_MAX = 2048
+UPDATABLE = ("url", "events", "enabled")
+
+
+@dataclass(frozen=True)
+class NewSecret:
+    """An endpoint and the secret that is shown this once."""
+
+    endpoint: WebhookEndpoint
+    secret: str
+
+
+def new_secret() -> str:
+    return "whsec_" + random_secrets.token_urlsafe(32)
+
+
+def url(value: object, *, allow_http: bool) -> str:
+    """An absolute https URL (http too when ``allow_http``: ``delivery.allow_private_networks``).
+
+    Where it points is checked again when it is POSTed to (the provider address guard), since a
+    name can resolve elsewhere later.
+    """
+    if not isinstance(value, str) or not value or len(value) > URL_MAX or not value.isascii():
+        raise ValidationError("url", f"must be an absolute https URL of at most {URL_MAX} characters")
+    if any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise ValidationError("url", "must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise ValidationError("url", "is not a valid URL") from None
+    schemes = ("https", "http") if allow_http else ("https",)
+    if parts.scheme not in schemes:
+        raise ValidationError("url", "must use https" if not allow_http else "must use https or http")
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        raise ValidationError("url", "must name a host, and no user or password")
+    if parts.fragment:
+        raise ValidationError("url", "must not have a fragment")
+    return value
+
+
+def event_types(value: object) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValidationError("events", "must be a non-empty list of: " + ", ".join(EVENT_TYPES))
+    chosen: list[str] = []
+    for item in value:
+        if item not in EVENT_TYPES:
+            raise ValidationError("events", f"{item!r} is not one of: " + ", ".join(EVENT_TYPES))
+        if item not in chosen:
+            chosen.append(item)
+    return [kind for kind in EVENT_TYPES if kind in chosen]
+
+
+def _aad(endpoint_id: uuid.UUID, column: str) -> bytes:
+    return f"webhook_endpoints.{column}:".encode() + endpoint_id.bytes
+
+
+def create_endpoint(
+    session: Session,
+    cipher: Cipher,
+    *,
+    account_id: uuid.UUID,
+    url_: str,
+    events: object,
+    enabled: bool = True,
+    allow_http: bool = False,
+    actor: Actor,
+) -> NewSecret:
+    """Validate and add an endpoint with a new secret. Raises ValidationError, or QuotaExceeded
+    (``storage.providers``) past MAX_ENDPOINTS for the account, counted under its row's lock."""
+    checked_url = url(url_, allow_http=allow_http)
+    kinds = event_types(events)
+    if not isinstance(enabled, bool):
+        raise ValidationError("enabled", "must be true or false")
+    check_quota(session, account_id, WebhookEndpoint, MAX_ENDPOINTS, "the relay's limit", "webhook endpoints")
+    secret = new_secret()
+    endpoint_id = uuid.uuid4()
+    endpoint = WebhookEndpoint(
+        id=endpoint_id,
+        account_id=account_id,
+        url=checked_url,
+        events=kinds,
+        enabled=enabled,
+        secret_encrypted=cipher.encrypt(secret.encode(), _aad(endpoint_id, "secret_encrypted")),
+    )
+    session.add(endpoint)
+    _audit(session, endpoint, actor, "create", ["url", "events", "enabled", "secret"])
+    session.flush()
+    return NewSecret(endpoint, secret)
+
+
+def list_endpoints(session: Session, account_id: uuid.UUID) -> list[WebhookEndpoint]:
+    query = select(WebhookEndpoint).where(WebhookEndpoint.account_id == account_id)
+    return list(session.scalars(query.order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)))
+
+
+def get_endpoint(session: Session, account_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
+    """The account's endpoint; another account's is NotFound, as none is (no oracle)."""
+    endpoint = session.get(WebhookEndpoint, endpoint_id)
+    if endpoint is None or endpoint.account_id != account_id:
+        raise NotFound("no such webhook")
+    return endpoint
+
+
+def update_endpoint(
+    session: Session,
+    endpoint: WebhookEndpoint,
+    changes: Mapping[str, Any],
+    *,
+    allow_http: bool = False,
+    actor: Actor,
+) -> list[str]:
+    """A partial update of UPDATABLE fields with one audit row; the fields set."""
+    unknown = sorted(set(changes) - set(UPDATABLE))
+    if unknown:
+        raise ValidationError(unknown[0], "is not a field that can be changed")
+    values: dict[str, Any] = {}
+    if "url" in changes:
+        values["url"] = url(changes["url"], allow_http=allow_http)
+    if "events" in changes:
+        values["events"] = event_types(changes["events"])
+    if "enabled" in changes:
+        if not isinstance(changes["enabled"], bool):
+            raise ValidationError("enabled", "must be true or false")
+        values["enabled"] = changes["enabled"]
+    for name, value in values.items():
+        setattr(endpoint, name, value)
+    fields = [name for name in UPDATABLE if name in values]
+    if fields:
+        _audit(session, endpoint, actor, "update", fields)
+        session.flush()
+    return fields
+
+
+def rotate_secret(session: Session, cipher: Cipher, endpoint: WebhookEndpoint, *, actor: Actor) -> str:
+    """A new secret; the current one keeps signing beside it for PREVIOUS_SECRET_HOURS."""
+    current = cipher.decrypt(endpoint.secret_encrypted, _aad(endpoint.id, "secret_encrypted"))
+    secret = new_secret()
+    previous = _aad(endpoint.id, "previous_secret_encrypted")
+    endpoint.previous_secret_encrypted = cipher.encrypt(current, previous)
+    endpoint.previous_secret_expires_at = utcnow() + timedelta(hours=PREVIOUS_SECRET_HOURS)
+    endpoint.secret_encrypted = cipher.encrypt(secret.encode(), _aad(endpoint.id, "secret_encrypted"))
+    _audit(session, endpoint, actor, "rotate", ["secret"])
+    session.flush()
+    return secret
+
+
+def signing_secrets(cipher: Cipher, endpoint: WebhookEndpoint, *, now: datetime) -> list[str]:
+    """The secrets that sign a request now: the current one, then the previous while it is valid."""
+    found = [cipher.decrypt(endpoint.secret_encrypted, _aad(endpoint.id, "secret_encrypted")).decode()]
+    expires = endpoint.previous_secret_expires_at
+    if endpoint.previous_secret_encrypted is not None and expires is not None and now < expires:
+        sealed = endpoint.previous_secret_encrypted
+        found.append(cipher.decrypt(sealed, _aad(endpoint.id, "previous_secret_encrypted")).decode())
+    return found
+
+
+def reseal_secrets(session: Session, cipher: Cipher) -> int:
+    """Re-encrypt, under the current key, every endpoint secret sealed with an older key."""
+    resealed = 0
+    for endpoint in session.scalars(select(WebhookEndpoint)):
+        for column in ("secret_encrypted", "previous_secret_encrypted"):
+            blob = getattr(endpoint, column)
+            if blob is not None and cipher.needs_rotation(blob):
+                plain = cipher.decrypt(blob, _aad(endpoint.id, column))
+                setattr(endpoint, column, cipher.encrypt(plain, _aad(endpoint.id, column)))
+                resealed += 1
+    session.flush()
+    return resealed
+
+
+def delete_endpoint(session: Session, endpoint: WebhookEndpoint, *, actor: Actor) -> None:
+    """Gone at commit, with the deliveries still owed to it."""
+    _audit(session, endpoint, actor, "delete", [])
+    session.delete(endpoint)
+    session.flush()
+
+
+def record_event(
+    connection: Session | Connection, *, account_id: uuid.UUID, kind: str, payload: Mapping[str, Any]
+) -> uuid.UUID | None:
+    """Write the event and one delivery per enabled endpoint of the account that wants it, in
+    the caller's transaction; the event's id, or None when no endpoint wants it (nothing written).
+
+    ``payload`` is the event's JSON object without its id; the id is added here, so the body
+    POSTed carries the id a receiver deduplicates by.
+    """
+    if kind not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {kind!r}")
+    wanted = [
+        endpoint_id
+        for endpoint_id, events in connection.execute(
+            select(WebhookEndpoint.id, WebhookEndpoint.events).where(
+                WebhookEndpoint.account_id == account_id, WebhookEndpoint.enabled.is_(True)
+            )
+        )
+        if kind in (events or ())
+    ]
+    if not wanted:
+        return None
+    event_id = uuid.uuid4()
+    now = utcnow()
+    body = {"id": str(event_id), "type": kind, **payload}
+    connection.execute(
+        insert(WebhookEvent),
+        [{"id": event_id, "account_id": account_id, "type": kind, "payload": body, "created_at": now}],
+    )
+    connection.execute(
+        insert(WebhookDelivery),
+        [
+            {
+                "id": uuid.uuid4(),
+                "event_id": event_id,
+                "endpoint_id": endpoint_id,
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for endpoint_id in wanted
+        ],
+    )
+    return event_id
+
+
+def _audit(session: Session, endpoint: WebhookEndpoint, actor: Actor, action: str, fields: list[str]) -> None:
+    audit.record(
+        session,
+        actor=actor,
+        action=action,
+        entity=ENTITY,
+        entity_id=endpoint.id,
+        account_id=endpoint.account_id,
+        fields=fields,
+    )
