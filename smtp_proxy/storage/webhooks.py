@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import secrets as random_secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -272,3 +272,148 @@ def _audit(session: Session, endpoint: WebhookEndpoint, actor: Actor, action: st
         account_id=endpoint.account_id,
         fields=fields,
     )
+
+
+# --- the outbox: claimed by the sender, settled by each answer -------------------------------------
+
+GIVE_UP_AFTER = timedelta(hours=24)
+
+
+class Owed(NamedTuple):
+    """One claimed delivery, with what sending it needs."""
+
+    id: uuid.UUID
+    lease_id: uuid.UUID
+    event_id: uuid.UUID
+    endpoint_id: uuid.UUID
+    url: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+
+
+def claim_due(
+    session: Session,
+    *,
+    now: datetime,
+    limit: int,
+    lease: float,
+    skip_endpoints: Iterable[uuid.UUID] = (),
+) -> list[Owed]:
+    """Claim up to ``limit`` due deliveries for ``lease`` seconds, oldest first; the caller commits.
+
+    Endpoints in ``skip_endpoints`` (those the caller already has enough in flight to) get
+    nothing, so one slow endpoint holds only its own share. On PostgreSQL, ``SKIP LOCKED`` lets
+    several workers claim at once without taking the same row. A delivery of a disabled
+    endpoint stays owed until the endpoint is enabled again or deleted.
+    """
+    query = (
+        select(WebhookDelivery.id)
+        .join(WebhookEndpoint, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
+        .where(
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at <= now,
+            WebhookEndpoint.enabled.is_(True),
+        )
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+    )
+    skipped = list(skip_endpoints)
+    if skipped:
+        query = query.where(WebhookDelivery.endpoint_id.not_in(skipped))
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(of=WebhookDelivery, skip_locked=True)
+    ids = list(session.scalars(query))
+    if not ids:
+        return []
+    lease_id = uuid.uuid4()
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(ids))
+        .values(lease_id=lease_id, next_attempt_at=now + timedelta(seconds=lease), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    rows = session.execute(
+        select(
+            WebhookDelivery.id,
+            WebhookDelivery.event_id,
+            WebhookDelivery.endpoint_id,
+            WebhookEndpoint.url,
+            WebhookEvent.payload,
+            WebhookDelivery.attempts,
+            WebhookDelivery.created_at,
+        )
+        .join(WebhookEndpoint, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
+        .join(WebhookEvent, WebhookDelivery.event_id == WebhookEvent.id)
+        .where(WebhookDelivery.id.in_(ids))
+        .order_by(WebhookDelivery.created_at)
+    )
+    return [
+        Owed(row.id, lease_id, row.event_id, row.endpoint_id, row.url, dict(row.payload), *row[5:])
+        for row in rows
+    ]
+
+
+def settle(
+    session: Session,
+    owed: Owed,
+    *,
+    now: datetime,
+    status_code: int | None,
+    error: str | None,
+    retry_in: float,
+) -> str:
+    """Write one answer under the claim that sent it; the delivery's new status.
+
+    A 2xx: delivered. Otherwise it is tried again in ``retry_in`` seconds, until it has been
+    owed for GIVE_UP_AFTER: then dropped. A claim that ran out meanwhile (another sender took
+    the delivery over) writes nothing and answers "lost".
+    """
+    delivered = status_code is not None and 200 <= status_code < 300
+    if delivered:
+        status, next_at = "delivered", now
+    elif now - owed.created_at >= GIVE_UP_AFTER:
+        status, next_at = "dropped", now
+    else:
+        status, next_at = "pending", now + timedelta(seconds=retry_in)
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == owed.id, WebhookDelivery.lease_id == owed.lease_id)
+        .values(
+            status=status,
+            attempts=WebhookDelivery.attempts + 1,
+            next_attempt_at=next_at,
+            lease_id=None,
+            last_status_code=status_code,
+            last_error=(error or None) and error[:500],
+            last_attempt_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return status if result.rowcount else "lost"
+
+
+def deliveries(session: Session, endpoint_id: uuid.UUID, limit: int = 100) -> list[WebhookDelivery]:
+    """An endpoint's most recent deliveries, newest first."""
+    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
+    return list(session.scalars(query.order_by(WebhookDelivery.created_at.desc()).limit(limit)))
+
+
+def redeliver(
+    session: Session, endpoint_id: uuid.UUID, event_id: uuid.UUID, *, now: datetime
+) -> WebhookDelivery:
+    """Owe the event to the endpoint again, now (whatever became of it before)."""
+    delivery = session.scalar(
+        select(WebhookDelivery).where(
+            WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.event_id == event_id
+        )
+    )
+    if delivery is None:
+        raise NotFound("no such delivery")
+    delivery.status = "pending"
+    delivery.next_attempt_at = now
+    delivery.lease_id = None
+    delivery.created_at = now  # the 24 hours of retries start again
+    session.flush()
+    return delivery
