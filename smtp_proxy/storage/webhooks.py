@@ -417,3 +417,14 @@ def redeliver(
     delivery.created_at = now  # the 24 hours of retries start again
     session.flush()
     return delivery
+
+
+def give_back(session: Session, owed: list[Owed], *, now: datetime) -> None:
+    """Claimed deliveries the sender will not send now: due again at once, no attempt counted."""
+    for item in owed:
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == item.id, WebhookDelivery.lease_id == item.lease_id)
+            .values(lease_id=None, next_attempt_at=now)
+            .execution_options(synchronize_session=False)
+        )
