@@ -32,6 +32,7 @@ from tests.leaks import keep_socket, new_sockets, new_threads, open_sockets
 from tests.pgcluster import PgCluster, PgClusterError, free_port, wait_until_accepting
 from tests.pgdatabases import DatabasePool
 from tests.waiting import wait_for
+from tests.webhook_receiver import receiver  # noqa: F401 - a fixture for every test directory
 
 __all__ = ["free_port", "wait_until_accepting"]
 

@@ -58,6 +58,8 @@ from smtp_proxy.errors import DatabaseUnavailable, DecryptionError
 from smtp_proxy.logs import correlation
 from smtp_proxy.storage import delivery_queue
 from smtp_proxy.storage.messages import body_aad, enqueue_message
+from smtp_proxy.webhooks import events
+from smtp_proxy.webhooks.sender import WebhookSender
 
 log = logging.getLogger("smtp_proxy.delivery")
 
@@ -107,6 +109,10 @@ class Worker:
         self._expired_checked = 0.0  # time.monotonic() of the last claim that looked for run-out leases
         self._stopping = threading.Event()
         self.housekeeping = Housekeeping(database, lambda: self.settings, self._stopping)
+        # Tenants' delivery events, from the outbox the outcomes write (``webhooks.sender``).
+        self.webhooks = WebhookSender(
+            database, cipher, allow_private=lambda: self.settings.allow_private_networks
+        )
         self._drain_deadline = float("inf")
         self._threads: list[threading.Thread] = []
 
@@ -127,6 +133,7 @@ class Worker:
         )
         for thread in self._threads:
             thread.start()
+        self.webhooks.start()
         log.info("worker started", extra={"event": "worker.started", "threads": self.delivery_thread_count})
 
     def stop(self, drain: float = DRAIN_SECONDS) -> None:
@@ -146,6 +153,7 @@ class Worker:
         for _ in range(self.delivery_thread_count):
             self._work.put(None)
         released = self._release(unstarted)
+        self.webhooks.stop(max(1.0, deadline - time.monotonic()))
         log.info(
             "worker stopped",
             extra={"event": "worker.stopped", "released": released, "abandoned_in_flight": running},
@@ -463,6 +471,16 @@ class Worker:
                 )
                 delivery_queue.log_attempts(
                     session, message.id, [_logged(follow_up.queued_as(extra.id), now)]
+                )
+            if held:  # the tenant's webhook events, committed with the outcome they report
+                events.record_outcome(
+                    session,
+                    message,
+                    status=decided.status,
+                    outcome=tried.final,
+                    provider_id=tried.provider_id,
+                    now=now,
+                    deferred_recipients=follow_up.recipients if follow_up is not None else (),
                 )
             return held
 

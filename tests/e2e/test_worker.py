@@ -28,15 +28,17 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.delivery.routes import RouteCache
 from smtp_proxy.delivery.worker import Worker
-from smtp_proxy.storage import accounts, providers, routing_rules
+from smtp_proxy.storage import accounts, providers, routing_rules, webhooks
 from smtp_proxy.storage.audit import CLI
 from smtp_proxy.storage.messages import enqueue_message, message_body
+from smtp_proxy.webhooks import signature
 from tests import fake_esp
 from tests.conftest import free_port, wait_until_accepting
 from tests.e2e.conftest import Listener, ServeProcess
 from tests.fake_esp import FakeEsp
 from tests.smtp_sink import SmtpSink
 from tests.waiting import wait_for
+from tests.webhook_receiver import Receiver
 
 SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 
@@ -949,3 +951,73 @@ def test_a_message_claimed_before_its_account_was_deactivated_is_given_back_unco
         (DeliveryStatus.DEFERRED, "held: the account is deactivated")
     ]
     assert holding.accepted == 1
+
+
+# --- delivery events (webhooks) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def hooks(tenant: Queue, receiver: Callable[..., Receiver]) -> tuple[Receiver, str]:
+    """The tenant's endpoint (every event type) on a local receiver (the worker sends); the secret."""
+    hook = receiver()
+    with tenant.database.transaction() as session:
+        made = webhooks.create_endpoint(
+            session,
+            tenant.cipher,
+            account_id=tenant.account_id,
+            url_=hook.url,
+            events=list(webhooks.EVENT_TYPES),
+            allow_http=True,
+            actor=CLI,
+        )
+    tenant.database.remove_session()
+    return hook, made.secret
+
+
+def events_of(hook: Receiver) -> list[dict]:
+    return [body for body in hook.bodies()]
+
+
+def test_a_delivered_message_fires_one_signed_message_delivered(
+    tenant: Queue, sink: SmtpSink, start_worker, hooks
+) -> None:
+    hook, secret = hooks
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    (message_id,) = tenant.enqueue(recipients=("a@example.net", "b@example.net"))
+    start_worker()
+    [event] = wait_for(lambda: events_of(hook), "the event at the receiver", timeout=20)
+    assert event["type"] == "message.delivered"
+    assert event["message_id"] == str(message_id) and event["correlation_id"] == "test-0"
+    assert event["recipients"] == ["a@example.net", "b@example.net"]
+    assert event["provider"] == "main" and event["reply"]["code"] == 250
+    uuid.UUID(event["id"])
+    (_path, headers, body) = hook.requests[0]
+    assert signature.verify(headers[signature.HEADER], body, [secret], now=int(time.time()))
+
+
+def test_a_permanent_failure_fires_message_failed_with_the_providers_reply(
+    tenant: Queue, sink: SmtpSink, start_worker, hooks
+) -> None:
+    hook, _secret = hooks
+    sink.reply_to_rcpt(550, "5.1.1 no such user")
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    (message_id,) = tenant.enqueue()
+    start_worker()
+    [event] = wait_for(lambda: events_of(hook), "the event at the receiver", timeout=20)
+    assert (event["type"], event["message_id"]) == ("message.failed", str(message_id))
+    assert event["reply"]["code"] == 550 and "no such user" in event["reply"]["text"]
+
+
+def test_recipients_refused_for_now_fire_message_deferred_beside_message_delivered(
+    tenant: Queue, sink: SmtpSink, start_worker, hooks
+) -> None:
+    hook, _secret = hooks
+    sink.queue_reply("RCPT", 451, "4.2.1 mailbox busy")  # the first RCPT only
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    tenant.enqueue(recipients=("later@example.net", "ok@example.net"))
+    start_worker()
+    wait_for(lambda: len(events_of(hook)) >= 3, "delivered, deferred, the follow-up delivered", timeout=20)
+    kinds = [(e["type"], e["recipients"]) for e in events_of(hook)]
+    assert ("message.delivered", ["ok@example.net"]) in kinds
+    assert ("message.deferred", ["later@example.net"]) in kinds
+    assert ("message.delivered", ["later@example.net"]) in kinds
