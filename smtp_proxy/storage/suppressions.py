@@ -84,7 +84,11 @@ def suppressed(session: Session, account_id: uuid.UUID, recipients: Iterable[str
 
 
 def add_bounces(
-    session: Session, account_id: uuid.UUID, message_id: uuid.UUID, bounces: Iterable[Bounce], now: datetime
+    session: Session,
+    account_id: uuid.UUID,
+    message_id: uuid.UUID | None,
+    bounces: Iterable[Bounce],
+    now: datetime,
 ) -> None:
     """Suppress the hard-bounced recipients; an address already listed keeps its first entry.
 
@@ -141,10 +145,12 @@ def add_manual(session: Session, account_id: uuid.UUID, address: str, *, actor: 
     return entry
 
 
-def get_suppression(session: Session, account_id: uuid.UUID, suppression_id: uuid.UUID) -> Suppression:
-    entry = session.scalar(
-        select(Suppression).where(Suppression.id == suppression_id, Suppression.account_id == account_id)
-    )
+def get_suppression(session: Session, account_id: uuid.UUID | None, suppression_id: uuid.UUID) -> Suppression:
+    """One entry of the account's list (any account's when ``account_id`` is None: an admin)."""
+    query = select(Suppression).where(Suppression.id == suppression_id)
+    if account_id is not None:
+        query = query.where(Suppression.account_id == account_id)
+    entry = session.scalar(query)
     if entry is None:
         raise NotFound("no such suppression")
     return entry
