@@ -40,6 +40,13 @@ class DeliveryStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+class SuppressionReason(enum.StrEnum):
+    """Why a recipient is on an account's suppression list."""
+
+    HARD_BOUNCE = "hard_bounce"  # a provider refused it permanently (the worker added it)
+    MANUAL = "manual"  # added through the API
+
+
 class SmtpTls(enum.StrEnum):
     """How an smtp provider's connection is secured (``smtp_config.tls``)."""
 

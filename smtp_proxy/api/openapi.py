@@ -51,6 +51,18 @@ _MESSAGE_PARAMS = [
     *_PAGE_PARAMS,
 ]
 
+_SUPPRESSION_PARAMS = [
+    {"name": "reason", "in": "query", "schema": {"enum": contract.values(contract.SuppressionReason)}},
+    {"name": "address", "in": "query", "schema": {"type": "string"}, "description": "One address."},
+    {
+        "name": "account_id",
+        "in": "query",
+        "schema": {"type": "string", "format": "uuid"},
+        "description": "Admins only: another account's list.",
+    },
+    *_PAGE_PARAMS,
+]
+
 
 def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -232,6 +244,28 @@ def document() -> dict[str, Any]:
                 "One message with its delivery log (never its body)",
                 ("200", _ref("MessageDetail")),
                 errors=("404",),
+            ),
+        },
+        "/suppressions": {
+            "get": _op(
+                "A page of the suppression list, newest first",
+                ("200", page_of("Suppression")),
+                errors=("404", "422"),
+                params=_SUPPRESSION_PARAMS,
+            ),
+            "post": _op(
+                "Suppress an address (reason manual)",
+                ("201", _ref("Suppression")),
+                body="SuppressionCreate",
+                errors=(*_WRITE, "404", "409"),
+                notes={"409": "The address is on the list already."},
+            ),
+        },
+        "/suppressions/{id}": {
+            "parameters": [_ID],
+            "get": _op("One suppression", ("200", _ref("Suppression")), errors=("404",)),
+            "delete": _op(
+                "Take an address off the list; the worker sends to it again", ("204", None), errors=("404",)
             ),
         },
         "/audit-log": {

@@ -569,6 +569,45 @@ SCHEMAS: dict[str, Schema] = {
             "deliveries": {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}},
         },
     },
+    "SuppressionCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["address"],
+        "properties": {
+            "address": {
+                "type": "string",
+                "minLength": 3,
+                "maxLength": contract.EMAIL_MAX,
+                "description": "Stored in lower case, whole address (see the README).",
+            },
+            "account_id": {**_UUID, "description": "Admins only: another account's list."},
+        },
+    },
+    "Suppression": {
+        "type": "object",
+        "required": [
+            "id",
+            "account_id",
+            "address",
+            "reason",
+            "message_id",
+            "provider_id",
+            "response_code",
+            "response_text",
+            "created_at",
+        ],
+        "properties": {
+            "id": _UUID,
+            "account_id": _UUID,
+            "address": {"type": "string"},
+            "reason": {"enum": contract.values(contract.SuppressionReason)},
+            "message_id": {"type": ["string", "null"], "format": "uuid"},
+            "provider_id": {"type": ["string", "null"], "format": "uuid"},
+            "response_code": {"type": ["integer", "null"]},
+            "response_text": {"type": ["string", "null"]},
+            "created_at": _TIME,
+        },
+    },
     "AuditEntry": {
         "type": "object",
         "required": [

@@ -41,6 +41,7 @@ from smtp_proxy.contract import (
     DeliveryStatus,
     MessageStatus,
     ProviderType,
+    SuppressionReason,
 )
 from smtp_proxy.db.types import JsonDocument, UtcDateTime, utcnow
 
@@ -327,6 +328,32 @@ class WebhookDelivery(Base):
     last_attempt_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
+
+
+class Suppression(Base):
+    """A recipient the worker no longer sends to for this account (``storage.suppressions``).
+
+    ``address`` is normalised (``storage.suppressions.normalise``), so the unique constraint
+    holds one entry per mailbox. The message, provider and reply that caused a hard bounce
+    stay as they were written; the message and provider may go later (SET NULL).
+    """
+
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        UniqueConstraint("account_id", "address"),
+        # A page of one account's entries, newest first, optionally of one reason.
+        Index(None, "account_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(EMAIL_MAX))
+    reason: Mapped[SuppressionReason] = mapped_column(_enum(SuppressionReason, "suppression_reason"))
+    message_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
+    provider_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("esp_providers.id", ondelete="SET NULL"))
+    response_code: Mapped[int | None] = mapped_column(Integer)
+    response_text: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = _created()
 
 
 class AuditLog(Base):

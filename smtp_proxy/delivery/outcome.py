@@ -41,12 +41,22 @@ class Target:
     smtp_password: str | None = field(default=None, repr=False)
 
 
+class Refusal(NamedTuple):
+    """One recipient refused permanently by the provider (a hard bounce, ``bounces.is_hard``)."""
+
+    recipient: str
+    code: int
+    text: str
+
+
 class Outcome(NamedTuple):
     status: DeliveryStatus
     code: int | None  # SMTP reply code or HTTP status; None when there was no answer
     text: str
     # Delivered to the others, refused for now: the worker queues a follow-up for these.
     retry_recipients: tuple[str, ...] = ()
+    # Recipients refused for good (whatever the status): the worker adds them to the suppression list.
+    bounced: tuple[Refusal, ...] = ()
 
     @property
     def delivered(self) -> bool:

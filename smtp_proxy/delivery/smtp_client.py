@@ -24,7 +24,9 @@ Decisions a reader would otherwise have to guess:
   defers. From AUTH on, 4xx defers and 5xx fails (RFC 5321 4.2.1); a wrong password (535) fails.
 - Recipients: all refused -> deferred if any refusal was temporary, else failed; some accepted ->
   the message goes to those and the outcome is delivered, naming the refused ones in its text and
-  listing the temporarily refused ones in ``retry_recipients`` for a follow-up message.
+  listing the temporarily refused ones in ``retry_recipients`` for a follow-up message. Permanent
+  refusals that are about the recipient (``bounces.is_hard``: at RCPT, or at DATA when one
+  recipient was left) are listed in ``bounced``, whatever the outcome, for the suppression list.
 - The body is sent as received. Only two things change on the wire: a message that does not end in
   CRLF gets one (DATA can only end after a line break), and a bare CR or LF, which the SMTP
   listener never stores, becomes CRLF, so no provider can be shown a smuggled end of data.
@@ -53,16 +55,18 @@ from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 from smtp_proxy.config import DeliveryConfig
-from smtp_proxy.delivery import network
+from smtp_proxy.delivery import bounces, network
 from smtp_proxy.delivery.deadline import WATCHDOG
 from smtp_proxy.delivery.outcome import (
     Outcome,
     Outgoing,
+    Refusal,
     Target,
     deferred,
     delivered,
     failed,
     from_smtp_reply,
+    short_text,
 )
 
 log = logging.getLogger("smtp_proxy.delivery")
@@ -381,30 +385,50 @@ def _transaction(client: PinnedSMTP, message: Outgoing) -> Outcome:
             accepted.append(recipient)
         else:
             refused.append((recipient, code, text))
+    # Hard bounces among the RCPT refusals, whatever becomes of the message (bounces.is_hard).
+    bounced = tuple(
+        Refusal(r, c, short_text(t)) for r, c, t in refused if bounces.is_hard(c, _text(t), at_data=False)
+    )
     if not accepted:
         summary = "; ".join(f"<{r}> {c} {_text(t)}" for r, c, t in refused)
         temporary = [(c, t) for _, c, t in refused if not 500 <= c < 600]
         if temporary:
-            return deferred(temporary[0][0] if temporary[0][0] > 0 else None, f"RCPT TO refused: {summary}")
-        return failed(refused[0][1], f"RCPT TO refused: {summary}")
+            outcome = deferred(
+                temporary[0][0] if temporary[0][0] > 0 else None, f"RCPT TO refused: {summary}"
+            )
+        else:
+            outcome = failed(refused[0][1], f"RCPT TO refused: {summary}")
+        return outcome._replace(bounced=bounced)
 
     client.step = "DATA"
     code, text = client.docmd("DATA")
-    if code != 354:
-        return _reply("DATA", code, text)
-    client.step = "end of DATA"
-    client.send_body(dot_stuff(body) + b".\r\n")
-    code, text = client.getreply()
-    if not 200 <= code < 300:
-        return _reply("end of DATA", code, text)
-    if refused:
-        names = "; ".join(f"<{r}> {c} {_text(t)}" for r, c, t in refused)
-        outcome = delivered(
-            code, f"{_text(text)}; {len(refused)} of {len(message.recipients)} refused: {names}"
-        )
-        # The temporarily refused ones are retried as their own message (the worker's follow-up).
-        return outcome._replace(retry_recipients=tuple(r for r, c, _ in refused if not 500 <= c < 600))
-    return delivered(code, text)
+    if code == 354:
+        client.step = "end of DATA"
+        client.send_body(dot_stuff(body) + b".\r\n")
+        code, text = client.getreply()
+        if 200 <= code < 300:
+            return _delivered_to_some(message, code, text, refused, bounced)
+    # Refused at DATA: with one recipient left, the refusal may be that recipient's.
+    if len(accepted) == 1 and bounces.is_hard(code, _text(text), at_data=True):
+        bounced += (Refusal(accepted[0], code, short_text(text)),)
+    return _reply(client.step, code, text)._replace(bounced=bounced)
+
+
+def _delivered_to_some(
+    message: Outgoing,
+    code: int,
+    text: bytes,
+    refused: list[tuple[str, int, bytes]],
+    bounced: tuple[Refusal, ...],
+) -> Outcome:
+    """The provider took the message; the refused recipients are named, the temporary ones retried."""
+    if not refused:
+        return delivered(code, text)
+    names = "; ".join(f"<{r}> {c} {_text(t)}" for r, c, t in refused)
+    outcome = delivered(code, f"{_text(text)}; {len(refused)} of {len(message.recipients)} refused: {names}")
+    # The temporarily refused ones are retried as their own message (the worker's follow-up).
+    retry = tuple(r for r, c, _ in refused if not 500 <= c < 600)
+    return outcome._replace(retry_recipients=retry, bounced=bounced)
 
 
 def _quit(client: PinnedSMTP) -> None:

@@ -27,6 +27,13 @@ Fair delivery: one tenant must not be able to stop delivery for the others.
   "held" line on each and fails those older than ``delivery.max_age``; a message
   claimed just before the deactivation is given back when its turn comes.
 
+Suppression list (``storage.suppressions``): recipients on the account's list are
+left out of the attempt (one delivery-log line names them); a message with no
+recipient left fails without contacting any provider. Hard bounces in the
+providers' outcomes (``Outcome.bounced``) join the list in the transaction that
+writes the outcome, as do the tenant's webhook events (``webhooks.events``), among
+them ``message.suppressed`` for the recipients left out.
+
 What an outcome means for the message (status, retry, follow-up) is ``verdict``'s
 decision; the accounts' routes come from ``routes``, the upkeep thread is
 ``housekeeping``.
@@ -52,11 +59,11 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.delivery import metrics, routing, transports, verdict
 from smtp_proxy.delivery.housekeeping import Housekeeping
-from smtp_proxy.delivery.outcome import Outcome, Outgoing, deferred
+from smtp_proxy.delivery.outcome import Outcome, Outgoing, deferred, short_text
 from smtp_proxy.delivery.routes import Route, RouteCache
 from smtp_proxy.errors import DatabaseUnavailable, DecryptionError
 from smtp_proxy.logs import correlation
-from smtp_proxy.storage import delivery_queue
+from smtp_proxy.storage import delivery_queue, suppressions
 from smtp_proxy.storage.messages import body_aad, enqueue_message
 from smtp_proxy.webhooks import events
 from smtp_proxy.webhooks.sender import WebhookSender
@@ -64,6 +71,8 @@ from smtp_proxy.webhooks.sender import WebhookSender
 log = logging.getLogger("smtp_proxy.delivery")
 
 DRAIN_SECONDS = 30.0
+# The delivery log's last line for a message whose every recipient is suppressed.
+SUPPRESSED_TEXT = "suppressed: every recipient is on the suppression list"
 # The lease covers the running provider and this long to write the outcome after it.
 LEASE_MARGIN = timedelta(seconds=5)
 
@@ -75,6 +84,8 @@ class _Tried(NamedTuple):
     provider_id: uuid.UUID | None  # the provider that gave ``final``, if one did
     attempts: list[delivery_queue.Attempt]  # the delivery log's lines so far
     until: datetime  # the lease's end, as extended
+    suppressed: tuple[str, ...] = ()  # recipients left out: on the account's suppression list
+    bounced: tuple[suppressions.Bounce, ...] = ()  # refused for good: they join the list
 
 
 class Worker:
@@ -295,16 +306,37 @@ class Worker:
         if not active:
             self._hold(lease_id, message)
             return
+        try:
+            with self.database.read() as session:
+                left_out = suppressions.suppressed(session, message.account_id, message.recipients)
+        except DatabaseUnavailable:
+            return  # claimed again after the lease
+        recipients = tuple(r for r in message.recipients if r not in left_out)
+        suppressed = tuple(r for r in message.recipients if r in left_out)
         attempts: list[delivery_queue.Attempt] = []
+        bounced: list[suppressions.Bounce] = []
         final: Outcome | None = None
         provider_id: uuid.UUID | None = None
-        body = self._body(message)
-        if isinstance(body, Outcome):
-            final = body
-            attempts.append(delivery_queue.Attempt(None, body.status, body.code, body.text, utcnow()))
+        body: bytes | Outcome
+        if suppressed:
+            text = (
+                f"{len(suppressed)} recipient(s) left out, on the suppression list: {', '.join(suppressed)}"
+            )
+            attempts.append(
+                delivery_queue.Attempt(None, DeliveryStatus.FAILED, None, short_text(text), utcnow())
+            )
+        if not recipients:
+            # Nothing to send: no provider is contacted, and the body is not even read.
+            body = final = Outcome(DeliveryStatus.FAILED, None, SUPPRESSED_TEXT)
+            attempts.append(delivery_queue.Attempt(None, final.status, None, final.text, utcnow()))
         else:
-            outgoing = Outgoing(message.id, message.sender, tuple(message.recipients), body)
-            envelope = routing.Envelope(message.sender, message.recipients, message.headers or [])
+            body = self._body(message)
+            if isinstance(body, Outcome):
+                final = body
+                attempts.append(delivery_queue.Attempt(None, body.status, body.code, body.text, utcnow()))
+        if isinstance(body, bytes):
+            outgoing = Outgoing(message.id, message.sender, recipients, body)
+            envelope = routing.Envelope(message.sender, list(recipients), message.headers or [])
             plan = routing.plan([route.rule for route in routes], envelope, self.rng)
             if not plan:
                 # Before failing a message for want of a rule, make sure the rules are not stale.
@@ -348,10 +380,14 @@ class Worker:
                 attempts.append(
                     delivery_queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())
                 )
+                bounced.extend(
+                    suppressions.Bounce(r.recipient, rule.provider_id, r.code, r.text) for r in final.bounced
+                )
                 if not final.temporary:
                     break
         assert final is not None
-        self._conclude(message, lease_id, _Tried(final, provider_id, attempts, until), body)
+        tried = _Tried(final, provider_id, attempts, until, suppressed, tuple(bounced))
+        self._conclude(message, lease_id, tried, body)
 
     @staticmethod
     def _stop_failover(tried: int, deadline: float, budget: float, settings: DeliveryConfig) -> str | None:
@@ -472,6 +508,8 @@ class Worker:
                 delivery_queue.log_attempts(
                     session, message.id, [_logged(follow_up.queued_as(extra.id), now)]
                 )
+            if held and tried.bounced:
+                suppressions.add_bounces(session, message.account_id, message.id, tried.bounced, now)
             if held:  # the tenant's webhook events, committed with the outcome they report
                 events.record_outcome(
                     session,
@@ -481,6 +519,8 @@ class Worker:
                     provider_id=tried.provider_id,
                     now=now,
                     deferred_recipients=follow_up.recipients if follow_up is not None else (),
+                    suppressed=tried.suppressed,
+                    bounced=tuple(b.recipient for b in tried.bounced),
                 )
             return held
 
@@ -494,6 +534,8 @@ class Worker:
                 extra={"event": "delivery.lease_lost", "message_id": str(message.id)},
             )
             return
+        if tried.suppressed:
+            self._log_suppressed(message, tried.suppressed, decided.status)
         status, retry_at = decided.status, decided.retry_at
         if status is MessageStatus.QUEUED:
             metrics.RETRIES.inc()
@@ -510,6 +552,22 @@ class Worker:
                 "provider_id": str(tried.provider_id) if tried.provider_id else None,
                 "response_code": tried.final.code,
                 "retry_at": retry_at.isoformat() if retry_at else None,
+            },
+        )
+
+    def _log_suppressed(
+        self, message: delivery_queue.Claimed, recipients: tuple[str, ...], status: MessageStatus
+    ) -> None:
+        """The log line of recipients left out; their ``message.suppressed`` webhook event was
+        written with the outcome (``webhooks.events``)."""
+        log.info(
+            "recipients left out: on the suppression list",
+            extra={
+                "event": "message.suppressed",
+                "message_id": str(message.id),
+                "account_id": str(message.account_id),
+                "recipients": list(recipients),
+                "status": str(status),
             },
         )
 

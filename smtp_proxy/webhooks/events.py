@@ -37,19 +37,34 @@ def record_outcome(
     provider_id: uuid.UUID | None,
     now: datetime,
     deferred_recipients: Sequence[str] = (),
+    suppressed: Sequence[str] = (),
+    bounced: Sequence[str] = (),
 ) -> None:
-    """The events of one outcome: its own type for the recipients it concerns, and
-    ``message.deferred`` for ``deferred_recipients`` (a follow-up queued for the ones a
-    provider refused for now while it took the others)."""
+    """The events of one outcome, each naming the recipients it concerns.
+
+    - ``message.suppressed`` for the recipients left out (on the suppression list);
+    - the outcome's own type for the rest, less those it leaves to others: a delivered
+      message's ``bounced`` recipients (refused for good: ``message.failed``) and
+      ``deferred_recipients`` (refused for now, queued as a follow-up: ``message.deferred``).
+    """
+    if suppressed:
+        _record(session, message, "message.suppressed", list(suppressed), outcome, None, now)
     kind = KIND.get(status)
     if kind is None:
         return
-    later = set(deferred_recipients)
-    concerned = [r for r in message.recipients if r not in later] if later else list(message.recipients)
+    tried = [r for r in message.recipients if r not in set(suppressed)]
+    if not tried:
+        return  # every recipient was suppressed: that event says it all
     provider = _provider_name(session, provider_id)
-    _record(session, message, kind, concerned, outcome, provider, now)
-    if later and status is MessageStatus.DELIVERED:
-        _record(session, message, "message.deferred", list(deferred_recipients), outcome, provider, now)
+    if status is MessageStatus.DELIVERED:
+        elsewhere = set(deferred_recipients) | set(bounced)
+        _record(session, message, kind, [r for r in tried if r not in elsewhere], outcome, provider, now)
+        if bounced:
+            _record(session, message, "message.failed", list(bounced), outcome, provider, now)
+        if deferred_recipients:
+            _record(session, message, "message.deferred", list(deferred_recipients), outcome, provider, now)
+        return
+    _record(session, message, kind, tried, outcome, provider, now)
 
 
 def _record(

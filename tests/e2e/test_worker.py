@@ -28,7 +28,7 @@ from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.delivery.routes import RouteCache
 from smtp_proxy.delivery.worker import Worker
-from smtp_proxy.storage import accounts, providers, routing_rules, webhooks
+from smtp_proxy.storage import accounts, providers, routing_rules, suppressions, webhooks
 from smtp_proxy.storage.audit import CLI
 from smtp_proxy.storage.messages import enqueue_message, message_body
 from smtp_proxy.webhooks import signature
@@ -1021,3 +1021,26 @@ def test_recipients_refused_for_now_fire_message_deferred_beside_message_deliver
     assert ("message.delivered", ["ok@example.net"]) in kinds
     assert ("message.deferred", ["later@example.net"]) in kinds
     assert ("message.delivered", ["later@example.net"]) in kinds
+
+
+def test_suppressed_recipients_fire_message_suppressed_and_hard_bounces_message_failed(
+    tenant: Queue, sink: SmtpSink, start_worker, hooks
+) -> None:
+    """One message: a listed recipient left out, one refused for good, one delivered; an event each."""
+    hook, _secret = hooks
+    with tenant.database.transaction() as session:
+        suppressions.add_manual(session, tenant.account_id, "listed@example.net", actor=CLI)
+    tenant.database.remove_session()
+    sink.refuse("gone@example.net", 550, "5.1.1 no such user")
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    recipients = ("listed@example.net", "gone@example.net", "ok@example.net")
+    (message_id,) = tenant.enqueue(recipients=recipients)
+    start_worker()
+    wait_for(lambda: len(events_of(hook)) >= 3, "three events", timeout=20)
+    kinds = sorted((e["type"], tuple(e["recipients"])) for e in events_of(hook))
+    assert kinds == [
+        ("message.delivered", ("ok@example.net",)),
+        ("message.failed", ("gone@example.net",)),
+        ("message.suppressed", ("listed@example.net",)),
+    ]
+    assert {e["message_id"] for e in events_of(hook)} == {str(message_id)}
