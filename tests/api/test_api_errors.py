@@ -398,6 +398,10 @@ EXPECTED_OPERATIONS = {
     ("/routing-rules/{id}", "delete"),
     ("/messages", "get"),
     ("/messages/{id}", "get"),
+    ("/suppressions", "get"),
+    ("/suppressions", "post"),
+    ("/suppressions/{id}", "get"),
+    ("/suppressions/{id}", "delete"),
     ("/audit-log", "get"),
 }
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
