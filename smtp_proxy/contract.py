@@ -85,7 +85,7 @@ SES_API_KEY = r"^[A-Z0-9]{16,128}:[^\s]{1,512}$"
 HEADER_NAME = r"^[!-9;-~]{1,76}$"
 
 # A DKIM selector: one DNS label (RFC 6376 3.1 allows more; one is what operators publish).
-DKIM_SELECTOR = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+DKIM_SELECTOR = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"  # stored in lowercase
 DKIM_SELECTOR_MAX = 63
 
 EMAIL_MAX = 254  # RFC 5321's limit on a path, less the angle brackets

@@ -5,7 +5,16 @@ from __future__ import annotations
 from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
-from smtp_proxy.api import accounts, audit_log, messages, openapi, providers, routing_rules, smtp_credentials
+from smtp_proxy.api import (
+    accounts,
+    audit_log,
+    dkim_keys,
+    messages,
+    openapi,
+    providers,
+    routing_rules,
+    smtp_credentials,
+)
 from smtp_proxy.api.auth import authenticate
 
 bp = Blueprint("v1", __name__, url_prefix="/api/v1")
@@ -25,3 +34,4 @@ def openapi_json() -> ResponseReturnValue:
 
 for child in (accounts.bp, smtp_credentials.bp, providers.bp, routing_rules.bp, messages.bp, audit_log.bp):
     bp.register_blueprint(child)
+bp.register_blueprint(dkim_keys.bp)

@@ -34,7 +34,7 @@ def key_domain(value: object, account: Account) -> str:
 
 
 def check_selector(value: object) -> str:
-    if not isinstance(value, str) or not _SELECTOR.fullmatch(value.lower()):
+    if not isinstance(value, str) or not _SELECTOR.fullmatch(value):
         raise ValidationError("selector", "must be one DNS label: letters, digits and -, at most 63")
     return value.lower()
 
