@@ -18,7 +18,6 @@ from smtp_proxy.api import schemas
 from smtp_proxy.api.auth import principal
 from smtp_proxy.api.context import cipher, database
 from smtp_proxy.api.errors import ApiError
-from smtp_proxy.db.models import DkimKey
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage import dkim_keys as store
@@ -27,7 +26,7 @@ bp = Blueprint("dkim_keys", __name__, url_prefix="/dkim-keys")
 LOOKUP_EXTENSION = "smtp_proxy.txt_lookup"
 
 
-def render(key: DkimKey) -> dict[str, Any]:
+def render(key: Any) -> dict[str, Any]:
     """A key with its DNS record; never the private half (an allow-list of fields)."""
     return {
         "id": str(key.id),
