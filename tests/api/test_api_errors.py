@@ -402,6 +402,12 @@ EXPECTED_OPERATIONS = {
     ("/suppressions", "post"),
     ("/suppressions/{id}", "get"),
     ("/suppressions/{id}", "delete"),
+    ("/dkim-keys", "get"),
+    ("/dkim-keys", "post"),
+    ("/dkim-keys/{id}", "get"),
+    ("/dkim-keys/{id}", "patch"),
+    ("/dkim-keys/{id}", "delete"),
+    ("/dkim-keys/{id}/verify", "post"),
     ("/audit-log", "get"),
 }
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}

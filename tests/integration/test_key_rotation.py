@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
@@ -10,9 +11,9 @@ from sqlalchemy import create_engine, select, text
 
 from smtp_proxy.config import config_from_dict, decode_key
 from smtp_proxy.crypto import Cipher, generate_encryption_key, key_id
-from smtp_proxy.db.models import EspProvider, Message
+from smtp_proxy.db.models import DkimKey, EspProvider, Message
 from smtp_proxy.db.session import Database
-from smtp_proxy.storage import accounts, messages, providers
+from smtp_proxy.storage import accounts, dkim_keys, messages, providers
 from smtp_proxy.storage.audit import CLI
 from tests.cli_runner import run_cli
 
@@ -34,6 +35,9 @@ def _seed(db_url: str, old_key: str) -> None:
             bcrypt_cost=4,
             actor=CLI,
         ).account
+        dkim_keys.create_key(
+            session, cipher, account=owner, domain="example.com", algorithm="ed25519-sha256", actor=CLI
+        )
         providers.create_provider(
             session,
             cipher,
@@ -65,6 +69,7 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["provider_secrets"] == 1 and report["message_bodies"] == 7
+    assert report["dkim_keys"] == 1
 
     # Everything now opens with the new key alone.
     new_only = Cipher(decode_key(new_key, "k"))
@@ -72,7 +77,9 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
     with engine.connect() as connection:
         blobs = connection.execute(text("SELECT id, body_encrypted FROM messages")).all()
         api_key_blob = connection.execute(text("SELECT id, api_key_encrypted FROM esp_providers")).one()
+        dkim_blob = connection.execute(text("SELECT private_key_encrypted FROM dkim_keys")).scalar_one()
     engine.dispose()
+    assert bytes(dkim_blob)[1:5] == key_id(decode_key(new_key, "k"))
     assert all(bytes(blob)[1:5] == key_id(decode_key(new_key, "k")) for _id, blob in blobs)
     assert bytes(api_key_blob[1])[1:5] == key_id(decode_key(new_key, "k"))
     database = Database(config_from_dict({"database": {"url": db_url}}, env={}).database)
@@ -81,10 +88,13 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
             assert messages.message_body(new_only, message).startswith(b"Subject: ")
         provider = session.scalars(select(EspProvider)).one()
         assert providers.provider_secrets(new_only, provider).api_key == "SG.secret"
+        owner_id = session.scalars(select(DkimKey)).one().account_id
+        (signing,) = dkim_keys.signing_keys(session, new_only, owner_id)
+        assert signing.domain == "example.com" and len(base64.b64decode(signing.private_key)) == 32
     database.dispose()
 
     again = _run(["keys", "reencrypt"], db_url, config)
-    assert json.loads(again.stdout) == {**report, "provider_secrets": 0, "message_bodies": 0}
+    assert json.loads(again.stdout) == {**report, "provider_secrets": 0, "dkim_keys": 0, "message_bodies": 0}
 
 
 def test_reencrypt_without_the_old_key_fails_in_one_line(db_url: str, tmp_path: Path) -> None:
