@@ -4,7 +4,7 @@
 Run from the repository root after ./scripts/test has made the venv:
 
     .venv/bin/python scripts/bench_worker.py [--messages 5000] [--claims 300] [--large 1000000]
-        [--phases one,two,claim,noisy] [--idle-accounts 0]
+        [--phases one,two,claim,noisy,dkim] [--idle-accounts 0]
 
 It starts a throwaway PostgreSQL cluster (fsync on: every outcome the worker
 commits is durable, as in production) and a local SMTP sink (aiosmtpd in a
@@ -39,6 +39,9 @@ only routing rule sends to the sink, and measures:
    target: with A, B keeps at least 80% of its throughput and at most twice
    its p99. Timeouts are short here (1 s connect, 2 s send) so that each of A's
    attempts ends in 3 s and the run in well under a minute.
+5. DKIM: the one-process run again three times, the tenant's domain with no
+   DKIM key (off), with an enabled RSA 2048 key, and with an Ed25519 key: every
+   message is then signed (dkimpy) before it goes to the sink.
 
 Everything listens on 127.0.0.1 only, every wait is bounded in time, and every
 process started is stopped by its pid, also on failure.
@@ -81,7 +84,7 @@ from smtp_proxy.crypto import Cipher, generate_encryption_key
 from smtp_proxy.db.models import MessageStatus
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
-from smtp_proxy.storage import accounts, delivery_queue, messages, providers, routing_rules
+from smtp_proxy.storage import accounts, delivery_queue, dkim_keys, messages, providers, routing_rules
 from smtp_proxy.storage.audit import CLI
 from tests.pgcluster import PgCluster, free_port
 
@@ -482,9 +485,10 @@ def throughput(
     cipher: Cipher,
     tenant: Tenant,
     running: list[WorkerProcess],
+    label: str | None = None,
 ) -> Run:
     """Queue `count` messages, start `processes` workers, wait until all are delivered, stop them."""
-    label = f"run{processes}"
+    label = label or f"run{processes}"
     empty_queue(database.engine)
     sink.take()
     expected = enqueue(database, cipher, tenant, label, count)
@@ -558,6 +562,21 @@ def throughput(
         shares=shares,
         stop_seconds=stop_seconds,
     )
+
+
+DKIM_SETTINGS = ("off", "rsa-sha256", "ed25519-sha256")
+
+
+def use_dkim(database: Database, cipher: Cipher, tenant: Tenant, setting: str) -> None:
+    """Leave the tenant's domain with one enabled DKIM key of ``setting``'s algorithm, or none ("off")."""
+    with database.transaction() as session:
+        for key in dkim_keys.list_keys(session, tenant.account_id):
+            dkim_keys.delete_key(session, key, actor=CLI)
+        if setting != "off":
+            account = accounts.get_account(session, tenant.account_id)
+            dkim_keys.create_key(
+                session, cipher, account=account, domain="example.com", algorithm=setting, actor=CLI
+            )
 
 
 def print_run(run: Run) -> None:
@@ -920,13 +939,13 @@ def main() -> None:
     parser.add_argument("--noisy", type=int, default=1000, help="messages of each tenant, noisy phase")
     parser.add_argument(
         "--phases",
-        default="one,two,claim,noisy",
-        help="comma-separated subset of one,two,claim,noisy (default: all)",
+        default="one,two,claim,noisy,dkim",
+        help="comma-separated subset of one,two,claim,noisy,dkim (default: all)",
     )
     args = parser.parse_args()
     phases = set(args.phases.split(","))
-    if not phases or not phases <= {"one", "two", "claim", "noisy"}:
-        parser.error("--phases takes a comma-separated subset of one,two,claim,noisy")
+    if not phases or not phases <= {"one", "two", "claim", "noisy", "dkim"}:
+        parser.error("--phases takes a comma-separated subset of one,two,claim,noisy,dkim")
     if args.messages < 1 or args.claims < 1:
         parser.error("--messages and --claims must be positive")
     if not args.due + args.deferred < args.small < args.large:
@@ -946,6 +965,7 @@ def main() -> None:
     runs: list[Run] = []
     claims: dict[int, tuple[float, float, int]] = {}
     noisy_runs: tuple[NoisyRun, NoisyRun] | None = None
+    dkim_runs: dict[str, Run] = {}
     try:
         cluster = PgCluster.start(durable=True)
         url = migrated_database(cluster)
@@ -981,6 +1001,28 @@ def main() -> None:
             )
             print_run(run)
             runs.append(run)
+        if "dkim" in phases:
+            for setting in DKIM_SETTINGS:
+                use_dkim(database, cipher, tenant, setting)
+                print(f"DKIM {setting}:")
+                run = throughput(
+                    processes=1,
+                    count=args.messages,
+                    timeout=args.timeout,
+                    base=base,
+                    workdir=workdir,
+                    sink=sink,
+                    cluster=cluster,
+                    database=database,
+                    cipher=cipher,
+                    tenant=tenant,
+                    running=running,
+                    label=f"dkim-{setting}",
+                )
+                print_run(run)
+                runs.append(run)
+                dkim_runs[setting] = run
+            use_dkim(database, cipher, tenant, "off")
         if "claim" in phases:
             database.dispose()  # the throughput runs' database is done with
             for size in (args.small, args.large):
@@ -1046,6 +1088,16 @@ def main() -> None:
             f"  {run.processes} worker process(es) : {run.rate:7.1f} messages/s  ({flags}; worker CPU "
             f"{run.worker_cpu * 1000 / max(run.messages, 1):.2f} ms/message, sink "
             f"{run.sink_cpu / run.wall:.0%} of a core, all cores {run.machine_busy:.0%} busy)"
+        )
+    if dkim_runs:
+        off = dkim_runs["off"].rate
+        print(
+            "  DKIM signing (1 process): "
+            + "; ".join(
+                f"{setting} {run.rate:.1f} messages/s (x{run.rate / off:.2f}, worker CPU "
+                f"{run.worker_cpu * 1000 / max(run.messages, 1):.2f} ms/message)"
+                for setting, run in dkim_runs.items()
+            )
         )
     if len(claims) == 2:
         (small, (m1, p1, _)), (large, (m2, p2, _)) = sorted(claims.items())

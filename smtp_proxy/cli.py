@@ -611,13 +611,14 @@ def keys_reencrypt(ctx: click.Context, batch_size: int) -> None:
     Run after a key rotation; once it reports nothing left, the old key can be
     removed from security.previous_encryption_keys. Safe to interrupt and rerun.
     """
-    from smtp_proxy.storage import messages, providers, webhooks
+    from smtp_proxy.storage import dkim_keys, messages, providers, webhooks
 
     runtime = runtime_of(ctx)
     cipher = crypto.Cipher.from_config(runtime.config.security)
     with runtime.database.transaction() as session:
         secrets_done = providers.reseal_secrets(session, cipher)
         webhook_secrets = webhooks.reseal_secrets(session, cipher)
+        dkim_done = dkim_keys.reseal_keys(session, cipher)
     bodies_done, after = 0, None
     while True:
         with runtime.database.transaction() as session:
@@ -629,6 +630,7 @@ def keys_reencrypt(ctx: click.Context, batch_size: int) -> None:
         {
             "provider_secrets": secrets_done,
             "webhook_secrets": webhook_secrets,
+            "dkim_keys": dkim_done,
             "message_bodies": bodies_done,
             "key_id": cipher.current_key_id,
         }

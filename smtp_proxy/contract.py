@@ -55,6 +55,13 @@ class SmtpTls(enum.StrEnum):
     IMPLICIT = "implicit"
 
 
+class DkimAlgorithm(enum.StrEnum):
+    """A DKIM key's signing algorithm, as the signature's ``a=`` tag names it."""
+
+    RSA_SHA256 = "rsa-sha256"
+    ED25519_SHA256 = "ed25519-sha256"
+
+
 class MailgunRegion(enum.StrEnum):
     US = "us"
     EU = "eu"
@@ -83,6 +90,10 @@ SES_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
 SES_API_KEY = r"^[A-Z0-9]{16,128}:[^\s]{1,512}$"
 # A header field name (RFC 5322 section 3.6.8: printable ASCII but the colon), within one line.
 HEADER_NAME = r"^[!-9;-~]{1,76}$"
+
+# A DKIM selector: one DNS label (RFC 6376 3.1 allows more; one is what operators publish).
+DKIM_SELECTOR = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"  # stored in lowercase
+DKIM_SELECTOR_MAX = 63
 
 EMAIL_MAX = 254  # RFC 5321's limit on a path, less the angle brackets
 NAME_MAX = 100  # a provider's or a routing rule's name

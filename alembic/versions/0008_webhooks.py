@@ -1,7 +1,7 @@
 """webhooks: tenants' endpoints, the events, and the outbox of deliveries owed
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-02
 
 An event is written in the same transaction as the outcome that caused it, with
@@ -17,7 +17,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -277,6 +277,7 @@ def document() -> dict[str, Any]:
             ),
         },
     }
+    paths.update(_dkim_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "smtp-proxy management API", "version": __version__},
@@ -286,5 +287,43 @@ def document() -> dict[str, Any]:
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _dkim_paths() -> dict[str, Any]:
+    return {
+        "/dkim-keys": {
+            "post": _op(
+                "Create a DKIM key for one of the account's domains",
+                ("201", _ref("DkimKey")),
+                body="DkimKeyCreate",
+                errors=(*_WRITE, "409"),
+                notes={
+                    "409": "The domain has a key with this selector.",
+                    "422": "Invalid fields, or a domain outside the account's allowed domains.",
+                },
+            ),
+            "get": _op("List DKIM keys", ("200", list_of("DkimKey"))),
+        },
+        "/dkim-keys/{id}": {
+            "parameters": [_ID],
+            "get": _op("One DKIM key with its DNS record", ("200", _ref("DkimKey")), errors=("404",)),
+            "patch": _op(
+                "Enable or disable a DKIM key",
+                ("200", _ref("DkimKey")),
+                body="DkimKeyUpdate",
+                errors=(*_WRITE, "404"),
+            ),
+            "delete": _op("Delete a DKIM key", ("204", None), errors=("404",)),
+        },
+        "/dkim-keys/{id}/verify": {
+            "parameters": [_ID],
+            "post": _op(
+                "Look the key's TXT record up in the DNS",
+                ("200", _ref("DkimVerification")),
+                errors=("404", "502"),
+                notes={"502": "The DNS did not answer (dns_unavailable)."},
+            ),
         },
     }

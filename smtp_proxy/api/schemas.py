@@ -641,6 +641,71 @@ SCHEMAS: dict[str, Schema] = {
     },
 }
 
+_DNS_RECORD: Schema = {
+    "type": "object",
+    "required": ["type", "name", "value"],
+    "properties": {
+        "type": {"const": "TXT"},
+        "name": {"type": "string", "description": "<selector>._domainkey.<domain>"},
+        "value": {"type": "string", "description": "v=DKIM1; k=rsa|ed25519; p=<public key>"},
+    },
+}
+SCHEMAS.update(
+    {
+        "DkimKeyCreate": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["domain"],
+            "properties": {
+                "domain": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": contract.DOMAIN_MAX,
+                    "description": "One of the account's allowed domains (*.x allows x's subdomains).",
+                },
+                "selector": {
+                    "type": "string",
+                    "pattern": contract.DKIM_SELECTOR,
+                    "description": "One DNS label; sp<yyyymm> (this month) when left out.",
+                },
+                "algorithm": {"enum": contract.values(contract.DkimAlgorithm), "default": "rsa-sha256"},
+                "enabled": {"type": "boolean"},
+            },
+            "description": "RSA 2048 by default, Ed25519 on request. The private key is never returned.",
+        },
+        "DkimKeyUpdate": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["enabled"],
+            "properties": {"enabled": {"type": "boolean"}},
+        },
+        "DkimKey": {
+            "type": "object",
+            "required": ["id", "domain", "selector", "algorithm", "enabled", "dns_record", "created_at"],
+            "properties": {
+                "id": _UUID,
+                "domain": {"type": "string"},
+                "selector": {"type": "string"},
+                "algorithm": {"enum": contract.values(contract.DkimAlgorithm)},
+                "enabled": {"type": "boolean"},
+                "dns_record": _DNS_RECORD,
+                "created_at": _TIME,
+                "updated_at": _TIME,
+            },
+        },
+        "DkimVerification": {
+            "type": "object",
+            "required": ["published", "matches", "found", "dns_record"],
+            "properties": {
+                "published": {"type": "boolean", "description": "A TXT record exists at the name."},
+                "matches": {"type": "boolean", "description": "Its p= is this key's public key."},
+                "found": {"type": ["string", "null"], "description": "The record as the DNS has it."},
+                "dns_record": _DNS_RECORD,
+            },
+        },
+    }
+)
+
 # Sub-schemas checked again on update, where the type is the stored one.
 SETTINGS_BY_TYPE = {ProviderType.MAILGUN: "MailgunSettings", ProviderType.SES: "SesSettings"}
 

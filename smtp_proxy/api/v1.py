@@ -8,6 +8,7 @@ from flask.typing import ResponseReturnValue
 from smtp_proxy.api import (
     accounts,
     audit_log,
+    dkim_keys,
     messages,
     openapi,
     providers,
@@ -35,3 +36,4 @@ def openapi_json() -> ResponseReturnValue:
 for child in (accounts.bp, smtp_credentials.bp, providers.bp, routing_rules.bp, messages.bp, audit_log.bp):
     bp.register_blueprint(child)
 bp.register_blueprint(suppressions.bp)
+bp.register_blueprint(dkim_keys.bp)

@@ -35,10 +35,13 @@ from smtp_proxy.contract import (
     ACCOUNT_NAME_MAX,
     CREDENTIAL_LABEL_MAX,
     CREDENTIAL_USERNAME_MAX,
+    DKIM_SELECTOR_MAX,
+    DOMAIN_MAX,
     EMAIL_MAX,
     NAME_MAX,
     NETWORK_MAX,
     DeliveryStatus,
+    DkimAlgorithm,
     MessageStatus,
     ProviderType,
     SuppressionReason,
@@ -160,6 +163,29 @@ class EspProvider(Base):
     # host, port, tls and username; the password is kept apart, encrypted.
     smtp_config: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
     smtp_password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class DkimKey(Base):
+    """A DKIM key of one of the account's domains; the worker signs mail from that domain with it.
+
+    (domain, selector) is unique across the relay: it is one DNS name. The private key is
+    AES-GCM sealed, bound to this row (``storage.dkim_keys``), and never leaves the worker.
+    """
+
+    __tablename__ = "dkim_keys"
+    __table_args__ = (UniqueConstraint("domain", "selector"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    domain: Mapped[str] = mapped_column(String(DOMAIN_MAX))
+    selector: Mapped[str] = mapped_column(String(DKIM_SELECTOR_MAX))
+    algorithm: Mapped[DkimAlgorithm] = mapped_column(_enum(DkimAlgorithm, "dkim_algorithm"))
+    # The record's p= value: base64 of the DER SubjectPublicKeyInfo (RSA) or of the raw key (Ed25519).
+    public_key: Mapped[str] = mapped_column(Text)
+    private_key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()

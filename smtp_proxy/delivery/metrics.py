@@ -48,3 +48,8 @@ FAILOVER_STOPPED = Counter(
 HELD = Counter(
     "smtp_proxy_delivery_held_total", "Messages found waiting for a deactivated account (logged once each)"
 )
+DKIM_SIGNATURES = Counter(
+    "smtp_proxy_delivery_dkim_signatures_total",
+    "DKIM signing per hand-over to a raw-message provider: signed, unsigned (no key), failed (sent unsigned)",
+    ["outcome"],
+)

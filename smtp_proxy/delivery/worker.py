@@ -57,7 +57,7 @@ from smtp_proxy.contract import DeliveryStatus, MessageStatus
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
-from smtp_proxy.delivery import metrics, routing, transports, verdict
+from smtp_proxy.delivery import metrics, routing, signing, transports, verdict
 from smtp_proxy.delivery.housekeeping import Housekeeping
 from smtp_proxy.delivery.outcome import Outcome, Outgoing, deferred, short_text
 from smtp_proxy.delivery.routes import Route, RouteCache
@@ -104,6 +104,7 @@ class Worker:
         self.cipher = cipher
         self.rng = rng or random.Random()
         self.routes = RouteCache(database, cipher)
+        self.signer = signing.Signer(database, cipher)
         self.delivery_thread_count = config().delivery.workers
         self._work: queue.SimpleQueue[tuple[uuid.UUID, datetime, delivery_queue.Claimed] | None] = (
             queue.SimpleQueue()
@@ -301,6 +302,7 @@ class Worker:
         try:
             routes = self.routes.get(message.account_id)
             active = self.routes.active(message.account_id)
+            dkim_keys = self.signer.keys(message.account_id)
         except DatabaseUnavailable:
             return  # claimed again after the lease
         if not active:
@@ -336,6 +338,7 @@ class Worker:
                 attempts.append(delivery_queue.Attempt(None, body.status, body.code, body.text, utcnow()))
         if isinstance(body, bytes):
             outgoing = Outgoing(message.id, message.sender, recipients, body)
+            signed = self.signer.once(dkim_keys, outgoing)
             envelope = routing.Envelope(message.sender, list(recipients), message.headers or [])
             plan = routing.plan([route.rule for route in routes], envelope, self.rng)
             if not plan:
@@ -375,7 +378,8 @@ class Worker:
                         extra={"event": "delivery.lease_lost", "message_id": str(message.id)},
                     )
                     return
-                final = self._attempt(route, outgoing, settings, deadline)
+                raw = route.target is not None and route.target.provider_type in signing.RAW_PROVIDERS
+                final = self._attempt(route, signed() if raw else outgoing, settings, deadline)
                 provider_id = route.target.id if route.target is not None else None
                 attempts.append(
                     delivery_queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())

@@ -394,10 +394,26 @@ def settle(
     return status if result.rowcount else "lost"
 
 
-def deliveries(session: Session, endpoint_id: uuid.UUID, limit: int = 100) -> list[WebhookDelivery]:
-    """An endpoint's most recent deliveries, newest first."""
-    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
-    return list(session.scalars(query.order_by(WebhookDelivery.created_at.desc()).limit(limit)))
+def deliveries_with_types(session: Session, endpoint_id: uuid.UUID, limit: int = 100) -> list[Any]:
+    """An endpoint's most recent deliveries with their events' types, newest first."""
+    query = (
+        select(WebhookDelivery, WebhookEvent.type)
+        .join(WebhookEvent, WebhookDelivery.event_id == WebhookEvent.id)
+        .where(WebhookDelivery.endpoint_id == endpoint_id)
+        .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
+        .limit(limit)
+    )
+    return [_Row(delivery, kind) for delivery, kind in session.execute(query)]
+
+
+class _Row:
+    """A delivery and its event's type, read as one."""
+
+    def __init__(self, delivery: WebhookDelivery, kind: str) -> None:
+        self._delivery, self.type = delivery, kind
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._delivery, name)
 
 
 def redeliver(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
@@ -10,10 +11,10 @@ from sqlalchemy import create_engine, select, text
 
 from smtp_proxy.config import config_from_dict, decode_key
 from smtp_proxy.crypto import Cipher, generate_encryption_key, key_id
-from smtp_proxy.db.models import EspProvider, Message, WebhookEndpoint
+from smtp_proxy.db.models import DkimKey, EspProvider, Message, WebhookEndpoint
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
-from smtp_proxy.storage import accounts, messages, providers, webhooks
+from smtp_proxy.storage import accounts, dkim_keys, messages, providers, webhooks
 from smtp_proxy.storage.audit import CLI
 from tests.cli_runner import run_cli
 
@@ -35,6 +36,9 @@ def _seed(db_url: str, old_key: str) -> None:
             bcrypt_cost=4,
             actor=CLI,
         ).account
+        dkim_keys.create_key(
+            session, cipher, account=owner, domain="example.com", algorithm="ed25519-sha256", actor=CLI
+        )
         providers.create_provider(
             session,
             cipher,
@@ -76,6 +80,7 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
     report = json.loads(result.stdout)
     assert report["provider_secrets"] == 1 and report["message_bodies"] == 7
     assert report["webhook_secrets"] == 2
+    assert report["dkim_keys"] == 1
 
     # Everything now opens with the new key alone.
     new_only = Cipher(decode_key(new_key, "k"))
@@ -83,7 +88,9 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
     with engine.connect() as connection:
         blobs = connection.execute(text("SELECT id, body_encrypted FROM messages")).all()
         api_key_blob = connection.execute(text("SELECT id, api_key_encrypted FROM esp_providers")).one()
+        dkim_blob = connection.execute(text("SELECT private_key_encrypted FROM dkim_keys")).scalar_one()
     engine.dispose()
+    assert bytes(dkim_blob)[1:5] == key_id(decode_key(new_key, "k"))
     assert all(bytes(blob)[1:5] == key_id(decode_key(new_key, "k")) for _id, blob in blobs)
     assert bytes(api_key_blob[1])[1:5] == key_id(decode_key(new_key, "k"))
     database = Database(config_from_dict({"database": {"url": db_url}}, env={}).database)
@@ -94,6 +101,9 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
         assert providers.provider_secrets(new_only, provider).api_key == "SG.secret"
         endpoint = session.scalars(select(WebhookEndpoint)).one()
         assert len(webhooks.signing_secrets(new_only, endpoint, now=utcnow())) == 2
+        owner_id = session.scalars(select(DkimKey)).one().account_id
+        (signing,) = dkim_keys.signing_keys(session, new_only, owner_id)
+        assert signing.domain == "example.com" and len(base64.b64decode(signing.private_key)) == 32
     database.dispose()
 
     again = _run(["keys", "reencrypt"], db_url, config)
@@ -101,6 +111,7 @@ def test_reencrypt_moves_every_secret_and_body_to_the_new_key(db_url: str, tmp_p
         **report,
         "provider_secrets": 0,
         "webhook_secrets": 0,
+        "dkim_keys": 0,
         "message_bodies": 0,
     }
 
