@@ -100,3 +100,6 @@ NAME_MAX = 100  # a provider's or a routing rule's name
 DOMAIN_MAX = 253
 PRIORITY_MAX = 2_147_483_647  # the integer column's range
 MAX_LIMIT = 2_147_483_647  # a sending limit above this is a typo, not a quota
+
+# The delivery events a webhook endpoint may ask for, in the order the API lists them.
+WEBHOOK_EVENT_TYPES = ("message.delivered", "message.deferred", "message.failed", "message.suppressed")

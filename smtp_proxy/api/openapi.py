@@ -278,6 +278,7 @@ def document() -> dict[str, Any]:
         },
     }
     paths.update(_dkim_paths())
+    paths.update(_webhook_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "smtp-proxy management API", "version": __version__},
@@ -324,6 +325,60 @@ def _dkim_paths() -> dict[str, Any]:
                 ("200", _ref("DkimVerification")),
                 errors=("404", "502"),
                 notes={"502": "The DNS did not answer (dns_unavailable)."},
+            ),
+        },
+    }
+
+
+_EVENT_ID = {**_ID, "name": "event_id"}
+
+
+def _webhook_paths() -> dict[str, Any]:
+    return {
+        "/webhooks": {
+            "post": _op(
+                "Add a webhook endpoint; its secret is shown this once",
+                ("201", _ref("WebhookWithSecret")),
+                body="WebhookCreate",
+                errors=_WRITE,
+                notes={"422": "Invalid fields, or the account has 10 endpoints already."},
+                description="Events are POSTed as WebhookEvent objects, signed (see WebhookWithSecret).",
+            ),
+            "get": _op("List webhook endpoints", ("200", list_of("Webhook"))),
+        },
+        "/webhooks/{id}": {
+            "parameters": [_ID],
+            "get": _op("One webhook endpoint", ("200", _ref("Webhook")), errors=("404",)),
+            "patch": _op(
+                "Change an endpoint's URL, events or enabled",
+                ("200", _ref("Webhook")),
+                body="WebhookUpdate",
+                errors=(*_WRITE, "404"),
+            ),
+            "delete": _op("Delete an endpoint and what is still owed to it", ("204", None), errors=("404",)),
+        },
+        "/webhooks/{id}/rotate-secret": {
+            "parameters": [_ID],
+            "post": _op(
+                "A new secret, shown this once; the previous one signs too for 24 hours",
+                ("200", _ref("WebhookWithSecret")),
+                errors=("404",),
+            ),
+        },
+        "/webhooks/{id}/deliveries": {
+            "parameters": [_ID],
+            "get": _op(
+                "The endpoint's 100 most recent deliveries, newest first",
+                ("200", list_of("WebhookDelivery")),
+                errors=("404",),
+            ),
+        },
+        "/webhooks/{id}/deliveries/{event_id}/redeliver": {
+            "parameters": [_ID, _EVENT_ID],
+            "post": _op(
+                "Send the event to the endpoint again, now (24 more hours of retries)",
+                ("202", None),
+                errors=("404",),
             ),
         },
     }

@@ -706,6 +706,125 @@ SCHEMAS.update(
     }
 )
 
+_WEBHOOK_URL: Schema = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 2048,
+    "description": (
+        "An https URL on a public address (http and private addresses only with "
+        "delivery.allow_private_networks); redirects are not followed."
+    ),
+}
+_WEBHOOK_EVENTS: Schema = {
+    "type": "array",
+    "minItems": 1,
+    "uniqueItems": True,
+    "items": {"enum": list(contract.WEBHOOK_EVENT_TYPES)},
+}
+SCHEMAS.update(
+    {
+        "WebhookCreate": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["url", "events"],
+            "properties": {"url": _WEBHOOK_URL, "events": _WEBHOOK_EVENTS, "enabled": {"type": "boolean"}},
+            "description": "At most 10 per account. The secret is generated and shown once.",
+        },
+        "WebhookUpdate": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {"url": _WEBHOOK_URL, "events": _WEBHOOK_EVENTS, "enabled": {"type": "boolean"}},
+        },
+        "Webhook": {
+            "type": "object",
+            "required": [
+                "id",
+                "url",
+                "events",
+                "enabled",
+                "previous_secret_expires_at",
+                "created_at",
+                "updated_at",
+            ],  # fmt: skip
+            "properties": {
+                "id": _UUID,
+                "url": {"type": "string"},
+                "events": {"type": "array", "items": {"type": "string"}},
+                "enabled": {"type": "boolean"},
+                "previous_secret_expires_at": {
+                    "type": ["string", "null"],
+                    "format": "date-time",
+                    "description": "Until then the secret before the last rotation signs too.",
+                },
+                "created_at": _TIME,
+                "updated_at": _TIME,
+            },
+        },
+        "WebhookWithSecret": {
+            "allOf": [
+                {"$ref": "#/components/schemas/Webhook"},
+                {
+                    "type": "object",
+                    "required": ["secret"],
+                    "properties": {
+                        "secret": {
+                            "type": "string",
+                            "description": "Shown this once. Signs Webhook-Signature: t=<unix time>,v1=<hex "
+                            "HMAC-SHA256 of t.body>.",
+                        }
+                    },
+                },
+            ]
+        },
+        "WebhookDelivery": {
+            "type": "object",
+            "required": ["event_id", "type", "status", "attempts", "created_at"],
+            "properties": {
+                "event_id": _UUID,
+                "type": {"type": "string"},
+                "status": {"enum": ["pending", "delivered", "dropped"]},
+                "attempts": {"type": "integer", "minimum": 0},
+                "last_status_code": {"type": ["integer", "null"]},
+                "last_error": {"type": ["string", "null"]},
+                "last_attempt_at": {"type": ["string", "null"], "format": "date-time"},
+                "next_attempt_at": {"type": ["string", "null"], "format": "date-time"},
+                "created_at": _TIME,
+            },
+        },
+        "WebhookEvent": {
+            "type": "object",
+            "description": (
+                "The body POSTed to an endpoint (Content-Type: application/json), with headers "
+                "Webhook-Id (the event id) and Webhook-Signature. At least once: drop a repeated id."
+            ),
+            "required": [
+                "id",
+                "type",
+                "time",
+                "message_id",
+                "correlation_id",
+                "recipients",
+                "provider",
+                "reply",
+            ],  # fmt: skip
+            "properties": {
+                "id": _UUID,
+                "type": _WEBHOOK_EVENTS["items"],
+                "time": _TIME,
+                "message_id": _UUID,
+                "correlation_id": {"type": "string"},
+                "recipients": {"type": "array", "items": {"type": "string"}},
+                "provider": {"type": ["string", "null"], "description": "The provider's name, or null."},
+                "reply": {
+                    "type": "object",
+                    "properties": {"code": {"type": ["integer", "null"]}, "text": {"type": "string"}},
+                },
+            },
+        },
+    }
+)
+
 # Sub-schemas checked again on update, where the type is the stored one.
 SETTINGS_BY_TYPE = {ProviderType.MAILGUN: "MailgunSettings", ProviderType.SES: "SesSettings"}
 

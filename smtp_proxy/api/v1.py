@@ -15,6 +15,7 @@ from smtp_proxy.api import (
     routing_rules,
     smtp_credentials,
     suppressions,
+    webhooks,
 )
 from smtp_proxy.api.auth import authenticate
 
@@ -37,3 +38,4 @@ for child in (accounts.bp, smtp_credentials.bp, providers.bp, routing_rules.bp, 
     bp.register_blueprint(child)
 bp.register_blueprint(suppressions.bp)
 bp.register_blueprint(dkim_keys.bp)
+bp.register_blueprint(webhooks.bp)

@@ -26,7 +26,8 @@ bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
 def render(endpoint: Any) -> dict[str, Any]:
     """An endpoint without its secrets."""
     expires = endpoint.previous_secret_expires_at
-    previous_valid = endpoint.previous_secret_encrypted is not None and expires is not None and expires > utcnow()
+    sealed = endpoint.previous_secret_encrypted is not None
+    previous_valid = sealed and expires is not None and expires > utcnow()
     return {
         "id": str(endpoint.id),
         "url": endpoint.url,

@@ -24,6 +24,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from smtp_proxy.contract import WEBHOOK_EVENT_TYPES
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from smtp_proxy.db.types import utcnow
@@ -33,7 +34,7 @@ from smtp_proxy.storage.audit import Actor
 from smtp_proxy.storage.providers import check_quota
 
 ENTITY = "webhook"
-EVENT_TYPES = ("message.delivered", "message.deferred", "message.failed", "message.suppressed")
+EVENT_TYPES = WEBHOOK_EVENT_TYPES
 MAX_ENDPOINTS = 10  # per account
 PREVIOUS_SECRET_HOURS = 24
 URL_MAX = 2048

@@ -408,14 +408,23 @@ EXPECTED_OPERATIONS = {
     ("/dkim-keys/{id}", "patch"),
     ("/dkim-keys/{id}", "delete"),
     ("/dkim-keys/{id}/verify", "post"),
+    ("/webhooks", "get"),
+    ("/webhooks", "post"),
+    ("/webhooks/{id}", "get"),
+    ("/webhooks/{id}", "patch"),
+    ("/webhooks/{id}", "delete"),
+    ("/webhooks/{id}/rotate-secret", "post"),
+    ("/webhooks/{id}/deliveries", "get"),
+    ("/webhooks/{id}/deliveries/{event_id}/redeliver", "post"),
     ("/audit-log", "get"),
 }
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-BODILESS_ACTIONS = {"rotate-key", "verify"}
+BODILESS_ACTIONS = {"rotate-key", "verify", "rotate-secret", "redeliver"}
 
 
 def _document_parameter(match: re.Match[str]) -> str:
-    return "{credential_id}" if match.group(1) == "credential_id" else "{id}"
+    name = match.group(1)
+    return f"{{{name}}}" if name in ("credential_id", "event_id") else "{id}"
 
 
 def served_operations(api: ApiServer) -> set[tuple[str, str]]:

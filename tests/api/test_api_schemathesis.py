@@ -215,7 +215,7 @@ def targets(seeded: Seeded, account_id: str) -> dict[str, dict[str, str]]:
 
 def assert_meaningful(statuses: dict[str, set[int]], existing: dict[str, dict[str, str]]) -> None:
     """The run reached every operation, past authentication, listed real rows, found existing ones."""
-    assert len(statuses) == 35 + len(existing), sorted(statuses)
+    assert len(statuses) == 43 + len(existing), sorted(statuses)
     for name, seen in statuses.items():
         assert 401 not in seen, (name, seen)
         assert all(status < 500 for status in seen), (name, seen)
