@@ -4,7 +4,7 @@
 Run from the repository root after ./scripts/test has made the venv:
 
     .venv/bin/python scripts/bench_worker.py [--messages 5000] [--claims 300] [--large 1000000]
-        [--phases one,two,claim,noisy,dkim] [--idle-accounts 0]
+        [--phases one,two,claim,noisy,dkim,webhooks] [--idle-accounts 0]
 
 It starts a throwaway PostgreSQL cluster (fsync on: every outcome the worker
 commits is durable, as in production) and a local SMTP sink (aiosmtpd in a
@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import argparse
 import enum
+import http.server
+import json
 import multiprocessing
 import os
 import re
@@ -60,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -84,7 +87,15 @@ from smtp_proxy.crypto import Cipher, generate_encryption_key
 from smtp_proxy.db.models import MessageStatus
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
-from smtp_proxy.storage import accounts, delivery_queue, dkim_keys, messages, providers, routing_rules
+from smtp_proxy.storage import (
+    accounts,
+    delivery_queue,
+    dkim_keys,
+    messages,
+    providers,
+    routing_rules,
+    webhooks,
+)
 from smtp_proxy.storage.audit import CLI
 from tests.pgcluster import PgCluster, free_port
 
@@ -425,7 +436,8 @@ def idle_accounts(database: Database, count: int) -> None:
 
 def empty_queue(engine: Engine) -> None:
     with engine.begin() as connection:
-        connection.exec_driver_sql("TRUNCATE messages, delivery_logs")
+        # CASCADE: what refers to a message goes with it (a suppression entry's message).
+        connection.exec_driver_sql("TRUNCATE messages, delivery_logs CASCADE")
 
 
 def status_counts(engine: Engine) -> dict[str, int]:
@@ -486,8 +498,12 @@ def throughput(
     tenant: Tenant,
     running: list[WorkerProcess],
     label: str | None = None,
+    also_until: Callable[[], bool] | None = None,
 ) -> Run:
-    """Queue `count` messages, start `processes` workers, wait until all are delivered, stop them."""
+    """Queue `count` messages, start `processes` workers, wait until all are delivered, stop them.
+
+    ``also_until``: what else must have happened before they are stopped (webhook events received).
+    """
     label = label or f"run{processes}"
     empty_queue(database.engine)
     sink.take()
@@ -509,7 +525,7 @@ def throughput(
         arrived = sink.count()
         if arrived != last_seen:
             settled_at, last_seen = time.monotonic(), arrived
-        if arrived >= count:
+        if arrived >= count and (also_until is None or also_until()):
             counts = status_counts(database.engine)
             if counts.get("delivered", 0) + counts.get("failed", 0) >= count:
                 break
@@ -520,6 +536,11 @@ def throughput(
         if time.monotonic() > deadline:
             counts = status_counts(database.engine)
             detail = "\n".join(last_attempts(database.engine)) or "(no failed attempts logged)"
+            with database.engine.connect() as connection:
+                owed = connection.execute(
+                    text("SELECT status, count(*), max(last_error) FROM webhook_deliveries GROUP BY status")
+                ).all()
+            detail += f"\nwebhook deliveries (status, count, an error): {[tuple(row) for row in owed]}"
             raise SystemExit(
                 f"{processes} worker(s) did not deliver {count} messages in {timeout:.0f} s: the sink has "
                 f"{arrived}, the database says {counts}\nlast failed attempts:\n{detail}\n"
@@ -577,6 +598,62 @@ def use_dkim(database: Database, cipher: Cipher, tenant: Tenant, setting: str) -
             dkim_keys.create_key(
                 session, cipher, account=account, domain="example.com", algorithm=setting, actor=CLI
             )
+
+
+class EventReceiver:
+    """A local webhook receiver: answers 204 and notes when each message's event arrived."""
+
+    def __init__(self) -> None:
+        arrivals: dict[str, float] = {}
+        self.arrivals = arrivals
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                arrivals.setdefault(json.loads(body)["message_id"], time.time())
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def use_webhook(database: Database, cipher: Cipher, tenant: Tenant, url: str | None) -> None:
+    """Leave the tenant with one endpoint wanting message.delivered at ``url``, or none."""
+    with database.transaction() as session:
+        for endpoint in webhooks.list_endpoints(session, tenant.account_id):
+            webhooks.delete_endpoint(session, endpoint, actor=CLI)
+        if url is not None:
+            webhooks.create_endpoint(
+                session,
+                cipher,
+                account_id=tenant.account_id,
+                url_=url,
+                events=["message.delivered"],
+                allow_http=True,
+                actor=CLI,
+            )
+
+
+def event_lags(database: Database, arrivals: dict[str, float]) -> list[float]:
+    """Seconds from each delivered message's outcome to its event's arrival at the receiver."""
+    with database.engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT id, processed_at FROM messages WHERE status = 'delivered'")
+        ).all()
+    return sorted(
+        arrivals[str(message_id)] - processed.timestamp()
+        for message_id, processed in rows
+        if str(message_id) in arrivals
+    )
 
 
 def print_run(run: Run) -> None:
@@ -939,13 +1016,13 @@ def main() -> None:
     parser.add_argument("--noisy", type=int, default=1000, help="messages of each tenant, noisy phase")
     parser.add_argument(
         "--phases",
-        default="one,two,claim,noisy,dkim",
-        help="comma-separated subset of one,two,claim,noisy,dkim (default: all)",
+        default="one,two,claim,noisy,dkim,webhooks",
+        help="comma-separated subset of one,two,claim,noisy,dkim,webhooks (default: all)",
     )
     args = parser.parse_args()
     phases = set(args.phases.split(","))
-    if not phases or not phases <= {"one", "two", "claim", "noisy", "dkim"}:
-        parser.error("--phases takes a comma-separated subset of one,two,claim,noisy,dkim")
+    if not phases or not phases <= {"one", "two", "claim", "noisy", "dkim", "webhooks"}:
+        parser.error("--phases takes a comma-separated subset of one,two,claim,noisy,dkim,webhooks")
     if args.messages < 1 or args.claims < 1:
         parser.error("--messages and --claims must be positive")
     if not args.due + args.deferred < args.small < args.large:
@@ -966,6 +1043,8 @@ def main() -> None:
     claims: dict[int, tuple[float, float, int]] = {}
     noisy_runs: tuple[NoisyRun, NoisyRun] | None = None
     dkim_runs: dict[str, Run] = {}
+    webhook_runs: dict[str, Run] = {}
+    webhook_lags: list[float] = []
     try:
         cluster = PgCluster.start(durable=True)
         url = migrated_database(cluster)
@@ -1023,6 +1102,41 @@ def main() -> None:
                 runs.append(run)
                 dkim_runs[setting] = run
             use_dkim(database, cipher, tenant, "off")
+        if "webhooks" in phases:
+            receiver = EventReceiver()
+
+            def received_all() -> bool:
+                return len(receiver.arrivals) >= args.messages
+
+            try:
+                for setting in ("off", "on"):
+                    use_webhook(database, cipher, tenant, receiver.url if setting == "on" else None)
+                    receiver.arrivals.clear()
+                    print(f"webhooks {setting}:")
+                    run = throughput(
+                        processes=1,
+                        count=args.messages,
+                        timeout=args.timeout,
+                        base=base,
+                        workdir=workdir,
+                        sink=sink,
+                        cluster=cluster,
+                        database=database,
+                        cipher=cipher,
+                        tenant=tenant,
+                        running=running,
+                        label=f"webhooks-{setting}",
+                        also_until=(lambda: len(receiver.arrivals) >= args.messages)
+                        if setting == "on"
+                        else None,
+                    )
+                    print_run(run)
+                    runs.append(run)
+                    webhook_runs[setting] = run
+                webhook_lags = event_lags(database, receiver.arrivals)
+            finally:
+                use_webhook(database, cipher, tenant, None)
+                receiver.close()
         if "claim" in phases:
             database.dispose()  # the throughput runs' database is done with
             for size in (args.small, args.large):
@@ -1098,6 +1212,21 @@ def main() -> None:
                 f"{run.worker_cpu * 1000 / max(run.messages, 1):.2f} ms/message)"
                 for setting, run in dkim_runs.items()
             )
+        )
+    if webhook_runs:
+        off, on = webhook_runs["off"], webhook_runs["on"]
+        p99 = webhook_lags[max(0, int(len(webhook_lags) * 0.99) - 1)] if webhook_lags else 0.0
+        lag = (
+            f"event lag from outcome to the receiver's 2xx p50 "
+            f"{statistics.median(webhook_lags) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+            f"({len(webhook_lags)} events)"
+            if webhook_lags
+            else "no event arrived"
+        )
+        print(
+            f"  webhooks (1 process): off {off.rate:.1f} messages/s, "
+            f"on {on.rate:.1f} (x{on.rate / off.rate:.2f}, "
+            f"worker CPU {on.worker_cpu * 1000 / max(on.messages, 1):.2f} ms/message); {lag}"
         )
     if len(claims) == 2:
         (small, (m1, p1, _)), (large, (m2, p2, _)) = sorted(claims.items())

@@ -102,12 +102,13 @@ class WebhookSender:
                 self._database.remove_session()
             for owed in claimed:
                 self._pool.submit(self._send, owed)
-            if not claimed:
-                self._stopping.wait(self._poll)
-            else:
-                with self._changed:
-                    while not self._stopping.is_set() and sum(self._in_flight.values()) >= self._threads:
-                        self._changed.wait(self._poll)
+            with self._changed:
+                if not claimed and not self._stopping.is_set():
+                    # Nothing due, or every endpoint with something due is at its bound: a finished
+                    # POST wakes this at once (its endpoint may take the next), else the poll does.
+                    self._changed.wait(self._poll)
+                while not self._stopping.is_set() and sum(self._in_flight.values()) >= self._threads:
+                    self._changed.wait(self._poll)
 
     def _claim(self) -> list[store.Owed]:
         with self._changed:
