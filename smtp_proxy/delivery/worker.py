@@ -66,7 +66,7 @@ from smtp_proxy.logs import correlation
 from smtp_proxy.storage import delivery_queue, suppressions
 from smtp_proxy.storage.messages import body_aad, enqueue_message
 from smtp_proxy.webhooks import events
-from smtp_proxy.webhooks.sender import WebhookSender
+from smtp_proxy.webhooks.sender import WEBHOOK_MIN_LEASE, WebhookSender
 
 log = logging.getLogger("smtp_proxy.delivery")
 
@@ -123,7 +123,12 @@ class Worker:
         self.housekeeping = Housekeeping(database, lambda: self.settings, self._stopping)
         # Tenants' delivery events, from the outbox the outcomes write (``webhooks.sender``).
         self.webhooks = WebhookSender(
-            database, cipher, allow_private=lambda: self.settings.allow_private_networks
+            database,
+            cipher,
+            allow_private=lambda: self.settings.allow_private_networks,
+            # A sender that dies mid-POST holds its claims this long: delivery.lease, but never
+            # less than one POST's timeout with room to write its answer.
+            lease=max(WEBHOOK_MIN_LEASE, config().delivery.lease),
         )
         self._drain_deadline = float("inf")
         self._threads: list[threading.Thread] = []

@@ -39,6 +39,7 @@ log = logging.getLogger("smtp_proxy.webhooks")
 THREADS = 4
 PER_ENDPOINT = 2
 LEASE_SECONDS = 60.0  # longer than one POST's timeout, with room
+WEBHOOK_MIN_LEASE = 15.0  # the shortest claim that outlasts one POST (10 s) and its settle
 POLL_SECONDS = 1.0
 RETRY_BASE = 10.0
 RETRY_CAP = 3600.0

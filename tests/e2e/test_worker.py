@@ -23,7 +23,15 @@ from sqlalchemy import func, select, update
 
 from smtp_proxy.config import Config
 from smtp_proxy.crypto import Cipher
-from smtp_proxy.db.models import Account, DeliveryLog, DeliveryStatus, Message, MessageStatus, ProviderType
+from smtp_proxy.db.models import (
+    Account,
+    DeliveryLog,
+    DeliveryStatus,
+    Message,
+    MessageStatus,
+    ProviderType,
+    WebhookEvent,
+)
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
 from smtp_proxy.delivery.routes import RouteCache
@@ -1044,3 +1052,44 @@ def test_suppressed_recipients_fire_message_suppressed_and_hard_bounces_message_
         ("message.suppressed", ("listed@example.net",)),
     ]
     assert {e["message_id"] for e in events_of(hook)} == {str(message_id)}
+
+
+def test_kill_9_with_events_owed_then_every_event_arrives_after_restart(
+    tenant: Queue, sink: SmtpSink, worker_process, receiver: Callable[..., Receiver]
+) -> None:
+    """At least once, none invented: the events a killed worker owed (or had in flight) all arrive."""
+    held = threading.Event()
+    hook = receiver(hold=held)
+    with tenant.database.transaction() as session:
+        webhooks.create_endpoint(
+            session,
+            tenant.cipher,
+            account_id=tenant.account_id,
+            url_=hook.url,
+            events=["message.delivered"],
+            allow_http=True,
+            actor=CLI,
+        )
+    tenant.database.remove_session()
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    ids = tenant.enqueue(10)
+    doomed = worker_process("doomed", workers=2, batch_size=20, lease="3s", connect_timeout="500ms")
+    wait_for(lambda: len(hook.requests) >= 2, "two events held at the receiver", timeout=20)
+    wait_for(lambda: tenant.statuses()["delivered"] == 10, "every message delivered", timeout=20)
+    doomed.process.kill()
+    doomed.process.wait(timeout=10)
+    held.set()  # from now on the receiver answers at once
+    worker_process("rescuer", workers=2, batch_size=20, lease="3s", connect_timeout="500ms")
+    wanted = {str(message_id) for message_id in ids}
+    wait_for(
+        lambda: {event["message_id"] for event in hook.bodies()} == wanted,
+        "an event for every message, after the killed worker's claims ran out",
+        timeout=60,
+        interval=0.2,
+    )
+    received = {event["id"] for event in hook.bodies()}
+    with tenant.database.read() as session:
+        written = {str(event_id) for event_id in session.scalars(select(WebhookEvent.id))}
+    tenant.database.remove_session()
+    assert received == written  # every event written arrived, and none arrived that was not written
+    assert len(hook.bodies()) - len(received) <= 2  # again: only what was in flight when it died
