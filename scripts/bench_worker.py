@@ -1080,27 +1080,33 @@ def main() -> None:
             )
             print_run(run)
             runs.append(run)
+
+        def one_process(label: str, also_until: Callable[[], bool] | None = None) -> Run:
+            """One worker process through args.messages messages, printed and kept for the summary."""
+            run = throughput(
+                processes=1,
+                count=args.messages,
+                timeout=args.timeout,
+                base=base,
+                workdir=workdir,
+                sink=sink,
+                cluster=cluster,
+                database=database,
+                cipher=cipher,
+                tenant=tenant,
+                running=running,
+                label=label,
+                also_until=also_until,
+            )
+            print_run(run)
+            runs.append(run)
+            return run
+
         if "dkim" in phases:
             for setting in DKIM_SETTINGS:
                 use_dkim(database, cipher, tenant, setting)
                 print(f"DKIM {setting}:")
-                run = throughput(
-                    processes=1,
-                    count=args.messages,
-                    timeout=args.timeout,
-                    base=base,
-                    workdir=workdir,
-                    sink=sink,
-                    cluster=cluster,
-                    database=database,
-                    cipher=cipher,
-                    tenant=tenant,
-                    running=running,
-                    label=f"dkim-{setting}",
-                )
-                print_run(run)
-                runs.append(run)
-                dkim_runs[setting] = run
+                dkim_runs[setting] = one_process(f"dkim-{setting}")
             use_dkim(database, cipher, tenant, "off")
         if "webhooks" in phases:
             receiver = EventReceiver()
@@ -1113,26 +1119,8 @@ def main() -> None:
                     use_webhook(database, cipher, tenant, receiver.url if setting == "on" else None)
                     receiver.arrivals.clear()
                     print(f"webhooks {setting}:")
-                    run = throughput(
-                        processes=1,
-                        count=args.messages,
-                        timeout=args.timeout,
-                        base=base,
-                        workdir=workdir,
-                        sink=sink,
-                        cluster=cluster,
-                        database=database,
-                        cipher=cipher,
-                        tenant=tenant,
-                        running=running,
-                        label=f"webhooks-{setting}",
-                        also_until=(lambda: len(receiver.arrivals) >= args.messages)
-                        if setting == "on"
-                        else None,
-                    )
-                    print_run(run)
-                    runs.append(run)
-                    webhook_runs[setting] = run
+                    until = received_all if setting == "on" else None
+                    webhook_runs[setting] = one_process(f"webhooks-{setting}", until)
                 webhook_lags = event_lags(database, receiver.arrivals)
             finally:
                 use_webhook(database, cipher, tenant, None)
