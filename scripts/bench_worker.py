@@ -1062,29 +1062,13 @@ def main() -> None:
             f"smtp-proxy worker benchmark: {os.cpu_count()} cores, {args.messages} messages of 2 KiB "
             f"per run, {args.threads} threads x batches of {args.batch} per worker process, fsync on"
         )
-        for processes, phase in ((1, "one"), (2, "two")):
-            if phase not in phases:
-                continue
+
+        def measured(
+            processes: int, label: str | None = None, also_until: Callable[[], bool] | None = None
+        ) -> Run:
+            """``processes`` workers through args.messages messages, printed and kept for the summary."""
             run = throughput(
                 processes=processes,
-                count=args.messages,
-                timeout=args.timeout,
-                base=base,
-                workdir=workdir,
-                sink=sink,
-                cluster=cluster,
-                database=database,
-                cipher=cipher,
-                tenant=tenant,
-                running=running,
-            )
-            print_run(run)
-            runs.append(run)
-
-        def one_process(label: str, also_until: Callable[[], bool] | None = None) -> Run:
-            """One worker process through args.messages messages, printed and kept for the summary."""
-            run = throughput(
-                processes=1,
                 count=args.messages,
                 timeout=args.timeout,
                 base=base,
@@ -1102,11 +1086,15 @@ def main() -> None:
             runs.append(run)
             return run
 
+        for processes, phase in ((1, "one"), (2, "two")):
+            if phase in phases:
+                measured(processes)
+
         if "dkim" in phases:
             for setting in DKIM_SETTINGS:
                 use_dkim(database, cipher, tenant, setting)
                 print(f"DKIM {setting}:")
-                dkim_runs[setting] = one_process(f"dkim-{setting}")
+                dkim_runs[setting] = measured(1, f"dkim-{setting}")
             use_dkim(database, cipher, tenant, "off")
         if "webhooks" in phases:
             receiver = EventReceiver()
@@ -1120,7 +1108,7 @@ def main() -> None:
                     receiver.arrivals.clear()
                     print(f"webhooks {setting}:")
                     until = received_all if setting == "on" else None
-                    webhook_runs[setting] = one_process(f"webhooks-{setting}", until)
+                    webhook_runs[setting] = measured(1, f"webhooks-{setting}", until)
                 webhook_lags = event_lags(database, receiver.arrivals)
             finally:
                 use_webhook(database, cipher, tenant, None)

@@ -106,21 +106,20 @@ def deliveries(webhook_id: uuid.UUID) -> ResponseReturnValue:
     with database().read() as session:
         endpoint = store.get_endpoint(session, principal().id, webhook_id)
         rows = store.deliveries_with_types(session, endpoint.id)
+        return {"items": [_delivery(delivery, kind) for delivery, kind in rows]}
+
+
+def _delivery(row: Any, kind: str) -> dict[str, Any]:
     return {
-        "items": [
-            {
-                "event_id": str(row.event_id),
-                "type": row.type,
-                "status": row.status,
-                "attempts": row.attempts,
-                "last_status_code": row.last_status_code,
-                "last_error": row.last_error,
-                "last_attempt_at": iso_timestamp(row.last_attempt_at) if row.last_attempt_at else None,
-                "next_attempt_at": iso_timestamp(row.next_attempt_at) if row.status == "pending" else None,
-                "created_at": iso_timestamp(row.created_at),
-            }
-            for row in rows
-        ]
+        "event_id": str(row.event_id),
+        "type": kind,
+        "status": row.status,
+        "attempts": row.attempts,
+        "last_status_code": row.last_status_code,
+        "last_error": row.last_error,
+        "last_attempt_at": iso_timestamp(row.last_attempt_at) if row.last_attempt_at else None,
+        "next_attempt_at": iso_timestamp(row.next_attempt_at) if row.status == "pending" else None,
+        "created_at": iso_timestamp(row.created_at),
     }
 
 

@@ -204,7 +204,11 @@ class CredentialVerifier:
                 with self._database.transaction() as session:
                     touch_last_used(session, login.credential_id)
             except DatabaseUnavailable:
-                pass  # a bookkeeping write: the login itself stands
+                # A bookkeeping write: the login itself stands, and the next one writes it.
+                log.info(
+                    "last_used_at not written: the database is unavailable",
+                    extra={"event": "smtp.last_used_unwritten", "username": login.username},
+                )
         return _account(login)
 
     def _check_hash(self, password: str, password_hash: str) -> bool:

@@ -395,8 +395,10 @@ def settle(
     return status if result.rowcount else "lost"
 
 
-def deliveries_with_types(session: Session, endpoint_id: uuid.UUID, limit: int = 100) -> list[Any]:
-    """An endpoint's most recent deliveries with their events' types, newest first."""
+def deliveries_with_types(
+    session: Session, endpoint_id: uuid.UUID, limit: int = 100
+) -> list[tuple[WebhookDelivery, str]]:
+    """An endpoint's most recent deliveries, each with its event's type, newest first."""
     query = (
         select(WebhookDelivery, WebhookEvent.type)
         .join(WebhookEvent, WebhookDelivery.event_id == WebhookEvent.id)
@@ -404,17 +406,7 @@ def deliveries_with_types(session: Session, endpoint_id: uuid.UUID, limit: int =
         .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
         .limit(limit)
     )
-    return [_Row(delivery, kind) for delivery, kind in session.execute(query)]
-
-
-class _Row:
-    """A delivery and its event's type, read as one."""
-
-    def __init__(self, delivery: WebhookDelivery, kind: str) -> None:
-        self._delivery, self.type = delivery, kind
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._delivery, name)
+    return [(delivery, kind) for delivery, kind in session.execute(query)]
 
 
 def redeliver(
