@@ -608,6 +608,8 @@ class EventReceiver:
         self.arrivals = arrivals
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps connections open, as receivers in production do
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 arrivals.setdefault(json.loads(body)["message_id"], time.time())

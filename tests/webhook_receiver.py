@@ -18,7 +18,9 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)
     requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
     hold: threading.Event | None = None  # set: every request waits for it before answering
+    keep_alive: bool = True  # HTTP/1.1 with persistent connections, else HTTP/1.0 (one request each)
     server: http.server.ThreadingHTTPServer | None = None
+    connections: set[tuple[str, int]] = field(default_factory=set)  # the clients' (address, port)s
 
     @property
     def url(self) -> str:
@@ -37,8 +39,11 @@ def receiver() -> Iterator[Callable[..., Receiver]]:
         state = Receiver(**fields)
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if state.keep_alive else "HTTP/1.0"
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                state.connections.add(self.client_address)
                 state.requests.append((self.path, dict(self.headers), body))
                 if state.hold is not None:
                     state.hold.wait(10)

@@ -86,6 +86,7 @@ class _Tried(NamedTuple):
     until: datetime  # the lease's end, as extended
     suppressed: tuple[str, ...] = ()  # recipients left out: on the account's suppression list
     bounced: tuple[suppressions.Bounce, ...] = ()  # refused for good: they join the list
+    provider_name: str | None = None  # the name of the provider that gave ``final``
 
 
 class Worker:
@@ -324,6 +325,7 @@ class Worker:
         bounced: list[suppressions.Bounce] = []
         final: Outcome | None = None
         provider_id: uuid.UUID | None = None
+        provider_name: str | None = None
         body: bytes | Outcome
         if suppressed:
             text = (
@@ -386,6 +388,7 @@ class Worker:
                 raw = route.target is not None and route.target.provider_type in signing.RAW_PROVIDERS
                 final = self._attempt(route, signed() if raw else outgoing, settings, deadline)
                 provider_id = route.target.id if route.target is not None else None
+                provider_name = route.target.name if route.target is not None else None
                 attempts.append(
                     delivery_queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())
                 )
@@ -395,7 +398,7 @@ class Worker:
                 if not final.temporary:
                     break
         assert final is not None
-        tried = _Tried(final, provider_id, attempts, until, suppressed, tuple(bounced))
+        tried = _Tried(final, provider_id, attempts, until, suppressed, tuple(bounced), provider_name)
         self._conclude(message, lease_id, tried, body)
 
     @staticmethod
@@ -488,8 +491,10 @@ class Worker:
         decided = verdict.decide(tried.final, facts, now, self.settings, self.rng)
         attempts = tried.attempts + [_logged(note, now) for note in decided.notes]
         follow_up = decided.follow_up
+        wrote_events = False  # some endpoint wants an event of this outcome: wake the sender
 
         def write(session: Any) -> bool:
+            nonlocal wrote_events
             held = delivery_queue.finish(
                 session,
                 message.id,
@@ -520,12 +525,12 @@ class Worker:
             if held and tried.bounced:
                 suppressions.add_bounces(session, message.account_id, message.id, tried.bounced, now)
             if held:  # the tenant's webhook events, committed with the outcome they report
-                events.record_outcome(
+                wrote_events = events.record_outcome(
                     session,
                     message,
                     status=decided.status,
                     outcome=tried.final,
-                    provider_id=tried.provider_id,
+                    provider=tried.provider_name,
                     now=now,
                     deferred_recipients=follow_up.recipients if follow_up is not None else (),
                     suppressed=tried.suppressed,
@@ -543,6 +548,8 @@ class Worker:
                 extra={"event": "delivery.lease_lost", "message_id": str(message.id)},
             )
             return
+        if wrote_events:
+            self.webhooks.wake()
         if tried.suppressed:
             self._log_suppressed(message, tried.suppressed, decided.status)
         status, retry_at = decided.status, decided.retry_at

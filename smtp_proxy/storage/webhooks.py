@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,9 @@ MAX_ENDPOINTS = 10  # per account
 PREVIOUS_SECRET_HOURS = 24
 URL_MAX = 2048
 UPDATABLE = ("url", "events", "enabled")
+# Core tables for the outbox's hot statements: no ORM unit of work to pay for on each event.
+_EVENTS = WebhookEvent.__table__
+_DELIVERIES = WebhookDelivery.__table__
 
 
 @dataclass(frozen=True)
@@ -215,37 +218,47 @@ def delete_endpoint(session: Session, endpoint: WebhookEndpoint, *, actor: Actor
     session.flush()
 
 
+def subscriptions(connection: Session | Connection, account_id: uuid.UUID) -> dict[uuid.UUID, frozenset[str]]:
+    """The account's enabled endpoints, each with the event types it wants."""
+    rows = connection.execute(
+        select(WebhookEndpoint.id, WebhookEndpoint.events).where(
+            WebhookEndpoint.account_id == account_id, WebhookEndpoint.enabled.is_(True)
+        )
+    )
+    return {endpoint_id: frozenset(events or ()) for endpoint_id, events in rows}
+
+
 def record_event(
-    connection: Session | Connection, *, account_id: uuid.UUID, kind: str, payload: Mapping[str, Any]
+    connection: Session | Connection,
+    *,
+    account_id: uuid.UUID,
+    kind: str,
+    payload: Mapping[str, Any],
+    subscribed: Mapping[uuid.UUID, frozenset[str]] | None = None,
 ) -> uuid.UUID | None:
     """Write the event and one delivery per enabled endpoint of the account that wants it, in
     the caller's transaction; the event's id, or None when no endpoint wants it (nothing written).
 
     ``payload`` is the event's JSON object without its id; the id is added here, so the body
-    POSTed carries the id a receiver deduplicates by.
+    POSTed carries the id a receiver deduplicates by. ``subscribed`` is the account's
+    ``subscriptions``, read in this transaction, for a caller that records several events.
     """
     if kind not in EVENT_TYPES:
         raise ValueError(f"unknown event type {kind!r}")
-    wanted = [
-        endpoint_id
-        for endpoint_id, events in connection.execute(
-            select(WebhookEndpoint.id, WebhookEndpoint.events).where(
-                WebhookEndpoint.account_id == account_id, WebhookEndpoint.enabled.is_(True)
-            )
-        )
-        if kind in (events or ())
-    ]
+    if subscribed is None:
+        subscribed = subscriptions(connection, account_id)
+    wanted = [endpoint_id for endpoint_id, kinds in subscribed.items() if kind in kinds]
     if not wanted:
         return None
     event_id = uuid.uuid4()
     now = utcnow()
     body = {"id": str(event_id), "type": kind, **payload}
     connection.execute(
-        insert(WebhookEvent),
+        _EVENTS.insert(),
         [{"id": event_id, "account_id": account_id, "type": kind, "payload": body, "created_at": now}],
     )
     connection.execute(
-        insert(WebhookDelivery),
+        _DELIVERIES.insert(),
         [
             {
                 "id": uuid.uuid4(),
@@ -293,106 +306,140 @@ class Owed(NamedTuple):
     created_at: datetime
 
 
+class Answered(NamedTuple):
+    """What became of one POST of a claimed delivery; ``retry_in`` applies if it was not a 2xx."""
+
+    owed: Owed
+    status_code: int | None
+    error: str | None
+    retry_in: float
+
+
 def claim_due(
     session: Session,
     *,
     now: datetime,
-    limit: int,
+    lanes: int,
+    batch: int,
     lease: float,
     skip_endpoints: Iterable[uuid.UUID] = (),
-) -> list[Owed]:
-    """Claim up to ``limit`` due deliveries for ``lease`` seconds, oldest first; the caller commits.
+) -> list[list[Owed]]:
+    """Claim due deliveries for ``lease`` seconds: at most ``batch`` for each of at most ``lanes``
+    endpoints, oldest first, one list per endpoint; the caller commits.
 
-    Endpoints in ``skip_endpoints`` (those the caller already has enough in flight to) get
-    nothing, so one slow endpoint holds only its own share. On PostgreSQL, ``SKIP LOCKED`` lets
-    several workers claim at once without taking the same row. A delivery of a disabled
-    endpoint stays owed until the endpoint is enabled again or deleted.
+    Endpoints in ``skip_endpoints`` (those the caller already sends enough to) get nothing, so
+    one slow endpoint holds only its own share. On PostgreSQL, ``SKIP LOCKED`` lets several
+    workers claim at once without taking the same row; rows looked at and not taken are left
+    as they were. A delivery of a disabled endpoint stays owed until the endpoint is enabled
+    again or deleted.
     """
     query = (
-        select(WebhookDelivery.id)
-        .join(WebhookEndpoint, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
+        select(_DELIVERIES.c.id, _DELIVERIES.c.endpoint_id)
+        .join(WebhookEndpoint.__table__, _DELIVERIES.c.endpoint_id == WebhookEndpoint.id)
         .where(
-            WebhookDelivery.status == "pending",
-            WebhookDelivery.next_attempt_at <= now,
+            _DELIVERIES.c.status == "pending",
+            _DELIVERIES.c.next_attempt_at <= now,
             WebhookEndpoint.enabled.is_(True),
         )
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
+        .order_by(_DELIVERIES.c.next_attempt_at)
+        .limit(lanes * batch)
     )
     skipped = list(skip_endpoints)
     if skipped:
-        query = query.where(WebhookDelivery.endpoint_id.not_in(skipped))
+        query = query.where(_DELIVERIES.c.endpoint_id.not_in(skipped))
     if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(of=WebhookDelivery, skip_locked=True)
-    ids = list(session.scalars(query))
-    if not ids:
+        query = query.with_for_update(of=_DELIVERIES, skip_locked=True)
+    chosen: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for delivery_id, endpoint_id in session.execute(query):
+        ids = chosen.get(endpoint_id)
+        if ids is None and len(chosen) < lanes:
+            chosen[endpoint_id] = ids = []
+        if ids is not None and len(ids) < batch:
+            ids.append(delivery_id)
+    taken = [delivery_id for ids in chosen.values() for delivery_id in ids]
+    if not taken:
         return []
     lease_id = uuid.uuid4()
     session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id.in_(ids))
+        _DELIVERIES.update()
+        .where(_DELIVERIES.c.id.in_(taken))
         .values(lease_id=lease_id, next_attempt_at=now + timedelta(seconds=lease), updated_at=now)
-        .execution_options(synchronize_session=False)
     )
     rows = session.execute(
         select(
-            WebhookDelivery.id,
-            WebhookDelivery.event_id,
-            WebhookDelivery.endpoint_id,
+            _DELIVERIES.c.id,
+            _DELIVERIES.c.event_id,
+            _DELIVERIES.c.endpoint_id,
             WebhookEndpoint.url,
-            WebhookEvent.payload,
-            WebhookDelivery.attempts,
-            WebhookDelivery.created_at,
+            _EVENTS.c.payload,
+            _DELIVERIES.c.attempts,
+            _DELIVERIES.c.created_at,
         )
-        .join(WebhookEndpoint, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
-        .join(WebhookEvent, WebhookDelivery.event_id == WebhookEvent.id)
-        .where(WebhookDelivery.id.in_(ids))
-        .order_by(WebhookDelivery.created_at)
+        .join(WebhookEndpoint.__table__, _DELIVERIES.c.endpoint_id == WebhookEndpoint.id)
+        .join(_EVENTS, _DELIVERIES.c.event_id == _EVENTS.c.id)
+        .where(_DELIVERIES.c.id.in_(taken))
+        .order_by(_DELIVERIES.c.next_attempt_at, _DELIVERIES.c.created_at)
     )
-    return [
-        Owed(row.id, lease_id, row.event_id, row.endpoint_id, row.url, dict(row.payload), *row[5:])
-        for row in rows
-    ]
+    lanes_of: dict[uuid.UUID, list[Owed]] = {endpoint_id: [] for endpoint_id in chosen}
+    for row in rows:
+        lanes_of[row.endpoint_id].append(
+            Owed(row.id, lease_id, row.event_id, row.endpoint_id, row.url, dict(row.payload), *row[5:])
+        )
+    return [owed for owed in lanes_of.values() if owed]
 
 
-def settle(
-    session: Session,
-    owed: Owed,
-    *,
-    now: datetime,
-    status_code: int | None,
-    error: str | None,
-    retry_in: float,
-) -> str:
-    """Write one answer under the claim that sent it; the delivery's new status.
+def settle(session: Session, answered: Iterable[Answered], *, now: datetime) -> dict[uuid.UUID, str]:
+    """Write each answer under the claim that sent it; each delivery's new status by its id.
 
     A 2xx: delivered. Otherwise it is tried again in ``retry_in`` seconds, until it has been
     owed for GIVE_UP_AFTER: then dropped. A claim that ran out meanwhile (another sender took
-    the delivery over) writes nothing and answers "lost".
+    the delivery over) writes nothing and answers "lost". Answers alike are written by one
+    statement, so a batch of 2xx costs one.
     """
-    delivered = status_code is not None and 200 <= status_code < 300
-    if delivered:
-        status, next_at = "delivered", now
-    elif now - owed.created_at >= GIVE_UP_AFTER:
-        status, next_at = "dropped", now
-    else:
-        status, next_at = "pending", now + timedelta(seconds=retry_in)
-    result = session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id == owed.id, WebhookDelivery.lease_id == owed.lease_id)
-        .values(
-            status=status,
-            attempts=WebhookDelivery.attempts + 1,
-            next_attempt_at=next_at,
-            lease_id=None,
-            last_status_code=status_code,
-            last_error=(error or None) and error[:500],
-            last_attempt_at=now,
-            updated_at=now,
+    alike: dict[tuple[Any, ...], list[uuid.UUID]] = {}
+    statuses: dict[uuid.UUID, str] = {}
+    for owed, status_code, error, retry_in in answered:
+        if status_code is not None and 200 <= status_code < 300:
+            status, next_at = "delivered", now
+        elif now - owed.created_at >= GIVE_UP_AFTER:
+            status, next_at = "dropped", now
+        else:
+            status, next_at = "pending", now + timedelta(seconds=retry_in)
+        key = (owed.lease_id, status, next_at, status_code, (error or None) and error[:500])
+        alike.setdefault(key, []).append(owed.id)
+        statuses[owed.id] = "lost"
+    for (lease_id, status, next_at, status_code, error), ids in alike.items():
+        written = session.execute(
+            _DELIVERIES.update()
+            .where(_DELIVERIES.c.id.in_(ids), _DELIVERIES.c.lease_id == lease_id)
+            .values(
+                status=status,
+                attempts=_DELIVERIES.c.attempts + 1,
+                next_attempt_at=next_at,
+                lease_id=None,
+                last_status_code=status_code,
+                last_error=error,
+                last_attempt_at=now,
+                updated_at=now,
+            )
+            .returning(_DELIVERIES.c.id)
         )
-        .execution_options(synchronize_session=False)
-    )
-    return status if result.rowcount else "lost"
+        for delivery_id in written.scalars():
+            statuses[delivery_id] = status
+    return statuses
+
+
+def give_back(session: Session, owed: Iterable[Owed], *, now: datetime, delay: float = 0.0) -> None:
+    """Claimed deliveries the sender did not send: due again after ``delay``, no attempt counted."""
+    by_lease: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for item in owed:
+        by_lease.setdefault(item.lease_id, []).append(item.id)
+    for lease_id, ids in by_lease.items():
+        session.execute(
+            _DELIVERIES.update()
+            .where(_DELIVERIES.c.id.in_(ids), _DELIVERIES.c.lease_id == lease_id)
+            .values(lease_id=None, next_attempt_at=now + timedelta(seconds=delay))
+        )
 
 
 def deliveries_with_types(
@@ -426,14 +473,3 @@ def redeliver(
     delivery.created_at = now  # the 24 hours of retries start again
     session.flush()
     return delivery
-
-
-def give_back(session: Session, owed: list[Owed], *, now: datetime) -> None:
-    """Claimed deliveries the sender will not send now: due again at once, no attempt counted."""
-    for item in owed:
-        session.execute(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id == item.id, WebhookDelivery.lease_id == item.lease_id)
-            .values(lease_id=None, next_attempt_at=now)
-            .execution_options(synchronize_session=False)
-        )

@@ -2,7 +2,8 @@
 
 Called in the transaction that writes the outcome (``delivery.worker``), so the event and
 the outcome are committed together or not at all; ``storage.webhooks.record_event`` writes
-them only for an account with an enabled endpoint that wants the type.
+them only for an account with an enabled endpoint that wants the type. The account's
+endpoints are read once per outcome, however many events it gives.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from smtp_proxy.db.models import EspProvider, MessageStatus
+from smtp_proxy.db.models import MessageStatus
 from smtp_proxy.db.types import iso_timestamp
 from smtp_proxy.delivery.outcome import Outcome
 from smtp_proxy.storage.delivery_queue import Claimed
-from smtp_proxy.storage.webhooks import record_event
+from smtp_proxy.storage.webhooks import record_event, subscriptions
 
 KIND = {
     MessageStatus.DELIVERED: "message.delivered",
@@ -34,37 +34,47 @@ def record_outcome(
     *,
     status: MessageStatus,
     outcome: Outcome,
-    provider_id: uuid.UUID | None,
+    provider: str | None,
     now: datetime,
     deferred_recipients: Sequence[str] = (),
     suppressed: Sequence[str] = (),
     bounced: Sequence[str] = (),
-) -> None:
+) -> bool:
     """The events of one outcome, each naming the recipients it concerns.
 
     - ``message.suppressed`` for the recipients left out (on the suppression list);
     - the outcome's own type for the rest, less those it leaves to others: a delivered
       message's ``bounced`` recipients (refused for good: ``message.failed``) and
       ``deferred_recipients`` (refused for now, queued as a follow-up: ``message.deferred``).
+
+    Whether any event was written (some endpoint wants one).
     """
+    subscribed = subscriptions(session, message.account_id)
+    if not subscribed:
+        return False
+    wanted = set().union(*subscribed.values())
+    events: list[tuple[str, list[str]]] = []
     if suppressed:
-        _record(session, message, "message.suppressed", list(suppressed), outcome, None, now)
+        events.append(("message.suppressed", list(suppressed)))
     kind = KIND.get(status)
-    if kind is None:
-        return
     tried = [r for r in message.recipients if r not in set(suppressed)]
-    if not tried:
-        return  # every recipient was suppressed: that event says it all
-    provider = _provider_name(session, provider_id)
-    if status is MessageStatus.DELIVERED:
-        elsewhere = set(deferred_recipients) | set(bounced)
-        _record(session, message, kind, [r for r in tried if r not in elsewhere], outcome, provider, now)
-        if bounced:
-            _record(session, message, "message.failed", list(bounced), outcome, provider, now)
-        if deferred_recipients:
-            _record(session, message, "message.deferred", list(deferred_recipients), outcome, provider, now)
-        return
-    _record(session, message, kind, tried, outcome, provider, now)
+    if kind is not None and tried:  # no recipient tried: the suppressed event says it all
+        if status is MessageStatus.DELIVERED:
+            elsewhere = set(deferred_recipients) | set(bounced)
+            events.append((kind, [r for r in tried if r not in elsewhere]))
+            if bounced:
+                events.append(("message.failed", list(bounced)))
+            if deferred_recipients:
+                events.append(("message.deferred", list(deferred_recipients)))
+        else:
+            events.append((kind, tried))
+    events = [(kind, recipients) for kind, recipients in events if kind in wanted]
+    if not events:
+        return False
+    for kind, recipients in events:
+        named = provider if kind != "message.suppressed" else None
+        _record(session, message, kind, recipients, outcome, named, now, subscribed)
+    return True
 
 
 def _record(
@@ -75,6 +85,7 @@ def _record(
     outcome: Outcome,
     provider: str | None,
     now: datetime,
+    subscribed: dict[uuid.UUID, frozenset[str]],
 ) -> None:
     payload: dict[str, Any] = {
         "time": iso_timestamp(now),
@@ -84,10 +95,4 @@ def _record(
         "provider": provider,
         "reply": {"code": outcome.code, "text": outcome.text},
     }
-    record_event(session, account_id=message.account_id, kind=kind, payload=payload)
-
-
-def _provider_name(session: Session, provider_id: uuid.UUID | None) -> str | None:
-    if provider_id is None:
-        return None
-    return session.scalar(select(EspProvider.name).where(EspProvider.id == provider_id))
+    record_event(session, account_id=message.account_id, kind=kind, payload=payload, subscribed=subscribed)

@@ -4,6 +4,7 @@ limit, no redirects, the address guard, at-least-once after a lost claim, and pe
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -153,12 +154,13 @@ def test_a_claim_that_runs_out_is_sent_again(database, cipher, receiver, sender)
     endpoint(database, cipher, account_id, hook.url)
     event(database, account_id)
     with database.transaction() as session:
-        [lost] = store.claim_due(session, now=utcnow(), limit=10, lease=0.2)
+        [[lost]] = store.claim_due(session, now=utcnow(), lanes=4, batch=10, lease=0.2)
     database.remove_session()
     sender()
     wait_for(lambda: statuses(database) == [("delivered", 1)], "the delivery to be sent after the lease")
     with database.transaction() as session:  # the dead claim's late answer changes nothing
-        assert store.settle(session, lost, now=utcnow(), status_code=500, error=None, retry_in=1) == "lost"
+        late = store.Answered(lost, 500, None, 1.0)
+        assert store.settle(session, [late], now=utcnow()) == {lost.id: "lost"}
     assert statuses(database) == [("delivered", 1)]
 
 
@@ -171,7 +173,7 @@ def test_a_slow_endpoint_holds_only_its_own_share(database, cipher, receiver, se
     endpoint(database, cipher, tenant(database, "bob"), fast.url)
     for n in range(6):
         event(database, account_id, n)
-    sender(threads=4, per_endpoint=2)
+    sender(threads=4, per_endpoint=2, batch=1)  # a lane per event: two of them in flight at once
     wait_for(lambda: len(slow.requests) == 2, "the slow endpoint's two requests in flight")
     bob = event(database, tenant_id_of(database, "bob"))
     wait_for(lambda: [b["id"] for b in fast.bodies()] == [str(bob)], "bob's event past the slow endpoint")
@@ -187,3 +189,90 @@ def tenant_id_of(database: Database, name: str) -> uuid.UUID:
         found = accounts.get_account_by_name(session, name).id
     database.remove_session()
     return found
+
+
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "one-request-per-connection"])
+def test_a_backlog_goes_in_batches_over_one_connection_each(
+    database, cipher, receiver, sender, keep_alive
+) -> None:
+    account_id = tenant(database)
+    hook = receiver(keep_alive=keep_alive)
+    endpoint(database, cipher, account_id, hook.url)
+    written = {str(event(database, account_id, n)) for n in range(30)}
+    sender(per_endpoint=1, batch=25)
+    wait_for(lambda: statuses(database) == [("delivered", 1)] * 30, "every event delivered once")
+    assert sorted(body["id"] for body in hook.bodies()) == sorted(written)  # each once, none invented
+    # Two lanes (25 and 5 events); a receiver that closes after each answer gets a connection each.
+    assert len(hook.connections) == (2 if keep_alive else 30)
+
+
+def test_an_endpoint_that_does_not_answer_is_called_once_per_lane_not_once_per_event(
+    database, cipher, sender
+) -> None:
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    account_id = tenant(database)
+    endpoint(database, cipher, account_id, f"http://127.0.0.1:{port}/hook")
+    for n in range(5):
+        event(database, account_id, n)
+    sender(retry_base=60, retry_cap=60)
+    wait_for(lambda: ("pending", 1) in statuses(database), "the first delivery's failed attempt")
+    with database.read() as session:
+        rows = session.execute(
+            select(WebhookDelivery.attempts, WebhookDelivery.next_attempt_at, WebhookDelivery.last_error)
+        ).all()
+    database.remove_session()
+    tried = [row for row in rows if row.attempts == 1]
+    assert len(tried) == 1 and "cannot connect" in tried[0].last_error
+    # The rest were not called, not counted, and wait as long as the failed one does.
+    later = utcnow() + timedelta(seconds=30)
+    assert all(row.attempts == 0 and row.next_attempt_at > later for row in rows if row.attempts == 0)
+
+
+def test_a_claim_takes_a_batch_from_each_of_at_most_lanes_endpoints(database, cipher, receiver) -> None:
+    account_id = tenant(database)
+    urls = [receiver().url for _ in range(3)]
+    first, second, third = (endpoint(database, cipher, account_id, url).endpoint.id for url in urls)
+    for n in range(5):  # each event is owed to all three endpoints
+        event(database, account_id, n)
+    with database.transaction() as session:
+        session.execute(  # the third endpoint's are the oldest, then the first's, then the second's
+            update(WebhookDelivery)
+            .where(WebhookDelivery.endpoint_id == third)
+            .values(next_attempt_at=utcnow() - timedelta(minutes=3))
+        )
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.endpoint_id == first)
+            .values(next_attempt_at=utcnow() - timedelta(minutes=2))
+        )
+    with database.transaction() as session:
+        lanes = store.claim_due(session, now=utcnow(), lanes=2, batch=4, lease=60)
+    # The 8 oldest due are the third's 5 and the first's 3: a batch of 4 of each; the second waits.
+    assert [[owed.endpoint_id for owed in lane] for lane in lanes] == [[third] * 4, [first] * 3]
+    with database.read() as session:
+        unclaimed = session.execute(
+            select(WebhookDelivery.endpoint_id).where(WebhookDelivery.lease_id.is_(None))
+        ).scalars()
+        assert sorted(map(str, unclaimed)) == sorted(map(str, [third, first, first, *[second] * 5]))
+    database.remove_session()
+
+
+def test_answers_are_settled_together_each_under_its_claim(database, cipher, receiver) -> None:
+    account_id = tenant(database)
+    endpoint(database, cipher, account_id, receiver().url)
+    for n in range(3):
+        event(database, account_id, n)
+    with database.transaction() as session:
+        [lane] = store.claim_due(session, now=utcnow(), lanes=1, batch=3, lease=60)
+    ok, refused, unsent = lane
+    with database.transaction() as session:
+        settled = store.settle(
+            session,
+            [store.Answered(ok, 204, None, 5), store.Answered(refused, 500, "HTTP 500", 5)],
+            now=utcnow(),
+        )
+        store.give_back(session, [unsent], now=utcnow())
+    assert settled == {ok.id: "delivered", refused.id: "pending"}
+    assert statuses(database) == [("delivered", 1), ("pending", 0), ("pending", 1)]
