@@ -41,7 +41,7 @@ only routing rule sends to the sink, and measures:
    attempts ends in 3 s and the run in well under a minute.
 5. DKIM: the one-process run again three times, the tenant's domain with no
    DKIM key (off), with an enabled RSA 2048 key, and with an Ed25519 key: every
-   message is then signed (dkimpy) before it goes to the sink.
+   message is then signed before it goes to the sink.
 
 Everything listens on 127.0.0.1 only, every wait is bounded in time, and every
 process started is stopped by its pid, also on failure.

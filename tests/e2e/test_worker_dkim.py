@@ -232,7 +232,7 @@ def test_raw_http_providers_are_signed_sendgrid_is_not(tenant: Tenant, start_wor
 def test_a_key_that_cannot_sign_sends_the_message_unsigned(
     tenant: Tenant, sink: SmtpSink, start_worker
 ) -> None:
-    """dkimpy refusing the key (here: sealed garbage) must not hold the message: it goes out as stored."""
+    """A key that does not load (here: sealed garbage) must not hold the message: it goes out as stored."""
     key = tenant.dkim_key("example.com", "rsa-sha256")
     key_id = uuid.UUID(key["id"])
     garbage = tenant.cipher.encrypt(
