@@ -1,0 +1,163 @@
+"""Delivery status notifications, as plain data and bytes: who is told, and what the report says."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from smtp_proxy.delivery import dsn
+from smtp_proxy.delivery.dsn import Action, Original, Recipient
+
+NOW = datetime(2026, 12, 2, 18, 0, tzinfo=UTC)
+DATA = b"From: app@example.com\r\nTo: gone@example.org\r\nSubject: Invoice\r\n\r\nHello,\r\nthe invoice.\r\n"
+GONE = Recipient("gone@example.org", "5.1.1", "550 5.1.1 no such user", "mx.example.org")
+
+
+def original(**changes) -> Original:
+    values = dict(
+        message_id=uuid.uuid4(),
+        sender="app@example.com",
+        is_bounce=False,
+        arrived=NOW - timedelta(minutes=5),
+        ret=None,
+        envid=None,
+        notify={},
+    )
+    return Original(**{**values, **changes})
+
+
+def parsed(raw: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+def returned_part(raw: bytes) -> email.message.EmailMessage:
+    return list(parsed(raw).iter_parts())[2]
+
+
+def test_a_failure_is_reported_to_the_sender_once_for_all_failed_recipients() -> None:
+    other = Recipient("old@example.org", "5.2.1", "550 5.2.1 mailbox disabled")
+    [notice] = dsn.notices(original(), [(Action.FAILED, GONE), (Action.FAILED, other)], bounces=True)
+    assert notice.action is Action.FAILED and notice.recipients == (GONE, other)
+
+
+@pytest.mark.parametrize(
+    "changes, bounces",
+    [
+        ({"sender": ""}, True),  # MAIL FROM:<>
+        ({"is_bounce": True}, True),  # a notice never causes another
+        ({}, False),  # the account turned bounces off
+        ({"notify": {"gone@example.org": frozenset({"NEVER"})}}, True),
+        ({"notify": {"gone@example.org": frozenset({"SUCCESS", "DELAY"})}}, True),
+    ],
+    ids=["null-sender", "bounce", "bounces-off", "notify-never", "notify-without-failure"],
+)
+def test_no_notice_where_none_is_owed(changes, bounces) -> None:
+    assert dsn.notices(original(**changes), [(Action.FAILED, GONE)], bounces=bounces) == []
+
+
+def test_notify_is_obeyed_per_recipient() -> None:
+    told = Recipient("told@example.org", "5.1.1")
+    quiet = Recipient("quiet@example.org", "5.1.1")
+    notify = {"quiet@example.org": frozenset({"NEVER"}), "told@example.org": frozenset({"FAILURE"})}
+    [notice] = dsn.notices(
+        original(notify=notify), [(Action.FAILED, told), (Action.FAILED, quiet)], bounces=True
+    )
+    assert notice.recipients == (told,)
+
+
+def test_without_notify_failures_and_delays_are_reported_and_relays_are_not() -> None:
+    outcomes = [
+        (Action.FAILED, GONE),
+        (Action.DELAYED, Recipient("slow@example.org", "4.2.2")),
+        (Action.RELAYED, Recipient("ok@example.org", "2.0.0")),
+    ]
+    assert [n.action for n in dsn.notices(original(), outcomes, bounces=True)] == [
+        Action.FAILED,
+        Action.DELAYED,
+    ]
+    asked = original(notify={"ok@example.org": frozenset({"SUCCESS"})})
+    [relayed] = dsn.notices(asked, outcomes[2:], bounces=True)
+    assert relayed.action is Action.RELAYED
+
+
+@pytest.mark.parametrize(
+    "code, text, expected",
+    [
+        (550, "5.1.1 no such user", "5.1.1"),
+        (550, "no such user", "5.0.0"),
+        (550, "4.2.2 mailbox full", "5.0.0"),  # an enhanced code of another class is not taken
+        (452, "4.2.2 mailbox full", "4.2.2"),
+        (None, "no rule", "5.4.4"),
+    ],
+)
+def test_the_status_is_the_replys_enhanced_code_when_it_fits(code, text, expected) -> None:
+    assert dsn.status_of(code, text, fallback="5.4.4") == expected
+
+
+def test_the_report_parses_as_a_delivery_status_report() -> None:
+    gone = Recipient(GONE.address, GONE.status, GONE.diagnostic, GONE.remote_mta, "rfc822;Gone@example.org")
+    message = original(envid="QQ314159")
+    [notice] = dsn.notices(message, [(Action.FAILED, gone)], bounces=True)
+    raw = dsn.build(notice, message, DATA, reporting_mta="relay.example.net", now=NOW)
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only, as it goes on the wire
+    report = parsed(raw)
+    assert report["To"] == "app@example.com"
+    assert report["From"] == "Mail Delivery System <MAILER-DAEMON@relay.example.net>"
+    assert report["Auto-Submitted"] == "auto-replied"
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    human, status, returned = report.iter_parts()
+    assert human.get_content_type() == "text/plain"
+    assert "gone@example.org" in human.get_content() and "550 5.1.1 no such user" in human.get_content()
+    per_message, per_recipient = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; relay.example.net"
+    assert per_message["Original-Envelope-Id"] == "QQ314159"
+    assert per_recipient["Final-Recipient"] == "rfc822; gone@example.org"
+    assert per_recipient["Original-Recipient"] == "rfc822;Gone@example.org"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.1.1"
+    assert per_recipient["Remote-MTA"] == "dns; mx.example.org"
+    assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert "Subject: Invoice" in returned.get_content() and "the invoice" not in returned.get_content()
+
+
+def test_ret_full_returns_the_whole_message_up_to_the_limit() -> None:
+    message = original(ret="FULL")
+    [notice] = dsn.notices(message, [(Action.FAILED, GONE)], bounces=True)
+    returned = list(
+        parsed(dsn.build(notice, message, DATA, reporting_mta="r.example", now=NOW)).iter_parts()
+    )[2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned.get_content()["Subject"] == "Invoice"
+    assert b"the invoice." in returned.as_bytes()
+    huge = DATA + b"x" * (dsn.FULL_RETURN_LIMIT + 1)
+    returned = list(
+        parsed(dsn.build(notice, message, huge, reporting_mta="r.example", now=NOW)).iter_parts()
+    )[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+
+
+def test_a_delay_notice_says_until_when_the_relay_keeps_trying() -> None:
+    slow = Recipient("slow@example.org", "4.2.2", "452 4.2.2 mailbox full")
+    message = original()
+    [notice] = dsn.notices(message, [(Action.DELAYED, slow)], bounces=True)
+    until = NOW + timedelta(days=3)
+    report = parsed(dsn.build(notice, message, DATA, reporting_mta="r.example", now=NOW, retry_until=until))
+    assert report["Subject"] == "Delayed Mail (still being retried)"
+    _per_message, per_recipient = list(report.iter_parts())[1].get_payload()
+    assert per_recipient["Action"] == "delayed" and per_recipient["Status"] == "4.2.2"
+    assert per_recipient["Will-Retry-Until"] == email.utils.format_datetime(until)
+
+
+def test_eight_bit_headers_are_returned_as_they_were() -> None:
+    data = "From: app@example.com\r\nSubject: Café\r\n\r\nbody\r\n".encode()
+    message = original()
+    [notice] = dsn.notices(message, [(Action.FAILED, GONE)], bounces=True)
+    raw = dsn.build(notice, message, data, reporting_mta="r.example", now=NOW)
+    assert "Subject: Café".encode() in raw
+    assert b"Content-Transfer-Encoding: 8bit" in raw
