@@ -24,12 +24,15 @@ from __future__ import annotations
 import email.policy
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage, Message, MIMEPart
 from email.utils import format_datetime
 from enum import StrEnum
+
+from smtp_proxy.contract import MessageStatus
+from smtp_proxy.delivery.outcome import Outcome
 
 FAILURE, DELAY, SUCCESS, NEVER = "FAILURE", "DELAY", "SUCCESS", "NEVER"
 DEFAULT_NOTIFY = frozenset({FAILURE, DELAY})  # no NOTIFY given (RFC 3461 4.1)
@@ -64,6 +67,7 @@ class Recipient:
     diagnostic: str | None = None  # the remote reply, e.g. "550 5.1.1 no such user"
     remote_mta: str | None = None  # the host that gave it, where known
     original: str | None = None  # ORCPT, as given: "rfc822;user@example.org"
+    note: str | None = None  # why, in words, when no remote reply says it
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,78 @@ def notices(
         if WANTS[action] in wanted:
             grouped.setdefault(action, []).append(recipient)
     return [Notice(action, tuple(recipients)) for action, recipients in grouped.items()]
+
+
+SUPPRESSED_NOTE = "not sent: the address is on the sending account's suppression list"
+GIVEN_UP_NOTE = "refused for now at each attempt until the relay's retry limits ran out"
+
+
+def recipient_outcomes(
+    status: MessageStatus,
+    final: Outcome,
+    tried: Sequence[str],
+    suppressed: Sequence[str],
+    *,
+    following_up: Sequence[str],
+    delay_due: bool,
+    remote_mta: str | None = None,
+    orcpt: Mapping[str, str | None] | None = None,
+) -> list[tuple[Action, Recipient]]:
+    """What became of each recipient once the worker wrote ``status`` after ``final``.
+
+    ``tried`` went to the provider, ``suppressed`` did not; ``following_up`` are queued again
+    as a follow-up message (they are reported by it). ``delay_due``: the message has waited
+    ``delivery.delay_notice_after`` without a notice yet.
+    """
+    orcpt = orcpt or {}
+    own = {refusal.recipient: refusal for refusal in final.refused}
+    reply = f"{final.code} {final.text}" if final.code is not None else None
+
+    def recipient(address: str, fallback: str, note: str | None = None) -> Recipient:
+        refusal = own.get(address)
+        if refusal is not None:
+            diagnostic = f"{refusal.code} {refusal.text}"
+            return Recipient(
+                address,
+                status_of(refusal.code, refusal.text, fallback=fallback),
+                diagnostic,
+                remote_mta,
+                orcpt.get(address),
+            )
+        return Recipient(
+            address,
+            status_of(final.code, final.text, fallback=fallback),
+            reply,
+            remote_mta if reply else None,
+            orcpt.get(address),
+            None if reply else note or final.text,
+        )
+
+    found = [
+        (Action.FAILED, Recipient(a, "5.7.1", original=orcpt.get(a), note=SUPPRESSED_NOTE))
+        for a in suppressed
+    ]
+    if status is MessageStatus.FAILED:
+        fallback = "4.4.7" if final.temporary else "5.0.0"  # retries ran out: delivery time expired
+        found += [(Action.FAILED, recipient(a, fallback)) for a in tried]
+    elif status is MessageStatus.DELIVERED:
+        later = set(following_up)
+        given_up = [a for a in final.retry_recipients if a not in later]
+        for address in tried:
+            if address in own:
+                found.append((Action.FAILED, recipient(address, "5.0.0")))
+            elif address in given_up:
+                found.append(
+                    (
+                        Action.FAILED,
+                        Recipient(address, "4.4.7", None, None, orcpt.get(address), GIVEN_UP_NOTE),
+                    )
+                )
+            elif address not in later and address not in final.retry_recipients:
+                found.append((Action.RELAYED, recipient(address, "2.0.0")))
+    elif status is MessageStatus.QUEUED and delay_due:
+        found += [(Action.DELAYED, recipient(a, "4.0.0")) for a in tried]
+    return found
 
 
 def status_of(code: int | None, text: str | None, *, fallback: str) -> str:

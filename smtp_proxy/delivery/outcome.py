@@ -57,6 +57,9 @@ class Outcome(NamedTuple):
     retry_recipients: tuple[str, ...] = ()
     # Recipients refused for good (whatever the status): the worker adds them to the suppression list.
     bounced: tuple[Refusal, ...] = ()
+    # Every recipient refused for good with a reply of its own (the hard bounces and the rest, such as
+    # a policy refusal of one recipient): the sender's delivery status notification names each reply.
+    refused: tuple[Refusal, ...] = ()
 
     @property
     def delivered(self) -> bool:

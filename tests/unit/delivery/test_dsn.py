@@ -9,8 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from smtp_proxy.contract import DeliveryStatus, MessageStatus
 from smtp_proxy.delivery import dsn
 from smtp_proxy.delivery.dsn import Action, Original, Recipient
+from smtp_proxy.delivery.outcome import Outcome, Refusal
 
 NOW = datetime(2026, 12, 2, 18, 0, tzinfo=UTC)
 DATA = b"From: app@example.com\r\nTo: gone@example.org\r\nSubject: Invoice\r\n\r\nHello,\r\nthe invoice.\r\n"
@@ -161,3 +163,90 @@ def test_eight_bit_headers_are_returned_as_they_were() -> None:
     raw = dsn.build(notice, message, data, reporting_mta="r.example", now=NOW)
     assert "Subject: Café".encode() in raw
     assert b"Content-Transfer-Encoding: 8bit" in raw
+
+
+# --- what became of each recipient, from the worker's outcome ------------------------------------
+
+RELAYED_OK = Outcome(DeliveryStatus.DELIVERED, 250, "2.0.0 queued as 42")
+
+
+def test_a_permanent_refusal_fails_every_recipient_tried_with_the_reply() -> None:
+    final = Outcome(DeliveryStatus.FAILED, 554, "5.7.1 message refused")
+    found = dsn.recipient_outcomes(
+        MessageStatus.FAILED,
+        final,
+        ["a@x.org", "b@x.org"],
+        [],
+        following_up=[],
+        delay_due=False,
+        remote_mta="mx.x.org",
+        orcpt={"a@x.org": "rfc822;A@x.org"},
+    )
+    assert found == [
+        (
+            Action.FAILED,
+            Recipient("a@x.org", "5.7.1", "554 5.7.1 message refused", "mx.x.org", "rfc822;A@x.org"),
+        ),
+        (Action.FAILED, Recipient("b@x.org", "5.7.1", "554 5.7.1 message refused", "mx.x.org")),
+    ]
+
+
+def test_each_recipient_refused_at_rcpt_is_named_with_its_own_reply() -> None:
+    final = Outcome(
+        DeliveryStatus.DELIVERED,
+        250,
+        "ok; 1 of 3 refused",
+        retry_recipients=("later@x.org",),
+        refused=(Refusal("gone@x.org", 550, "5.1.1 no such user"),),
+    )
+    found = dsn.recipient_outcomes(
+        MessageStatus.DELIVERED,
+        final,
+        ["ok@x.org", "gone@x.org", "later@x.org"],
+        ["listed@x.org"],
+        following_up=["later@x.org"],
+        delay_due=False,
+    )
+    assert [(action, r.address, r.status, r.diagnostic) for action, r in found] == [
+        (Action.FAILED, "listed@x.org", "5.7.1", None),
+        (Action.RELAYED, "ok@x.org", "2.0.0", "250 ok; 1 of 3 refused"),
+        (Action.FAILED, "gone@x.org", "5.1.1", "550 5.1.1 no such user"),
+    ]  # later@x.org is its follow-up's to report
+    assert found[0][1].note == dsn.SUPPRESSED_NOTE
+
+
+def test_recipients_refused_for_now_until_the_limits_ran_out_fail() -> None:
+    final = Outcome(DeliveryStatus.DELIVERED, 250, "ok", retry_recipients=("later@x.org",))
+    found = dsn.recipient_outcomes(
+        MessageStatus.DELIVERED, final, ["ok@x.org", "later@x.org"], [], following_up=[], delay_due=False
+    )
+    assert [(action, r.address, r.status) for action, r in found] == [
+        (Action.RELAYED, "ok@x.org", "2.0.0"),
+        (Action.FAILED, "later@x.org", "4.4.7"),
+    ]
+
+
+def test_a_message_whose_retries_ran_out_fails_with_the_last_reply() -> None:
+    final = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0 try later")
+    [(action, recipient)] = dsn.recipient_outcomes(
+        MessageStatus.FAILED, final, ["a@x.org"], [], following_up=[], delay_due=False
+    )
+    assert (
+        action is Action.FAILED
+        and recipient.status == "4.3.0"
+        and recipient.diagnostic == "451 4.3.0 try later"
+    )
+    no_answer = Outcome(DeliveryStatus.DEFERRED, None, "connection timed out")
+    [(_action, recipient)] = dsn.recipient_outcomes(
+        MessageStatus.FAILED, no_answer, ["a@x.org"], [], following_up=[], delay_due=False
+    )
+    assert recipient.status == "4.4.7" and recipient.diagnostic is None
+    assert recipient.note == "connection timed out"
+
+
+def test_a_deferred_message_is_reported_delayed_only_when_the_notice_is_due() -> None:
+    final = Outcome(DeliveryStatus.DEFERRED, 452, "4.2.2 mailbox full")
+    args = (MessageStatus.QUEUED, final, ["a@x.org"], [])
+    assert dsn.recipient_outcomes(*args, following_up=[], delay_due=False) == []
+    [(action, recipient)] = dsn.recipient_outcomes(*args, following_up=[], delay_due=True)
+    assert action is Action.DELAYED and recipient.status == "4.2.2"
