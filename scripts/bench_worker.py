@@ -4,7 +4,7 @@
 Run from the repository root after ./scripts/test has made the venv:
 
     .venv/bin/python scripts/bench_worker.py [--messages 5000] [--claims 300] [--large 1000000]
-        [--phases one,two,claim,noisy,dkim,webhooks] [--idle-accounts 0]
+        [--phases one,two,claim,noisy,dkim,webhooks,bounces] [--idle-accounts 0]
 
 It starts a throwaway PostgreSQL cluster (fsync on: every outcome the worker
 commits is durable, as in production) and a local SMTP sink (aiosmtpd in a
@@ -42,6 +42,13 @@ only routing rule sends to the sink, and measures:
 5. DKIM: the one-process run again three times, the tenant's domain with no
    DKIM key (off), with an enabled RSA 2048 key, and with an Ed25519 key: every
    message is then signed before it goes to the sink.
+6. webhooks: the one-process run without an endpoint and with one (a local
+   receiver) that wants message.delivered; the lag from outcome to its 2xx.
+7. bounces: the one-process run with every message delivered, then with one
+   in ten addressed to a recipient the sink refuses for good (550 5.1.1): each
+   of those fails and the worker sends its sender a delivery status
+   notification through the same route, whose returned header section carries
+   the token; so every token arrives once either way.
 
 Everything listens on 127.0.0.1 only, every wait is bounded in time, and every
 process started is stopped by its pid, also on failure.
@@ -103,6 +110,8 @@ ENQUEUE_BATCH = 500
 FILLER_LINE = b"x" * 76 + b"\r\n"
 TOKEN = re.compile(rb"^X-Bench-Token: (\S+)\r?$", re.MULTILINE)
 CLAIM_LIMIT = 50
+PHASES = ("one", "two", "claim", "noisy", "dkim", "webhooks", "bounces")
+REFUSED_PREFIX = "bounce-"  # recipients the sink refuses for good (the bounces phase)
 CLAIM_WARMUP = 20
 FILL_TIMEOUT = "5min"  # per statement that stores or settles the claim tests' rows
 
@@ -115,6 +124,14 @@ class _CountingHandler:
 
     def __init__(self) -> None:
         self.arrivals: list[tuple[str, float]] = []
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd hook
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address.startswith(REFUSED_PREFIX):
+            return "550 5.1.1 no such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd hook
         match = TOKEN.search(envelope.content)
@@ -401,18 +418,24 @@ def bench_message(token: str) -> bytes:
     return head + FILLER_LINE * ((2048 - len(head)) // len(FILLER_LINE))
 
 
-def enqueue(database: Database, cipher: Cipher, tenant: Tenant, run: str, count: int) -> set[str]:
-    """Queue `count` messages, ENQUEUE_BATCH per transaction; returns their tokens."""
+def enqueue(
+    database: Database, cipher: Cipher, tenant: Tenant, run: str, count: int, refused_every: int = 0
+) -> set[str]:
+    """Queue `count` messages, ENQUEUE_BATCH per transaction; returns their tokens.
+
+    With ``refused_every`` N, every Nth message goes to a recipient the sink refuses for good.
+    """
     tokens = [f"{run}-{n}" for n in range(count)]
     for start in range(0, count, ENQUEUE_BATCH):
         with database.transaction() as session:
-            for token in tokens[start : start + ENQUEUE_BATCH]:
+            for n, token in enumerate(tokens[start : start + ENQUEUE_BATCH], start):
+                refused = refused_every and n % refused_every == refused_every - 1
                 messages.enqueue_message(
                     session,
                     cipher,
                     account_id=tenant.account_id,
                     sender="bench@example.com",
-                    recipients=["sink@example.net"],
+                    recipients=[f"{REFUSED_PREFIX}{n}@example.net" if refused else "sink@example.net"],
                     data=bench_message(token),
                     correlation_id=token,
                 )
@@ -499,15 +522,17 @@ def throughput(
     running: list[WorkerProcess],
     label: str | None = None,
     also_until: Callable[[], bool] | None = None,
+    refused_every: int = 0,
 ) -> Run:
     """Queue `count` messages, start `processes` workers, wait until all are delivered, stop them.
 
     ``also_until``: what else must have happened before they are stopped (webhook events received).
+    ``refused_every``: every Nth message is refused for good; its bounce arrives in its place.
     """
     label = label or f"run{processes}"
     empty_queue(database.engine)
     sink.take()
-    expected = enqueue(database, cipher, tenant, label, count)
+    expected = enqueue(database, cipher, tenant, label, count, refused_every)
     sink_cpu, pg_cpu, ticks = cpu_seconds(sink.pid), postgres_cpu_seconds(cluster), machine_ticks()
     started = time.monotonic()
     for n in range(processes):
@@ -643,6 +668,12 @@ def use_webhook(database: Database, cipher: Cipher, tenant: Tenant, url: str | N
                 allow_http=True,
                 actor=CLI,
             )
+
+
+def count_bounces(engine: Engine) -> int:
+    """The delivery status notifications the worker queued in the last run."""
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT count(*) FROM messages WHERE is_bounce")).scalar_one()
 
 
 def event_lags(database: Database, arrivals: dict[str, float]) -> list[float]:
@@ -1018,13 +1049,14 @@ def main() -> None:
     parser.add_argument("--noisy", type=int, default=1000, help="messages of each tenant, noisy phase")
     parser.add_argument(
         "--phases",
-        default="one,two,claim,noisy,dkim,webhooks",
-        help="comma-separated subset of one,two,claim,noisy,dkim,webhooks (default: all)",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)} (default: all)",
     )
+    parser.add_argument("--refused-every", type=int, default=10, help="bounces phase: every Nth is refused")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
-    if not phases or not phases <= {"one", "two", "claim", "noisy", "dkim", "webhooks"}:
-        parser.error("--phases takes a comma-separated subset of one,two,claim,noisy,dkim,webhooks")
+    if not phases or not phases <= set(PHASES):
+        parser.error(f"--phases takes a comma-separated subset of {','.join(PHASES)}")
     if args.messages < 1 or args.claims < 1:
         parser.error("--messages and --claims must be positive")
     if not args.due + args.deferred < args.small < args.large:
@@ -1047,6 +1079,8 @@ def main() -> None:
     dkim_runs: dict[str, Run] = {}
     webhook_runs: dict[str, Run] = {}
     webhook_lags: list[float] = []
+    bounce_runs: dict[str, Run] = {}
+    bounce_count = 0
     try:
         cluster = PgCluster.start(durable=True)
         url = migrated_database(cluster)
@@ -1066,7 +1100,10 @@ def main() -> None:
         )
 
         def measured(
-            processes: int, label: str | None = None, also_until: Callable[[], bool] | None = None
+            processes: int,
+            label: str | None = None,
+            also_until: Callable[[], bool] | None = None,
+            refused_every: int = 0,
         ) -> Run:
             """``processes`` workers through args.messages messages, printed and kept for the summary."""
             run = throughput(
@@ -1083,6 +1120,7 @@ def main() -> None:
                 running=running,
                 label=label,
                 also_until=also_until,
+                refused_every=refused_every,
             )
             print_run(run)
             runs.append(run)
@@ -1115,6 +1153,11 @@ def main() -> None:
             finally:
                 use_webhook(database, cipher, tenant, None)
                 receiver.close()
+        if "bounces" in phases:
+            for setting, every in (("none", 0), ("refused", args.refused_every)):
+                print(f"bounces: {'every message delivered' if not every else f'1 in {every} refused'}:")
+                bounce_runs[setting] = measured(1, f"bounces-{setting}", refused_every=every)
+            bounce_count = count_bounces(database.engine)
         if "claim" in phases:
             database.dispose()  # the throughput runs' database is done with
             for size in (args.small, args.large):
@@ -1205,6 +1248,14 @@ def main() -> None:
             f"  webhooks (1 process): off {off.rate:.1f} messages/s, "
             f"on {on.rate:.1f} (x{on.rate / off.rate:.2f}, "
             f"worker CPU {on.worker_cpu * 1000 / max(on.messages, 1):.2f} ms/message); {lag}"
+        )
+    if bounce_runs:
+        none, refused = bounce_runs["none"], bounce_runs["refused"]
+        print(
+            f"  bounces (1 process): all delivered {none.rate:.1f} messages/s; 1 in {args.refused_every} "
+            f"refused {refused.rate:.1f} (x{refused.rate / none.rate:.2f}, worker CPU "
+            f"{refused.worker_cpu * 1000 / max(refused.messages, 1):.2f} ms/message, "
+            f"{bounce_count} notices sent)"
         )
     if len(claims) == 2:
         (small, (m1, p1, _)), (large, (m2, p2, _)) = sorted(claims.items())
