@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -46,7 +47,7 @@ from smtp_proxy.contract import (
     ProviderType,
     SuppressionReason,
 )
-from smtp_proxy.db.types import JsonDocument, UtcDateTime, utcnow
+from smtp_proxy.db.types import JsonDocument, OptionalJsonDocument, UtcDateTime, utcnow
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -97,6 +98,9 @@ class Account(Base):
     # Admin-only sending limits overriding the config's defaults: {"messages_per_hour": 500, ...};
     # a key set to null means unlimited, a key left out takes the default.
     limits: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Whether the worker sends delivery status notifications (RFC 3464) to this account's
+    # senders; NULL takes ``delivery.bounces``.
+    bounces: Mapped[bool | None] = mapped_column(Boolean)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
     # Admin-only: networks whose clients send as this account without AUTH.
@@ -266,6 +270,14 @@ class Message(Base):
     # The claim that holds a processing message; its outcome is only written under it.
     lease_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     processed_at: Mapped[datetime | None] = mapped_column()
+    # RFC 3461 as given on MAIL FROM: RET ("FULL" or "HDRS") and ENVID (xtext-decoded).
+    dsn_ret: Mapped[str | None] = mapped_column(String(4))
+    dsn_envid: Mapped[str | None] = mapped_column(String(100))
+    # Per recipient that gave NOTIFY or ORCPT on RCPT TO: {"bob@x.test": {"notify": ["FAILURE"],
+    # "orcpt": "rfc822;bob@x.test"}}; NULL when none did (the common case).
+    dsn_recipients: Mapped[dict[str, Any] | None] = mapped_column(OptionalJsonDocument)
+    # A delivery status notification the worker wrote: never answered with another.
+    is_bounce: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -11,6 +11,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
 JsonDocument = JSON().with_variant(JSONB(), "postgresql")
+# For a column that is mostly absent: Python None is SQL NULL, not the JSON document ``null``.
+OptionalJsonDocument = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 class UtcDateTime(TypeDecorator[datetime]):

@@ -518,6 +518,10 @@ class Worker:
                     attempts=message.attempts,
                     created_at=message.created_at,
                     next_attempt_at=follow_up.next_attempt_at,
+                    dsn_ret=message.dsn_ret,
+                    dsn_envid=message.dsn_envid,
+                    dsn_recipients=delivery_queue.dsn_of(message, follow_up.recipients),
+                    is_bounce=message.is_bounce,
                 )
                 delivery_queue.log_attempts(
                     session, message.id, [_logged(follow_up.queued_as(extra.id), now)]

@@ -30,11 +30,26 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, Uuid, and_, bindparam, case, exists, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Boolean,
+    Integer,
+    Uuid,
+    and_,
+    bindparam,
+    case,
+    column,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -67,6 +82,11 @@ _CLAIMED_COLUMNS = (
     _M.attempts,
     _M.correlation_id,
     _M.created_at,
+    _M.dsn_ret,
+    _M.dsn_envid,
+    _M.dsn_recipients,
+    _M.is_bounce,
+    column("bounces", Boolean),  # the account's, or the default the claim was given
 )
 
 
@@ -80,6 +100,21 @@ class Claimed(NamedTuple):
     attempts: int  # this claim included
     correlation_id: str
     created_at: datetime
+    # RFC 3461, as the client gave them (``storage.messages.enqueue_message``).
+    dsn_ret: str | None
+    dsn_envid: str | None
+    dsn_recipients: dict[str, Any] | None
+    is_bounce: bool  # a delivery status notification itself: never answered with another
+    bounces: bool  # the account's effective setting: its own, else the claim's default
+
+
+def dsn_of(message: Claimed, recipients: Iterable[str]) -> dict[str, Any] | None:
+    """The RFC 3461 parameters of some of the message's recipients (a follow-up's), or None."""
+    given = message.dsn_recipients
+    if not given:
+        return None
+    kept = {recipient: given[recipient] for recipient in recipients if recipient in given}
+    return kept or None
 
 
 class Claim(NamedTuple):
@@ -98,7 +133,7 @@ UPDATE messages AS m
 SET status = 'processing', lease_id = :lease_id, next_attempt_at = :until,
     attempts = m.attempts + 1, updated_at = :now
 FROM (
-    SELECT due.id
+    SELECT due.id, coalesce(a.bounces, :bounces_default) AS bounces
     FROM accounts AS a
     LEFT JOIN unnest(CAST(:busy_ids AS uuid[]), CAST(:busy_counts AS integer[])) AS busy(account_id, used)
            ON busy.account_id = a.id
@@ -117,12 +152,13 @@ FROM (
 ) AS chosen
 WHERE m.id = chosen.id
 RETURNING m.id, m.account_id, m.sender, m.recipients, m.headers, m.body_encrypted, m.attempts,
-          m.correlation_id, m.created_at
+          m.correlation_id, m.created_at, m.dsn_ret, m.dsn_envid, m.dsn_recipients, m.is_bounce,
+          chosen.bounces
 """
 
 # SQLite: no LATERAL and no row locks (one writer); a window function ranks each active account's
 # due messages, which reads all of them: enough for the one embedded worker's queue. Its RETURNING
-# takes bare column names only.
+# names only the updated table, so the account's setting comes from a subquery there.
 _CLAIM_SQLITE = """
 UPDATE messages
 SET status = 'processing', lease_id = :lease_id, next_attempt_at = :until,
@@ -140,7 +176,9 @@ WHERE id IN (
     ORDER BY rank, next_attempt_at
     LIMIT :limit
 )
-RETURNING id, account_id, sender, recipients, headers, body_encrypted, attempts, correlation_id, created_at
+RETURNING id, account_id, sender, recipients, headers, body_encrypted, attempts, correlation_id, created_at,
+          dsn_ret, dsn_envid, dsn_recipients, is_bounce,
+          (SELECT coalesce(a.bounces, :bounces_default) FROM accounts AS a WHERE a.id = messages.account_id)
 """
 
 _CLAIM_BINDS = (
@@ -150,6 +188,7 @@ _CLAIM_BINDS = (
     bindparam("status", type_=_M.status.type),
     bindparam("per_account", type_=Integer()),
     bindparam("limit", type_=Integer()),
+    bindparam("bounces_default", type_=Boolean()),
 )
 
 
@@ -170,6 +209,7 @@ def claim(
     per_account: int | None = None,
     in_flight: Mapping[uuid.UUID, int] | None = None,
     expired: bool = True,
+    bounces_default: bool = True,
 ) -> Claim:
     """Claim up to ``limit`` due messages for ``lease`` seconds, fairly across accounts; the caller commits.
 
@@ -178,6 +218,8 @@ def claim(
     ``expired``: look for claims that ran out first (a caller that claims many times a second
     may look only now and then: a lease runs out after minutes). Each claim counts as an
     attempt, so that a message that kills its worker every time still reaches ``max_attempts``.
+    ``bounces_default`` (``delivery.bounces``) is each message's ``bounces`` when its account
+    has no setting of its own.
     """
     lease_id = uuid.uuid4()
     until = now + timedelta(seconds=lease)
@@ -196,6 +238,7 @@ def claim(
             "status": status,
             "per_account": cap,
             "limit": limit - len(rows),
+            "bounces_default": bounces_default,
             **_busy_params(session, busy),
         }
         taken = list(session.execute(statement, params))

@@ -13,6 +13,7 @@ import email.header
 import functools
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -119,6 +120,10 @@ def enqueue_message(
     next_attempt_at: datetime | None = None,
     message_id: uuid.UUID | None = None,
     credential_id: uuid.UUID | None = None,
+    dsn_ret: str | None = None,
+    dsn_envid: str | None = None,
+    dsn_recipients: Mapping[str, Any] | None = None,
+    is_bounce: bool = False,
 ) -> EnqueuedMessage:
     """Insert a queued message (body encrypted); committed by the caller.
 
@@ -128,6 +133,9 @@ def enqueue_message(
     original's attempts and acceptance time, so the same retry limits apply.
     The listener picks the id itself, to name it in the message's Received field.
     ``credential_id`` is the SMTP credential that submitted it (None: a relay network's client).
+    ``dsn_*`` are the RFC 3461 parameters the client gave (``dsn_recipients`` keyed by
+    recipient, only those that gave NOTIFY or ORCPT, None when none did); ``is_bounce`` marks a
+    delivery status notification the worker enqueues.
     """
     headers, subject = parse_headers(data)
     message_id = message_id or uuid.uuid4()
@@ -150,6 +158,10 @@ def enqueue_message(
             next_attempt_at=next_attempt_at or now,
             created_at=created_at or now,
             updated_at=now,
+            dsn_ret=dsn_ret,
+            dsn_envid=dsn_envid,
+            dsn_recipients=dict(dsn_recipients) if dsn_recipients else None,
+            is_bounce=is_bounce,
         ),
     )
     return EnqueuedMessage(message_id, len(data))

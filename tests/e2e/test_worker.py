@@ -117,7 +117,10 @@ class Queue:
                 actor=CLI,
             ).id
 
-    def enqueue(self, count: int = 1, recipients: tuple[str, ...] = ("rcpt@example.net",)) -> list[uuid.UUID]:
+    def enqueue(
+        self, count: int = 1, recipients: tuple[str, ...] = ("rcpt@example.net",), **dsn: Any
+    ) -> list[uuid.UUID]:
+        """``dsn``: enqueue_message's dsn_* and is_bounce arguments."""
         ids = []
         with self.database.transaction() as session:
             for n in range(count):
@@ -131,6 +134,7 @@ class Queue:
                         recipients=list(recipients),
                         data=data,
                         correlation_id=f"test-{n}",
+                        **dsn,
                     ).id
                 )
         return ids
@@ -695,7 +699,11 @@ def test_recipients_refused_for_now_are_retried_as_a_follow_up_message(
     sink.refuse("never@example.net", 550, "5.1.1 no such user")
     recipients = ("later@example.net", "ok@example.net", "never@example.net")
     tenant.rule(tenant.smtp_provider(sink, "main"), 0)
-    (message_id,) = tenant.enqueue(recipients=recipients)
+    dsn = {
+        "later@example.net": {"notify": ["FAILURE", "DELAY"], "orcpt": "rfc822;Later@example.net"},
+        "ok@example.net": {"notify": ["NEVER"], "orcpt": None},
+    }
+    (message_id,) = tenant.enqueue(recipients=recipients, dsn_ret="HDRS", dsn_envid="E1", dsn_recipients=dsn)
     start_worker()
     first, second = sink.wait_for(2, timeout=20)
     assert list(first.rcpt_tos) == ["ok@example.net"] and list(second.rcpt_tos) == ["later@example.net"]
@@ -711,6 +719,9 @@ def test_recipients_refused_for_now_are_retried_as_a_follow_up_message(
     assert follow_up.recipients == ["later@example.net"] and follow_up.account_id == tenant.account_id
     assert follow_up.correlation_id == original.correlation_id and follow_up.created_at == original.created_at
     assert follow_up.attempts == 2  # the original's try counts toward max_attempts
+    # The RFC 3461 parameters go with it: the envelope's, and its own recipient's only.
+    assert (follow_up.dsn_ret, follow_up.dsn_envid, follow_up.is_bounce) == ("HDRS", "E1", False)
+    assert follow_up.dsn_recipients == {"later@example.net": dsn["later@example.net"]}
     assert len(sink.messages) == 2  # never@ was not tried again
 
 

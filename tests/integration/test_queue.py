@@ -414,3 +414,62 @@ def test_a_claim_told_not_to_look_for_run_out_leases_leaves_them(database: Datab
     with database.transaction() as session:
         assert delivery_queue.claim(session, limit=10, lease=LEASE, now=later, expired=False).messages == []
     assert [m.id for m in claim(database, now=later).messages] == [message_id]
+
+
+def test_a_claim_carries_the_dsn_parameters_and_the_accounts_bounce_setting(
+    database: Database, cipher: Cipher
+) -> None:
+    """What the worker needs for a delivery status notification comes with the claim, no query more."""
+    quiet, loud, unset = (new_account(database, name).account for name in ("quiet", "loud", "unset"))
+    with database.transaction() as session:
+        session.execute(update(Account).where(Account.id == quiet.id).values(bounces=False))
+        session.execute(update(Account).where(Account.id == loud.id).values(bounces=True))
+        dsn = {"bob@example.net": {"notify": ["FAILURE", "DELAY"], "orcpt": "rfc822;bob@example.net"}}
+        with_dsn = enqueue_message(
+            session,
+            cipher,
+            account_id=quiet.id,
+            sender="app@example.com",
+            recipients=["bob@example.net", "carol@example.net"],
+            data=b"Subject: dsn\r\n\r\nbody\r\n",
+            correlation_id="dsn",
+            dsn_ret="HDRS",
+            dsn_envid="env 1",
+            dsn_recipients=dsn,
+        ).id
+        bounce = enqueue_message(
+            session,
+            cipher,
+            account_id=loud.id,
+            sender="",
+            recipients=["app@example.com"],
+            data=b"Subject: failed\r\n\r\nbody\r\n",
+            correlation_id="bounce",
+            is_bounce=True,
+        ).id
+    (plain,) = enqueue(database, cipher, unset.id)
+    with database.transaction() as session:
+        taken = delivery_queue.claim(session, limit=10, lease=LEASE, now=utcnow(), bounces_default=False)
+    claimed = {m.id: m for m in taken.messages}
+    assert claimed[with_dsn][-5:] == ("HDRS", "env 1", dsn, False, False)
+    assert claimed[bounce][-5:] == (None, None, None, True, True)
+    assert claimed[plain][-5:] == (None, None, None, False, False)  # the default given
+    assert row(database, plain).dsn_recipients is None  # SQL NULL, not a JSON null
+    with fresh(database) as session:
+        unset_dsn = set(session.scalars(select(Message.id).where(Message.dsn_recipients.is_(None))))
+        assert unset_dsn == {bounce, plain}
+    with database.transaction() as session:
+        delivery_queue.release(session, taken.lease_id, list(claimed), utcnow())
+    assert {m.id: m.bounces for m in claim(database).messages} == {with_dsn: False, bounce: True, plain: True}
+
+
+def test_dsn_of_keeps_the_parameters_of_the_recipients_named() -> None:
+    base = delivery_queue.Claimed(
+        *[None] * 9, dsn_ret=None, dsn_envid=None, dsn_recipients=None, is_bounce=False, bounces=True
+    )
+    assert delivery_queue.dsn_of(base, ["a@x.test"]) is None
+    given = base._replace(dsn_recipients={"a@x.test": {"notify": ["NEVER"], "orcpt": None}})
+    assert delivery_queue.dsn_of(given, ["a@x.test", "b@x.test"]) == {
+        "a@x.test": {"notify": ["NEVER"], "orcpt": None}
+    }
+    assert delivery_queue.dsn_of(given, ["b@x.test"]) is None
