@@ -9,7 +9,8 @@ stays with the message, so the worker can honour it when it writes a delivery
 status notification (RFC 3464). ``dsn_recipients`` is written only when some
 recipient gave a parameter: the common message stores NULLs. ``is_bounce`` marks
 the notifications themselves (never answered with another), and ``accounts.bounces``
-overrides the ``delivery.bounces`` default when not NULL.
+overrides the ``delivery.bounces`` default when not NULL. ``delay_notified``: the
+sender was told once that the message is delayed (``delivery.delay_notice_after``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("dsn_envid", sa.String(length=100), nullable=True))
         batch.add_column(sa.Column("dsn_recipients", JSON_DOC, nullable=True))
         batch.add_column(sa.Column("is_bounce", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch.add_column(sa.Column("delay_notified", sa.Boolean(), nullable=False, server_default=sa.false()))
     with op.batch_alter_table("accounts") as batch:
         batch.add_column(sa.Column("bounces", sa.Boolean(), nullable=True))
 
@@ -40,6 +42,7 @@ def downgrade() -> None:
     with op.batch_alter_table("accounts") as batch:
         batch.drop_column("bounces")
     with op.batch_alter_table("messages") as batch:
+        batch.drop_column("delay_notified")
         batch.drop_column("is_bounce")
         batch.drop_column("dsn_recipients")
         batch.drop_column("dsn_envid")

@@ -278,6 +278,8 @@ class Message(Base):
     dsn_recipients: Mapped[dict[str, Any] | None] = mapped_column(OptionalJsonDocument)
     # A delivery status notification the worker wrote: never answered with another.
     is_bounce: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The sender was told the message is delayed (once, after ``delivery.delay_notice_after``).
+    delay_notified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -38,6 +38,8 @@ FAILURE, DELAY, SUCCESS, NEVER = "FAILURE", "DELAY", "SUCCESS", "NEVER"
 DEFAULT_NOTIFY = frozenset({FAILURE, DELAY})  # no NOTIFY given (RFC 3461 4.1)
 # A notice carries the whole original only below this size; above, its header section.
 FULL_RETURN_LIMIT = 1024 * 1024
+# What the worker puts before a provider's reply in an outcome's text ("end of DATA refused: ...").
+_STEP = re.compile(r"^(?:MAIL FROM|RCPT TO|DATA|end of DATA) refused: ")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
@@ -128,27 +130,19 @@ def recipient_outcomes(
     """
     orcpt = orcpt or {}
     own = {refusal.recipient: refusal for refusal in final.refused}
-    reply = f"{final.code} {final.text}" if final.code is not None else None
+    text = _STEP.sub("", final.text)  # the provider's reply, without the step the worker names
+    reply = f"{final.code} {text}" if final.code is not None else None
 
     def recipient(address: str, fallback: str, note: str | None = None) -> Recipient:
         refusal = own.get(address)
-        if refusal is not None:
+        if refusal is not None:  # refused at RCPT: its own reply says why
+            status = status_of(refusal.code, refusal.text, fallback=fallback)
             diagnostic = f"{refusal.code} {refusal.text}"
-            return Recipient(
-                address,
-                status_of(refusal.code, refusal.text, fallback=fallback),
-                diagnostic,
-                remote_mta,
-                orcpt.get(address),
-            )
-        return Recipient(
-            address,
-            status_of(final.code, final.text, fallback=fallback),
-            reply,
-            remote_mta if reply else None,
-            orcpt.get(address),
-            None if reply else note or final.text,
-        )
+            return Recipient(address, status, diagnostic, remote_mta, orcpt.get(address))
+        status = status_of(final.code, text, fallback=fallback)
+        if reply is None:
+            return Recipient(address, status, None, None, orcpt.get(address), note or final.text)
+        return Recipient(address, status, reply, remote_mta, orcpt.get(address))
 
     found = [
         (Action.FAILED, Recipient(a, "5.7.1", original=orcpt.get(a), note=SUPPRESSED_NOTE))
@@ -159,18 +153,14 @@ def recipient_outcomes(
         found += [(Action.FAILED, recipient(a, fallback)) for a in tried]
     elif status is MessageStatus.DELIVERED:
         later = set(following_up)
-        given_up = [a for a in final.retry_recipients if a not in later]
         for address in tried:
-            if address in own:
+            refusal = own.get(address)
+            if refusal is not None and 500 <= refusal.code < 600:
                 found.append((Action.FAILED, recipient(address, "5.0.0")))
-            elif address in given_up:
-                found.append(
-                    (
-                        Action.FAILED,
-                        Recipient(address, "4.4.7", None, None, orcpt.get(address), GIVEN_UP_NOTE),
-                    )
-                )
-            elif address not in later and address not in final.retry_recipients:
+            elif address in final.retry_recipients and address not in later:  # its retries ran out
+                given_up = Recipient(address, "4.4.7", original=orcpt.get(address), note=GIVEN_UP_NOTE)
+                found.append((Action.FAILED, recipient(address, "4.4.7") if refusal else given_up))
+            elif address not in final.retry_recipients:
                 found.append((Action.RELAYED, recipient(address, "2.0.0")))
     elif status is MessageStatus.QUEUED and delay_due:
         found += [(Action.DELAYED, recipient(a, "4.0.0")) for a in tried]

@@ -53,3 +53,8 @@ DKIM_SIGNATURES = Counter(
     "DKIM signing per hand-over to a raw-message provider: signed, unsigned (no key), failed (sent unsigned)",
     ["outcome"],
 )
+NOTICES = Counter(
+    "smtp_proxy_delivery_notices_total",
+    "Delivery status notifications queued for senders, by action (failed, delayed, relayed)",
+    ["action"],
+)

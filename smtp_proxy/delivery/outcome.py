@@ -42,7 +42,7 @@ class Target:
 
 
 class Refusal(NamedTuple):
-    """One recipient refused permanently by the provider (a hard bounce, ``bounces.is_hard``)."""
+    """One recipient refused by the provider, with its reply (in ``bounced``: a hard bounce)."""
 
     recipient: str
     code: int
@@ -57,8 +57,8 @@ class Outcome(NamedTuple):
     retry_recipients: tuple[str, ...] = ()
     # Recipients refused for good (whatever the status): the worker adds them to the suppression list.
     bounced: tuple[Refusal, ...] = ()
-    # Every recipient refused for good with a reply of its own (the hard bounces and the rest, such as
-    # a policy refusal of one recipient): the sender's delivery status notification names each reply.
+    # Every recipient refused at RCPT with a reply of its own, for now or for good (the hard bounces
+    # and the rest, such as a policy refusal): the sender's delivery status notice names each reply.
     refused: tuple[Refusal, ...] = ()
 
     @property

@@ -389,7 +389,7 @@ def _transaction(client: PinnedSMTP, message: Outgoing) -> Outcome:
     bounced = tuple(
         Refusal(r, c, short_text(t)) for r, c, t in refused if bounces.is_hard(c, _text(t), at_data=False)
     )
-    permanent = tuple(Refusal(r, c, short_text(t)) for r, c, t in refused if 500 <= c < 600)
+    each = tuple(Refusal(r, c, short_text(t)) for r, c, t in refused)
     if not accepted:
         summary = "; ".join(f"<{r}> {c} {_text(t)}" for r, c, t in refused)
         temporary = [(c, t) for _, c, t in refused if not 500 <= c < 600]
@@ -399,7 +399,7 @@ def _transaction(client: PinnedSMTP, message: Outgoing) -> Outcome:
             )
         else:
             outcome = failed(refused[0][1], f"RCPT TO refused: {summary}")
-        return outcome._replace(bounced=bounced, refused=permanent)
+        return outcome._replace(bounced=bounced, refused=each)
 
     client.step = "DATA"
     code, text = client.docmd("DATA")
@@ -408,7 +408,7 @@ def _transaction(client: PinnedSMTP, message: Outgoing) -> Outcome:
         client.send_body(dot_stuff(body) + b".\r\n")
         code, text = client.getreply()
         if 200 <= code < 300:
-            return _delivered_to_some(message, code, text, refused, bounced)._replace(refused=permanent)
+            return _delivered_to_some(message, code, text, refused, bounced)._replace(refused=each)
     # Refused at DATA: with one recipient left, the refusal may be that recipient's.
     if len(accepted) == 1 and bounces.is_hard(code, _text(text), at_data=True):
         bounced += (Refusal(accepted[0], code, short_text(text)),)

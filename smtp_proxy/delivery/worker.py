@@ -53,11 +53,11 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from smtp_proxy.config import Config, DeliveryConfig
-from smtp_proxy.contract import DeliveryStatus, MessageStatus
+from smtp_proxy.contract import DeliveryStatus, MessageStatus, ProviderType
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.session import Database
 from smtp_proxy.db.types import utcnow
-from smtp_proxy.delivery import metrics, routing, signing, transports, verdict
+from smtp_proxy.delivery import metrics, notices, routing, signing, transports, verdict
 from smtp_proxy.delivery.housekeeping import Housekeeping
 from smtp_proxy.delivery.outcome import Outcome, Outgoing, deferred, short_text
 from smtp_proxy.delivery.routes import Route, RouteCache
@@ -87,6 +87,7 @@ class _Tried(NamedTuple):
     suppressed: tuple[str, ...] = ()  # recipients left out: on the account's suppression list
     bounced: tuple[suppressions.Bounce, ...] = ()  # refused for good: they join the list
     provider_name: str | None = None  # the name of the provider that gave ``final``
+    remote_mta: str | None = None  # the host that gave ``final``, when it was an smtp provider
 
 
 class Worker:
@@ -222,6 +223,7 @@ class Worker:
                     per_account=settings.effective_max_in_flight_per_account,
                     in_flight=in_flight,
                     expired=expired,
+                    bounces_default=settings.bounces,
                 )
         except DatabaseUnavailable:
             return None
@@ -326,6 +328,7 @@ class Worker:
         final: Outcome | None = None
         provider_id: uuid.UUID | None = None
         provider_name: str | None = None
+        remote_mta: str | None = None
         body: bytes | Outcome
         if suppressed:
             text = (
@@ -389,6 +392,7 @@ class Worker:
                 final = self._attempt(route, signed() if raw else outgoing, settings, deadline)
                 provider_id = route.target.id if route.target is not None else None
                 provider_name = route.target.name if route.target is not None else None
+                remote_mta = _remote_mta(route)
                 attempts.append(
                     delivery_queue.Attempt(rule.provider_id, final.status, final.code, final.text, utcnow())
                 )
@@ -398,7 +402,9 @@ class Worker:
                 if not final.temporary:
                     break
         assert final is not None
-        tried = _Tried(final, provider_id, attempts, until, suppressed, tuple(bounced), provider_name)
+        tried = _Tried(
+            final, provider_id, attempts, until, suppressed, tuple(bounced), provider_name, remote_mta
+        )
         self._conclude(message, lease_id, tried, body)
 
     @staticmethod
@@ -492,9 +498,10 @@ class Worker:
         attempts = tried.attempts + [_logged(note, now) for note in decided.notes]
         follow_up = decided.follow_up
         wrote_events = False  # some endpoint wants an event of this outcome: wake the sender
+        queued_notices: list[notices.Queued] = []
 
         def write(session: Any) -> bool:
-            nonlocal wrote_events
+            nonlocal wrote_events, queued_notices
             held = delivery_queue.finish(
                 session,
                 message.id,
@@ -540,6 +547,21 @@ class Worker:
                     suppressed=tried.suppressed,
                     bounced=tuple(b.recipient for b in tried.bounced),
                 )
+            if held:  # the sender's delivery status notifications, committed with the outcome
+                queued_notices = notices.queue_notices(
+                    session,
+                    self.cipher,
+                    message,
+                    status=decided.status,
+                    final=tried.final,
+                    suppressed=tried.suppressed,
+                    following_up=follow_up.recipients if follow_up is not None else (),
+                    data=body if isinstance(body, bytes) else None,
+                    remote_mta=tried.remote_mta,
+                    reporting_mta=self._config().smtp.hostname,
+                    settings=self.settings,
+                    now=now,
+                )
             return held
 
         held = self._persist(write, tried.until)
@@ -554,6 +576,7 @@ class Worker:
             return
         if wrote_events:
             self.webhooks.wake()
+        self._log_notices(message, queued_notices)
         if tried.suppressed:
             self._log_suppressed(message, tried.suppressed, decided.status)
         status, retry_at = decided.status, decided.retry_at
@@ -574,6 +597,21 @@ class Worker:
                 "retry_at": retry_at.isoformat() if retry_at else None,
             },
         )
+
+    def _log_notices(self, message: delivery_queue.Claimed, queued: list[notices.Queued]) -> None:
+        for notice in queued:
+            metrics.NOTICES.labels(str(notice.action)).inc()
+            log.info(
+                f"delivery status notification queued ({notice.action})",
+                extra={
+                    "event": "delivery.notice_queued",
+                    "message_id": str(message.id),
+                    "notice_id": str(notice.id),
+                    "action": str(notice.action),
+                    "to": message.sender,
+                    "recipients": list(notice.recipients),
+                },
+            )
 
     def _log_suppressed(
         self, message: delivery_queue.Claimed, recipients: tuple[str, ...], status: MessageStatus
@@ -614,6 +652,14 @@ class Worker:
                     return None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _remote_mta(route: Route) -> str | None:
+    """The host an smtp provider's reply came from (a DSN's Remote-MTA); None for HTTP APIs."""
+    target = route.target
+    if target is None or target.provider_type is not ProviderType.SMTP or not target.smtp_config:
+        return None
+    return str(target.smtp_config.get("host") or "") or None
 
 
 def _logged(note: verdict.Note, at: datetime) -> delivery_queue.Attempt:

@@ -86,6 +86,7 @@ _CLAIMED_COLUMNS = (
     _M.dsn_envid,
     _M.dsn_recipients,
     _M.is_bounce,
+    _M.delay_notified,
     column("bounces", Boolean),  # the account's, or the default the claim was given
 )
 
@@ -105,6 +106,7 @@ class Claimed(NamedTuple):
     dsn_envid: str | None
     dsn_recipients: dict[str, Any] | None
     is_bounce: bool  # a delivery status notification itself: never answered with another
+    delay_notified: bool  # the sender was told it is delayed: not again
     bounces: bool  # the account's effective setting: its own, else the claim's default
 
 
@@ -153,7 +155,7 @@ FROM (
 WHERE m.id = chosen.id
 RETURNING m.id, m.account_id, m.sender, m.recipients, m.headers, m.body_encrypted, m.attempts,
           m.correlation_id, m.created_at, m.dsn_ret, m.dsn_envid, m.dsn_recipients, m.is_bounce,
-          chosen.bounces
+          m.delay_notified, chosen.bounces
 """
 
 # SQLite: no LATERAL and no row locks (one writer); a window function ranks each active account's
@@ -177,7 +179,7 @@ WHERE id IN (
     LIMIT :limit
 )
 RETURNING id, account_id, sender, recipients, headers, body_encrypted, attempts, correlation_id, created_at,
-          dsn_ret, dsn_envid, dsn_recipients, is_bounce,
+          dsn_ret, dsn_envid, dsn_recipients, is_bounce, delay_notified,
           (SELECT coalesce(a.bounces, :bounces_default) FROM accounts AS a WHERE a.id = messages.account_id)
 """
 
@@ -328,6 +330,11 @@ _PROVIDER_ID = EspProvider.__table__.c.id
 _LOG_INSERT = insert(_LOGS).values(
     provider_id=select(_PROVIDER_ID).where(_PROVIDER_ID == bindparam("pid")).scalar_subquery()
 )
+
+
+def mark_delay_notified(session: Session, message_id: uuid.UUID) -> None:
+    """The sender has been told the message is delayed: in the transaction that queued the notice."""
+    session.execute(update(MessageModel).where(_M.id == message_id).values(delay_notified=True))
 
 
 def log_attempts(session: Session, message_id: uuid.UUID, attempts: list[Attempt]) -> None:

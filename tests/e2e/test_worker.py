@@ -705,10 +705,13 @@ def test_recipients_refused_for_now_are_retried_as_a_follow_up_message(
     }
     (message_id,) = tenant.enqueue(recipients=recipients, dsn_ret="HDRS", dsn_envid="E1", dsn_recipients=dsn)
     start_worker()
-    first, second = sink.wait_for(2, timeout=20)
+    received = sink.wait_for(3, timeout=20)  # ok@ now, later@ in its follow-up, and the sender's notice
+    (notice,) = [m for m in received if m.mail_from == ""]  # of never@'s 550 (delivery.notices)
+    assert notice.rcpt_tos == ("app@example.com",) and b"never@example.net" in notice.data
+    first, second = [m for m in received if m.mail_from]
     assert list(first.rcpt_tos) == ["ok@example.net"] and list(second.rcpt_tos) == ["later@example.net"]
     assert first.data == second.data
-    wait_for(lambda: tenant.statuses()["delivered"] == 2, what="both messages delivered", timeout=20)
+    wait_for(lambda: tenant.statuses()["delivered"] == 3, what="both messages and the notice", timeout=20)
     original = tenant.message(message_id)
     assert original.status is MessageStatus.DELIVERED
     logs = tenant.logs(message_id)
@@ -722,7 +725,7 @@ def test_recipients_refused_for_now_are_retried_as_a_follow_up_message(
     # The RFC 3461 parameters go with it: the envelope's, and its own recipient's only.
     assert (follow_up.dsn_ret, follow_up.dsn_envid, follow_up.is_bounce) == ("HDRS", "E1", False)
     assert follow_up.dsn_recipients == {"later@example.net": dsn["later@example.net"]}
-    assert len(sink.messages) == 2  # never@ was not tried again
+    assert len(sink.messages) == 3  # never@ was not tried again
 
 
 def test_a_rule_added_just_now_is_seen_before_a_message_fails_for_want_of_one(

@@ -451,9 +451,9 @@ def test_a_claim_carries_the_dsn_parameters_and_the_accounts_bounce_setting(
     with database.transaction() as session:
         taken = delivery_queue.claim(session, limit=10, lease=LEASE, now=utcnow(), bounces_default=False)
     claimed = {m.id: m for m in taken.messages}
-    assert claimed[with_dsn][-5:] == ("HDRS", "env 1", dsn, False, False)
-    assert claimed[bounce][-5:] == (None, None, None, True, True)
-    assert claimed[plain][-5:] == (None, None, None, False, False)  # the default given
+    assert claimed[with_dsn][-6:] == ("HDRS", "env 1", dsn, False, False, False)
+    assert claimed[bounce][-6:] == (None, None, None, True, False, True)
+    assert claimed[plain][-6:] == (None, None, None, False, False, False)  # the default given
     assert row(database, plain).dsn_recipients is None  # SQL NULL, not a JSON null
     with fresh(database) as session:
         unset_dsn = set(session.scalars(select(Message.id).where(Message.dsn_recipients.is_(None))))
@@ -465,7 +465,13 @@ def test_a_claim_carries_the_dsn_parameters_and_the_accounts_bounce_setting(
 
 def test_dsn_of_keeps_the_parameters_of_the_recipients_named() -> None:
     base = delivery_queue.Claimed(
-        *[None] * 9, dsn_ret=None, dsn_envid=None, dsn_recipients=None, is_bounce=False, bounces=True
+        *[None] * 9,
+        dsn_ret=None,
+        dsn_envid=None,
+        dsn_recipients=None,
+        is_bounce=False,
+        delay_notified=False,
+        bounces=True,
     )
     assert delivery_queue.dsn_of(base, ["a@x.test"]) is None
     given = base._replace(dsn_recipients={"a@x.test": {"notify": ["NEVER"], "orcpt": None}})
