@@ -208,7 +208,7 @@ def build(
 
 
 def _explanation(notice: Notice, reporting_mta: str, retry_until: datetime | None) -> str:
-    names = "\n".join(f"  <{r.address}>: {r.diagnostic or 'no reply'}" for r in notice.recipients)
+    names = "\n".join(f"  <{r.address}>: {r.diagnostic or r.note or 'no reply'}" for r in notice.recipients)
     if notice.action is Action.FAILED:
         lead = "Your message could not be delivered to the following recipients:"
         tail = "The relay will not try again."

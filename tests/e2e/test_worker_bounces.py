@@ -17,6 +17,8 @@ from sqlalchemy import select, update
 
 from smtp_proxy.db.models import Account, Message, MessageStatus
 from smtp_proxy.db.types import utcnow
+from smtp_proxy.storage import suppressions
+from smtp_proxy.storage.audit import CLI
 from smtp_proxy.storage.messages import enqueue_message
 from tests.e2e.test_worker import Queue, delivery_config, sink, start_worker, tenant  # noqa: F401
 from tests.smtp_sink import Received, SmtpSink
@@ -193,3 +195,40 @@ def test_a_delay_notice_is_sent_once_when_the_message_has_waited_long_enough(
     # Two more deferrals would each have queued another notice with them.
     wait_for(lambda: tenant.message(message_id).attempts >= 3, "two more attempts", timeout=20)
     assert len(bounces(tenant)) == 1
+
+
+def test_a_message_whose_recipients_are_all_suppressed_is_reported_with_the_reason(
+    tenant: Queue,  # noqa: F811
+    sink: SmtpSink,  # noqa: F811
+    start_worker,  # noqa: F811
+) -> None:
+    with tenant.database.transaction() as session:
+        suppressions.add_manual(session, tenant.account_id, "gone@example.net", actor=CLI)
+    tenant.database.remove_session()
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    message_id = submit(tenant, ("gone@example.net",))
+    start_worker()
+    (notice,) = sink.wait_for(1, timeout=20)  # the only message the provider sees
+    finished(tenant, message_id)
+    parsed, (recipient,) = report(notice)
+    assert recipient["Final-Recipient"] == "rfc822; gone@example.net"
+    assert recipient["Action"] == "failed" and recipient["Status"] == "5.7.1"
+    assert "Diagnostic-Code" not in recipient  # no provider was asked
+    human = next(parsed.iter_parts()).get_content()
+    assert "suppression list" in human
+
+
+def test_a_message_without_a_routing_rule_is_reported_once_a_rule_carries_the_notice(
+    tenant: Queue,  # noqa: F811
+    sink: SmtpSink,  # noqa: F811
+    start_worker,  # noqa: F811
+) -> None:
+    """The notice is routed like any message: only a rule matching <> sends it."""
+    provider_id = tenant.smtp_provider(sink, "main")
+    tenant.rule(provider_id, 0, recipient_domains=["example.com"])  # senders' mailboxes, not example.net
+    message_id = submit(tenant, ("someone@example.net",))
+    start_worker()
+    (notice,) = sink.wait_for(1, timeout=20)
+    finished(tenant, message_id)
+    _parsed, (recipient,) = report(notice)
+    assert recipient["Status"] == "5.0.0" and "no routing rule" in notice.data.decode()
