@@ -5,7 +5,9 @@ serving in background threads and stops with its own drain, so that ``serve
 all`` runs them together in one process exactly as ``serve smtp``, ``serve
 api`` and ``serve worker`` run them alone. SIGTERM (and SIGINT) stop
 accepting; SMTP sessions and deliveries in progress get up to 30 seconds to
-finish; the process exits 0. SIGHUP and edits of the config file re-read it
+finish; the process exits 0. A second SIGTERM or SIGINT during that drain
+stops at once (``StopSignals``) and the process exits 128 + the signal's
+number (130 after Ctrl-C, 143 after SIGTERM). SIGHUP and edits of the config file re-read it
 (``reload.ConfigWatcher``). Under systemd, READY=1 goes out once every socket
 is bound, STOPPING=1 when the drain begins.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -44,16 +47,67 @@ from smtp_proxy.supervised import Listening, multiprocess_registry, serve_metric
 log = logging.getLogger("smtp_proxy.lifecycle")
 
 
-def stop_signal() -> threading.Event:
-    """An event that SIGTERM or SIGINT sets, from now on.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _stop_signals() -> list[int]:
+    """SIGTERM and SIGINT, but not one the process was started with ignored.
+
+    A supervised child (``supervisor.py``) ignores SIGINT: Ctrl-C reaches the whole process
+    group, and the child must count only what its parent forwards, or one Ctrl-C would be two.
+    """
+    return [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
+class StopSignals:
+    """SIGTERM and SIGINT from now on: the first sets ``stop``, a second one hurries the drain.
+
+    The handlers only write the signal's number to a pipe; a thread of this object's reads it
+    and does the rest, so no lock is ever taken inside a signal handler. A second signal runs
+    the ``on_hurry`` callbacks (SMTP sessions still in a transaction get 421 now, the worker
+    gives its claims back) and sets ``exit_code`` to 128 + its number, the shell's convention
+    for a process ended by a signal. Safe: every message answered 250 is already committed.
 
     Installed before READY=1 goes out: a stop that follows readiness at once
-    must still drain, not meet Python's default action.
+    must still drain, not meet Python's default action. ``stopped``: the first
+    signal was already handled elsewhere (``run_api_server``); the next one hurries.
     """
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _sig, _frame: stop.set())
-    return stop
+
+    def __init__(self, *, stopped: bool = False) -> None:
+        self.stop = threading.Event()
+        if stopped:
+            self.stop.set()
+        self.exit_code = 0
+        self._on_hurry: list[Callable[[], None]] = []
+        self._read, self._write = os.pipe2(os.O_CLOEXEC)
+        threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
+        for signum in _stop_signals():
+            signal.signal(signum, self._received)
+
+    def on_hurry(self, callback: Callable[[], None]) -> None:
+        self._on_hurry.append(callback)
+
+    def _received(self, signum: int, _frame: Any) -> None:
+        os.write(self._write, bytes([signum]))
+
+    def _watch(self) -> None:
+        while True:
+            for signum in os.read(self._read, 64):
+                if not self.stop.is_set():
+                    self.stop.set()
+                elif not self.exit_code:
+                    self.exit_code = 128 + signum
+                    log.warning(
+                        f"second {signal.Signals(signum).name}: stopping now, without waiting for the drain",
+                        extra={"event": "process.stopping_now", "signal": signal.Signals(signum).name},
+                    )
+                    for callback in self._on_hurry:
+                        callback()
+
+    def exit_if_hurried(self) -> None:
+        """Raise SystemExit(128 + signal) once the drain is over, if a second signal cut it short."""
+        if self.exit_code:
+            raise SystemExit(self.exit_code)
 
 
 def wait_for(stop: threading.Event) -> None:
@@ -196,8 +250,19 @@ class SmtpListeners:
             )
 
     def drain(self) -> None:
-        """Stop accepting; sessions in progress get up to ``DRAIN_SECONDS``."""
-        log.info("smtp draining", extra={"event": "smtp.draining", "seconds": DRAIN_SECONDS})
+        """Stop accepting; sessions in a transaction get up to ``DRAIN_SECONDS``, idle ones 421 now."""
+        busy = sum(server.sessions_in_transaction() for server in self.servers)
+        idle = sum(server.active_count for server in self.servers) - busy
+        log.info(
+            f"smtp draining: waiting up to {DRAIN_SECONDS:g} s for {_sessions(busy)} in a transaction to "
+            f"finish; {_sessions(idle)} idle get 421 now (a second SIGINT or SIGTERM stops at once)",
+            extra={
+                "event": "smtp.draining",
+                "seconds": DRAIN_SECONDS,
+                "open_sessions": busy,
+                "idle_sessions": max(idle, 0),
+            },
+        )
         drains = [threading.Thread(target=s.drain) for s in self.servers]
         for thread in drains:
             thread.start()
@@ -206,6 +271,21 @@ class SmtpListeners:
         self.sending_limits.flush()  # the last messages' counts, not yet sent to a shared storage
         self.sessions.close()
         log.info("smtp stopped", extra={"event": "smtp.stopped"})
+
+    def hurry(self) -> None:
+        """End the drain now: the sessions still in a transaction get 421 (their clients retry)."""
+        busy = sum(server.sessions_in_transaction() for server in self.servers)
+        log.warning(
+            f"smtp stopping now: {_sessions(busy)} still in a transaction get 421 4.3.2 and may retry; "
+            "every message answered 250 is already committed",
+            extra={"event": "smtp.stopping_now", "open_sessions": busy},
+        )
+        for server in self.servers:
+            server.hurry()
+
+
+def _sessions(count: int) -> str:
+    return f"{count} open session{'' if count == 1 else 's'}"
 
 
 def _log_counters(uri: str) -> None:
@@ -253,7 +333,7 @@ def serve_smtp(
     and OSError when a port cannot be bound. ``listening``: the sockets (and the
     certificate holder) of a supervising parent, in a child process.
     """
-    stop = stop_signal()
+    signals = StopSignals()
     listening = listening or Listening()
     listeners = SmtpListeners(config, database, watcher, listening=listening.smtp, tls=listening.tls)
     try:
@@ -264,14 +344,16 @@ def serve_smtp(
         raise
     freeze_startup_objects()
     listeners.start()
+    signals.on_hurry(listeners.hurry)
     try:
         systemd.ready(f"smtp on port {config.smtp.port}")
-        wait_for(stop)
+        wait_for(signals.stop)
     finally:
         systemd.stopping()
         listeners.drain()
         if metrics is not None:
             metrics.shutdown()
+    signals.exit_if_hurried()
 
 
 def _worker(config: Config, database: Database, watcher: ConfigWatcher | None) -> Any:
@@ -289,22 +371,23 @@ def serve_worker(
     port cannot be bound. ``own_metrics=False``: the worker of a supervised
     ``serve all``, whose samples the SMTP processes' endpoint shows.
     """
-    stop = stop_signal()
+    signals = StopSignals()
     worker = _worker(config, database, watcher)
     metrics = (
         start_metrics(config.delivery.metrics_port, config.delivery.metrics_host) if own_metrics else None
     )
     freeze_startup_objects()
     worker.start()
+    signals.on_hurry(worker.hurry)
     try:
         systemd.ready(f"worker with {worker.delivery_thread_count} delivery threads")
-        wait_for(stop)
+        wait_for(signals.stop)
     finally:
         systemd.stopping()
-        log.info("worker draining", extra={"event": "worker.draining"})
         worker.stop()
         if metrics is not None:
             metrics.shutdown()
+    signals.exit_if_hurried()
 
 
 def create_api_server(config: Config, app: Any, listening: socket.socket | None = None) -> Any:
@@ -354,17 +437,23 @@ def _exit_cleanly(_sig: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def run_api_server(server: Any, status: str, on_stop: Callable[[], None] = lambda: None) -> None:
+def run_api_server(
+    server: Any,
+    status: str,
+    on_stop: Callable[[], None] = lambda: None,
+    on_hurry: Callable[[], None] = lambda: None,
+) -> None:
     """Announce readiness and serve in this (the main) thread until SIGTERM or SIGINT.
 
-    ``on_stop`` runs as the drain begins. The handlers raise SystemExit, which
-    waitress re-raises from any callback before it closes itself cleanly
+    ``on_stop`` runs as the drain begins, ``on_hurry`` if a second signal comes during it
+    (the process then exits 128 + that signal's number). The first signal's handlers raise
+    SystemExit, which waitress re-raises from any callback before it closes itself cleanly
     (another exception raised by a signal handler could be swallowed by the
     dispatcher that happened to be running); they are in place, and the
     ``try`` open, before READY=1 goes out.
     """
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    signal.signal(signal.SIGINT, _exit_cleanly)
+    for signum in _stop_signals():
+        signal.signal(signum, _exit_cleanly)
     try:
         log.info(
             "api listening",
@@ -377,9 +466,12 @@ def run_api_server(server: Any, status: str, on_stop: Callable[[], None] = lambd
         systemd.ready(status)
         server.run()
     finally:
+        signals = StopSignals(stopped=True)
+        signals.on_hurry(on_hurry)
         systemd.stopping()
         server.close()
         on_stop()
+        signals.exit_if_hurried()
 
 
 def serve_all(config: Config, database: Database, watcher: ConfigWatcher | None, app: Any) -> None:
@@ -424,4 +516,10 @@ def serve_all(config: Config, database: Database, watcher: ConfigWatcher | None,
         if metrics is not None:
             metrics.shutdown()
 
-    run_api_server(server, f"smtp on port {config.smtp.port}, api on port {config.api.port}, worker", drain)
+    def hurry() -> None:
+        listeners.hurry()
+        worker.hurry()
+
+    run_api_server(
+        server, f"smtp on port {config.smtp.port}, api on port {config.api.port}, worker", drain, hurry
+    )

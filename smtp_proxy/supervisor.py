@@ -13,9 +13,12 @@ process. It learns that a child serves, and that it drains, over a datagram
 socket of its own that the child's ``NOTIFY_SOCKET`` names: the child speaks the
 same sd_notify protocol it speaks to systemd when it runs alone
 (``systemd.py``), and only the parent talks to the service manager. It forwards
-SIGHUP (reload) and SIGTERM/SIGINT (drain) to every child, restarts a child that
+SIGHUP (reload) and SIGTERM/SIGINT (drain, as SIGTERM) to every child, restarts a child that
 dies (at once after a long life, then with a doubling delay while it keeps
-dying young), and exits 0 once every child has drained.
+dying young), and exits 0 once every child has drained. A second SIGTERM or
+SIGINT during the drain is forwarded too (each child then stops at once) and the
+parent exits 128 + its number. The children ignore SIGINT: Ctrl-C reaches the
+whole process group, and they must count only the signals their parent forwards.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class Supervisor:
         self._on_stop = on_stop
         self._clock = clock
         self._stopping = False
+        self._exit_code = 0  # 128 + the second stop signal's number, once one came
         self._announced = False
         self._parent = os.getpid()
         self._notify_name = f"smtp-proxy-supervisor-{self._parent}-{secrets.token_hex(6)}"
@@ -140,7 +144,7 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
         log.info("all processes stopped", extra={"event": "supervisor.stopped"})
-        return 0
+        return self._exit_code
 
     def _alive(self) -> list[_Slot]:
         return [slot for slot in self.slots if slot.pid]
@@ -169,6 +173,14 @@ class Supervisor:
                     slot.restart_at = None
                 self._signal_all(signal.SIGTERM)
                 self._on_stop()
+            elif signum in (signal.SIGTERM, signal.SIGINT) and not self._exit_code:
+                self._exit_code = 128 + signum
+                log.warning(
+                    f"second {signal.Signals(signum).name}: every process stops now, without waiting "
+                    "for the drain",
+                    extra={"event": "supervisor.stopping_now", "processes": len(self._alive())},
+                )
+                self._signal_all(signal.SIGTERM)
 
     def _signal_all(self, signum: int) -> None:
         for slot in self._alive():
@@ -276,6 +288,9 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            # Ctrl-C also reaches the parent, which forwards it as SIGTERM: counted once, not twice
+            # (``lifecycle.StopSignals`` leaves a signal the process ignores ignored).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             # Until the role's config watcher takes SIGHUP over, a reload has nothing to reload
             # here yet; its default action would end the process.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, current_app, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from smtp_proxy.errors import Conflict, DatabaseUnavailable, NotFound, ValidationError
 from smtp_proxy.storage.accounts import DomainTaken
 from smtp_proxy.storage.providers import QuotaExceeded
+from smtp_proxy.units import size_limit
 
 log = logging.getLogger("smtp_proxy.api")
 
@@ -141,7 +142,11 @@ def register(app: Flask) -> None:
             413: "the request body is too large",
             415: "the request body must be application/json",
         }
-        api_error = ApiError(status, messages.get(status, error.name.lower()))
+        message = messages.get(status, error.name.lower())
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        if status == 413 and limit:
+            message = f"the request body is too large: the limit is {size_limit(limit)}"
+        api_error = ApiError(status, message)
         response = error_response(api_error)
         if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
             response.headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ from typing import Any
 
 from smtp_proxy import __version__, contract
 from smtp_proxy.api import pages
-from smtp_proxy.api.schemas import SCHEMAS, Schema, list_of, page_of
+from smtp_proxy.api.schemas import MAX_BODY_BYTES, SCHEMAS, Schema, list_of, page_of
 from smtp_proxy.contract import MessageStatus
 
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
@@ -89,7 +89,7 @@ def _op(
         "403": "Needs an admin account.",
         "404": "No such resource (or another tenant's).",
         "409": "The name is taken.",
-        "413": "The body is too large.",
+        "413": f"The body is too large; the limit ({MAX_BODY_BYTES} bytes) is in error.message.",
         "415": "The body is not application/json.",
         "422": "Invalid fields; error.fields names each one.",
     }

@@ -89,6 +89,18 @@ PROVIDER_FIELDS: Schema = {
     "enabled": {"type": "boolean"},
 }
 
+
+def _when_type(kind: str) -> Schema:
+    """An ``if`` that holds only when provider_type is present and equals ``kind``.
+
+    Without ``required``, ``properties`` holds for a body with no provider_type at all, every
+    branch's ``then`` applies, and a body missing only provider_type is told that api_key,
+    settings and smtp_config are missing too. The root cause alone comes first; the fields that
+    depend on the type are checked once it is valid.
+    """
+    return {"required": ["provider_type"], "properties": {"provider_type": {"const": kind}}}
+
+
 RULE_FIELDS: Schema = {
     "name": _NAME,
     "provider_id": _UUID,
@@ -303,18 +315,18 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {"provider_type": {"enum": contract.values(ProviderType)}, **PROVIDER_FIELDS},
         "allOf": [
             {
-                "if": {"properties": {"provider_type": {"const": ProviderType.SENDGRID.value}}},
+                "if": _when_type(ProviderType.SENDGRID.value),
                 "then": {"required": ["api_key"]},
             },
             {
-                "if": {"properties": {"provider_type": {"const": ProviderType.MAILGUN.value}}},
+                "if": _when_type(ProviderType.MAILGUN.value),
                 "then": {
                     "required": ["api_key", "settings"],
                     "properties": {"settings": {"$ref": "#/components/schemas/MailgunSettings"}},
                 },
             },
             {
-                "if": {"properties": {"provider_type": {"const": ProviderType.SES.value}}},
+                "if": _when_type(ProviderType.SES.value),
                 "then": {
                     "required": ["api_key", "settings"],
                     "properties": {
@@ -324,7 +336,7 @@ SCHEMAS: dict[str, Schema] = {
                 },
             },
             {
-                "if": {"properties": {"provider_type": {"const": ProviderType.SMTP.value}}},
+                "if": _when_type(ProviderType.SMTP.value),
                 "then": {"required": ["smtp_config"]},
             },
         ],

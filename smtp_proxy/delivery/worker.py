@@ -9,7 +9,8 @@ delivery is at least once, never lost.
 
 SIGTERM (``stop``) stops claiming, lets deliveries in flight finish for up to
 ``DRAIN_SECONDS``, and gives the claimed messages that had not started back to
-the queue.
+the queue. A second signal (``hurry``) ends that wait at once: the deliveries
+still in flight are abandoned with the process, and claimed again after their lease.
 
 Fair delivery: one tenant must not be able to stop delivery for the others.
 
@@ -156,26 +157,49 @@ class Worker:
         log.info("worker started", extra={"event": "worker.started", "threads": self.delivery_thread_count})
 
     def stop(self, drain: float = DRAIN_SECONDS) -> None:
-        """Stop claiming, wait up to ``drain`` seconds for deliveries in flight, release the rest."""
-        deadline = time.monotonic() + drain
+        """Stop claiming, wait up to ``drain`` seconds for deliveries in flight, release the rest.
+
+        ``hurry`` (from another thread) ends the wait at once.
+        """
         with self._cond:
-            self._drain_deadline = deadline
+            self._drain_deadline = min(self._drain_deadline, time.monotonic() + drain)
             self._stopping.set()
             self._cond.notify_all()
+            running = self._running
+        log.info(
+            f"worker draining: waiting up to {drain:g} s for {running} deliveries in flight; claimed "
+            "messages not started go back to the queue (a second SIGINT or SIGTERM stops at once)",
+            extra={"event": "worker.draining", "seconds": drain, "in_flight": running},
+        )
         for thread in self._threads[self.delivery_thread_count :]:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            while thread.is_alive() and time.monotonic() < self._drain_deadline:
+                thread.join(timeout=min(0.1, max(0.0, self._drain_deadline - time.monotonic())))
         with self._cond:
-            while self._running and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
+            while self._running and time.monotonic() < self._drain_deadline:
+                self._cond.wait(self._drain_deadline - time.monotonic())
             running, unstarted = self._running, dict(self._unstarted)
             self._unstarted.clear()
         for _ in range(self.delivery_thread_count):
             self._work.put(None)
         released = self._release(unstarted)
-        self.webhooks.stop(max(1.0, deadline - time.monotonic()))
+        self.webhooks.stop(max(1.0, self._drain_deadline - time.monotonic()))
         log.info(
             "worker stopped",
             extra={"event": "worker.stopped", "released": released, "abandoned_in_flight": running},
+        )
+
+    def hurry(self) -> None:
+        """End ``stop``'s wait now: claims not started go back at once, deliveries in flight are left."""
+        with self._cond:
+            self._drain_deadline = time.monotonic()
+            self._stopping.set()
+            self._cond.notify_all()
+            running, unstarted = self._running, len(self._unstarted)
+        log.warning(
+            f"worker stopping now: {unstarted} claimed messages not started go back to the queue; "
+            f"{running} deliveries in flight are claimed again once their lease runs out "
+            f"(delivery.lease, {self.settings.lease:g} s), and may then be sent twice",
+            extra={"event": "worker.stopping_now", "in_flight": running, "unstarted": unstarted},
         )
 
     @property

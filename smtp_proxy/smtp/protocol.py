@@ -659,7 +659,7 @@ class SmtpSession:
         assert envelope.sender is not None
         sender, detail = envelope.sender.address, ""
         if reader.too_big:
-            reason, reply = "too_big", R.R552_TOO_BIG
+            reason, reply = "too_big", R.r552_too_big(self.policy.max_message_size)
         elif reader.bare_cr:
             reason, reply = "bare_cr", R.R554_BARE_CR
         elif reader.over_budget:
@@ -851,7 +851,7 @@ class SmtpSession:
             return [self._error(R.R555_PARAMETERS if error.kind == "param" else R.R501_BAD_SENDER)]
         declared = path.params.get("SIZE")
         if declared is not None and int(declared) > self.policy.max_message_size:
-            return [R.R552_TOO_BIG]  # RFC 1870 6.1
+            return [R.r552_too_big(self.policy.max_message_size)]  # RFC 1870 6.1
         account = self.account
         assert account is not None
         if not domain_allowed(path.domain, account.allowed_domains):

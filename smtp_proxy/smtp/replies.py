@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smtp_proxy.units import size_limit
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -95,7 +97,15 @@ R530_STARTTLS_FIRST = _r(530, "5.7.0", "Must issue a STARTTLS command first")
 R530_AUTH_REQUIRED = _r(530, "5.7.0", "Authentication required")
 R535_AUTH_INVALID = _r(535, "5.7.8", "Authentication credentials invalid")
 R550_HEADER_FROM = _r(550, "5.7.1", "From: header address not allowed for this account")
-R552_TOO_BIG = _r(552, "5.3.4", "Message size exceeds fixed maximum message size")
+
+
+def r552_too_big(max_message_size: int) -> Reply:
+    """552 5.3.4 naming the limit (RFC 1870 6.1's text, then the size), so the sender knows what fits."""
+    return _r(
+        552, "5.3.4", f"Message size exceeds fixed maximum message size of {size_limit(max_message_size)}"
+    )
+
+
 R553_SENDER_NOT_ALLOWED = _r(553, "5.7.1", "Sender address not allowed for this account")
 R554_BARE_CR = _r(554, "5.6.0", "Bare CR in message data; lines must end with CRLF")
 R554_EARLY_TALKER = _r(554, "5.5.1", "Protocol error: data sent before the greeting", close=True)

@@ -135,6 +135,7 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self.drain_fd, self._drain_w = os.pipe()
         self.force_fd, self._force_w = os.pipe()
         self._drain_once = threading.Lock()
+        self._hurried = threading.Event()
         super().__init__(address, SessionHandler, bind_and_activate=listening is None)
         if listening is not None:
             self.socket.close()
@@ -271,6 +272,15 @@ class SmtpServer(socketserver.ThreadingTCPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unhandled error in SMTP session", extra={"event": "smtp.session_error"})
 
+    def sessions_in_transaction(self) -> int:
+        """The sessions a drain waits for: those not idle (``SessionHandler.idle``)."""
+        with self._lock:
+            return sum(1 for handler in self._active if not handler.idle)
+
+    def hurry(self) -> None:
+        """Cut a drain short: the sessions still open get 421 now instead of at its timeout."""
+        self._hurried.set()
+
     def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Stop accepting; idle sessions get 421 now, busy ones up to ``timeout`` seconds.
 
@@ -284,7 +294,7 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         self.server_close()
         os.write(self._drain_w, b"x")
         deadline = time.monotonic() + timeout
-        while self.active_count and time.monotonic() < deadline:
+        while self.active_count and time.monotonic() < deadline and not self._hurried.is_set():
             time.sleep(0.05)
         if self.active_count:
             os.write(self._force_w, b"x")
@@ -299,6 +309,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
     """Runs one SMTP session: recv, feed the core, send its replies, resolve its events."""
 
     server: SmtpServer
+    # Until setup() sets them: a drain may count the session (``idle``) as soon as it is registered.
+    session: SmtpSession | None = None
+    busy = False
 
     def setup(self) -> None:
         # Nothing here may fail before register(): finish() only runs once setup() returned.

@@ -150,13 +150,15 @@ def test_a_body_over_64_kib_is_413(served_api: ApiServer) -> None:
     json_type = {"Content-Type": "application/json"}
 
     over = api.admin.post("/api/v1/accounts", data=padded_account(MAX_BODY + 1), headers=json_type)
-    assert_error(over, 413, "payload_too_large")
+    error = assert_error(over, 413, "payload_too_large")
+    # The limit, in bytes and in the unit a person reads.
+    assert error["message"] == "the request body is too large: the limit is 65536 bytes (64 KiB)"
     huge = api.admin.post("/api/v1/accounts", data=padded_account(4 * MAX_BODY), headers=json_type)
     assert_error(huge, 413, "payload_too_large")
     # Without a Content-Length (chunked), the limit holds all the same.
     chunks = (b" " * 1024 for _ in range(MAX_BODY // 1024 + 1))
     chunked = api.admin.post("/api/v1/accounts", data=chunks, headers=json_type)
-    assert_error(chunked, 413, "payload_too_large")
+    assert "65536 bytes (64 KiB)" in assert_error(chunked, 413, "payload_too_large")["message"]
     provider = tenant.client.post("/api/v1/providers", data=b"{" + b" " * MAX_BODY + b"}", headers=json_type)
     assert_error(provider, 413, "payload_too_large")
 

@@ -10,6 +10,7 @@ from typing import Any
 import requests
 from sqlalchemy import text
 
+from smtp_proxy.api.schemas import SCHEMAS
 from smtp_proxy.db.models import EspProvider
 from smtp_proxy.storage.providers import ProviderSecrets, get_provider, provider_secrets
 from tests.api import checks
@@ -366,6 +367,44 @@ def test_create_reports_every_bad_field_at_once(api: ApiServer) -> None:
     )
     assert problems["smtp_config.helo"] == "is not a known field"
     assert names(tenant.client) == []
+
+
+def test_create_without_a_provider_type_names_only_provider_type(api: ApiServer) -> None:
+    # The root cause first: api_key, settings and smtp_config depend on the type, so they are
+    # checked (and reported) only once provider_type is valid.
+    tenant = api.tenant()
+    missing = assert_invalid(tenant.client.post(PROVIDERS, json={"name": "x"}), "provider_type")
+    assert missing == {"provider_type": "is required"}
+    unknown = assert_invalid(
+        tenant.client.post(PROVIDERS, json={"name": "x", "provider_type": "postfix"}), "provider_type"
+    )
+    assert list(unknown) == ["provider_type"]
+    assert unknown["provider_type"] == "must be one of sendgrid, mailgun, ses, smtp"
+    # Other bad fields beside it are still reported in the same answer; the type's own are not.
+    both = assert_invalid(tenant.client.post(PROVIDERS, json={"name": "", "enabled": 1}), "provider_type")
+    assert set(both) == {"provider_type", "name", "enabled"}
+    # Once the type is valid, what it needs is named.
+    mailgun_only = tenant.client.post(PROVIDERS, json={"name": "x", "provider_type": "mailgun"})
+    assert set(assert_invalid(mailgun_only, "api_key")) == {"api_key", "settings"}
+    assert names(tenant.client) == []
+
+
+def _conditions(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, dict):
+        own = [node["if"]] if "if" in node else []
+        return own + [found for value in node.values() for found in _conditions(value)]
+    if isinstance(node, list):
+        return [found for value in node for found in _conditions(value)]
+    return []
+
+
+def test_every_schema_branch_requires_the_fields_its_condition_tests() -> None:
+    # An ``if`` on a field the body left out holds vacuously: every branch would apply and report
+    # fields that only matter once that field is given (the ``{"name": "x"}`` case above).
+    conditions = _conditions(SCHEMAS)
+    assert len(conditions) >= 4  # ProviderCreate's one per type
+    for condition in conditions:
+        assert set(condition.get("properties", {})) <= set(condition.get("required", [])), condition
 
 
 # --- update ---------------------------------------------------------------------------------------------

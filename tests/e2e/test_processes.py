@@ -514,6 +514,49 @@ def test_sigterm_lets_a_transaction_in_each_child_finish_then_exits_0(
         database.dispose()
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_twice_stops_serve_all_at_once_keeping_what_got_250(
+    serve, write_config, ports: Ports, tenant: None, pg_url: str, client_tls, processes: int
+) -> None:
+    # ``./scripts/run``'s ``serve all`` at a terminal, where Ctrl-C reaches the whole process group:
+    # the first drains and names the one session it waits for, the second stops at once (exit 130).
+    # Supervised children ignore the terminal's SIGINT and count what their parent forwards.
+    served = serve("all", write_config(smtp={"processes": processes}), wait=False)
+    served.wait_accepting(ports.smtp)
+    served.wait_accepting(ports.api)
+    if processes > 1:
+        served.wait_ready()
+    client = smtp_client(ports.smtp)
+    try:
+        assert log_in(client, client_tls)[0] == 235
+        assert client.sendmail("app@example.com", ["a@example.net"], MESSAGE) == {}
+        assert client.mail("app@example.com")[0] == 250
+        assert client.rcpt("a@example.net")[0] == 250
+        os.killpg(served.process.pid, signal.SIGINT)
+
+        def waited_for() -> int | None:
+            lines = served.events("smtp.draining")
+            return sum(line["open_sessions"] for line in lines) if len(lines) == processes else None
+
+        assert wait_for(waited_for, "every SMTP process to drain") == 1
+        os.killpg(served.process.pid, signal.SIGINT)
+        assert served.process.wait(timeout=10) == 130, served.output()
+        assert client.getreply()[0] == 421
+    finally:
+        close_quietly(client)
+    assert sum(line["open_sessions"] for line in served.events("smtp.stopping_now")) == 1
+    if processes > 1:
+        assert len(served.events("supervisor.stopping_now")) == 1
+        stopped = served.events("supervisor.child_stopped")
+        assert stopped and {line["exit_code"] for line in stopped} <= {0, 143}, stopped
+    database = Database(config_from_dict({"database": {"url": pg_url}}, env={}).database)
+    try:
+        with database.transaction() as session:
+            assert session.scalar(select(func.count()).select_from(Message)) == 1
+    finally:
+        database.dispose()
+
+
 # --- 4. a killed child ------------------------------------------------------------------------------
 
 

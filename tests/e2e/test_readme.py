@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import textwrap
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,13 +34,66 @@ QUICKSTART_TIMEOUT = 240
 
 
 def quickstart_blocks(readme: str) -> list[str]:
-    """The bash code blocks of the Quickstart section, dedented, in order."""
+    """The bash code blocks of the Quickstart section, in order, indented as the raw file has them.
+
+    Not dedented: a reader who copies from ``README.rst`` itself (not the rendered page) pastes the
+    indentation too, and the blocks must run that way as well.
+    """
     section = readme[readme.index("\nQuickstart\n---") : readme.index("\nThe ``smtp-proxy`` command\n")]
+    return [block for language, block in literal_blocks(section) if language == "bash"]
+
+
+def literal_blocks(text: str) -> list[tuple[str, str]]:
+    """Every literal block of a reStructuredText document: (language, raw text), in order.
+
+    ``.. code-block:: bash`` gives ``"bash"``; a paragraph ending in ``::`` gives ``""``. The text
+    is the block's lines as they stand in the file, indentation included.
+    """
     blocks = []
-    for match in re.finditer(r"\.\. code-block:: bash\n\n((?:(?: {4}.*)?\n)+)", section):
-        lines = match.group(1).rstrip("\n").split("\n")
-        blocks.append("\n".join(line[4:] for line in lines))
+    lines = text.split("\n")
+    for number, line in enumerate(lines):
+        directive = re.fullmatch(r"(\s*)\.\. code-block:: (\w+)\s*", line)
+        if directive:
+            language, indent = directive.group(2), len(directive.group(1))
+        elif line.rstrip().endswith("::") and not line.lstrip().startswith(".."):
+            language, indent = "", len(line) - len(line.lstrip())
+        else:
+            continue
+        body: list[str] = []
+        for following in lines[number + 1 :]:
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break
+            body.append(following)
+        text_of_block = "\n".join(body).strip("\n")
+        if text_of_block:
+            blocks.append((language, text_of_block))
     return blocks
+
+
+HEREDOC = re.compile(r"(?<![<0-9])<<(-?)[ \t]*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\2")
+
+
+def unterminated_heredocs(block: str) -> list[str]:
+    """The heredocs of a shell block (raw text) whose terminator bash would not find.
+
+    bash ends a heredoc only at a line that is exactly its word (``<<-``: after leading tabs). A
+    block indented in README.rst carries its indentation into a reader's paste, so an indented
+    terminator is never found: the heredoc swallows the rest of the input.
+    """
+    lines = block.split("\n")
+    missing = []
+    for number, line in enumerate(lines):
+        for match in HEREDOC.finditer(line):
+            strip_tabs, word = match.group(1) == "-", match.group(3)
+            ends = (rest.lstrip("\t") if strip_tabs else rest for rest in lines[number + 1 :])
+            if word not in ends:
+                missing.append(f"<<{match.group(1)}{word} on {line.strip()!r}")
+    return missing
+
+
+def python_c_scripts(block: str) -> list[str]:
+    """The code of every single-quoted ``python3 -c '...'`` in a shell block."""
+    return re.findall(r"python3? -c '([^']*)'", block)
 
 
 # Polling helpers the quickstart's bash session calls between blocks (each gives up after 60 s).
@@ -79,6 +133,40 @@ def test_the_quickstart_has_runnable_blocks() -> None:
     assert any("swaks" in block for block in blocks) and any("smtplib" in block for block in blocks)
     assert any("curl" in block for block in blocks)
     assert [wait_after(block) for block in blocks].count("") == len(blocks) - 2
+
+
+def test_the_readers_checks_catch_an_indented_heredoc() -> None:
+    # What a newcomer hit: the quickstart's smtplib block as it was, pasted from the raw file.
+    before = "    python3 - <<'PY'\n    import smtplib\n    print('accepted')\n    PY"
+    assert unterminated_heredocs(before) == ["<<PY on \"python3 - <<'PY'\""]
+    assert unterminated_heredocs("cat <<EOF\nx\nEOF") == []
+    assert unterminated_heredocs("cat <<-EOF\n\tx\n\tEOF") == []
+    assert unterminated_heredocs("cat <<< word; echo $((1 << 2))") == []
+    indented = "    python3 -c 'import json\n    print(json)'"
+    with pytest.raises(IndentationError):
+        compile(python_c_scripts(indented)[0], "<readme>", "exec")
+
+
+def test_every_readme_shell_block_pastes_from_the_raw_file() -> None:
+    """Each literal block, copied from README.rst with its indentation, parses as it would run."""
+    readme = (ROOT / "README.rst").read_text()
+    blocks = literal_blocks(readme)
+    bash_blocks = [block for language, block in blocks if language == "bash"]
+    assert len(bash_blocks) >= 7
+    assert len(blocks) > 2 * len(bash_blocks)  # the ``::`` blocks are read too
+    for _language, block in blocks:
+        # A ``::`` block may be YAML or Python; a heredoc in any block is shell.
+        assert not unterminated_heredocs(block), (
+            f"a heredoc whose terminator is indented in README.rst, so a paste of the raw text "
+            f"never ends it ({unterminated_heredocs(block)}); use python3 -c '...' or echo:\n{block}"
+        )
+        for script in python_c_scripts(block):
+            # Python refuses code whose first line is indented: the raw paste, and the rendered one.
+            compile(script, "<README.rst python3 -c>", "exec")
+            compile(textwrap.dedent(script), "<README.rst python3 -c>", "exec")
+    for block in bash_blocks:
+        checked = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True)
+        assert checked.returncode == 0 and not checked.stderr, f"{checked.stderr}\n{block}"
 
 
 def _port_open(port: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,19 @@ def test_health_and_readiness_answer_json(api: ApiProcess) -> None:
     assert len(headers["X-Request-ID"]) == 32
     status, _headers, body = _get(api.base + "/readyz")
     assert status == 200 and body["database"] == "ok"
+
+
+def test_the_readmes_probe_examples_are_what_the_probes_print(api: ApiProcess) -> None:
+    # The quickstart shows what ``curl -s`` prints for each probe; it is compared with the real
+    # body byte for byte (curl prints it as is), so the README cannot drift from the endpoint.
+    readme = (Path(__file__).resolve().parents[2] / "README.rst").read_text()
+    examples = dict(re.findall(r"curl -s http://127\.0\.0\.1:8080(/\w+) +# (\{.*\})", readme))
+    assert set(examples) == {"/healthz", "/readyz"}, examples
+    for path, shown in examples.items():
+        with urllib.request.urlopen(api.base + path, timeout=10) as response:
+            printed = response.read().decode()
+        assert printed.rstrip("\n") == shown, (path, printed)
+        assert json.loads(printed) == json.loads(shown)
 
 
 def test_request_id_is_echoed_or_replaced_when_unsafe(api: ApiProcess) -> None:

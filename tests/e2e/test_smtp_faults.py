@@ -145,6 +145,35 @@ def test_sigterm_drains_idle_now_busy_after_their_message_then_exits_0(
         idle.close()
 
 
+def test_a_second_sigint_during_the_drain_stops_at_once_keeping_what_got_250(
+    listener_process: ListenerProcess, client_tls: ssl.SSLContext, pg_url: str
+) -> None:
+    # Ctrl-C at a terminal: the first SIGINT drains and names the session it waits for, the
+    # second ends the wait (421 to that session) and the process exits 130, not after 30 s.
+    create_tenant(pg_url)
+    client = smtplib.SMTP("127.0.0.1", listener_process.port, timeout=10)
+    try:
+        client.starttls(context=client_tls)
+        client.login("tenant", PASSWORD)
+        queued = send_one(client)
+        assert queued
+        client.mail("app@example.com")  # a transaction open: the drain waits for it
+        client.rcpt("a@example.net")
+        listener_process.process.send_signal(signal.SIGINT)
+        draining = listener_process.wait_for_event("smtp.draining")
+        assert draining["open_sessions"] == 1 and draining["idle_sessions"] == 0
+        assert "1 open session in a transaction" in draining["message"]
+        assert "second SIGINT or SIGTERM stops at once" in draining["message"]
+        listener_process.process.send_signal(signal.SIGINT)
+        assert listener_process.process.wait(timeout=10) == 130
+        (hurried,) = listener_process.events("smtp.stopping_now")
+        assert hurried["open_sessions"] == 1 and "already committed" in hurried["message"]
+        assert client.getreply()[0] == 421
+    finally:
+        client.close()
+    assert_all_stored(pg_url, [queued])
+
+
 def send_one(client: smtplib.SMTP) -> str | None:
     """One message; its queue id when the listener acknowledged it with 250."""
     client.mail("app@example.com")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import smtplib
 import socket
 import subprocess
@@ -561,6 +562,33 @@ def test_sigterm_finishes_deliveries_in_flight_and_releases_the_rest(
     assert set(attempts) == {0}  # released, not counted as tries
     (stopped,) = process.events("worker.stopped")
     assert stopped["released"] == statuses["queued"]
+
+
+def test_a_second_sigint_ends_the_drain_at_once_and_leaves_deliveries_in_flight_to_their_lease(
+    tenant: Queue, sink: SmtpSink, worker_process
+) -> None:
+    # Ctrl-C twice: the first drains and says how many deliveries it waits for; the second gives
+    # the claimed messages not started back at once and exits 130, well before the 30 s drain.
+    sink.delay_data(60.0)  # the provider sits on DATA until the worker hangs up
+    tenant.rule(tenant.smtp_provider(sink, "main"), 0)
+    tenant.enqueue(20)
+    process = worker_process(
+        workers=2, batch_size=20, send_timeout="60s", lease="150s", max_in_flight_per_account=20
+    )
+    wait_for(lambda: sink.connections >= 2, what="two sends in flight", timeout=20)
+    process.process.send_signal(signal.SIGINT)
+    draining = process.wait_for_event("worker.draining")
+    assert draining["in_flight"] == 2 and "second SIGINT or SIGTERM stops at once" in draining["message"]
+    process.process.send_signal(signal.SIGINT)
+    assert process.process.wait(timeout=10) == 130
+    (hurried,) = process.events("worker.stopping_now")
+    assert hurried["in_flight"] == 2 and "lease" in hurried["message"]
+    (stopped,) = process.events("worker.stopped")
+    statuses = tenant.statuses()
+    # The two in flight keep their claim until the lease runs out; the rest are queued again, untried.
+    assert (statuses["processing"], statuses["queued"], statuses["delivered"]) == (2, 18, 0)
+    assert stopped["released"] == 18 and stopped["abandoned_in_flight"] == 2
+    assert not sink.messages
 
 
 def test_worker_refuses_to_start_without_an_encryption_key(tmp_path: Path, pg_url: str) -> None:

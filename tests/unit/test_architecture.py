@@ -18,6 +18,7 @@ CORE = [
     "smtp/trace.py",
     "smtp/alignment.py",
     "proxy_protocol.py",
+    "units.py",
 ]
 CORE_ALLOWED = {
     "__future__",
@@ -39,6 +40,7 @@ CORE_ALLOWED = {
     "smtp_proxy.smtp.addresses",
     "smtp_proxy.smtp.sasl",
     "smtp_proxy.smtp.alignment",
+    "smtp_proxy.units",
 }
 
 

@@ -12,7 +12,8 @@ SENDER = "alice@example.com"
 RECIPIENT = "bob@dest.test"
 QUEUED = b"250 2.0.0 Ok: queued as %s\r\n"
 BARE_CR = b"554 5.6.0 Bare CR in message data; lines must end with CRLF\r\n"
-TOO_BIG = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+# The limit in the reply: every test here that goes over it sets 1024 octets.
+TOO_BIG = b"552 5.3.4 Message size exceeds fixed maximum message size of 1024 bytes (1 KiB)\r\n"
 SENDER_OK = b"250 2.1.0 Sender OK\r\n"
 ENVELOPE = b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@dest.test>\r\nDATA\r\n"
 

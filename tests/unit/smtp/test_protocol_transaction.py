@@ -12,7 +12,9 @@ NOT_ALLOWED = b"553 5.7.1 Sender address not allowed for this account\r\n"
 BAD_SENDER = b"501 5.1.7 Bad sender address syntax\r\n"
 BAD_RECIPIENT = b"501 5.1.3 Bad recipient address syntax\r\n"
 PARAMETERS = b"555 5.5.4 MAIL FROM/RCPT TO parameters not recognized or not implemented\r\n"
-TOO_BIG = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+# The limit in the reply: every test here that goes over it sets 1000 or 1024 octets.
+TOO_BIG_1000 = b"552 5.3.4 Message size exceeds fixed maximum message size of 1000 bytes\r\n"
+TOO_BIG = b"552 5.3.4 Message size exceeds fixed maximum message size of 1024 bytes (1 KiB)\r\n"
 NEED_MAIL = b"503 5.5.1 Need MAIL command first\r\n"
 NEED_RCPT = b"503 5.5.1 Need RCPT command first\r\n"
 START_DATA = b"354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -105,7 +107,7 @@ def test_mail_from_bad_syntax_is_501(authed_driver, argument: bytes) -> None:
 def test_mail_from_declared_size_over_limit_is_552(make_driver) -> None:
     driver = make_driver(max_message_size=1000).authenticated()
     out = driver.send(b"MAIL FROM:<alice@example.com> SIZE=1001\r\n")
-    assert driver.wire(out) == TOO_BIG
+    assert driver.wire(out) == TOO_BIG_1000
     assert driver.wire(driver.send(b"RCPT TO:<bob@dest.test>\r\n")) == NEED_MAIL
 
 
