@@ -79,6 +79,13 @@ ACCOUNT_UPDATE_FIELDS: Schema = {
         "type": "boolean",
         "description": "Set by an admin only. false deactivates (as DELETE does), true reactivates.",
     },
+    "bounces": {
+        "type": ["boolean", "null"],
+        "description": (
+            "Whether a message that fails sends a delivery status notification (RFC 3464) to its "
+            "envelope sender; null: the server's default (delivery.bounces). The tenant may set it."
+        ),
+    },
 }
 
 PROVIDER_FIELDS: Schema = {
@@ -198,7 +205,7 @@ SCHEMAS: dict[str, Schema] = {
         "minProperties": 1,
         "properties": ACCOUNT_UPDATE_FIELDS,
         "description": (
-            "A tenant may change its own email and password. allowed_domains, is_admin, active, "
+            "A tenant may change its own email, password and bounces. allowed_domains, is_admin, active, "
             "allow_any_header_from, limits and relay_networks are the operator's: an admin sets them, "
             "a tenant naming one gets 403 forbidden_field. Granting a domain another active account "
             "holds, or reactivating an account whose domain was granted since, is 409 domain_taken."
@@ -216,6 +223,8 @@ SCHEMAS: dict[str, Schema] = {
             "allow_any_header_from",
             "limits",
             "relay_networks",
+            "bounces",
+            "bounces_effective",
             "created_at",
             "updated_at",
         ],
@@ -232,6 +241,14 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "The account's own overrides only; GET .../usage shows the limits in force.",
             },
             "relay_networks": {"type": "array", "items": {"$ref": "#/components/schemas/RelayNetwork"}},
+            "bounces": {
+                "type": ["boolean", "null"],
+                "description": "The account's own setting; null: the server's default holds.",
+            },
+            "bounces_effective": {
+                "type": "boolean",
+                "description": "The setting in force: the account's own, else delivery.bounces.",
+            },
             "created_at": _TIME,
             "updated_at": _TIME,
         },
