@@ -9,7 +9,8 @@ stays with the message, so the worker can honour it when it writes a delivery
 status notification (RFC 3464). ``dsn_recipients`` is written only when some
 recipient gave a parameter: the common message stores NULLs. ``is_bounce`` marks
 the notifications themselves (never answered with another), and ``accounts.bounces``
-overrides the ``delivery.bounces`` default when not NULL.
+overrides the ``delivery.bounces`` default when not NULL. A partial index finds an
+account's notifications (they are few) for the API's ``?is_bounce=true``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column("dsn_envid", sa.String(length=100), nullable=True))
         batch.add_column(sa.Column("dsn_recipients", JSON_DOC, nullable=True))
         batch.add_column(sa.Column("is_bounce", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.create_index(
+        "ix_messages_bounces",
+        "messages",
+        ["account_id", "created_at", "id"],
+        unique=False,
+        postgresql_where=sa.text("is_bounce"),
+        sqlite_where=sa.text("is_bounce"),
+    )
     with op.batch_alter_table("accounts") as batch:
         batch.add_column(sa.Column("bounces", sa.Boolean(), nullable=True))
 
@@ -39,6 +48,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("accounts") as batch:
         batch.drop_column("bounces")
+    op.drop_index("ix_messages_bounces", table_name="messages")
     with op.batch_alter_table("messages") as batch:
         batch.drop_column("is_bounce")
         batch.drop_column("dsn_recipients")

@@ -538,6 +538,7 @@ SCHEMAS: dict[str, Schema] = {
             "provider_id",
             "credential_id",
             "correlation_id",
+            "is_bounce",
             "next_attempt_at",
             "processed_at",
             "created_at",
@@ -559,6 +560,10 @@ SCHEMAS: dict[str, Schema] = {
                 "or the credential was deleted since.",
             },
             "correlation_id": {"type": "string"},
+            "is_bounce": {
+                "type": "boolean",
+                "description": "A delivery status notification (RFC 3464) this server sent to a sender.",
+            },
             "next_attempt_at": _TIME,
             "processed_at": {"type": ["string", "null"], "format": "date-time"},
             "created_at": _TIME,
