@@ -253,12 +253,14 @@ def test_accounts_list(cli: Cli) -> None:
         "allow_any_header_from",
         "limits",
         "relay_networks",
+        "bounces",
         "created_at",
     }
     assert first["email"] == "alice@example.com"
     assert first["allowed_domains"] == ["alice.example.com", "*.example.org"]
     assert first["allow_any_header_from"] is False
     assert first["limits"] == {}
+    assert first["bounces"] is None  # delivery.bounces holds
     assert first["is_admin"] is True
     assert first["active"] is True
     assert first["created_at"].endswith("+00:00")
