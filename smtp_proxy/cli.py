@@ -220,6 +220,7 @@ def _account_json(account: Any) -> dict[str, Any]:
         "allow_any_header_from": bool(account.allow_any_header_from),
         "limits": dict(account.limits or {}),
         "relay_networks": relay_networks.render(account),
+        "bounces": account.bounces,
         "created_at": iso_timestamp(account.created_at),
     }
 
@@ -354,6 +355,14 @@ def accounts_create(
     help="The same, for devices that cannot do TLS: they send in the clear (repeat).",
 )
 @click.option("--no-relay-networks", is_flag=True, help="Withdraw every relay network of the account.")
+@click.option(
+    "--bounces/--no-bounces",
+    default=None,
+    help="Send delivery status notifications to the account's senders, or not.",
+)
+@click.option(
+    "--bounces-default", is_flag=True, help="Drop the account's own setting: delivery.bounces holds."
+)
 @click.pass_context
 @handle_errors
 def accounts_update(
@@ -367,9 +376,11 @@ def accounts_update(
     relay_tls: tuple[str, ...],
     relay_clear: tuple[str, ...],
     no_relay_networks: bool,
+    bounces: bool | None,
+    bounces_default: bool,
 ) -> None:
-    """Change an account's domains, header-From exemption, limits, admin flag or relay networks;
-    print it as JSON.
+    """Change an account's domains, header-From exemption, limits, admin flag, relay networks or
+    bounce setting; print it as JSON.
 
     Limits given are set one by one; the others keep their value. A domain (or a
     reactivated account's domain) that another active account holds is refused,
@@ -387,6 +398,10 @@ def accounts_update(
         changes["is_admin"] = admin
     if activate:
         changes["active"] = True
+    if bounces_default and bounces is not None:
+        raise ValidationError("bounces", "--bounces-default cannot be given with --bounces/--no-bounces")
+    if bounces is not None or bounces_default:
+        changes["bounces"] = bounces
     if no_relay_networks and (relay_tls or relay_clear):
         raise ValidationError("relay_networks", "--no-relay-networks cannot be given with networks")
     if relay_tls or relay_clear or no_relay_networks:

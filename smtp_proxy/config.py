@@ -189,10 +189,12 @@ class DeliveryConfig:
     max_failover: int = _opt(3, "int", min=1)
     attempt_budget: float | None = _opt(None, "duration", min=0.1, nullable=True)
     max_in_flight_per_account: int | None = _opt(None, "int", min=1, nullable=True)
-    # Delivery status notifications (RFC 3464) to senders, unless an account says otherwise; a
-    # delay notice once a message has waited this long (once per message).
+    # Delivery status notifications (RFC 3464) to the envelope sender: the default of accounts
+    # without a setting of their own, and how long a message waits before its sender hears of
+    # the delay (once). Not shorter than max_age: no delay notice, and an existing config with a
+    # short max_age keeps working.
     bounces: bool = _opt(True, "bool")
-    delay_notice_after: float = _opt(14_400.0, "duration", min=1)
+    delay_notice_after: float = _opt(14_400.0, "duration", min=60)
 
     @property
     def effective_attempt_budget(self) -> float:

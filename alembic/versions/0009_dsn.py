@@ -11,6 +11,8 @@ recipient gave a parameter: the common message stores NULLs. ``is_bounce`` marks
 the notifications themselves (never answered with another), and ``accounts.bounces``
 overrides the ``delivery.bounces`` default when not NULL. ``delay_notified``: the
 sender was told once that the message is delayed (``delivery.delay_notice_after``).
+A partial index finds an account's notifications (they are few) for the API's
+``?is_bounce=true``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column("dsn_recipients", JSON_DOC, nullable=True))
         batch.add_column(sa.Column("is_bounce", sa.Boolean(), nullable=False, server_default=sa.false()))
         batch.add_column(sa.Column("delay_notified", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.create_index(
+        "ix_messages_bounces",
+        "messages",
+        ["account_id", "created_at", "id"],
+        unique=False,
+        postgresql_where=sa.text("is_bounce"),
+        sqlite_where=sa.text("is_bounce"),
+    )
     with op.batch_alter_table("accounts") as batch:
         batch.add_column(sa.Column("bounces", sa.Boolean(), nullable=True))
 
@@ -41,6 +51,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("accounts") as batch:
         batch.drop_column("bounces")
+    op.drop_index("ix_messages_bounces", table_name="messages")
     with op.batch_alter_table("messages") as batch:
         batch.drop_column("delay_notified")
         batch.drop_column("is_bounce")

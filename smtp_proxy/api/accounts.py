@@ -35,9 +35,16 @@ def render(account: Any) -> dict[str, Any]:
         "allow_any_header_from": bool(account.allow_any_header_from),
         "limits": dict(account.limits or {}),
         "relay_networks": relay.render(account),
+        "bounces": account.bounces,
+        "bounces_effective": effective_bounces(account.bounces, config().delivery.bounces),
         "created_at": iso_timestamp(account.created_at),
         "updated_at": iso_timestamp(account.updated_at),
     }
+
+
+def effective_bounces(own: bool | None, default: bool) -> bool:
+    """The account's own setting, else the config's ``delivery.bounces``."""
+    return default if own is None else own
 
 
 def _visible(session: Any, account_id: uuid.UUID) -> Any:

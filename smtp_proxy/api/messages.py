@@ -36,6 +36,7 @@ def render(row: Any) -> dict[str, Any]:
         "provider_id": str(row.provider_id) if row.provider_id else None,
         "credential_id": str(row.credential_id) if row.credential_id else None,
         "correlation_id": row.correlation_id,
+        "is_bounce": bool(row.is_bounce),
         "next_attempt_at": _iso(row.next_attempt_at),
         "processed_at": _iso(row.processed_at),
         "created_at": _iso(row.created_at),
@@ -64,11 +65,21 @@ def _credential_id() -> uuid.UUID | None:
         raise invalid({"credential_id": "must be a UUID"}) from None
 
 
+def _is_bounce() -> bool | None:
+    value = request.args.get("is_bounce")
+    if value is None:
+        return None
+    if value not in ("true", "false"):
+        raise invalid({"is_bounce": "must be true or false"})
+    return value == "true"
+
+
 @bp.get("")
 def list_() -> ResponseReturnValue:
     query = pages.gather(
         status=_status,
         credential_id=_credential_id,
+        is_bounce=_is_bounce,
         since=lambda: pages.timestamp("since"),
         until=lambda: pages.timestamp("until"),
         limit=pages.limit,

@@ -46,6 +46,12 @@ _MESSAGE_PARAMS = [
         "schema": {"type": "string", "format": "uuid"},
         "description": "Only the messages this SMTP credential submitted.",
     },
+    {
+        "name": "is_bounce",
+        "in": "query",
+        "schema": {"enum": ["true", "false"]},
+        "description": "true: only the delivery status notifications sent to senders; false: only the rest.",
+    },
     {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
     {"name": "until", "in": "query", "schema": {"type": "string", "format": "date-time"}},
     *_PAGE_PARAMS,

@@ -79,6 +79,13 @@ ACCOUNT_UPDATE_FIELDS: Schema = {
         "type": "boolean",
         "description": "Set by an admin only. false deactivates (as DELETE does), true reactivates.",
     },
+    "bounces": {
+        "type": ["boolean", "null"],
+        "description": (
+            "Whether a message that fails sends a delivery status notification (RFC 3464) to its "
+            "envelope sender; null: the server's default (delivery.bounces). The tenant may set it."
+        ),
+    },
 }
 
 PROVIDER_FIELDS: Schema = {
@@ -210,7 +217,7 @@ SCHEMAS: dict[str, Schema] = {
         "minProperties": 1,
         "properties": ACCOUNT_UPDATE_FIELDS,
         "description": (
-            "A tenant may change its own email and password. allowed_domains, is_admin, active, "
+            "A tenant may change its own email, password and bounces. allowed_domains, is_admin, active, "
             "allow_any_header_from, limits and relay_networks are the operator's: an admin sets them, "
             "a tenant naming one gets 403 forbidden_field. Granting a domain another active account "
             "holds, or reactivating an account whose domain was granted since, is 409 domain_taken."
@@ -228,6 +235,8 @@ SCHEMAS: dict[str, Schema] = {
             "allow_any_header_from",
             "limits",
             "relay_networks",
+            "bounces",
+            "bounces_effective",
             "created_at",
             "updated_at",
         ],
@@ -244,6 +253,14 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "The account's own overrides only; GET .../usage shows the limits in force.",
             },
             "relay_networks": {"type": "array", "items": {"$ref": "#/components/schemas/RelayNetwork"}},
+            "bounces": {
+                "type": ["boolean", "null"],
+                "description": "The account's own setting; null: the server's default holds.",
+            },
+            "bounces_effective": {
+                "type": "boolean",
+                "description": "The setting in force: the account's own, else delivery.bounces.",
+            },
             "created_at": _TIME,
             "updated_at": _TIME,
         },
@@ -533,6 +550,7 @@ SCHEMAS: dict[str, Schema] = {
             "provider_id",
             "credential_id",
             "correlation_id",
+            "is_bounce",
             "next_attempt_at",
             "processed_at",
             "created_at",
@@ -554,6 +572,10 @@ SCHEMAS: dict[str, Schema] = {
                 "or the credential was deleted since.",
             },
             "correlation_id": {"type": "string"},
+            "is_bounce": {
+                "type": "boolean",
+                "description": "A delivery status notification (RFC 3464) this server sent to a sender.",
+            },
             "next_attempt_at": _TIME,
             "processed_at": {"type": ["string", "null"], "format": "date-time"},
             "created_at": _TIME,

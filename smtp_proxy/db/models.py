@@ -238,6 +238,16 @@ class Message(Base):
             postgresql_where=text("body_encrypted IS NOT NULL AND processed_at IS NOT NULL"),
             sqlite_where=text("body_encrypted IS NOT NULL AND processed_at IS NOT NULL"),
         ),
+        # A page of the delivery status notifications (GET /api/v1/messages?is_bounce=true): few
+        # among many, so a small partial index rather than a filter over every message.
+        Index(
+            "ix_messages_bounces",
+            "account_id",
+            "created_at",
+            "id",
+            postgresql_where=text("is_bounce"),
+            sqlite_where=text("is_bounce"),
+        ),
         CheckConstraint("size >= 0", name="size_not_negative"),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
     )

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Path", "PathError", "domain_allowed", "parse_mail_from", "parse_rcpt_to"]
+__all__ = ["Path", "PathError", "decode_xtext", "domain_allowed", "parse_mail_from", "parse_rcpt_to"]
 
-PathErrorKind = Literal["syntax", "too_long", "param"]
+PathErrorKind = Literal["syntax", "too_long", "param", "value"]
 
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
@@ -35,13 +35,25 @@ _IPV6_TEXT = re.compile(r"[0-9A-Fa-f:.]+")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")  # RFC 1870 size-value = 1*20DIGIT
 _BODY_VALUES = frozenset({"7BIT", "8BITMIME"})  # RFC 6152 2
+# RFC 3461 4: xtext = *( xchar / hexchar ); xchar is "!".."~" but "+" and "="; hexchar is "+" and
+# two upper-case hex digits. _PARAM already keeps "=" and anything outside "!".."~" out.
+_HEXCHAR = re.compile(r"\+([0-9A-F]{2})")
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+# What a decoded ENVID or ORCPT may hold: printable ASCII. They are written into the header of
+# a delivery status notification (RFC 3464 2.2.1, 2.3.2), so no control character, CR or LF.
+_DECODED = re.compile(r"[\x20-\x7e]+")
+MAX_ENVID = 100  # RFC 3461 4.4
+MAX_ORCPT = 500  # RFC 3461 4.2
+_RET_VALUES = frozenset({"FULL", "HDRS"})  # RFC 3461 4.3
+_NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})  # RFC 3461 4.1, or NEVER alone
 
 
 class PathError(ValueError):
     """A MAIL FROM / RCPT TO argument that cannot be accepted; ``kind`` says which reply fits.
 
     ``syntax``: the path is malformed; ``too_long``: a length limit of RFC 5321 4.5.3.1 is
-    exceeded; ``param``: an ESMTP parameter is unknown or malformed.
+    exceeded; ``param``: an ESMTP parameter is unknown, malformed or repeated; ``value``: a
+    known parameter has a value it may not have (the message says what is wrong).
     """
 
     def __init__(self, kind: PathErrorKind, message: str) -> None:
@@ -51,7 +63,11 @@ class PathError(ValueError):
 
 @dataclass(frozen=True)
 class Path:
-    """A parsed reverse- or forward-path and its ESMTP parameters (keywords upper-cased)."""
+    """A parsed reverse- or forward-path and its ESMTP parameters (keywords upper-cased).
+
+    Values are normalised: BODY, RET and NOTIFY upper-cased (NOTIFY as "FAILURE,DELAY"),
+    ENVID xtext-decoded, ORCPT as "rfc822;" and the decoded address.
+    """
 
     address: str  # "local@domain" as sent, "" for the null path, or "Postmaster"
     params: dict[str, str | None] = field(default_factory=dict, hash=False)
@@ -251,5 +267,69 @@ def _parse_params(text: str, allowed: frozenset[str]) -> dict[str, str | None]:
             if value is None or value.upper() not in _BODY_VALUES:
                 raise PathError("param", "BODY must be 7BIT or 8BITMIME")  # RFC 6152 2
             value = value.upper()
+        elif keyword in _DSN_VALUES:
+            value = _DSN_VALUES[keyword](value)
         params[keyword] = value
     return params
+
+
+def decode_xtext(text: str) -> str:
+    """The text an RFC 3461 xtext stands for; raises ValueError when it is not xtext."""
+    if not _XTEXT.fullmatch(text):
+        raise ValueError("not xtext")
+    return _HEXCHAR.sub(lambda match: chr(int(match.group(1), 16)), text)
+
+
+def _ret(value: str | None) -> str:
+    if value is None or value.upper() not in _RET_VALUES:
+        raise PathError("value", "RET must be FULL or HDRS")  # RFC 3461 4.3
+    return value.upper()
+
+
+def _envid(value: str | None) -> str:
+    if value is None:
+        raise PathError("value", "ENVID needs a value")
+    if len(value) > MAX_ENVID:
+        raise PathError("value", f"ENVID longer than {MAX_ENVID} characters")  # RFC 3461 4.4
+    return _decoded(value, "ENVID")
+
+
+def _notify(value: str | None) -> str:
+    """RFC 3461 4.1: NEVER, or a list of SUCCESS, FAILURE and DELAY, each at most once."""
+    keywords = (value or "").upper().split(",")
+    if keywords == ["NEVER"]:
+        return "NEVER"
+    if "NEVER" in keywords:
+        raise PathError("value", "NOTIFY=NEVER cannot be combined with other values")
+    if not all(keyword in _NOTIFY_VALUES for keyword in keywords):
+        raise PathError("value", "NOTIFY must be NEVER or a comma list of SUCCESS, FAILURE, DELAY")
+    if len(set(keywords)) != len(keywords):
+        raise PathError("value", "NOTIFY names a value twice")
+    return ",".join(keywords)
+
+
+def _orcpt(value: str | None) -> str:
+    """RFC 3461 4.2: ``addr-type ";" xtext``; only the rfc822 type is taken."""
+    if value is None:
+        raise PathError("value", "ORCPT needs a value: rfc822;address")
+    if len(value) > MAX_ORCPT:
+        raise PathError("value", f"ORCPT longer than {MAX_ORCPT} characters")
+    kind, semicolon, address = value.partition(";")
+    if not semicolon or kind.lower() != "rfc822":
+        raise PathError("value", "ORCPT must be rfc822;address")
+    return "rfc822;" + _decoded(address, "ORCPT")
+
+
+def _decoded(value: str, keyword: str) -> str:
+    try:
+        text = decode_xtext(value)
+    except ValueError:
+        raise PathError("value", f"{keyword} is not valid xtext (RFC 3461 4)") from None
+    if not text:
+        raise PathError("value", f"{keyword} is empty")
+    if not _DECODED.fullmatch(text):
+        raise PathError("value", f"{keyword} must decode to printable ASCII")
+    return text
+
+
+_DSN_VALUES = {"RET": _ret, "ENVID": _envid, "NOTIFY": _notify, "ORCPT": _orcpt}

@@ -141,6 +141,9 @@ class Intake:
                     correlation_id=correlation_id,
                     message_id=message_id,
                     credential_id=account.credential_id,
+                    dsn_ret=message.dsn_ret,
+                    dsn_envid=message.dsn_envid,
+                    dsn_recipients=message.dsn_recipients,
                 )
         except (DatabaseUnavailable, SQLAlchemyError) as error:
             metrics.MESSAGES.labels("rejected", "storage_unavailable").inc()

@@ -56,7 +56,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from smtp_proxy.smtp import alignment
 from smtp_proxy.smtp import replies as R
@@ -184,12 +184,18 @@ class MessageReceived:
 
     ``held`` bytes of the session's ``DataBudget`` are still taken for ``data``: the caller
     gives them back (``budget.give(held)``) once the message is stored or dropped.
+    ``dsn_*`` are the RFC 3461 parameters given: RET and ENVID of MAIL FROM, and per recipient
+    that gave NOTIFY or ORCPT, ``{"notify": ["FAILURE", ...] or None, "orcpt": "rfc822;..." or
+    None}`` (None when no recipient did).
     """
 
     sender: str
     recipients: tuple[str, ...]
     data: bytes = field(repr=False)
     held: int = 0
+    dsn_ret: str | None = None
+    dsn_envid: str | None = None
+    dsn_recipients: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,8 @@ class Envelope:
 
     sender: Path | None = None
     recipients: list[str] = field(default_factory=list)
+    # RFC 3461 NOTIFY and ORCPT of the recipients that gave any (most give none).
+    recipients_dsn: dict[str, dict[str, Any]] | None = None
     # The caller's per-transaction recipient budget (mail_checked), and its refusal.
     recipients_left: int | None = None
     recipients_refusal: Reply | None = None
@@ -668,7 +676,18 @@ class SmtpSession:
             data = reader.message()
             misaligned = self._misaligned_header(data, sender)
             if misaligned is None:
-                out.append(MessageReceived(sender, tuple(envelope.recipients), data, held=reader.held))
+                params = envelope.sender.params
+                out.append(
+                    MessageReceived(
+                        sender,
+                        tuple(envelope.recipients),
+                        data,
+                        held=reader.held,
+                        dsn_ret=params.get("RET"),
+                        dsn_envid=params.get("ENVID"),
+                        dsn_recipients=envelope.recipients_dsn,
+                    )
+                )
                 self._pause(MessageReceived)
                 return True
             reader.release()
@@ -711,7 +730,13 @@ class SmtpSession:
         return reply
 
     def _extensions(self) -> list[str]:
-        extensions = [f"SIZE {self.policy.max_message_size}", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        extensions = [
+            f"SIZE {self.policy.max_message_size}",
+            "PIPELINING",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ]
         if self.connection.tls_active:
             extensions.append("AUTH PLAIN LOGIN")  # RFC 4954: only once the channel is encrypted
         elif self.policy.tls_available:
@@ -846,9 +871,9 @@ class SmtpSession:
         if self.state is not State.READY:
             return [self._error(R.R503_NESTED_MAIL)]
         try:
-            path = parse_mail_from(argument)
+            path = parse_mail_from(argument, _MAIL_PARAMS if self.connection.esmtp else _MAIL_PARAMS_HELO)
         except PathError as error:
-            return [self._error(R.R555_PARAMETERS if error.kind == "param" else R.R501_BAD_SENDER)]
+            return [self._error(_path_refusal(error, R.R501_BAD_SENDER))]
         declared = path.params.get("SIZE")
         if declared is not None and int(declared) > self.policy.max_message_size:
             return [R.r552_too_big(self.policy.max_message_size)]  # RFC 1870 6.1
@@ -868,9 +893,9 @@ class SmtpSession:
         if self.state not in (State.MAIL, State.RCPT):
             return [self._error(R.R503_NEED_MAIL)]
         try:
-            path = parse_rcpt_to(argument)
+            path = parse_rcpt_to(argument, _RCPT_PARAMS if self.connection.esmtp else frozenset())
         except PathError as error:
-            return [self._error(R.R555_PARAMETERS if error.kind == "param" else R.R501_BAD_RECIPIENT)]
+            return [self._error(_path_refusal(error, R.R501_BAD_RECIPIENT))]
         if path.address in self.envelope.recipients:
             return [R.R250_RECIPIENT_OK]
         if len(self.envelope.recipients) >= self.policy.max_recipients:
@@ -880,6 +905,12 @@ class SmtpSession:
             # The account's recipient budget: a policy answer, so not counted as a client error.
             return [self.envelope.recipients_refusal or R.R452_TOO_MANY_RECIPIENTS]
         self.envelope.recipients.append(path.address)
+        if path.params:
+            notify = path.params.get("NOTIFY")
+            given = {"notify": notify.split(",") if notify else None, "orcpt": path.params.get("ORCPT")}
+            if self.envelope.recipients_dsn is None:
+                self.envelope.recipients_dsn = {}
+            self.envelope.recipients_dsn[path.address] = given
         self.state = State.RCPT
         return [R.R250_RECIPIENT_OK]
 
@@ -921,6 +952,23 @@ class SmtpSession:
 
     def _on_not_implemented(self, argument: str) -> list[Output]:
         return [self._error(R.R502_NOT_IMPLEMENTED)]
+
+
+# ESMTP parameters, by the extensions EHLO announces: SIZE (RFC 1870), BODY (RFC 6152) and DSN
+# (RFC 3461). DSN's are refused after HELO, which announces nothing; SIZE and BODY were always
+# taken there, and still are.
+_MAIL_PARAMS = frozenset({"SIZE", "BODY", "RET", "ENVID"})
+_MAIL_PARAMS_HELO = frozenset({"SIZE", "BODY"})
+_RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
+
+
+def _path_refusal(error: PathError, bad_path: Reply) -> Reply:
+    """555 for a parameter not offered, 501 5.5.4 naming a bad value, else the bad path's reply."""
+    if error.kind == "param":
+        return R.R555_PARAMETERS
+    if error.kind == "value":
+        return R.bad_parameter(str(error))
+    return bad_path
 
 
 # The command set in one place; a class-level table, so a session costs no bound methods.

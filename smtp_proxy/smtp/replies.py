@@ -131,6 +131,11 @@ def queued(message_id: str) -> Reply:
     return _r(250, "2.0.0", f"Ok: queued as {message_id}")
 
 
+def bad_parameter(problem: str) -> Reply:
+    """501 5.5.4 (RFC 3463 3.6: invalid command arguments) naming what is wrong with a value."""
+    return _r(501, "5.5.4", problem)
+
+
 def rate_exceeded(seconds: int) -> Reply:
     """451 4.7.1 (RFC 3463 3.8: delivery not authorized, a policy that may lift) with the wait."""
     return _r(451, "4.7.1", f"Sending rate exceeded for this account, try again in {seconds} seconds")

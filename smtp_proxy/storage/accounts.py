@@ -23,10 +23,11 @@ from smtp_proxy.storage import relay_networks as relay
 from smtp_proxy.storage.audit import Actor
 
 ENTITY = "account"
-# Fields update_account takes; the last five are the operator's (admins and the CLI only).
+# Fields update_account takes; all but the first three are the operator's (admins and the CLI only).
 UPDATABLE = (
     "email",
     "password",
+    "bounces",
     "allowed_domains",
     "is_admin",
     "active",
@@ -34,7 +35,7 @@ UPDATABLE = (
     "limits",
     "relay_networks",
 )
-OPERATOR_FIELDS = UPDATABLE[2:]  # all but email and password: admins and the CLI only
+OPERATOR_FIELDS = UPDATABLE[3:]  # all but email, password and bounces: admins and the CLI only
 # An arbitrary constant naming "the grant of sender domains" in pg_advisory_xact_lock
 # (db/migrate.py uses another for migrations).
 _DOMAIN_LOCK_ID = 0x736D74705F646F6D  # "smtp_dom"
@@ -242,6 +243,8 @@ def update_account(
     for flag in ("is_admin", "active", "allow_any_header_from"):
         if flag in values and not isinstance(values[flag], bool):
             raise ValidationError(flag, "must be true or false")
+    if "bounces" in values and values["bounces"] is not None and not isinstance(values["bounces"], bool):
+        raise ValidationError("bounces", "must be true, false or null (the config's delivery.bounces)")
     if "password" in values:
         if not isinstance(values["password"], str):
             raise ValidationError("password", "must be a string")
@@ -254,7 +257,15 @@ def update_account(
         domains = values.get("allowed_domains", account.allowed_domains or [])
         check_domains_free(session, domains, exclude=account.id, reactivating=reactivating)
 
-    for name in ("email", "allowed_domains", "is_admin", "active", "allow_any_header_from", "limits"):
+    for name in (
+        "email",
+        "bounces",
+        "allowed_domains",
+        "is_admin",
+        "active",
+        "allow_any_header_from",
+        "limits",
+    ):
         if name in values:
             setattr(account, name, values[name])
     if "relay_networks" in values:

@@ -191,7 +191,14 @@ class Page(NamedTuple):
 
 @functools.cache
 def _page_select(
-    status: bool, credential: bool, since: bool, until: bool, before: bool, *, ranked: bool = False
+    status: bool,
+    credential: bool,
+    since: bool,
+    until: bool,
+    before: bool,
+    is_bounce: bool = False,
+    *,
+    ranked: bool = False,
 ) -> Any:
     """One page's SELECT for one combination of filters, built once with bound parameters.
 
@@ -212,6 +219,8 @@ def _page_select(
         query = query.where(c.created_at >= bindparam("since", type_=c.created_at.type))
     if until:
         query = query.where(c.created_at < bindparam("until", type_=c.created_at.type))
+    if is_bounce:
+        query = query.where(c.is_bounce == bindparam("is_bounce", type_=c.is_bounce.type))
     if before:
         after = tuple_(
             bindparam("before_created", type_=c.created_at.type), bindparam("before_id", type_=c.id.type)
@@ -228,6 +237,7 @@ class Filters(NamedTuple):
     since: datetime | None = None
     until: datetime | None = None
     before: tuple[datetime, uuid.UUID] | None = None  # the last (created_at, id) of the page before
+    is_bounce: bool | None = None  # only delivery status notifications (True), or only the others
 
 
 EVERY_MESSAGE = Filters()
@@ -238,7 +248,7 @@ def _page(account_id: uuid.UUID, filters: Filters, limit: int) -> tuple[tuple[bo
 
     A page fetches ``limit`` rows plus one, to tell whether more follow.
     """
-    status, credential_id, since, until, before = filters
+    status, credential_id, since, until, before, is_bounce = filters
     used = tuple(value is not None for value in filters)
     parameters = {
         "account_id": account_id,
@@ -248,6 +258,7 @@ def _page(account_id: uuid.UUID, filters: Filters, limit: int) -> tuple[tuple[bo
         "until": until,
         "before_created": before[0] if before else None,
         "before_id": before[1] if before else None,
+        "is_bounce": is_bounce,
         "fetch": limit + 1,
     }
     return used, parameters
@@ -300,6 +311,7 @@ def _json_page(*used: bool) -> Any:
         "provider_id": page.c.provider_id,
         "credential_id": page.c.credential_id,
         "correlation_id": page.c.correlation_id,
+        "is_bounce": page.c.is_bounce,
         "next_attempt_at": page.c.next_attempt_at,
         "processed_at": page.c.processed_at,
         "created_at": page.c.created_at,

@@ -7,6 +7,7 @@ import threading
 import uuid
 from typing import Any
 
+import pytest
 import requests
 from sqlalchemy import select
 
@@ -28,6 +29,8 @@ ACCOUNT_KEYS = {
     "allow_any_header_from",
     "limits",
     "relay_networks",
+    "bounces",
+    "bounces_effective",
     "created_at",
     "updated_at",
 }
@@ -406,6 +409,61 @@ def test_tenant_cannot_change_is_admin_of_itself_or_others(api: ApiServer) -> No
     assert response.status_code in (403, 404)
     assert other.name not in response.text and other.id not in response.text
     assert stored_account(api, other.id)["is_admin"] is False
+
+
+# --- bounces ---------------------------------------------------------------------------------------
+
+
+def bounce_setting(client: Client, account_id: str) -> tuple[Any, Any]:
+    body = client.get(f"{ACCOUNTS}/{account_id}").json()
+    return body["bounces"], body["bounces_effective"]
+
+
+def audited_fields(api: ApiServer, account_id: str) -> list[list[str]]:
+    """The fields of each audit row on the account, oldest first."""
+    items = api.admin.get("/api/v1/audit-log", params={"limit": 200}).json()["items"]
+    return [e["fields"] for e in reversed(items) if e["entity"] == "account" and e["entity_id"] == account_id]
+
+
+def test_a_tenant_sets_its_own_bounces_and_back_to_the_default(api: ApiServer) -> None:
+    tenant = api.tenant()
+    assert bounce_setting(tenant.client, tenant.id) == (None, True)  # delivery.bounces is on by default
+    response = tenant.client.put(f"{ACCOUNTS}/{tenant.id}", json={"bounces": False})
+    assert response.status_code == 200, response.text
+    assert (response.json()["bounces"], response.json()["bounces_effective"]) == (False, False)
+    assert bounce_setting(tenant.client, tenant.id) == (False, False)
+    response = tenant.client.put(f"{ACCOUNTS}/{tenant.id}", json={"bounces": None})
+    assert response.status_code == 200, response.text
+    assert bounce_setting(tenant.client, tenant.id) == (None, True)
+    assert audited_fields(api, tenant.id)[-2:] == [["bounces"], ["bounces"]]
+
+
+def test_a_tenant_cannot_set_another_accounts_bounces_and_an_admin_can(api: ApiServer) -> None:
+    tenant, other = api.tenant(), api.tenant()
+    response = tenant.client.put(f"{ACCOUNTS}/{other.id}", json={"bounces": False})
+    assert_error(response, 404, "not_found", secrets=(other.name, other.id))
+    assert bounce_setting(api.admin, other.id) == (None, True)
+    response = api.admin.put(f"{ACCOUNTS}/{other.id}", json={"bounces": False})
+    assert response.status_code == 200, response.text
+    assert bounce_setting(other.client, other.id) == (False, False)
+    assert audited_fields(api, other.id)[-1] == ["bounces"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, [], {}])
+def test_bounces_must_be_true_false_or_null(api: ApiServer, value: Any) -> None:
+    tenant = api.tenant()
+    response = tenant.client.put(f"{ACCOUNTS}/{tenant.id}", json={"bounces": value})
+    error = assert_error(response, 422, "invalid_fields")
+    assert list(error["fields"]) == ["bounces"]
+    assert bounce_setting(tenant.client, tenant.id) == (None, True)
+
+
+def test_bounces_effective_follows_the_config_default(start_api) -> None:
+    api = start_api(sections={"delivery": {"bounces": False}})
+    tenant = api.tenant()
+    assert bounce_setting(tenant.client, tenant.id) == (None, False)
+    assert tenant.client.put(f"{ACCOUNTS}/{tenant.id}", json={"bounces": True}).status_code == 200
+    assert bounce_setting(tenant.client, tenant.id) == (True, True)
 
 
 def test_admin_promotion_and_demotion_take_effect_at_once(api: ApiServer) -> None:

@@ -39,6 +39,7 @@ def enqueue(
     sender: str = "sender@example.com",
     recipients: tuple[str, ...] = ("rcpt@example.net",),
     correlation_id: str | None = None,
+    is_bounce: bool = False,
 ) -> str:
     """One message of ``tenant`` through the storage layer, in its own transaction; its id."""
     with api.database.transaction() as session:
@@ -50,6 +51,7 @@ def enqueue(
             recipients=list(recipients),
             data=data if data is not None else raw_message(subject, body),
             correlation_id=correlation_id or uuid.uuid4().hex,
+            is_bounce=is_bounce,
         )
     return str(queued.id)
 
@@ -383,9 +385,26 @@ def test_a_forged_cursor_is_422(api: ApiServer) -> None:
         assert set(error["fields"]) == {"cursor"}, cursor
 
 
+def test_is_bounce_shows_and_filters_the_delivery_status_notifications(api: ApiServer) -> None:
+    alice, bob = api.tenant(), api.tenant()
+    sent = enqueue(api, alice, subject="an ordinary message")
+    bounce = enqueue(api, alice, sender="", recipients=("sender@example.com",), is_bounce=True)
+    later = enqueue(api, alice, subject="another")
+    enqueue(api, bob, is_bounce=True)  # never in Alice's pages
+    items = {item["id"]: item["is_bounce"] for item in alice.client.get("/api/v1/messages").json()["items"]}
+    assert items == {sent: False, bounce: True, later: False}
+    assert list_ids(alice.client, is_bounce="true") == [bounce]
+    assert set(list_ids(alice.client, is_bounce="false")) == {sent, later}
+    assert list_ids(alice.client, is_bounce="true", status="delivered") == []
+    detail = alice.client.get(f"/api/v1/messages/{bounce}").json()
+    assert detail["is_bounce"] is True and detail["sender"] == ""
+
+
 def test_a_bad_filter_is_422_naming_it(api: ApiServer) -> None:
     tenant = api.tenant()
     for params in (
+        {"is_bounce": "yes"},
+        {"is_bounce": "True"},
         {"status": "QUEUED"},
         {"status": ""},
         {"since": "not a date"},

@@ -63,6 +63,36 @@ def test_one_recipient_is_named_in_the_received_field(listener: Listener, smtp_c
     assert f" id {stored.id} for <someone@example.net>; " in received
 
 
+def test_dsn_parameters_are_stored_with_the_message(listener: Listener, smtp_client) -> None:
+    """RFC 3461: RET and ENVID of MAIL FROM, NOTIFY and ORCPT of each RCPT TO, kept for the worker."""
+    client = smtp_client()
+    assert client.has_extn("dsn")
+    refused = client.sendmail(
+        "app@example.com",
+        ["someone@example.net"],
+        MESSAGE,
+        mail_options=["RET=HDRS", "ENVID=abc+2B1"],
+        rcpt_options=["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;someone@example.net"],
+    )
+    assert refused == {}
+    assert client.docmd("MAIL", "FROM:<app@example.com> RET=EVERYTHING") == (
+        501,
+        b"5.5.4 RET must be FULL or HDRS",
+    )
+    client.sendmail("app@example.com", ["plain@example.net"], MESSAGE)  # no parameters: nothing kept
+    with_dsn, plain = sorted(listener.stored(), key=lambda m: m.created_at)
+    assert (with_dsn.dsn_ret, with_dsn.dsn_envid, with_dsn.is_bounce) == ("HDRS", "abc+1", False)
+    assert with_dsn.dsn_recipients == {
+        "someone@example.net": {"notify": ["FAILURE", "DELAY"], "orcpt": "rfc822;someone@example.net"}
+    }
+    assert (plain.dsn_ret, plain.dsn_envid, plain.dsn_recipients, plain.is_bounce) == (
+        None,
+        None,
+        None,
+        False,
+    )
+
+
 def test_auth_login_works_too(listener: Listener, smtp_client) -> None:
     client = smtp_client(login=False)
     client.ehlo()

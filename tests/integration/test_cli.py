@@ -253,12 +253,14 @@ def test_accounts_list(cli: Cli) -> None:
         "allow_any_header_from",
         "limits",
         "relay_networks",
+        "bounces",
         "created_at",
     }
     assert first["email"] == "alice@example.com"
     assert first["allowed_domains"] == ["alice.example.com", "*.example.org"]
     assert first["allow_any_header_from"] is False
     assert first["limits"] == {}
+    assert first["bounces"] is None  # delivery.bounces holds
     assert first["is_admin"] is True
     assert first["active"] is True
     assert first["created_at"].endswith("+00:00")
@@ -371,6 +373,24 @@ def test_accounts_update_changes_domains_flags_and_limits_audited(cli: Cli, stor
         ("deactivate", "cli", ["active"]),
         ("reactivate", "cli", ["active"]),
     ]
+
+
+def test_accounts_update_sets_bounces_and_drops_back_to_the_default_audited(
+    cli: Cli, storage: Database
+) -> None:
+    create(cli, "alice")
+    assert cli.json("accounts", "list")[0]["bounces"] is None
+    assert cli.json("accounts", "update", "alice", "--no-bounces")["bounces"] is False
+    assert cli.json("accounts", "update", "alice", "--bounces")["bounces"] is True
+    shown = cli.json("accounts", "update", "alice", "--bounces-default")
+    assert shown["bounces"] is None and cli.json("accounts", "list")[0] == shown
+    result = cli.run("accounts", "update", "alice", "--bounces", "--bounces-default")
+    assert_one_line_error(result, "smtp-proxy: error: ", "--bounces-default cannot be given with")
+    with storage.transaction() as session:
+        account = account_store.get_account_by_name(session, "alice")
+        assert account.bounces is None
+        fields = [r.changes["fields"] for r in reversed(audit.list_entries(session, account.id))]
+    assert fields[1:] == [["bounces"]] * 3
 
 
 def test_a_taken_domain_fails_in_one_line_on_create_update_and_activate(cli: Cli) -> None:

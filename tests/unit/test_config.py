@@ -1328,6 +1328,29 @@ def test_delivery_retry_max_below_retry_base_rejected() -> None:
     assert config_error({"delivery": {"retry_base": "10m", "retry_max": "1m"}}).key == "delivery.retry_max"
 
 
+def test_delivery_bounces_default_on_and_delay_notice_after_four_hours() -> None:
+    delivery = config_from_dict({}, env={}).delivery
+    assert (delivery.bounces, delivery.delay_notice_after) == (True, 4 * 3600.0)
+    raw = {"delivery": {"bounces": "false", "delay_notice_after": "90m"}}
+    delivery = config_from_dict(raw, env={}).delivery
+    assert (delivery.bounces, delivery.delay_notice_after) == (False, 5400.0)
+    # At or past max_age it means no delay notice; an old config with a short max_age still loads.
+    assert config_from_dict({"delivery": {"max_age": "1h"}}, env={}).delivery.delay_notice_after == 14_400.0
+
+
+@pytest.mark.parametrize(
+    ("delivery", "key", "problem"),
+    [
+        ({"bounces": "sometimes"}, "delivery.bounces", "expected true or false"),
+        ({"delay_notice_after": "soon"}, "delivery.delay_notice_after", "expected a duration"),
+        ({"delay_notice_after": "30s"}, "delivery.delay_notice_after", "must be at least 60s"),
+    ],
+)
+def test_delivery_bounce_settings_rejected(delivery: dict[str, Any], key: str, problem: str) -> None:
+    error = config_error({"delivery": delivery})
+    assert error.key == key and problem in str(error)
+
+
 def test_delivery_lease_shorter_than_one_attempt_rejected() -> None:
     error = config_error({"delivery": {"lease": "1m", "connect_timeout": "10s", "send_timeout": "60s"}})
     assert error.key == "delivery.lease"

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from smtp_proxy.smtp.addresses import Path, PathError, domain_allowed, parse_mail_from, parse_rcpt_to
+from smtp_proxy.smtp.addresses import (
+    Path,
+    PathError,
+    decode_xtext,
+    domain_allowed,
+    parse_mail_from,
+    parse_rcpt_to,
+)
 
 
 def _domain(length: int) -> str:
@@ -480,6 +487,57 @@ def test_rcpt_to_rejects_param_when_postmaster_and_none_allowed() -> None:
 def test_rcpt_to_keeps_param_when_allowed() -> None:
     path = parse_rcpt_to("TO:<bob@example.com> notify=NEVER", allowed_params=frozenset({"NOTIFY"}))
     assert path.params == {"NOTIFY": "NEVER"}
+
+
+# --- RFC 3461 (DSN) parameters -------------------------------------------------------------------
+
+DSN_MAIL = frozenset({"SIZE", "BODY", "RET", "ENVID"})
+DSN_RCPT = frozenset({"NOTIFY", "ORCPT"})
+
+
+@pytest.mark.parametrize(
+    ("xtext", "text"),
+    [("", ""), ("abc", "abc"), ("a+2Bb", "a+b"), ("+3D+20x", "= x"), ("+7E~", "~~"), ("x+00", "x\x00")],
+)
+def test_decode_xtext_when_valid(xtext: str, text: str) -> None:
+    assert decode_xtext(xtext) == text
+
+
+@pytest.mark.parametrize("xtext", ["+", "+4", "+4g", "+zz", "a+2b", "a=b", "a b", "\x7f"])
+def test_decode_xtext_rejects_when_not_xtext(xtext: str) -> None:
+    with pytest.raises(ValueError):
+        decode_xtext(xtext)
+
+
+def test_mail_from_normalises_dsn_params() -> None:
+    path = parse_mail_from("FROM:<a@example.com> ret=hdrs envid=x+2By", allowed_params=DSN_MAIL)
+    assert path.params == {"RET": "HDRS", "ENVID": "x+y"}
+
+
+def test_rcpt_to_normalises_dsn_params() -> None:
+    argument = "TO:<b@example.com> notify=Success,failure orcpt=RFC822;B+40example.com"
+    path = parse_rcpt_to(argument, allowed_params=DSN_RCPT)
+    assert path.params == {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;B@example.com"}
+
+
+def test_orcpt_of_500_characters_is_accepted_and_501_is_not() -> None:
+    """RFC 3461 4.2 counts the encoded value, address type included."""
+    taken = "RFC822;" + "a" * 481 + "@example.com"
+    assert len(taken) == 500
+    path = parse_rcpt_to(f"TO:<b@example.com> ORCPT={taken}", DSN_RCPT)
+    assert path.params["ORCPT"] == "rfc822;" + "a" * 481 + "@example.com"
+    error = _error(lambda a: parse_rcpt_to(a, DSN_RCPT), f"TO:<b@example.com> ORCPT={taken}a")
+    assert error.kind == "value" and str(error) == "ORCPT longer than 500 characters"
+
+
+def test_envid_counts_the_encoded_characters() -> None:
+    """RFC 3461 4.4: 100 characters of xtext, so "+2B" counts three."""
+    assert (
+        parse_mail_from("FROM:<a@x.example> ENVID=" + "+2B" * 33 + "a", DSN_MAIL).params["ENVID"]
+        == "+" * 33 + "a"
+    )
+    error = _error(lambda a: parse_mail_from(a, DSN_MAIL), "FROM:<a@x.example> ENVID=" + "+2B" * 34)
+    assert error.kind == "value" and str(error) == "ENVID longer than 100 characters"
 
 
 # --- Path and PathError ---------------------------------------------------------------------------

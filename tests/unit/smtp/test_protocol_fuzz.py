@@ -316,7 +316,10 @@ SENDERS = [
     b"a b@example.com",
 ]
 MAIL_VERBS = [b"MAIL FROM:", b"MAIL FROM:", b"mail from: ", b"MAIL TO:", b"MAIL"]
-MAIL_PARAMS = [b"", b"", b" SIZE=100", b" SIZE=99999999", b" SIZE=x", b" BODY=8BITMIME", b" FOO=1", b" SIZE"]
+MAIL_PARAMS = [
+    *(b"", b"", b" SIZE=100", b" SIZE=99999999", b" SIZE=x", b" BODY=8BITMIME", b" FOO=1", b" SIZE"),
+    *(b" RET=HDRS ENVID=a+2Bb", b" RET=ALL", b" ENVID=a+0D+0Ab", b" RET=FULL RET=FULL"),
+]
 RECIPIENTS = [
     b"bob@dest.test",
     b"bob@dest.test",
@@ -327,7 +330,10 @@ RECIPIENTS = [
     b"a@[127.0.0.1]",
 ]
 RCPT_VERBS = [b"RCPT TO:", b"RCPT TO:", b"rcpt to: ", b"RCPT FROM:"]
-RCPT_PARAMS = [b"", b"", b"", b" NOTIFY=NEVER"]
+RCPT_PARAMS = [
+    *(b"", b"", b"", b" NOTIFY=NEVER", b" NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob+40dest.test"),
+    *(b" NOTIFY=NEVER,FAILURE", b" ORCPT=x400;bob", b" ORCPT=rfc822;+0A"),
+]
 BODY_TOKENS = [
     b"Subject: hi\r\n",
     b"a line\r\n",

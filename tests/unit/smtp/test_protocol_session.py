@@ -12,6 +12,7 @@ EHLO_PLAIN_TEXT = (
     b"250-PIPELINING\r\n"
     b"250-8BITMIME\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250-DSN\r\n"
     b"250 STARTTLS\r\n"
 )
 EHLO_TLS = (
@@ -20,6 +21,7 @@ EHLO_TLS = (
     b"250-PIPELINING\r\n"
     b"250-8BITMIME\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250-DSN\r\n"
     b"250 AUTH PLAIN LOGIN\r\n"
 )
 UNRECOGNIZED = b"500 5.5.2 Syntax error, command unrecognized\r\n"

@@ -197,9 +197,9 @@ def test_rcpt_to_path_over_256_octets_fixture_is_long_enough() -> None:
     assert all(len(label) <= 63 for label in path[66:-1].split(b"."))
 
 
-def test_rcpt_to_with_parameter_is_555(authed_driver) -> None:
+def test_rcpt_to_with_unknown_parameter_is_555(authed_driver) -> None:
     authed_driver.send(MAIL)
-    out = authed_driver.send(b"RCPT TO:<bob@dest.test> NOTIFY=NEVER\r\n")
+    out = authed_driver.send(b"RCPT TO:<bob@dest.test> X-PRIORITY=1\r\n")
     assert authed_driver.wire(out) == PARAMETERS
 
 
