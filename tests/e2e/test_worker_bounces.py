@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import smtplib
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from smtp_proxy.db.types import utcnow
 from smtp_proxy.storage import suppressions
 from smtp_proxy.storage.audit import CLI
 from smtp_proxy.storage.messages import enqueue_message
+from tests.e2e.conftest import Listener
 from tests.e2e.test_worker import Queue, delivery_config, sink, start_worker, tenant  # noqa: F401
 from tests.smtp_sink import Received, SmtpSink
 from tests.waiting import wait_for
@@ -232,3 +234,40 @@ def test_a_message_without_a_routing_rule_is_reported_once_a_rule_carries_the_no
     finished(tenant, message_id)
     _parsed, (recipient,) = report(notice)
     assert recipient["Status"] == "5.0.0" and "no routing rule" in notice.data.decode()
+
+
+def test_from_submission_to_notice_with_the_clients_dsn_parameters(
+    start_listener,
+    client_tls,
+    sink: SmtpSink,  # noqa: F811
+    delivery_config,  # noqa: F811
+    start_worker,  # noqa: F811
+) -> None:
+    """smtplib submits with RET, ENVID, NOTIFY and ORCPT; the provider refuses one recipient for good."""
+    listener: Listener = start_listener()
+    queue = Queue(delivery_config(), account_name=listener.tenant)
+    queue.rule(queue.smtp_provider(sink, "sink"), 0)
+    sink.refuse("gone@example.net", 550, "5.1.1 no such user")
+    data = b"From: app@example.com\r\nTo: gone@example.net\r\nSubject: hello\r\n\r\nHello.\r\n"
+    with smtplib.SMTP(listener.host, listener.port, timeout=10) as client:
+        client.starttls(context=client_tls)
+        client.login(listener.tenant, listener.password)
+        client.ehlo()
+        assert client.has_extn("dsn")
+        client.sendmail(
+            "app@example.com",
+            ["gone@example.net", "ok@example.net"],
+            data,
+            mail_options=["RET=HDRS", "ENVID=QQ314159"],
+            rcpt_options=["NOTIFY=FAILURE ORCPT=rfc822;Gone@example.net"],
+        )
+    start_worker()
+    received = sink.wait_for(2, timeout=20)  # the message to ok@, and the notice of gone@
+    (notice,) = [m for m in received if m.mail_from == ""]
+    assert notice.rcpt_tos == ("app@example.com",)
+    parsed = email.message_from_bytes(notice.data, policy=email.policy.default)
+    per_message, recipient = list(parsed.iter_parts())[1].get_payload()
+    assert per_message["Original-Envelope-Id"] == "QQ314159"
+    assert recipient["Original-Recipient"] == "rfc822;Gone@example.net"
+    assert recipient["Final-Recipient"] == "rfc822; gone@example.net" and recipient["Status"] == "5.1.1"
+    queue.database.dispose()
