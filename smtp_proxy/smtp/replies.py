@@ -95,6 +95,9 @@ R530_STARTTLS_FIRST = _r(530, "5.7.0", "Must issue a STARTTLS command first")
 R530_AUTH_REQUIRED = _r(530, "5.7.0", "Authentication required")
 R535_AUTH_INVALID = _r(535, "5.7.8", "Authentication credentials invalid")
 R550_HEADER_FROM = _r(550, "5.7.1", "From: header address not allowed for this account")
+# RFC 5321 4.5.3.1.6 / RFC 5322 2.1.1: a line the worker cannot shorten (long_lines) would be lost at a
+# provider that enforces the limit, after our 250.
+R550_LINE_TOO_LONG = _r(550, "5.6.0", "Line too long (RFC 5322 2.1.1)")
 R552_TOO_BIG = _r(552, "5.3.4", "Message size exceeds fixed maximum message size")
 R553_SENDER_NOT_ALLOWED = _r(553, "5.7.1", "Sender address not allowed for this account")
 R554_BARE_CR = _r(554, "5.6.0", "Bare CR in message data; lines must end with CRLF")

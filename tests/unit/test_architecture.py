@@ -18,15 +18,19 @@ CORE = [
     "smtp/trace.py",
     "smtp/alignment.py",
     "proxy_protocol.py",
+    "long_lines.py",
 ]
 CORE_ALLOWED = {
     "__future__",
     "binascii",
     "base64",
+    "bisect",
     "collections.abc",
     "dataclasses",
     "datetime",
     "email.errors",
+    "email.message",
+    "email.parser",
     "email.policy",
     "email.utils",
     "enum",
@@ -39,6 +43,7 @@ CORE_ALLOWED = {
     "smtp_proxy.smtp.addresses",
     "smtp_proxy.smtp.sasl",
     "smtp_proxy.smtp.alignment",
+    "smtp_proxy.long_lines",
 }
 
 
