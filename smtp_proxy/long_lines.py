@@ -9,7 +9,9 @@ walk of the MIME structure, so the listener never accepts what the worker cannot
 Only what holds a long line changes, and never its meaning:
 
 - a header line is folded before whitespace (RFC 5322 2.2.3), after a comma where it can and to
-  78 octets where it can; unfolding gives back the same value;
+  78 octets where it can; unfolding gives back the same value. An address list written without
+  spaces ("a@x,b@y", as swaks writes one) first gets a space after each comma between
+  addresses, which changes no address (RFC 5322 3.4);
 - a leaf part in 7bit, 8bit, binary or no Content-Transfer-Encoding is encoded quoted-printable
   (RFC 2045 6.7), its header says so (and the message's ``MIME-Version`` when it had none); a
   quoted-printable line gets soft line breaks, base64 is wrapped again: decoded, it is the same;
@@ -57,7 +59,12 @@ _IDENTITY = frozenset({"", "7bit", "8bit", "binary"})
 _MESSAGES = frozenset({"message/rfc822", "message/global"})
 _FRAGMENTS = frozenset({"message/partial", "message/external-body"})
 _SEALED = frozenset({"multipart/signed", "multipart/encrypted"})
-_COMMA, _SPACE, _TAB = ord(","), ord(" "), ord("\t")
+_COMMA, _SPACE, _TAB, _QUOTE, _BACKSLASH = (ord(c) for c in ', \t"\\')
+_OPENING, _CLOSING = b"(<[", b")>]"
+# RFC 5322 3.6.2, 3.6.3 and 3.6.6: the fields that hold address lists.
+_ADDRESS_FIELDS = frozenset(
+    b"from sender reply-to to cc bcc resent-from resent-sender resent-to resent-cc resent-bcc".split()
+)
 
 
 class Unfixable(ValueError):
@@ -164,24 +171,68 @@ def _fold_header(header: bytes) -> bytes:
     """The header block with each line over MAX_LINE folded; the other lines as they were."""
     if not has_long_line(header):
         return header
-    lines = header.split(b"\r\n")
-    for number, line in enumerate(lines):
-        if len(line) > MAX_LINE:
-            # A field's first line breaks only inside its value, past the colon and the first
-            # word (a line of the name alone gains nothing); a continuation line anywhere.
-            after = 0
-            if line[:1] not in (b" ", b"\t"):
-                value = _TEXT.search(line, line.find(b":") + 1)
-                after = value.start() if value else len(line)
-            lines[number] = b"\r\n".join(_fold_line(line, after))
-    return b"\r\n".join(lines)
+    fields: list[list[bytes]] = []  # each field's lines: the first, then its continuations
+    for line in header.split(b"\r\n"):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    folded = []
+    for field in fields:
+        if any(len(line) > MAX_LINE for line in field):
+            name, colon, _value = field[0].partition(b":")
+            if colon and name.strip().lower() in _ADDRESS_FIELDS:
+                field = _spaced_commas(b"\r\n".join(field), len(name) + 1).split(b"\r\n")
+            field = [piece for number, line in enumerate(field) for piece in _fold_line(line, number == 0)]
+        folded += field
+    return b"\r\n".join(folded)
 
 
-def _fold_line(line: bytes, after: int) -> list[bytes]:
+def _spaced_commas(field: bytes, start: int) -> bytes:
+    """An address field with a space after each comma between addresses that has none, so it
+    can be folded there: "a@x,b@y" (as swaks writes a list) means what "a@x, b@y" means, since
+    CFWS may surround every address (RFC 5322 3.4). Commas in quoted strings, comments, angle
+    brackets and domain literals are not between addresses and are left alone."""
+    cuts = []
+    quoted = escaped = False
+    nested = 0  # comments, angle brackets, domain literals
+    for position in range(start, len(field)):
+        octet = field[position]
+        if escaped:
+            escaped = False
+        elif octet == _BACKSLASH:
+            escaped = quoted or nested > 0
+        elif octet == _QUOTE and not nested:
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif octet in _OPENING:
+            nested += 1
+        elif octet in _CLOSING:
+            nested = max(0, nested - 1)
+        elif (
+            octet == _COMMA and not nested and field[position + 1 : position + 2] not in (b" ", b"\t", b"\r")
+        ):
+            cuts.append(position + 1)
+    if not cuts:
+        return field
+    pieces = [field[begin:end] for begin, end in zip([0, *cuts], [*cuts, len(field)], strict=True)]
+    return b" ".join(pieces)
+
+
+def _fold_line(line: bytes, first: bool) -> list[bytes]:
     """``line`` cut before whitespace into lines of at most FOLD_AT octets where it can, and at
-    most MAX_LINE always. Each break goes before a run of whitespace, after a comma if one is
-    in reach (an address list breaks between addresses), and leaves text on the line it ends
-    (RFC 5322 2.2.3: no line of whitespace only). Raises Unfixable."""
+    most MAX_LINE always; itself alone when it is not over MAX_LINE. Each break goes before a
+    run of whitespace, after a comma if one is in reach (an address list breaks between
+    addresses), and leaves text on the line it ends (RFC 5322 2.2.3: no line of whitespace
+    only). ``first``: the field's first line, which breaks only inside its value, past the
+    colon and the first word (a line of the name alone gains nothing). Raises Unfixable."""
+    if len(line) <= MAX_LINE:
+        return [line]
+    after = 0
+    if first:
+        value = _TEXT.search(line, line.find(b":") + 1)
+        after = value.start() if value else len(line)
     spaces = [match.start() for match in _WSP.finditer(line)]
     pieces = []
     start = 0

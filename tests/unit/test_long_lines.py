@@ -7,6 +7,7 @@ import email
 import email.policy
 import re
 from email.message import Message
+from email.utils import getaddresses
 
 import pytest
 
@@ -73,6 +74,16 @@ def test_the_limit_is_998_octets_whatever_ends_the_line() -> None:
     assert has_long_line(b"a\r\n" + b"x" * 999)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 997, 998, 999, 65_535 - 999, 65_535, 65_536, 65_537, 131_000])
+def test_a_long_line_is_found_wherever_it_starts_and_a_998_octet_one_never(offset: int) -> None:
+    """The search looks at overlapping windows of 64 KiB: a line across their edge counts whole."""
+    short = b"\r\n".join([b"s" * 998] * 200)  # 200 kB of lines exactly at the limit
+    assert not has_long_line(short)
+    data = short[:offset] + b"\r\n" + b"L" * 999 + b"\r\n" + short[offset:]
+    assert has_long_line(data)
+    assert not has_long_line(data.replace(b"L" * 999, b"L" * 998))
+
+
 # --- header fields --------------------------------------------------------------------------------
 
 
@@ -93,6 +104,25 @@ def test_a_long_address_list_is_folded_after_commas_and_its_value_is_unchanged()
     # Only the long field changed: the rest is byte for byte.
     assert fitted.replace(header, b"") == data.replace(data.split(b"\r\n\r\n")[0], b"")
     assert fitted.startswith(b"From: App <app@example.com>\r\nTo: ") and b"\r\nSubject: many\r\n" in fitted
+
+
+def test_an_address_list_without_spaces_gets_one_after_each_comma_between_addresses() -> None:
+    """swaks writes ``--to a,b,c`` as one To: line with no whitespace at all."""
+    addresses = [f"user{n}@example.net" for n in range(100)]
+    quoted = '"Smith,John" <js@example.net>,(a,comment)jd@example.net,<@route,@r2:x@example.net>'
+    to = ",".join([quoted, *addresses])
+    data = b"From: app@example.com\r\nTo: " + to.encode() + b"\r\nSubject: swaks\r\n\r\nbody\r\n"
+
+    fitted = fit(data)
+
+    assert longest(fitted) <= 78
+    (value,) = unfolded(fitted, "To")
+    assert value.replace(b", ", b",") == b" " + to.encode()  # only spaces after commas were added
+    assert value.startswith(b' "Smith,John" <js@example.net>, (a,comment)jd@example.net, <@route,@r2:x@ex')
+    assert getaddresses(parse(fitted).get_all("To")) == getaddresses([to])
+    assert [address for _name, address in getaddresses([to])][-100:] == addresses
+    # Not an address field: a Subject has no addresses to space out, and no whitespace to fold at.
+    assert refusal(b"Subject: " + to.replace(" ", "").encode() + b"\r\n\r\nbody\r\n") is not None
 
 
 def test_a_long_subject_without_commas_folds_at_spaces_and_keeps_its_utf8() -> None:
