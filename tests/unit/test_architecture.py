@@ -24,7 +24,6 @@ CORE_ALLOWED = {
     "__future__",
     "binascii",
     "base64",
-    "bisect",
     "collections.abc",
     "dataclasses",
     "datetime",
