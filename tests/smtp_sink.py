@@ -87,7 +87,10 @@ class SmtpSink:
     ``cert_file`` names it so a client can trust it. auth: {"user": "password"} turns on AUTH (PLAIN
     and LOGIN, or auth_mechanisms) and makes it required; without it AUTH is not offered at all
     (aiosmtpd would offer it and refuse everyone). smtputf8: offer SMTPUTF8. hide: EHLO keywords to
-    leave out of the EHLO reply, e.g. {"8BITMIME", "SIZE"}.
+    leave out of the EHLO reply, e.g. {"8BITMIME", "SIZE"}. max_line_length: refuse a message with a
+    line longer than this many octets (CRLF not counted) with ``500 5.5.2 Line too long``, as providers
+    that enforce RFC 5321 4.5.3.1.6 do (998 is the RFC's limit); without it aiosmtpd's own limit
+    applies (lines of 1000 octets or more, and a 500 without an enhanced code).
 
     ``errors`` lists the exceptions raised inside sessions, except a client giving up a TLS
     handshake (a certificate it does not trust), which tests provoke on purpose.
@@ -104,6 +107,7 @@ class SmtpSink:
         smtputf8: bool = True,
         hide: frozenset[str] | set[str] = frozenset(),
         max_size: int = 32 * 1024 * 1024,
+        max_line_length: int | None = None,
     ) -> None:
         if tls not in ("none", "starttls", "implicit"):
             raise ValueError(f"tls must be none, starttls or implicit, not {tls!r}")
@@ -119,6 +123,7 @@ class SmtpSink:
         self._queued: defaultdict[str, deque[str]] = defaultdict(deque)
         self._refusals: dict[str, str] = {}
         self._data_delay = 0.0
+        self.max_line_length = max_line_length
         self.errors: list[BaseException] = []
         self._tempdir: str | None = None
         self.cert_file: Path | None = None
@@ -345,6 +350,9 @@ class _Handler:
         if scripted:
             return scripted
         assert server.transport is not None and isinstance(envelope.content, bytes)
+        limit = self.sink.max_line_length
+        if limit is not None and max(map(len, envelope.content.split(b"\r\n"))) > limit:
+            return "500 5.5.2 Line too long"
         self.sink._record(
             Received(
                 mail_from="" if envelope.mail_from == "<>" else str(envelope.mail_from),
@@ -365,6 +373,9 @@ class _SinkSMTP(SMTP):
     """aiosmtpd's server with a connection count and a scriptable reply to the DATA command."""
 
     def __init__(self, sink: SmtpSink, handler: _Handler, **kwargs: Any) -> None:
+        if sink.max_line_length is not None:
+            # Read lines of any length (aiosmtpd's reader stops at 1001 octets), and judge them in DATA.
+            self.line_length_limit = 1 << 24
         super().__init__(handler, **kwargs)
         self.sink = sink
 

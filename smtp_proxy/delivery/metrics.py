@@ -58,3 +58,11 @@ NOTICES = Counter(
     "Delivery status notifications queued for senders, by action (failed, delayed, relayed)",
     ["action"],
 )
+LONG_LINES = Counter(
+    "smtp_proxy_delivery_long_lines_total",
+    "Messages with a line over 998 octets, by what the worker did: fitted (folded or re-encoded), or"
+    " unfixable (sent as stored; only mail queued before the listener refused such lines)",
+    ["outcome"],
+)
+for _outcome in ("fitted", "unfixable"):
+    LONG_LINES.labels(_outcome)

@@ -35,6 +35,9 @@ providers' outcomes (``Outcome.bounced``) join the list in the transaction that
 writes the outcome, as do the tenant's webhook events (``webhooks.events``), among
 them ``message.suppressed`` for the recipients left out.
 
+Lines over 998 octets are folded or re-encoded (``long_lines``) before a message is signed
+and sent, so a provider that enforces the limit does not refuse, for good, mail we took.
+
 What an outcome means for the message (status, retry, follow-up) is ``verdict``'s
 decision; the accounts' routes come from ``routes``, the upkeep thread is
 ``housekeeping``.
@@ -53,6 +56,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+from smtp_proxy import long_lines
 from smtp_proxy.config import Config, DeliveryConfig
 from smtp_proxy.contract import DeliveryStatus, MessageStatus, ProviderType
 from smtp_proxy.crypto import Cipher
@@ -371,7 +375,7 @@ class Worker:
                 final = body
                 attempts.append(delivery_queue.Attempt(None, body.status, body.code, body.text, utcnow()))
         if isinstance(body, bytes):
-            outgoing = Outgoing(message.id, message.sender, recipients, body)
+            outgoing = Outgoing(message.id, message.sender, recipients, _fitted(message.id, body))
             signed = self.signer.once(dkim_keys, outgoing)
             envelope = routing.Envelope(message.sender, list(recipients), message.headers or [])
             plan = routing.plan([route.rule for route in routes], envelope, self.rng)
@@ -684,6 +688,28 @@ def _remote_mta(route: Route) -> str | None:
     if target is None or target.provider_type is not ProviderType.SMTP or not target.smtp_config:
         return None
     return str(target.smtp_config.get("host") or "") or None
+
+
+def _fitted(message_id: uuid.UUID, body: bytes) -> bytes:
+    """``body`` with its lines over 998 octets folded or re-encoded (``long_lines``), before it is
+    signed: a provider that enforces RFC 5321 4.5.3.1.6 would refuse it for good otherwise. The
+    listener refuses what cannot be fixed; a message queued before it did goes out as stored."""
+    try:
+        fitted = long_lines.fit(body)
+    except long_lines.Unfixable as error:
+        metrics.LONG_LINES.labels("unfixable").inc()
+        log.warning(
+            "a line over 998 octets cannot be shortened; sending the message as stored",
+            extra={
+                "event": "delivery.long_line_unfixable",
+                "message_id": str(message_id),
+                "detail": str(error),
+            },
+        )
+        return body
+    if fitted is not body:
+        metrics.LONG_LINES.labels("fitted").inc()
+    return fitted
 
 
 def _logged(note: verdict.Note, at: datetime) -> delivery_queue.Attempt:

@@ -194,5 +194,6 @@ class Intake:
                 "recipients": rejected.recipients,
                 "size": rejected.size,
                 "code": rejected.reply.code,
+                **({"detail": rejected.detail} if rejected.detail else {}),
             },
         )

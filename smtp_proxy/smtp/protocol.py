@@ -3,9 +3,10 @@
 Rules of this module (after h11's ``_state.py``):
 
 1. No I/O. It never touches a socket, ``ssl``, the database, the config loader
-   or a clock; it imports only the standard library and its sibling modules
-   ``replies``, ``addresses``, ``sasl`` and ``alignment``. Every RFC corner can
-   therefore be tested with plain strings.
+   or a clock; it imports only the standard library, its sibling modules
+   ``replies``, ``addresses``, ``sasl`` and ``alignment``, and the pure
+   ``smtp_proxy.long_lines``. Every RFC corner can therefore be tested with
+   plain strings.
 2. The caller feeds bytes with ``receive()`` and gets back a list of outputs:
    ``Reply`` objects to send in order, events that need an outside answer
    (``TlsRequested``, ``CredentialsOffered``, ``MailFromOffered``,
@@ -46,6 +47,11 @@ Security properties that live here:
   from the caller's ``DataBudget`` (``max_data_in_flight``) before it is kept;
   when the budget runs out the message is read to its end and refused with a
   452, and the session goes on.
+- A line over 998 octets (RFC 5322 2.1.1) that the worker could not shorten
+  without changing the message (``long_lines``: a header line with no
+  whitespace to fold at, a long line under a signature or an unknown transfer
+  encoding) gets 550 and nothing is stored: a provider that enforces the limit
+  would lose it after our 250.
 - When the account asks for it, the From:/Sender: header addresses must be in
   the account's domains too (``alignment``); otherwise 550 and nothing is
   stored.
@@ -58,6 +64,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from smtp_proxy.long_lines import refusal as long_line_refusal
 from smtp_proxy.smtp import alignment
 from smtp_proxy.smtp import replies as R
 from smtp_proxy.smtp.addresses import Path, PathError, domain_allowed, parse_mail_from, parse_rcpt_to
@@ -205,9 +212,11 @@ class MessageRejected:
     sender: str
     recipients: int
     size: int
-    reason: str  # "too_big", "bare_cr", "server_busy" (the DataBudget ran out) or "header_from"
+    # "too_big", "bare_cr", "server_busy" (the DataBudget ran out), "line_too_long" or "header_from"
+    reason: str
     reply: Reply
-    detail: str = ""  # for "header_from": the header address that is not allowed
+    # for "header_from": the header address that is not allowed; for "line_too_long": where the line is
+    detail: str = ""
 
 
 Event = TlsRequested | CredentialsOffered | MailFromOffered | MessageReceived
@@ -674,8 +683,9 @@ class SmtpSession:
             reason, reply = "server_busy", R.R452_DATA_IN_FLIGHT  # the listener's memory, not the client
         else:
             data = reader.message()
-            misaligned = self._misaligned_header(data, sender)
-            if misaligned is None:
+            too_long = long_line_refusal(data)
+            misaligned = self._misaligned_header(data, sender) if too_long is None else None
+            if too_long is None and misaligned is None:
                 params = envelope.sender.params
                 out.append(
                     MessageReceived(
@@ -691,7 +701,10 @@ class SmtpSession:
                 self._pause(MessageReceived)
                 return True
             reader.release()
-            reason, reply, detail = "header_from", R.R550_HEADER_FROM, misaligned
+            if too_long is not None:
+                reason, reply, detail = "line_too_long", R.R550_LINE_TOO_LONG, too_long
+            else:
+                reason, reply, detail = "header_from", R.R550_HEADER_FROM, misaligned or ""
         self.connection.messages_rejected += 1
         out.append(MessageRejected(sender, len(envelope.recipients), reader.size, reason, reply, detail))
         out.append(reply)

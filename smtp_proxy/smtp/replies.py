@@ -99,6 +99,11 @@ R535_AUTH_INVALID = _r(535, "5.7.8", "Authentication credentials invalid")
 R550_HEADER_FROM = _r(550, "5.7.1", "From: header address not allowed for this account")
 
 
+# RFC 5321 4.5.3.1.6 / RFC 5322 2.1.1: a line the worker cannot shorten (long_lines) would be lost at a
+# provider that enforces the limit, after our 250.
+R550_LINE_TOO_LONG = _r(550, "5.6.0", "Line too long (RFC 5322 2.1.1)")
+
+
 def r552_too_big(max_message_size: int) -> Reply:
     """552 5.3.4 naming the limit (RFC 1870 6.1's text, then the size), so the sender knows what fits."""
     return _r(

@@ -19,6 +19,7 @@ CORE = [
     "smtp/alignment.py",
     "proxy_protocol.py",
     "units.py",
+    "long_lines.py",
 ]
 CORE_ALLOWED = {
     "__future__",
@@ -28,6 +29,8 @@ CORE_ALLOWED = {
     "dataclasses",
     "datetime",
     "email.errors",
+    "email.message",
+    "email.parser",
     "email.policy",
     "email.utils",
     "enum",
@@ -41,6 +44,7 @@ CORE_ALLOWED = {
     "smtp_proxy.smtp.sasl",
     "smtp_proxy.smtp.alignment",
     "smtp_proxy.units",
+    "smtp_proxy.long_lines",
 }
 
 

@@ -283,6 +283,55 @@ def test_data_bare_cr_leaves_session_usable(authed_driver) -> None:
     assert only_message(driver, out).data == b"clean\r\n"
 
 
+# --- lines over 998 octets (RFC 5322 2.1.1) -------------------------------------------------------
+
+LINE_TOO_LONG = b"550 5.6.0 Line too long (RFC 5322 2.1.1)\r\n"
+
+
+def test_data_header_line_that_cannot_be_folded_is_550_and_the_session_goes_on(authed_driver) -> None:
+    """No whitespace to fold at: the worker could not fix it, so it is refused, not lost later."""
+    driver = authed_driver
+    out = data_stream(driver, b"Subject: x\r\nX-Token: " + b"t" * 1200 + b"\r\n\r\nbody\r\n")
+    assert driver.received(out) == []
+    (notice,) = driver.rejected(out)
+    assert (notice.reason, notice.reply.code, notice.recipients) == ("line_too_long", 550, 1)
+    assert notice.detail == "a header line over 998 octets with no whitespace to fold at"
+    assert driver.wire(out) == LINE_TOO_LONG
+    assert out.index(notice) < out.index(notice.reply)
+    assert not driver.session.paused
+    # The transaction is over (RSET state); the next one on the same session is taken.
+    assert (
+        driver.wire(driver.send(b"RCPT TO:<bob@dest.test>\r\n")) == b"503 5.5.1 Need MAIL command first\r\n"
+    )
+    out = data_stream(driver, b"Subject: fine\r\n\r\nclean\r\n")
+    assert only_message(driver, out).data == b"Subject: fine\r\n\r\nclean\r\n"
+
+
+def test_data_long_line_under_a_signature_is_550(authed_driver) -> None:
+    body = (
+        b'Content-Type: multipart/signed; boundary="s"; protocol="application/pgp-signature"\r\n\r\n'
+        b"--s\r\nContent-Type: text/plain\r\n\r\n" + b"w" * 1500 + b"\r\n--s\r\n"
+        b"Content-Type: application/pgp-signature\r\n\r\nsig\r\n--s--\r\n"
+    )
+    out = data_stream(authed_driver, body)
+    assert authed_driver.wire(out) == LINE_TOO_LONG
+    assert authed_driver.rejected(out)[0].detail == "a line over 998 octets inside multipart/signed"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"To: " + b", ".join(b"user%d@example.net" % n for n in range(100)) + b"\r\n\r\nbody\r\n",
+        b"Subject: long body\r\n\r\n" + b"x" * 1500 + b"\r\n",
+        b"Subject: long body\r\n\r\n" + b"y" * 70_000 + b"\r\n",  # passed on in pieces by the reader
+    ],
+    ids=["folded-header", "body-line", "body-line-over-pending-limit"],
+)
+def test_data_long_lines_the_worker_can_fix_are_accepted_as_sent(authed_driver, body: bytes) -> None:
+    out = data_stream(authed_driver, body)
+    assert only_message(authed_driver, out).data == body  # stored as sent; the worker fits it
+
+
 # --- size limits ---------------------------------------------------------------------------------
 
 
