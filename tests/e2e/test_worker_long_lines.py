@@ -19,53 +19,22 @@ import uuid
 from collections.abc import Callable, Iterator
 from email.message import Message
 from email.utils import getaddresses
-from typing import Any
 
 import dkim as dkimpy
 import pytest
 
 from smtp_proxy import dkim
-from smtp_proxy.config import Config
-from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import MessageStatus
-from smtp_proxy.db.session import Database
-from smtp_proxy.delivery.worker import Worker
 from smtp_proxy.storage import accounts, dkim_keys
 from smtp_proxy.storage.audit import CLI
 from tests.e2e.conftest import Listener
-from tests.e2e.test_worker import DELIVERY, Queue
+from tests.e2e.test_worker import Queue, delivery_config, start_worker  # noqa: F401
 from tests.smtp_sink import SmtpSink
 from tests.waiting import wait_for
 
 RECIPIENTS = [f"user{n}@example.net" for n in range(100)]
 LONG_TEXT = ("Grüße aus Köln, ein sehr langer Absatz ohne Zeilenumbruch. " * 26).strip()  # > 1,500 octets
 ATTACHMENT = bytes(range(256)) * 64
-
-
-@pytest.fixture
-def delivery_config(pg_url: str, make_config) -> Callable[..., Config]:
-    def make(**delivery: Any) -> Config:
-        return make_config(pg_url, delivery={**DELIVERY, **delivery}, logging={"level": "warning"})
-
-    return make
-
-
-@pytest.fixture
-def start_worker(delivery_config) -> Iterator[Callable[[], Worker]]:
-    started: list[tuple[Worker, Database]] = []
-
-    def start() -> Worker:
-        config = delivery_config()
-        database = Database(config.database)
-        worker = Worker(lambda: config, database, Cipher.from_config(config.security))
-        worker.start()
-        started.append((worker, database))
-        return worker
-
-    yield start
-    for worker, database in started:
-        worker.stop(drain=5)
-        database.dispose()
 
 
 @pytest.fixture
@@ -95,7 +64,7 @@ class Route:
 
 
 @pytest.fixture
-def route(start_listener, delivery_config, strict: SmtpSink) -> Iterator[Route]:
+def route(start_listener, delivery_config, strict: SmtpSink) -> Iterator[Route]:  # noqa: F811
     listener: Listener = start_listener()
     queue = Queue(delivery_config(), account_name=listener.tenant)
     queue.rule(queue.smtp_provider(strict, "strict"), 0)
@@ -143,7 +112,9 @@ def test_the_strict_provider_refuses_a_long_line_for_good(strict: SmtpSink) -> N
 
 
 def test_swaks_with_a_hundred_recipients_on_one_to_line_arrives_folded_and_signed(
-    route: Route, strict: SmtpSink, start_worker
+    route: Route,
+    strict: SmtpSink,
+    start_worker,  # noqa: F811
 ) -> None:
     """swaks writes ``--to a,b,...`` as one To: line with no whitespace, here 2,000 octets long,
     with a 1,500-octet UTF-8 body line after it."""
@@ -180,7 +151,10 @@ def test_swaks_with_a_hundred_recipients_on_one_to_line_arrives_folded_and_signe
 
 
 def test_a_long_8bit_text_part_is_reencoded_and_the_base64_attachment_arrives_byte_for_byte(
-    route: Route, strict: SmtpSink, start_worker, client_tls: ssl.SSLContext
+    route: Route,
+    strict: SmtpSink,
+    start_worker,  # noqa: F811
+    client_tls: ssl.SSLContext,
 ) -> None:
     attachment = base64.encodebytes(ATTACHMENT).replace(b"\n", b"\r\n")
     text = LONG_TEXT.encode() + b"\r\nzweite Zeile\r\n"
