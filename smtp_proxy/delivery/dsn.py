@@ -190,7 +190,9 @@ def build(
 
     ``data`` is the original message; ``retry_until`` is when a delayed message is given up.
     """
-    report = EmailMessage(policy=email.policy.SMTP)
+    # An internationalised sender (SMTPUTF8) is written as it is, not RFC 2047-encoded (RFC 6532).
+    policy = email.policy.SMTP if original.sender.isascii() else email.policy.SMTPUTF8
+    report = EmailMessage(policy=policy)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
     report["To"] = original.sender
     report["Subject"] = SUBJECTS[notice.action]
@@ -199,7 +201,7 @@ def build(
     report["Auto-Submitted"] = "auto-replied"  # RFC 3834 5: no automatic answer to this
     report["MIME-Version"] = "1.0"
     report["Content-Type"] = "multipart/report; report-type=delivery-status"
-    human = MIMEPart(policy=email.policy.SMTP)
+    human = MIMEPart(policy=policy)
     human.set_content(_explanation(notice, reporting_mta, retry_until))
     report.set_payload(
         [human, _status_part(notice, original, reporting_mta, now, retry_until), _returned(original, data)]
@@ -236,13 +238,13 @@ def _status_part(
         block = Message()
         if recipient.original:
             block["Original-Recipient"] = recipient.original
-        block["Final-Recipient"] = f"rfc822; {recipient.address}"
+        block["Final-Recipient"] = _address_field(recipient.address)
         block["Action"] = str(notice.action)
         block["Status"] = recipient.status
         if recipient.remote_mta:
-            block["Remote-MTA"] = f"dns; {recipient.remote_mta}"
+            block["Remote-MTA"] = f"dns; {_host(recipient.remote_mta)}"
         if recipient.diagnostic:
-            block["Diagnostic-Code"] = f"smtp; {_one_line(recipient.diagnostic)}"
+            block["Diagnostic-Code"] = f"smtp; {_ascii(_one_line(recipient.diagnostic))}"
         block["Last-Attempt-Date"] = format_datetime(now)
         if notice.action is Action.DELAYED and retry_until is not None:
             block["Will-Retry-Until"] = format_datetime(retry_until)
@@ -266,6 +268,27 @@ def _returned(original: Original, data: bytes) -> Message:
     part["Content-Transfer-Encoding"] = "7bit" if returned.isascii() else "8bit"
     part.set_payload(returned.decode("ascii", "surrogateescape"))  # 8-bit octets kept as they were
     return part
+
+
+def _address_field(address: str) -> str:
+    """``rfc822; addr``, or for an internationalised address RFC 6533 3's ``utf-8`` type with each
+    non-ASCII character as ``\\x{HEX}``, as a message/delivery-status part (ASCII) must carry it."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(ch if ch.isascii() else f"\\x{{{ord(ch):X}}}" for ch in address)
+
+
+def _host(name: str) -> str:
+    """A host name as DNS carries it: an internationalised one in its A-label (IDNA) form."""
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return _ascii(name)
+
+
+def _ascii(text: str) -> str:
+    """A status field's text: the part is ASCII (RFC 3464 2.1.2), so anything else becomes "?"."""
+    return text.encode("ascii", "replace").decode("ascii")
 
 
 def _one_line(text: str) -> str:

@@ -9,6 +9,7 @@ decides who is told what and writes the report.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -24,6 +25,8 @@ from smtp_proxy.delivery.outcome import Outcome
 from smtp_proxy.storage import delivery_queue
 from smtp_proxy.storage.delivery_queue import Claimed
 from smtp_proxy.storage.messages import enqueue_message
+
+log = logging.getLogger("smtp_proxy.delivery")
 
 
 class Queued(NamedTuple):
@@ -82,14 +85,21 @@ def queue_notices(
     )
     queued: list[Queued] = []
     for notice in dsn.notices(original, outcomes, bounces=message.bounces):
-        report = dsn.build(
-            notice,
-            original,
-            data if data is not None else _header_section(message.headers),
-            reporting_mta=reporting_mta,
-            now=now,
-            retry_until=message.created_at + timedelta(seconds=settings.max_age),
-        )
+        try:
+            report = dsn.build(
+                notice,
+                original,
+                data if data is not None else _header_section(message.headers),
+                reporting_mta=reporting_mta,
+                now=now,
+                retry_until=message.created_at + timedelta(seconds=settings.max_age),
+            )
+        except Exception:  # noqa: BLE001 - a notice that cannot be written must not hold up the outcome
+            log.exception(
+                "delivery status notification not written",
+                extra={"event": "delivery.notice_failed", "message_id": str(message.id)},
+            )
+            continue
         enqueued = enqueue_message(
             session,
             cipher,

@@ -250,3 +250,17 @@ def test_a_deferred_message_is_reported_delayed_only_when_the_notice_is_due() ->
     assert dsn.recipient_outcomes(*args, following_up=[], delay_due=False) == []
     [(action, recipient)] = dsn.recipient_outcomes(*args, following_up=[], delay_due=True)
     assert action is Action.DELAYED and recipient.status == "4.2.2"
+
+
+def test_internationalised_addresses_and_replies_make_a_report_that_parses() -> None:
+    """SMTPUTF8: the sender is written as it is, a recipient in RFC 6533's utf-8 form, replies in ASCII."""
+    message = original(sender="用户@例子.测试")
+    recipient = Recipient("josé@example.org", "5.1.1", "550 5.1.1 unbekannter Empfänger", "mx.bücher.example")
+    [notice] = dsn.notices(message, [(Action.FAILED, recipient)], bounces=True)
+    report = parsed(dsn.build(notice, message, DATA, reporting_mta="r.example", now=NOW))
+    assert report["To"] == "用户@例子.测试"
+    assert "josé@example.org" in next(report.iter_parts()).get_content()
+    _per_message, block = list(report.iter_parts())[1].get_payload()
+    assert block["Final-Recipient"] == "utf-8; jos\\x{E9}@example.org"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 unbekannter Empf?nger"
+    assert block["Remote-MTA"] == "dns; mx.xn--bcher-kva.example"
