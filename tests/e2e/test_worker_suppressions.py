@@ -11,10 +11,10 @@ import logging
 import smtplib
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from smtp_proxy.contract import SuppressionReason
-from smtp_proxy.db.models import DeliveryStatus, MessageStatus, Suppression
+from smtp_proxy.db.models import Account, DeliveryStatus, MessageStatus, Suppression
 from smtp_proxy.delivery.worker import SUPPRESSED_TEXT
 from smtp_proxy.storage import suppressions
 from smtp_proxy.storage.audit import CLI
@@ -124,6 +124,9 @@ def test_a_message_whose_recipients_are_all_suppressed_fails_without_contacting_
 ) -> None:
     suppress(tenant, "a@example.net")
     suppress(tenant, "b@example.net")
+    with tenant.database.transaction() as session:  # no notice to the sender either (test_worker_bounces)
+        session.execute(update(Account).where(Account.id == tenant.account_id).values(bounces=False))
+    tenant.database.remove_session()
     tenant.rule(tenant.smtp_provider(sink, "main"), 0)
     (message_id,) = tenant.enqueue(recipients=("a@example.net", "B@example.net"))
     start_worker()
