@@ -45,6 +45,8 @@ FIELD_NAME = b"DKIM-Signature"
 # What b= holds while the field is folded for hashing: as long as dkimpy's, so that b= goes to a
 # line of its own and the folding before it is the same once the signature replaces it.
 B_STAND_IN = b"0" * 60
+FOLD_WIDTH = 72  # dkimpy's, header name included
+SPLITTABLE = frozenset({b"b", b"bh", b"h"})  # tags whose values may hold folding white space
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -163,7 +165,7 @@ def sign(message: bytes, key: SigningKey, *, timestamp: int | None = None) -> by
     ]
     # RFC 6376 3.7: the header hash ends with this field as it will be sent, b= empty and without
     # its CRLF; hash_headers takes the value of b= out (dkim.RE_BTAG) and canonicalises.
-    unsigned = dkim.fold(_tag_list([*tags, (b"b", B_STAND_IN)]), namelen=len(FIELD_NAME))
+    unsigned = _fold([*tags, (b"b", B_STAND_IN)])
     header_hash = hashlib.sha256()
     dkim.hash_headers(
         header_hash,
@@ -174,12 +176,41 @@ def sign(message: bytes, key: SigningKey, *, timestamp: int | None = None) -> by
         None,
     )
     signature = _signature(key.loaded, header_hash.digest())
-    value = _tag_list([*tags, (b"b", base64.b64encode(signature))]) + b"\r\n"
-    return FIELD_NAME + b": " + dkim.fold(value, namelen=len(FIELD_NAME)) + message
+    value = _fold([*tags, (b"b", base64.b64encode(signature))])
+    return FIELD_NAME + b": " + value + b"\r\n" + message
 
 
 def _tag_list(tags: list[tuple[bytes, bytes]]) -> bytes:
     return b"; ".join(name + b"=" + value for name, value in tags)
+
+
+def _fold(tags: list[tuple[bytes, bytes]]) -> bytes:
+    """The field's value folded to 72 columns: dkimpy's fold, which is what its own signer makes.
+
+    That fold cuts a token longer than a line where the line ends, which is harmless inside b=
+    and bh= (RFC 6376 3.5 ignores their white space) but breaks d=, i= or s= of a long domain.
+    A tag list with such a tag is folded between tags and inside b=, bh= and h= only.
+    """
+    width = FOLD_WIDTH - len(FIELD_NAME) - 1
+    if all(name in SPLITTABLE or len(name) + len(value) + 2 < width for name, value in tags):
+        return dkim.fold(_tag_list(tags), namelen=len(FIELD_NAME))
+    atoms: list[bytes] = []
+    for n, (name, value) in enumerate(tags):
+        end = b";" if n + 1 < len(tags) else b""
+        if name in (b"b", b"bh"):
+            chunks = [value[i : i + 64] for i in range(0, len(value), 64)] or [b""]
+            atoms += [name + b"=" + chunks[0], *chunks[1:]]
+        else:
+            atoms += (name + b"=" + value).split(b" ")  # h= is "from : to : ...": FWS is allowed there
+        atoms[-1] += end
+    lines = [atoms[0]]
+    for atom in atoms[1:]:
+        if atom.startswith(b"b=") or len(lines[-1]) + 1 + len(atom) > width:
+            lines.append(atom)  # b= starts a line, so what precedes it is the same signed or not
+            width = FOLD_WIDTH - 1
+        else:
+            lines[-1] += b" " + atom
+    return b"\r\n ".join(lines)
 
 
 def _signature(key: PrivateKey, digest: bytes) -> bytes:

@@ -193,3 +193,17 @@ def test_the_private_key_is_parsed_once_per_signing_key(key: dkim.SigningKey) ->
     # The parsed key is no field: equality and repr (which leaves the private key out) are as before.
     assert key == dkim.SigningKey(key.domain, key.selector, key.algorithm, key.private_key)
     assert key.private_key.decode() not in repr(key)
+
+
+def test_a_long_signing_domain_is_never_cut_by_the_fold(pair: dkim.KeyPair) -> None:
+    """d= and i= of a 70-character domain stay whole (dkimpy's fold cuts them where a line ends)."""
+    domain = "a" * 58 + ".example.com"
+    key = dkim.SigningKey(domain, SELECTOR, pair.algorithm, pair.private_key)
+    message = MESSAGE.replace(b"app@example.com", b"app@" + domain.encode())
+    signed = dkim.sign(message, key, timestamp=NOW)
+    header = signed[: signed.index(b"\r\nReceived: ")]
+    assert b"d=" + domain.encode() + b";" in header and b"i=@" + domain.encode() + b";" in header
+    assert all(len(line) <= 78 for line in header.split(b"\r\n"))
+    name = dkim.record_name(SELECTOR, domain).encode() + b"."
+    value = dkim.record_value(pair.algorithm, pair.public_key).encode()
+    assert dkimpy.verify(signed, dnsfunc=lambda asked, timeout=5: value if asked == name else None) is True
