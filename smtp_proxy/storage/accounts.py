@@ -35,6 +35,8 @@ UPDATABLE = (
     "limits",
     "relay_networks",
 )
+# Fields update_account writes through their own tables, not as columns of the account.
+WRITTEN_ELSEWHERE = frozenset({"password", "relay_networks"})
 OPERATOR_FIELDS = UPDATABLE[3:]  # all but email, password and bounces: admins and the CLI only
 # An arbitrary constant naming "the grant of sender domains" in pg_advisory_xact_lock
 # (db/migrate.py uses another for migrations).
@@ -257,16 +259,8 @@ def update_account(
         domains = values.get("allowed_domains", account.allowed_domains or [])
         check_domains_free(session, domains, exclude=account.id, reactivating=reactivating)
 
-    for name in (
-        "email",
-        "bounces",
-        "allowed_domains",
-        "is_admin",
-        "active",
-        "allow_any_header_from",
-        "limits",
-    ):
-        if name in values:
+    for name in UPDATABLE:
+        if name in values and name not in WRITTEN_ELSEWHERE:
             setattr(account, name, values[name])
     if "relay_networks" in values:
         relay.replace_networks(session, account, values["relay_networks"])
