@@ -10,8 +10,10 @@ Answers are written under the claim that sent them (``settle``), a batch at a ti
 every ``SETTLE_EVERY`` seconds): a 2xx is delivered, anything else is tried again with
 backoff until the delivery has been owed for 24 hours, then dropped and logged. A lane stops
 early, giving the rest back unsent and uncounted, when the claim's lease could run out
-during the next POST, when the sender stops, and when the endpoint gave no HTTP answer (the
-rest wait the same backoff: a dead endpoint is not called once per event). A sender that
+during the next POST, when the sender stops, when it has held its thread ``lane_seconds``
+(a slow endpoint's backlog waits its turn behind older events of other endpoints), and when
+the endpoint gave no HTTP answer (the rest wait the same backoff: a dead endpoint is not
+called once per event). A sender that
 dies mid-lane leaves its claim to run out after ``lease`` seconds; the deliveries are then
 claimed again: at least once, never lost. The event's id is in the body and in
 ``Webhook-Id``, so a receiver drops a duplicate.
@@ -41,8 +43,9 @@ from smtp_proxy.webhooks.post import TIMEOUT, Answer, Endpoint
 
 log = logging.getLogger("smtp_proxy.webhooks")
 
-THREADS = 4
+THREADS = 8
 PER_ENDPOINT = 2
+LANE_SECONDS = 5.0  # how long a lane keeps its thread before it gives the rest back (a slow endpoint)
 BATCH = 25  # deliveries per lane: one endpoint's, sent over one connection
 LEASE_SECONDS = 60.0  # longer than one POST's timeout, with room
 WEBHOOK_MIN_LEASE = 15.0  # the shortest claim that outlasts one POST (10 s) and its settle
@@ -66,6 +69,7 @@ class WebhookSender:
         threads: int = THREADS,
         per_endpoint: int = PER_ENDPOINT,
         batch: int = BATCH,
+        lane_seconds: float = LANE_SECONDS,
         lease: float = LEASE_SECONDS,
         poll: float = POLL_SECONDS,
         timeout: float = TIMEOUT,
@@ -81,6 +85,7 @@ class WebhookSender:
         self._threads = threads
         self._per_endpoint = per_endpoint
         self._batch = batch
+        self._lane_seconds = lane_seconds
         self._lease = lease
         self._poll = poll
         self._timeout = timeout
@@ -164,13 +169,18 @@ class WebhookSender:
         """POST a lane's deliveries in order over one connection, writing the answers as it goes."""
         endpoint_id = lane[0].endpoint_id
         answered: list[store.Answered] = []
-        written = time.monotonic()
+        started = written = time.monotonic()
         connection: Endpoint | None = None
         try:
             secrets = self._secrets(endpoint_id)
             connection = Endpoint(lane[0].url, allow_private=self._allow_private(), timeout=self._timeout)
             for n, owed in enumerate(lane):
-                if self._stopping.is_set() or time.monotonic() + self._timeout + SETTLE_ROOM > lease_ends:
+                now = time.monotonic()
+                if (
+                    self._stopping.is_set()
+                    or now + self._timeout + SETTLE_ROOM > lease_ends
+                    or (n and now - started >= self._lane_seconds)  # a slow endpoint: others' turn
+                ):
                     self._write(answered, give_back=lane[n:])
                     return
                 answer = self._post(connection, owed, secrets)

@@ -276,3 +276,17 @@ def test_answers_are_settled_together_each_under_its_claim(database, cipher, rec
         store.give_back(session, [unsent], now=utcnow())
     assert settled == {ok.id: "delivered", refused.id: "pending"}
     assert statuses(database) == [("delivered", 1), ("pending", 0), ("pending", 1)]
+
+
+def test_a_lane_past_its_time_gives_the_rest_back_to_be_claimed_again(
+    database, cipher, receiver, sender
+) -> None:
+    """With no time for more than one POST a lane, each event goes in a lane of its own, uncounted."""
+    account_id = tenant(database)
+    hook = receiver()
+    endpoint(database, cipher, account_id, hook.url)
+    written = {str(event(database, account_id, n)) for n in range(3)}
+    sender(per_endpoint=1, lane_seconds=0)
+    wait_for(lambda: statuses(database) == [("delivered", 1)] * 3, "every event delivered once")
+    assert sorted(body["id"] for body in hook.bodies()) == sorted(written)
+    assert len(hook.connections) == 3  # a lane, and a connection, each
