@@ -557,6 +557,7 @@ class Worker:
                     dsn_envid=message.dsn_envid,
                     dsn_recipients=delivery_queue.dsn_of(message, follow_up.recipients),
                     is_bounce=message.is_bounce,
+                    delay_notified=message.delay_notified,  # the sender heard of the delay once
                 )
                 delivery_queue.log_attempts(
                     session, message.id, [_logged(follow_up.queued_as(extra.id), now)]

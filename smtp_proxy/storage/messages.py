@@ -124,6 +124,7 @@ def enqueue_message(
     dsn_envid: str | None = None,
     dsn_recipients: Mapping[str, Any] | None = None,
     is_bounce: bool = False,
+    delay_notified: bool = False,
 ) -> EnqueuedMessage:
     """Insert a queued message (body encrypted); committed by the caller.
 
@@ -134,7 +135,8 @@ def enqueue_message(
     The listener picks the id itself, to name it in the message's Received field.
     ``credential_id`` is the SMTP credential that submitted it (None: a relay network's client).
     ``dsn_*`` are the RFC 3461 parameters the client gave (``dsn_recipients`` keyed by
-    recipient, only those that gave NOTIFY or ORCPT, None when none did); ``is_bounce`` marks a
+    recipient, only those that gave NOTIFY or ORCPT, None when none did); ``delay_notified``: a
+    follow-up whose original already told the sender of the delay; ``is_bounce`` marks a
     delivery status notification the worker enqueues.
     """
     headers, subject = parse_headers(data)
@@ -162,6 +164,7 @@ def enqueue_message(
             dsn_envid=dsn_envid,
             dsn_recipients=dict(dsn_recipients) if dsn_recipients else None,
             is_bounce=is_bounce,
+            delay_notified=delay_notified,
         ),
     )
     return EnqueuedMessage(message_id, len(data))

@@ -436,6 +436,7 @@ def test_a_claim_carries_the_dsn_parameters_and_the_accounts_bounce_setting(
             dsn_ret="HDRS",
             dsn_envid="env 1",
             dsn_recipients=dsn,
+            delay_notified=True,  # a follow-up whose original told its sender of the delay
         ).id
         bounce = enqueue_message(
             session,
@@ -451,7 +452,7 @@ def test_a_claim_carries_the_dsn_parameters_and_the_accounts_bounce_setting(
     with database.transaction() as session:
         taken = delivery_queue.claim(session, limit=10, lease=LEASE, now=utcnow(), bounces_default=False)
     claimed = {m.id: m for m in taken.messages}
-    assert claimed[with_dsn][-6:] == ("HDRS", "env 1", dsn, False, False, False)
+    assert claimed[with_dsn][-6:] == ("HDRS", "env 1", dsn, False, True, False)
     assert claimed[bounce][-6:] == (None, None, None, True, False, True)
     assert claimed[plain][-6:] == (None, None, None, False, False, False)  # the default given
     assert row(database, plain).dsn_recipients is None  # SQL NULL, not a JSON null
