@@ -26,6 +26,7 @@ from smtp_proxy.db.types import utcnow
 from smtp_proxy.errors import Conflict, NotFound, ValidationError
 from smtp_proxy.storage import audit
 from smtp_proxy.storage.audit import Actor
+from smtp_proxy.storage.tenancy import owned
 
 ENTITY = "smtp_credential"
 MIN_CHOSEN_PASSWORD = 16  # a password the caller picks; generated ones are longer
@@ -133,10 +134,7 @@ def list_credentials(session: Session, account_id: uuid.UUID) -> list[SmtpCreden
 
 def get_credential(session: Session, account_id: uuid.UUID, credential_id: uuid.UUID) -> SmtpCredential:
     """The account's credential; NotFound for another account's, as for none (no oracle)."""
-    credential = session.get(SmtpCredential, credential_id)
-    if credential is None or credential.account_id != account_id:
-        raise NotFound("no such SMTP credential")
-    return credential
+    return owned(session, SmtpCredential, account_id, credential_id, "SMTP credential")
 
 
 def get_by_username(session: Session, username: str) -> SmtpCredential:

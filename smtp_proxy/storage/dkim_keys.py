@@ -13,9 +13,10 @@ from smtp_proxy import dkim, validation
 from smtp_proxy.contract import DKIM_SELECTOR, DkimAlgorithm
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import Account, DkimKey
-from smtp_proxy.errors import Conflict, NotFound, ValidationError
+from smtp_proxy.errors import Conflict, ValidationError
 from smtp_proxy.storage import audit
 from smtp_proxy.storage.audit import Actor
+from smtp_proxy.storage.tenancy import owned
 
 ENTITY = "dkim_key"
 _SELECTOR = re.compile(DKIM_SELECTOR)
@@ -87,10 +88,7 @@ def create_key(
 
 def get_key(session: Session, account_id: uuid.UUID, key_id: uuid.UUID) -> DkimKey:
     """A tenant's own key; another tenant's id is NotFound."""
-    key = session.scalar(select(DkimKey).where(DkimKey.id == key_id, DkimKey.account_id == account_id))
-    if key is None:
-        raise NotFound("no such DKIM key")
-    return key
+    return owned(session, DkimKey, account_id, key_id, "DKIM key")
 
 
 def list_keys(session: Session, account_id: uuid.UUID) -> Sequence[DkimKey]:

@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session
 
 from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import Account, EspProvider, ProviderType, RoutingRule
-from smtp_proxy.errors import Conflict, NotFound
+from smtp_proxy.errors import Conflict
 from smtp_proxy.storage import audit, json_rows
 from smtp_proxy.storage.audit import Actor
+from smtp_proxy.storage.tenancy import owned
 
 ENTITY = "provider"
 RULE_ENTITY = "routing_rule"  # routing_rules.ENTITY, which imports this module
@@ -182,12 +183,7 @@ def delete_provider(session: Session, provider: EspProvider, *, actor: Actor) ->
 
 def get_provider(session: Session, account_id: uuid.UUID, provider_id: uuid.UUID) -> EspProvider:
     """A tenant's own provider; another tenant's id is NotFound."""
-    provider = session.scalar(
-        select(EspProvider).where(EspProvider.id == provider_id, EspProvider.account_id == account_id)
-    )
-    if provider is None:
-        raise NotFound("no such provider")
-    return provider
+    return owned(session, EspProvider, account_id, provider_id, "provider")
 
 
 _PROVIDERS = EspProvider.__table__.c

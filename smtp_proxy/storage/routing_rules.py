@@ -9,10 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from smtp_proxy.db.models import RoutingRule
-from smtp_proxy.errors import NotFound, ValidationError
+from smtp_proxy.errors import ValidationError
 from smtp_proxy.storage import audit
 from smtp_proxy.storage.audit import Actor
 from smtp_proxy.storage.providers import RULE_ENTITY, check_quota, get_provider
+from smtp_proxy.storage.tenancy import owned
 
 ENTITY = RULE_ENTITY
 _FIELDS = ("name", "provider_id", "priority", "conditions", "enabled")
@@ -99,12 +100,7 @@ def delete_rule(session: Session, rule: RoutingRule, *, actor: Actor) -> None:
 
 
 def get_rule(session: Session, account_id: uuid.UUID, rule_id: uuid.UUID) -> RoutingRule:
-    rule = session.scalar(
-        select(RoutingRule).where(RoutingRule.id == rule_id, RoutingRule.account_id == account_id)
-    )
-    if rule is None:
-        raise NotFound("no such routing rule")
-    return rule
+    return owned(session, RoutingRule, account_id, rule_id, "routing rule")
 
 
 def list_rules(session: Session, account_id: uuid.UUID, enabled_only: bool = False) -> list[RoutingRule]:

@@ -32,6 +32,7 @@ from smtp_proxy.errors import NotFound, ValidationError
 from smtp_proxy.storage import audit
 from smtp_proxy.storage.audit import Actor
 from smtp_proxy.storage.providers import check_quota
+from smtp_proxy.storage.tenancy import owned
 
 ENTITY = "webhook"
 EVENT_TYPES = WEBHOOK_EVENT_TYPES
@@ -138,10 +139,7 @@ def list_endpoints(session: Session, account_id: uuid.UUID) -> list[WebhookEndpo
 
 def get_endpoint(session: Session, account_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
     """The account's endpoint; another account's is NotFound, as none is (no oracle)."""
-    endpoint = session.get(WebhookEndpoint, endpoint_id)
-    if endpoint is None or endpoint.account_id != account_id:
-        raise NotFound("no such webhook")
-    return endpoint
+    return owned(session, WebhookEndpoint, account_id, endpoint_id, "webhook")
 
 
 def update_endpoint(
