@@ -34,7 +34,7 @@ from enum import StrEnum
 from smtp_proxy.contract import MessageStatus
 from smtp_proxy.delivery.outcome import Outcome
 
-FAILURE, DELAY, SUCCESS, NEVER = "FAILURE", "DELAY", "SUCCESS", "NEVER"
+FAILURE, DELAY, SUCCESS = "FAILURE", "DELAY", "SUCCESS"  # NEVER is in none of the actions' WANTS
 DEFAULT_NOTIFY = frozenset({FAILURE, DELAY})  # no NOTIFY given (RFC 3461 4.1)
 # A notice carries the whole original only below this size; above, its header section.
 FULL_RETURN_LIMIT = 1024 * 1024
@@ -93,11 +93,16 @@ class Notice:
     recipients: tuple[Recipient, ...]
 
 
+def may_notify(sender: str, *, is_bounce: bool, bounces: bool) -> bool:
+    """Whether a message may cause any notice: not from ``<>``, not a notice, bounces on."""
+    return bounces and not is_bounce and bool(sender)
+
+
 def notices(
     original: Original, outcomes: Iterable[tuple[Action, Recipient]], *, bounces: bool
 ) -> list[Notice]:
     """The notices an outcome owes: one per action, naming the recipients that asked for it."""
-    if not bounces or original.is_bounce or not original.sender:
+    if not may_notify(original.sender, is_bounce=original.is_bounce, bounces=bounces):
         return []
     grouped: dict[Action, list[Recipient]] = {}
     for action, recipient in outcomes:

@@ -53,8 +53,8 @@ def queue_notices(
     now: datetime,
 ) -> list[Queued]:
     """Queue the notices this outcome owes the sender; ``data`` is the original (None: unreadable)."""
-    if message.is_bounce or not message.sender or not message.bounces:
-        return []  # the common case: nothing to read or decide
+    if not dsn.may_notify(message.sender, is_bounce=message.is_bounce, bounces=message.bounces):
+        return []  # nothing to read or decide
     given = message.dsn_recipients or {}
     original = dsn.Original(
         message_id=message.id,
