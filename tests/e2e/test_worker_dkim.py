@@ -3,7 +3,6 @@ signatures checked with dkimpy's verifier against the TXT record the API said to
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,15 +13,13 @@ from sqlalchemy import update
 
 from smtp_proxy.api import create_app
 from smtp_proxy.config import Config
-from smtp_proxy.crypto import Cipher
 from smtp_proxy.db.models import DkimKey, Message, MessageStatus, ProviderType
 from smtp_proxy.db.session import Database
-from smtp_proxy.delivery.worker import Worker
 from smtp_proxy.storage import accounts
 from smtp_proxy.storage.audit import CLI
 from smtp_proxy.storage.messages import enqueue_message, message_body
 from tests import fake_esp
-from tests.e2e.test_worker import DELIVERY, Queue
+from tests.e2e.test_worker import Queue, delivery_config, sink, start_worker  # noqa: F401
 from tests.fake_esp import FakeEsp
 from tests.smtp_sink import SmtpSink
 from tests.waiting import wait_for
@@ -106,45 +103,18 @@ def signature_tags(data: bytes) -> dict[bytes, bytes]:
 
 
 @pytest.fixture
-def config(pg_url: str, make_config) -> Config:
-    return make_config(pg_url, delivery=DELIVERY, logging={"level": "warning"})
-
-
-@pytest.fixture
-def tenant(config: Config) -> Iterator[Tenant]:
-    made = Tenant(config)
+def tenant(delivery_config: Callable[..., Config]) -> Iterator[Tenant]:  # noqa: F811
+    made = Tenant(delivery_config())
     yield made
     made.database.dispose()
 
 
-@pytest.fixture
-def start_worker(config: Config) -> Iterator[Callable[..., Worker]]:
-    started: list[tuple[Worker, Database]] = []
-
-    def start(**delivery: Any) -> Worker:
-        settings = dataclasses.replace(config, delivery=dataclasses.replace(config.delivery, **delivery))
-        database = Database(settings.database)
-        worker = Worker(lambda: settings, database, Cipher.from_config(settings.security))
-        worker.start()
-        started.append((worker, database))
-        return worker
-
-    yield start
-    for worker, database in started:
-        worker.stop(drain=5)
-        database.dispose()
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with SmtpSink() as running:
-        yield running
-    assert running.errors == []
-
-
 @pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
 def test_a_signed_message_verifies_after_the_smtp_provider_and_a_tampered_one_does_not(
-    tenant: Tenant, sink: SmtpSink, start_worker, algorithm: str
+    tenant: Tenant,
+    sink: SmtpSink,  # noqa: F811
+    start_worker,  # noqa: F811
+    algorithm: str,
 ) -> None:
     key = tenant.dkim_key("example.com", algorithm)
     tenant.rule(tenant.smtp_provider(sink, "sink"), 0)
@@ -174,7 +144,9 @@ def test_a_signed_message_verifies_after_the_smtp_provider_and_a_tampered_one_do
 
 
 def test_a_subdomain_sender_is_signed_with_its_parent_domains_key(
-    tenant: Tenant, sink: SmtpSink, start_worker
+    tenant: Tenant,
+    sink: SmtpSink,  # noqa: F811
+    start_worker,  # noqa: F811
 ) -> None:
     key = tenant.dkim_key("example.com", "ed25519-sha256")
     tenant.rule(tenant.smtp_provider(sink, "sink"), 0)
@@ -187,7 +159,9 @@ def test_a_subdomain_sender_is_signed_with_its_parent_domains_key(
 
 
 def test_no_key_for_the_domain_or_a_disabled_key_sends_unsigned(
-    tenant: Tenant, sink: SmtpSink, start_worker
+    tenant: Tenant,
+    sink: SmtpSink,  # noqa: F811
+    start_worker,  # noqa: F811
 ) -> None:
     key = tenant.dkim_key("example.com", "ed25519-sha256", enabled=False)
     tenant.rule(tenant.smtp_provider(sink, "sink"), 0)
@@ -200,7 +174,7 @@ def test_no_key_for_the_domain_or_a_disabled_key_sends_unsigned(
     assert key["enabled"] is False
 
 
-def test_raw_http_providers_are_signed_sendgrid_is_not(tenant: Tenant, start_worker) -> None:
+def test_raw_http_providers_are_signed_sendgrid_is_not(tenant: Tenant, start_worker) -> None:  # noqa: F811
     key = tenant.dkim_key("example.com", "ed25519-sha256")
     with FakeEsp() as esp:
         sendgrid = tenant.provider("sg", ProviderType.SENDGRID, api_key=fake_esp.API_KEY)
@@ -230,7 +204,9 @@ def test_raw_http_providers_are_signed_sendgrid_is_not(tenant: Tenant, start_wor
 
 
 def test_a_key_that_cannot_sign_sends_the_message_unsigned(
-    tenant: Tenant, sink: SmtpSink, start_worker
+    tenant: Tenant,
+    sink: SmtpSink,  # noqa: F811
+    start_worker,  # noqa: F811
 ) -> None:
     """A key that does not load (here: sealed garbage) must not hold the message: it goes out as stored."""
     key = tenant.dkim_key("example.com", "rsa-sha256")
