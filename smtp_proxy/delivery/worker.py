@@ -32,8 +32,10 @@ Suppression list (``storage.suppressions``): recipients on the account's list ar
 left out of the attempt (one delivery-log line names them); a message with no
 recipient left fails without contacting any provider. Hard bounces in the
 providers' outcomes (``Outcome.bounced``) join the list in the transaction that
-writes the outcome, as do the tenant's webhook events (``webhooks.events``), among
-them ``message.suppressed`` for the recipients left out.
+writes the outcome. A notice's refused recipient does not: that is the tenant's own sender
+address, which the tenant never chose to send to. The tenant's webhook events
+(``webhooks.events``) are written in that transaction too, among them
+``message.suppressed`` for the recipients left out.
 
 Lines over 998 octets are folded or re-encoded (``long_lines``) before a message is signed
 and sent, so a provider that enforces the limit does not refuse, for good, mail we took.
@@ -562,7 +564,7 @@ class Worker:
                 delivery_queue.log_attempts(
                     session, message.id, [_logged(follow_up.queued_as(extra.id), now)]
                 )
-            if held and tried.bounced:
+            if held and tried.bounced and not message.is_bounce:
                 suppressions.add_bounces(session, message.account_id, message.id, tried.bounced, now)
             if held:  # the tenant's webhook events, committed with the outcome they report
                 wrote_events = events.record_outcome(

@@ -173,6 +173,11 @@ def test_a_notice_that_fails_causes_nothing(
     (notice,) = bounces(tenant)
     finished(tenant, notice.id)  # its own failure would have queued another with it
     assert [m.id for m in bounces(tenant)] == [notice.id]
+    # The sender's refusal of the notice does not put the tenant's own address on its list.
+    with tenant.database.read() as session:
+        listed = suppressions.suppressed(session, tenant.account_id, ["app@example.com", "gone@example.net"])
+    tenant.database.remove_session()
+    assert listed == {"gone@example.net"}
 
 
 def test_a_delay_notice_is_sent_once_when_the_message_has_waited_long_enough(

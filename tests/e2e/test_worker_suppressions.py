@@ -69,6 +69,8 @@ def test_a_permanent_data_refusal_of_the_only_recipient_suppresses_it(
     (message_id,) = tenant.enqueue(recipients=("gone@example.net",))
     start_worker()
     finished(tenant, message_id)
+    # The notice to the sender is refused the same way; its recipient must not join the list.
+    wait_for(lambda: tenant.finished(2), what="the failed message and its notice", timeout=20)
     assert list(listed(tenant)) == ["gone@example.net"]
     assert listed(tenant)["gone@example.net"].response_code == 550
 
