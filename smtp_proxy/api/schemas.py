@@ -852,6 +852,10 @@ SCHEMAS.update(
                 "provider": {"type": ["string", "null"], "description": "The provider's name, or null."},
                 "reply": {
                     "type": "object",
+                    "description": (
+                        "The reply about these recipients: a recipient refused at RCPT carries its own "
+                        "refusal, the others the reply to the message; code null for message.suppressed."
+                    ),
                     "properties": {"code": {"type": ["integer", "null"]}, "text": {"type": "string"}},
                 },
             },

@@ -1068,10 +1068,13 @@ def test_recipients_refused_for_now_fire_message_deferred_beside_message_deliver
     tenant.enqueue(recipients=("later@example.net", "ok@example.net"))
     start_worker()
     wait_for(lambda: len(events_of(hook)) >= 3, "delivered, deferred, the follow-up delivered", timeout=20)
-    kinds = [(e["type"], e["recipients"]) for e in events_of(hook)]
-    assert ("message.delivered", ["ok@example.net"]) in kinds
-    assert ("message.deferred", ["later@example.net"]) in kinds
-    assert ("message.delivered", ["later@example.net"]) in kinds
+    kinds = [(e["type"], e["recipients"], e["reply"]["code"]) for e in events_of(hook)]
+    assert ("message.delivered", ["ok@example.net"], 250) in kinds
+    assert ("message.delivered", ["later@example.net"], 250) in kinds
+    # The deferred recipient's event carries its own refusal, not the 250 the other got.
+    (deferred,) = [e for e in events_of(hook) if e["type"] == "message.deferred"]
+    assert deferred["recipients"] == ["later@example.net"]
+    assert deferred["reply"] == {"code": 451, "text": "4.2.1 mailbox busy"}
 
 
 def test_suppressed_recipients_fire_message_suppressed_and_hard_bounces_message_failed(
@@ -1088,11 +1091,20 @@ def test_suppressed_recipients_fire_message_suppressed_and_hard_bounces_message_
     (message_id,) = tenant.enqueue(recipients=recipients)
     start_worker()
     wait_for(lambda: len(events_of(hook, message_id)) >= 3, "three events", timeout=20)
-    kinds = sorted((e["type"], tuple(e["recipients"])) for e in events_of(hook, message_id))
+    kinds = sorted(
+        (e["type"], tuple(e["recipients"]), e["provider"], e["reply"]["code"], e["reply"]["text"])
+        for e in events_of(hook, message_id)
+    )
     assert kinds == [
-        ("message.delivered", ("ok@example.net",)),
-        ("message.failed", ("gone@example.net",)),
-        ("message.suppressed", ("listed@example.net",)),
+        (
+            "message.delivered",
+            ("ok@example.net",),
+            "main",
+            250,
+            "2.0.0 OK: queued; 1 of 2 refused: <gone@example.net> 550 5.1.1 no such user",
+        ),
+        ("message.failed", ("gone@example.net",), "main", 550, "5.1.1 no such user"),
+        ("message.suppressed", ("listed@example.net",), None, None, "on the suppression list"),
     ]
     # The sender's notice of the two is a message of its own, with its own event.
     (notice,) = wait_for(lambda: [e for e in events_of(hook) if e["message_id"] != str(message_id)], "notice")
