@@ -20,7 +20,10 @@ Only what holds a long line changes, and never its meaning:
 Refused, as ``Unfixable``: a header line with no whitespace to fold at; a long line inside
 multipart/signed or multipart/encrypted (any change breaks the signature), under a transfer
 encoding not named above, in message/partial or message/external-body (fragments that must not
-be re-encoded), in a multipart's preamble or epilogue, or in a multipart without its boundary.
+be re-encoded), in a multipart's preamble or epilogue, in a multipart without its boundary, in a
+multipart or message/rfc822 under a transfer encoding (RFC 2045 6.4 forbids one: readers ignore
+it, so re-encoding the body would destroy the parts), or in parts nested over MAX_DEPTH deep
+(Postfix's ``mime_nesting_limit``; deeper would exhaust the stack).
 
 Every other byte stays as it was: parts are cut out of the message at their boundaries and put
 back, never rebuilt through ``email.generator``. The ``email`` package only reads a part's
@@ -40,6 +43,7 @@ from email.policy import compat32
 __all__ = ["MAX_LINE", "Unfixable", "fit", "has_long_line", "refusal"]
 
 MAX_LINE = 998  # octets, without the CRLF (RFC 5322 2.1.1)
+MAX_DEPTH = 100  # multiparts and messages within each other, the message itself included
 FOLD_AT = 78  # what a folded header line keeps to where it can (RFC 5322 2.1.1)
 _WINDOW = 1 << 16  # octets of a message looked at at once for long lines
 _LINE_OR_NOT = bytes(octet if octet in b"\r\n" else ord("a") for octet in range(256))
@@ -126,14 +130,16 @@ def fit(data: bytes) -> bytes:
     crlf = data.count(b"\r\n")
     if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
         data = _LINE_BREAK.sub(b"\r\n", data)  # RFC 5321 2.3.8, as the message goes out anyway
-    return _fit_entity(data, "text/plain", message=True)
+    return _fit_entity(data, "text/plain", message=True, depth=1)
 
 
-def _fit_entity(entity: bytes, default_type: str, *, message: bool) -> bytes:
+def _fit_entity(entity: bytes, default_type: str, *, message: bool, depth: int) -> bytes:
     """A message or body part made to fit; ``message``: it is a whole message (it may need
-    MIME-Version)."""
+    MIME-Version); ``depth``: how many entities hold it, itself included."""
     if not has_long_line(entity):
         return entity
+    if depth > MAX_DEPTH:
+        raise Unfixable(f"a line over {MAX_LINE} octets in parts nested over {MAX_DEPTH} deep")
     header, separator, body = _split(entity)
     fields = BytesHeaderParser(policy=compat32).parsebytes(b"".join(_MIME_FIELD.findall(header)))
     fields.set_default_type(default_type)
@@ -144,10 +150,15 @@ def _fit_entity(entity: bytes, default_type: str, *, message: bool) -> bytes:
     encoding = str(fields.get("Content-Transfer-Encoding", "")).strip().lower()
     if content_type in _SEALED:
         raise Unfixable(f"a line over {MAX_LINE} octets inside {content_type}")
-    if content_type.startswith("multipart/") and encoding in _IDENTITY:
-        return header + separator + _fit_multipart(body, fields, content_type)
-    if content_type in _MESSAGES and encoding in _IDENTITY:
-        return header + separator + _fit_entity(body, "text/plain", message=True)
+    if content_type.startswith("multipart/") or content_type in _MESSAGES:
+        if encoding not in _IDENTITY:
+            raise Unfixable(
+                f"a line over {MAX_LINE} octets in a {content_type} under Content-Transfer-Encoding "
+                f"{encoding[:40]} (RFC 2045 6.4 allows only 7bit, 8bit or binary)"
+            )
+        if content_type in _MESSAGES:
+            return header + separator + _fit_entity(body, "text/plain", message=True, depth=depth + 1)
+        return header + separator + _fit_multipart(body, fields, content_type, depth)
     if content_type in _FRAGMENTS:
         raise Unfixable(f"a line over {MAX_LINE} octets inside {content_type}")
     if encoding in _IDENTITY:
@@ -278,8 +289,9 @@ def _fold_line(line: bytes, first: bool) -> list[bytes]:
     return pieces
 
 
-def _fit_multipart(body: bytes, fields: Message, content_type: str) -> bytes:
-    """A multipart body with its long-lined parts made to fit, every other byte as it was."""
+def _fit_multipart(body: bytes, fields: Message, content_type: str, depth: int) -> bytes:
+    """A multipart body (at ``depth``) with its long-lined parts made to fit, every other byte
+    as it was."""
     boundary = fields.get_boundary()
     if not boundary:
         raise Unfixable(f"a line over {MAX_LINE} octets in a {content_type} without a boundary")
@@ -306,7 +318,7 @@ def _fit_multipart(body: bytes, fields: Message, content_type: str) -> bytes:
             end = len(body)  # no close delimiter: the part runs to the end
         part = body[start:end]
         if has_long_line(part):
-            pieces += [body[done:start], _fit_entity(part, default_type, message=False)]
+            pieces += [body[done:start], _fit_entity(part, default_type, message=False, depth=depth + 1)]
             done = end
     pieces.append(body[done:])
     return b"".join(pieces)

@@ -11,7 +11,7 @@ from email.utils import getaddresses
 
 import pytest
 
-from smtp_proxy.long_lines import MAX_LINE, Unfixable, fit, has_long_line, refusal
+from smtp_proxy.long_lines import MAX_DEPTH, MAX_LINE, Unfixable, fit, has_long_line, refusal
 
 RECIPIENTS = [f"Recipient Number {n} <recipient{n}@example.net>" for n in range(100)]
 ATTACHMENT = bytes(range(256)) * 40  # 10 KiB that no text codec could pass through
@@ -366,3 +366,51 @@ def test_what_refusal_accepts_fit_fixes_and_what_it_refuses_fit_raises_on() -> N
         else:
             with pytest.raises(Unfixable, match=re.escape(why)):
                 fit(data)
+
+
+@pytest.mark.parametrize("kind", [b"multipart/mixed; boundary=B", b"message/rfc822"])
+@pytest.mark.parametrize("encoding", [b"base64", b"quoted-printable"])
+def test_a_multipart_or_message_under_a_transfer_encoding_is_refused_not_flattened(
+    kind: bytes, encoding: bytes
+) -> None:
+    """RFC 2045 6.4 forbids it and readers ignore it: re-encoding the body as the encoding names
+    would have destroyed the parts."""
+    inner = (
+        b"--B\r\nContent-Type: text/plain\r\n\r\nhello world\r\n--B\r\n\r\n" + b"long " * 300 + b"\r\n--B--"
+    )
+    data = (
+        b"From: a@example.com\r\nMIME-Version: 1.0\r\nContent-Type: " + kind + b"\r\n"
+        b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + inner + b"\r\n"
+    )
+    why = refusal(data)
+    assert why is not None and f"under Content-Transfer-Encoding {encoding.decode()}" in why
+    assert "RFC 2045 6.4" in why
+    with pytest.raises(Unfixable):
+        fit(data)
+
+
+def nested(depth: int) -> bytes:
+    """A message of ``depth`` entities within each other (itself included), a long line innermost."""
+    opening = b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (level, level)
+        for level in range(depth - 1)
+    )
+    closing = b"".join(b"\r\n--b%d--" % level for level in reversed(range(depth - 1)))
+    return (
+        b"From: a@example.com\r\nMIME-Version: 1.0\r\n"
+        + opening
+        + b"Content-Type: text/plain\r\n\r\n"
+        + b"x" * 1200
+        + closing
+        + b"\r\n"
+    )
+
+
+def test_parts_nested_up_to_the_limit_are_fitted_and_deeper_ones_refused_without_exhausting_the_stack() -> (
+    None
+):
+    fitted = fit(nested(MAX_DEPTH))
+    assert longest(fitted) <= MAX_LINE
+    assert b"Content-Transfer-Encoding: quoted-printable" in fitted
+    for depth in (MAX_DEPTH + 1, 600):  # 600 overflowed the stack once, a 421 and a traceback
+        assert refusal(nested(depth)) == f"a line over 998 octets in parts nested over {MAX_DEPTH} deep"
