@@ -32,12 +32,13 @@ from email.utils import format_datetime
 from enum import StrEnum
 
 from smtp_proxy.contract import MessageStatus
-from smtp_proxy.delivery.outcome import Outcome
+from smtp_proxy.delivery.outcome import Outcome, one_line
 
 FAILURE, DELAY, SUCCESS = "FAILURE", "DELAY", "SUCCESS"  # NEVER is in none of the actions' WANTS
 DEFAULT_NOTIFY = frozenset({FAILURE, DELAY})  # no NOTIFY given (RFC 3461 4.1)
 # A notice carries the whole original only below this size; above, its header section.
 FULL_RETURN_LIMIT = 1024 * 1024
+MAX_FIELD_LINE = 998  # octets of a header line before the email package folds it (RFC 5322 2.1.1)
 # What the worker puts before a provider's reply in an outcome's text ("end of DATA refused: ...").
 _STEP = re.compile(r"^(?:MAIL FROM|RCPT TO|DATA|end of DATA) refused: ")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
@@ -196,10 +197,16 @@ def build(
     ``data`` is the original message; ``retry_until`` is when a delayed message is given up.
     """
     # An internationalised sender (SMTPUTF8) is written as it is, not RFC 2047-encoded (RFC 6532).
-    policy = email.policy.SMTP if original.sender.isascii() else email.policy.SMTPUTF8
+    # Fields are folded only past RFC 5322's 998 octets: at 78, the email package would turn a long
+    # word (an ENVID, an ORCPT, a reply) into an encoded-word, and programs match those literally.
+    policy = (email.policy.SMTP if original.sender.isascii() else email.policy.SMTPUTF8).clone(
+        max_line_length=MAX_FIELD_LINE
+    )
     report = EmailMessage(policy=policy)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
-    report["To"] = original.sender
+    # As the envelope gave it, unparsed: the email package would decode an encoded-word inside a
+    # quoted local part (and refuse one that decodes to a line break, losing the notice).
+    report.set_raw("To", original.sender)
     report["Subject"] = SUBJECTS[notice.action]
     report["Date"] = format_datetime(now)
     report["Message-ID"] = f"<{uuid.uuid4()}@{reporting_mta}>"
@@ -215,7 +222,9 @@ def build(
 
 
 def _explanation(notice: Notice, reporting_mta: str, retry_until: datetime | None) -> str:
-    names = "\n".join(f"  <{r.address}>: {r.diagnostic or r.note or 'no reply'}" for r in notice.recipients)
+    names = "\n".join(
+        f"  <{r.address}>: {one_line(r.diagnostic or r.note or 'no reply')}" for r in notice.recipients
+    )
     if notice.action is Action.FAILED:
         lead = "Your message could not be delivered to the following recipients:"
         tail = "The relay will not try again."
@@ -249,7 +258,7 @@ def _status_part(
         if recipient.remote_mta:
             block["Remote-MTA"] = f"dns; {_host(recipient.remote_mta)}"
         if recipient.diagnostic:
-            block["Diagnostic-Code"] = f"smtp; {_ascii(_one_line(recipient.diagnostic))}"
+            block["Diagnostic-Code"] = f"smtp; {_ascii(one_line(recipient.diagnostic))}"
         block["Last-Attempt-Date"] = format_datetime(now)
         if notice.action is Action.DELAYED and retry_until is not None:
             block["Will-Retry-Until"] = format_datetime(retry_until)
@@ -292,9 +301,6 @@ def _host(name: str) -> str:
 
 
 def _ascii(text: str) -> str:
-    """A status field's text: the part is ASCII (RFC 3464 2.1.2), so anything else becomes "?"."""
-    return text.encode("ascii", "replace").decode("ascii")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """A status field's text: the part is printable ASCII (RFC 3464 2.1.2), so anything else
+    (a control character too) becomes "?"."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)

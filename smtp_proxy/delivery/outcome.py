@@ -70,11 +70,22 @@ class Outcome(NamedTuple):
         return self.status is DeliveryStatus.DEFERRED
 
 
+# Control characters (C0 but whitespace, DEL, C1) in a provider's reply: shown as "?" so that a
+# reply cannot drive the terminal of whoever reads the log, the API or a notice (ESC sequences).
+_CONTROLS = {code: "?" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if not chr(code).isspace()}
+_CONTROLS[0] = None
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line, its whitespace runs made one space, its control characters "?"."""
+    return " ".join(text.translate(_CONTROLS).split())
+
+
 def short_text(text: str | bytes, limit: int = MAX_RESPONSE_TEXT) -> str:
     """One line of printable text for the delivery log."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    line = " ".join(text.replace("\x00", "").split())
+    line = one_line(text)
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 

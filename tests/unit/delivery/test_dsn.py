@@ -12,7 +12,7 @@ import pytest
 from smtp_proxy.contract import DeliveryStatus, MessageStatus
 from smtp_proxy.delivery import dsn
 from smtp_proxy.delivery.dsn import Action, Original, Recipient
-from smtp_proxy.delivery.outcome import Outcome, Refusal
+from smtp_proxy.delivery.outcome import Outcome, Refusal, short_text
 
 NOW = datetime(2026, 12, 2, 18, 0, tzinfo=UTC)
 DATA = b"From: app@example.com\r\nTo: gone@example.org\r\nSubject: Invoice\r\n\r\nHello,\r\nthe invoice.\r\n"
@@ -264,3 +264,44 @@ def test_internationalised_addresses_and_replies_make_a_report_that_parses() -> 
     assert block["Final-Recipient"] == "utf-8; jos\\x{E9}@example.org"
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 unbekannter Empf?nger"
     assert block["Remote-MTA"] == "dns; mx.xn--bcher-kva.example"
+
+
+def test_long_values_are_written_as_given_never_as_encoded_words() -> None:
+    """Programs match ENVID and ORCPT literally; at 78 octets the email package would have
+    written these as RFC 2047 encoded-words."""
+    envid = "E" * 100  # RFC 3461 4.4's longest
+    orcpt = "rfc822;" + "o" * 60 + "@" + "d" * 60 + ".example" + "+" * 40
+    diagnostic = "550 5.1.1 " + "X" * 400 + " \x1b[31m red"
+    gone = Recipient(GONE.address, "5.1.1", diagnostic, None, orcpt)
+    message = original(envid=envid)
+    [notice] = dsn.notices(message, [(Action.FAILED, gone)], bounces=True)
+    raw = dsn.build(notice, message, DATA, reporting_mta="relay.example.net", now=NOW)
+    assert b"=?" not in raw
+    assert f"\r\nOriginal-Envelope-Id: {envid}\r\n".encode() in raw
+    assert f"\r\nOriginal-Recipient: {orcpt}\r\n".encode() in raw
+    assert b"\r\nDiagnostic-Code: smtp; 550 5.1.1 " + b"X" * 400 + b" ?[31m red\r\n" in raw
+    assert b"\x1b" not in raw
+    assert max(map(len, raw.split(b"\r\n"))) <= 998
+
+
+@pytest.mark.parametrize(
+    "sender",
+    ['"=?utf-8?q?Bcc=3A_victim@evil.example?="@example.com', '"=?utf-8?q?x=0D=0AX-Evil:_1?="@example.com'],
+    ids=["encoded-word", "encoded-line-break"],
+)
+def test_the_to_field_is_the_envelope_sender_as_given(sender: str) -> None:
+    """Not decoded as an encoded-word (which could name another address, or break the line and
+    lose the notice): the quoted local part is written as the envelope carried it."""
+    message = original(sender=sender)
+    [notice] = dsn.notices(message, [(Action.FAILED, GONE)], bounces=True)
+    raw = dsn.build(notice, message, DATA, reporting_mta="relay.example.net", now=NOW)
+    assert f"\r\nTo: {sender}\r\n".encode() in raw
+    assert b"X-Evil" not in raw.replace(sender.encode(), b"")
+
+
+def test_a_providers_reply_keeps_no_control_character() -> None:
+    """Shown in the delivery log, the API, webhooks and notices: an ESC sequence from a provider
+    must not reach whoever reads them; NUL goes, the rest becomes "?"."""
+    assert short_text(b"550 5.1.1 caf\xc3\xa9 \xff\x00 \x1b[31m bare\rCR \x7f\xc2\x9b end") == (
+        "550 5.1.1 café \ufffd ?[31m bare CR ?? end"
+    )
