@@ -729,7 +729,7 @@ def _app_for(config: Config, database: Database) -> Flask:
 @click.pass_context
 @handle_errors
 def serve_api(ctx: click.Context) -> None:
-    """The JSON management API, served by waitress (``api.processes`` processes)."""
+    """The JSON management API, served by waitress (api.processes processes)."""
     from smtp_proxy.lifecycle import serve_api as run
 
     runtime = runtime_of(ctx)
