@@ -110,12 +110,17 @@ def test_suppressed_recipients_are_left_out_and_the_log_says_so(
         start_worker()
         (received,) = sink.wait_for(1, timeout=20)
         finished(tenant, message_id, MessageStatus.DELIVERED)
+        # The line is written just after the outcome is committed, by the worker's thread.
+        (event,) = wait_for(
+            lambda: [r for r in caplog.records if getattr(r, "event", None) == "message.suppressed"],
+            what="the message.suppressed log line",
+            timeout=20,
+        )
     assert list(received.rcpt_tos) == ["ok@example.net"]
     left_out, sent = tenant.logs(message_id)
     assert left_out.status is DeliveryStatus.FAILED and left_out.provider_id is None
     assert left_out.response_text == "1 recipient(s) left out, on the suppression list: GONE@example.NET"
     assert sent.status is DeliveryStatus.DELIVERED
-    (event,) = [r for r in caplog.records if getattr(r, "event", None) == "message.suppressed"]
     assert event.recipients == ["GONE@example.NET"] and event.message_id == str(message_id)
 
 
