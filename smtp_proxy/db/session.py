@@ -3,8 +3,10 @@
 The threaded servers share one ``Database``: its ``scoped_session`` gives each
 thread its own session, which ``transaction()`` commits on a clean exit and
 rolls back on any exception. A lost or refused connection becomes
-``DatabaseUnavailable`` (SMTP 451, HTTP 503), a unique violation ``Conflict``;
-callers never see a driver exception. ``hide_parameters`` keeps bound values
+``DatabaseUnavailable`` (SMTP 451, HTTP 503), a missing table or column
+``SchemaNotMigrated`` (a kind of it), a unique violation ``Conflict``;
+callers never see a driver exception. A SQLite file is opened, never created:
+only ``migrate.upgrade`` creates it. ``hide_parameters`` keeps bound values
 (password hashes, ciphertexts, addresses) out of every exception text.
 """
 
