@@ -1,7 +1,9 @@
 """The ``smtp-proxy`` command: admin work and the listeners, on Flask's click CLI.
 
 Every operator mistake ends in one line on stderr and a non-zero exit: 2 for
-a configuration problem, 1 for anything else. Nothing imports this module.
+a configuration problem or a database not migrated to this version's schema
+(nothing a retry or a restart can fix), 1 for anything else. Nothing imports
+this module.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from smtp_proxy.errors import (
     DatabaseUnavailable,
     DecryptionError,
     NotFound,
+    SchemaNotMigrated,
     ValidationError,
 )
 from smtp_proxy.logs import configure_logging
@@ -55,6 +58,13 @@ class Failure(click.ClickException):
         click.echo(f"smtp-proxy: error: {self.message}", err=True)
 
 
+class NotMigrated(Failure):
+    """The database's schema is behind this code's: exit code 2, which the systemd units do not
+    restart (``RestartPreventExitStatus=2``), as for a configuration error."""
+
+    exit_code = 2
+
+
 _RUNTIME = "smtp_proxy.runtime"
 
 
@@ -65,6 +75,7 @@ class Runtime:
         self.config_path = config_path
         self._config: Config | None = None
         self._database: Database | None = None
+        self._schema_checked = False
 
     @property
     def config(self) -> Config:
@@ -77,6 +88,29 @@ class Runtime:
 
     @property
     def database(self) -> Database:
+        """The database of a command that needs the schema: checked once, on first use.
+
+        Raises SchemaNotMigrated when it is behind this code (before any command touches a
+        table that may not be there), DatabaseUnavailable when it does not answer.
+        """
+        database = self.unchecked_database
+        if not self._schema_checked:
+            from smtp_proxy.db.schema_check import AHEAD, require_migrated
+
+            status = require_migrated(database.engine)
+            self._schema_checked = True
+            if status.state == AHEAD:
+                click.echo(
+                    f"smtp-proxy: warning: the database is at revision {status.revision}, which this "
+                    f"version ({status.head}) does not know; carrying on",
+                    err=True,
+                )
+        return database
+
+    @property
+    def unchecked_database(self) -> Database:
+        """The database whatever its schema: for ``db upgrade``, ``db current``, and the listeners
+        (``serve_requires_schema`` checks at their start, tolerating a database that is down)."""
         if self._database is None:
             self._database = Database(self.config.database)
         return self._database
@@ -101,12 +135,35 @@ def handle_errors(func: F) -> F:
             raise Failure(
                 f"cannot decrypt stored data: {exc} (is the old key in previous_encryption_keys?)"
             ) from None
+        except SchemaNotMigrated as exc:
+            raise NotMigrated(_not_migrated(exc)) from None
         except DatabaseUnavailable:
             runtime = click.get_current_context().meta.get(_RUNTIME)
-            where = safe_url(runtime.database.engine) if runtime else "the database"
+            where = safe_url(runtime.unchecked_database.engine) if runtime else "the database"
             raise Failure(f"database unavailable: cannot reach {where}") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _not_migrated(error: SchemaNotMigrated) -> str:
+    """The operator's line for a schema behind, with the revisions when the error came from a
+    query that met a missing table (``db.session.translate``) rather than from the check."""
+    runtime = click.get_current_context().meta.get(_RUNTIME)
+    if runtime is None:
+        return str(error)
+    from smtp_proxy.db.schema_check import require_migrated
+
+    engine = runtime.unchecked_database.engine
+    try:
+        status = require_migrated(engine)
+    except SchemaNotMigrated as precise:
+        return str(precise)
+    except DatabaseUnavailable:
+        return str(error)
+    return (
+        f"the database at {safe_url(engine)} lacks a table or column this version needs, "
+        f"though it is at revision {status.revision}"
+    )
 
 
 def _create_app() -> Flask:
@@ -114,7 +171,7 @@ def _create_app() -> Flask:
     from smtp_proxy.api import create_app
 
     runtime = runtime_of(click.get_current_context())
-    return create_app(runtime.config, runtime.database)
+    return create_app(runtime.config, runtime.unchecked_database)
 
 
 class SmtpProxyGroup(FlaskGroup):
@@ -183,7 +240,7 @@ def db_upgrade(ctx: click.Context) -> None:
     """Apply pending migrations (safe to run again, and from several hosts at once)."""
     from smtp_proxy.db.migrate import upgrade
 
-    before, after = upgrade(runtime_of(ctx).database.engine)
+    before, after = upgrade(runtime_of(ctx).unchecked_database.engine)
     if before == after:
         click.echo(f"database is up to date at revision {after}")
     else:
@@ -197,7 +254,7 @@ def db_current(ctx: click.Context) -> None:
     """Show the schema revision of the database and of this code."""
     from smtp_proxy.db.migrate import current_revision, head_revision
 
-    current = current_revision(runtime_of(ctx).database.engine)
+    current = current_revision(runtime_of(ctx).unchecked_database.engine)
     click.echo(f"database: {current or 'empty'}; code: {head_revision()}")
 
 
@@ -683,11 +740,27 @@ def serve() -> None:
     """Run a listener in the foreground."""
 
 
+def serve_requires_schema(runtime: Runtime) -> None:
+    """A listener refuses to start on a database behind this code (SchemaNotMigrated: one line,
+    exit 2); one that does not answer now is waited for, as the listeners always do."""
+    from smtp_proxy.db.schema_check import require_migrated
+
+    try:
+        require_migrated(runtime.unchecked_database.engine)
+    except SchemaNotMigrated:
+        raise
+    except DatabaseUnavailable:
+        return  # logged as db.unavailable; the listeners retry
+
+
 @contextlib.contextmanager
 def _serving(ctx: click.Context, where: str) -> Iterator[ConfigWatcher | None]:
-    """Around every listener: JSON logs, the config watcher, and a bind error as one line."""
-    config = runtime_of(ctx).config
+    """Around every listener: JSON logs, the schema check, the config watcher, and a bind error
+    as one line."""
+    runtime = runtime_of(ctx)
+    config = runtime.config
     configure_logging(config.logging, background=True)
+    serve_requires_schema(runtime)
     watcher = start_watcher(config)
     try:
         yield watcher
@@ -710,6 +783,12 @@ def _supervised(ctx: click.Context, command: str, where: str) -> bool:
 
     # No thread in the parent: each child starts its own log writer and config watcher.
     configure_logging(config.logging)
+    # Nor a database connection: the check's is closed before the first fork.
+    runtime = runtime_of(ctx)
+    try:
+        serve_requires_schema(runtime)
+    finally:
+        runtime.unchecked_database.dispose()
     try:
         code = serve_supervised(command, config, _app_for)
     except OSError as exc:
@@ -739,7 +818,7 @@ def serve_api(ctx: click.Context) -> None:
         return
     with _serving(ctx, where):
         app = ctx.ensure_object(ScriptInfo).load_app()
-        run(config, app, runtime.database)
+        run(config, app, runtime.unchecked_database)
 
 
 @serve.command("smtp")
@@ -754,8 +833,8 @@ def serve_smtp(ctx: click.Context) -> None:
     from smtp_proxy.lifecycle import serve_smtp as run
 
     with _serving(ctx, config.smtp.host) as watcher:
-        runtime.database.warm(autocommit=True)  # the listener's statements all run there
-        run(config, runtime.database, watcher)
+        runtime.unchecked_database.warm(autocommit=True)  # the listener's statements all run there
+        run(config, runtime.unchecked_database, watcher)
 
 
 @serve.command("worker")
@@ -768,7 +847,7 @@ def serve_worker(ctx: click.Context) -> None:
     runtime = runtime_of(ctx)
     delivery = runtime.config.delivery
     with _serving(ctx, f"{delivery.metrics_host}:{delivery.metrics_port} (delivery.metrics_port)") as watcher:
-        run(runtime.config, runtime.database, watcher)
+        run(runtime.config, runtime.unchecked_database, watcher)
 
 
 @serve.command("all")
@@ -783,8 +862,8 @@ def serve_all(ctx: click.Context) -> None:
     runtime = runtime_of(ctx)
     with _serving(ctx, "the smtp, api or metrics port") as watcher:
         app = ctx.ensure_object(ScriptInfo).load_app()
-        runtime.database.warm(autocommit=True)
-        run(runtime.config, runtime.database, watcher, app)
+        runtime.unchecked_database.warm(autocommit=True)
+        run(runtime.config, runtime.unchecked_database, watcher, app)
 
 
 if __name__ == "__main__":  # pragma: no cover

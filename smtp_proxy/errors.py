@@ -16,6 +16,12 @@ class DatabaseUnavailable(Exception):
     """The database did not answer; the caller should retry later (SMTP 451, HTTP 503)."""
 
 
+class SchemaNotMigrated(DatabaseUnavailable):
+    """The database answers, but its schema is older than this code's (or the SQLite file does
+    not exist yet): ``smtp-proxy db upgrade`` fixes it. Serving code treats it as unavailable
+    (451, 503, retry); the CLI and the listeners' start refuse with this one-line message."""
+
+
 class NotFound(Exception):
     """The entity does not exist, or belongs to another tenant."""
 

@@ -213,6 +213,9 @@ def configure_logging(
     # SQLAlchemy must not echo SQL.
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    # Alembic logs its plugins and "Context impl" at info each time the schema's revision is read
+    # (at a listener's start, and by /readyz until the schema is current).
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # waitress warns "Task queue depth is N" for every request queued behind busy
     # threads: one line per request under load, and nothing an operator can act on
     # that the latency metrics do not already show.

@@ -14,6 +14,7 @@ import logging
 import shutil
 import subprocess
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from smtp_proxy.db.migrate import upgrade
 from smtp_proxy.logs import set_correlation_id, stop_background_writer
 from tests.haproxy import Haproxy, relay
 from tests.leaks import keep_socket, new_sockets, new_threads, open_sockets
-from tests.pgcluster import PgCluster, PgClusterError, free_port, wait_until_accepting
+from tests.pgcluster import PgCluster, PgClusterError, admin_sql, free_port, wait_until_accepting
 from tests.pgdatabases import DatabasePool
 from tests.waiting import wait_for
 from tests.webhook_receiver import receiver  # noqa: F401 - a fixture for every test directory
@@ -75,6 +76,28 @@ def pg_url(postgresql_server: PostgreSQLExecutor, pg_databases: DatabasePool) ->
     name = pg_databases.take()
     yield _url(postgresql_server, name)
     pg_databases.give_back(name)
+
+
+@pytest.fixture
+def unmigrated_pg_url(postgresql_server: PostgreSQLExecutor) -> Iterator[Callable[..., str]]:
+    """``make(revision=None)``: a new database of its own, empty or migrated only up to ``revision``
+    (``smtp_proxy.db.migrate.upgrade``), as a release behind the code would have left it."""
+    made: list[str] = []
+
+    def make(revision: str | None = None) -> str:
+        name = f"unmigrated_{uuid.uuid4().hex[:12]}"
+        admin_sql(postgresql_server.port, f'CREATE DATABASE "{name}"')
+        made.append(name)
+        url = _url(postgresql_server, name)
+        if revision is not None:
+            engine = create_engine(url)
+            upgrade(engine, revision)
+            engine.dispose()
+        return url
+
+    yield make
+    for name in made:
+        admin_sql(postgresql_server.port, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +177,10 @@ def restore_logging() -> Iterator[None]:
     """configure_logging rewires the root logger; put everything back afterwards."""
     root = logging.getLogger()
     handlers, level, log_threads = list(root.handlers), root.level, logging.logThreads
-    others = {name: logging.getLogger(name).level for name in ("sqlalchemy", "watchdog", "waitress.queue")}
+    others = {
+        name: logging.getLogger(name).level
+        for name in ("sqlalchemy", "watchdog", "waitress.queue", "alembic")
+    }
     set_correlation_id(None)
     yield
     stop_background_writer()

@@ -1,8 +1,9 @@
 """Every API error as ``{"error": {"code", "message"[, "fields"]}}`` with a stable code.
 
 Handlers here are the only place an exception becomes a response: storage
-errors map onto 404/409/422/503, werkzeug's HTTP errors keep their status with
-a JSON body, and anything else is a 500 whose body says nothing but the
+errors map onto 404/409/422/503 (``database_not_migrated`` for a schema behind
+the code), werkzeug's HTTP errors keep their status with a JSON body, and
+anything else is a 500 whose body says nothing but the
 request id (the log line under that id has the details).
 
 ``fields`` names the fields at fault: every rejected one on a 422
@@ -18,7 +19,7 @@ import logging
 from flask import Flask, Response, current_app, g, jsonify
 from werkzeug.exceptions import HTTPException
 
-from smtp_proxy.errors import Conflict, DatabaseUnavailable, NotFound, ValidationError
+from smtp_proxy.errors import Conflict, DatabaseUnavailable, NotFound, SchemaNotMigrated, ValidationError
 from smtp_proxy.storage.accounts import DomainTaken
 from smtp_proxy.storage.providers import QuotaExceeded
 from smtp_proxy.units import size_limit
@@ -128,6 +129,18 @@ def register(app: Flask) -> None:
             ApiError(
                 503,
                 "the database is not answering; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        )
+
+    @app.errorhandler(SchemaNotMigrated)
+    def _not_migrated(_error: SchemaNotMigrated) -> Response:
+        # A listener does not start on such a database; this one met it later (it was down at start).
+        return error_response(
+            ApiError(
+                503,
+                "the database is not migrated to this version's schema: run smtp-proxy db upgrade",
+                code="database_not_migrated",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         )

@@ -17,7 +17,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from smtp_proxy.db.session import translated_errors
+from smtp_proxy.db.session import create_sqlite_file, translated_errors
 
 
 def _migrations_root() -> Path:
@@ -46,7 +46,11 @@ def head_revision() -> str | None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """Raises DatabaseUnavailable when the database does not answer."""
+    """The database's revision, None before the first migration.
+
+    Raises DatabaseUnavailable when the database does not answer, SchemaNotMigrated when
+    its SQLite file does not exist.
+    """
     with translated_errors(), engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
@@ -54,8 +58,10 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
     """Migrate to ``revision``; returns (before, after). Idempotent.
 
-    Raises DatabaseUnavailable when the database does not answer.
+    The one path that creates a missing SQLite file (and its directory); everything else
+    opens an existing one only. Raises DatabaseUnavailable when the database does not answer.
     """
+    create_sqlite_file(engine)
     with translated_errors(), engine.connect() as connection:
         postgres = connection.dialect.name == "postgresql"
         if postgres:

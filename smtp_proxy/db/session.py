@@ -3,8 +3,10 @@
 The threaded servers share one ``Database``: its ``scoped_session`` gives each
 thread its own session, which ``transaction()`` commits on a clean exit and
 rolls back on any exception. A lost or refused connection becomes
-``DatabaseUnavailable`` (SMTP 451, HTTP 503), a unique violation ``Conflict``;
-callers never see a driver exception. ``hide_parameters`` keeps bound values
+``DatabaseUnavailable`` (SMTP 451, HTTP 503), a missing table or column
+``SchemaNotMigrated`` (a kind of it), a unique violation ``Conflict``;
+callers never see a driver exception. A SQLite file is opened, never created:
+only ``migrate.upgrade`` creates it. ``hide_parameters`` keeps bound values
 (password hashes, ciphertexts, addresses) out of every exception text.
 """
 
@@ -13,18 +15,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event, exc
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from smtp_proxy.config import DatabaseConfig
-from smtp_proxy.errors import Conflict, DatabaseUnavailable
+from smtp_proxy.errors import Conflict, DatabaseUnavailable, SchemaNotMigrated
 
 if TYPE_CHECKING:  # a PostgreSQL process need not load libsqlite3
     import sqlite3
@@ -33,6 +37,10 @@ log = logging.getLogger("smtp_proxy.db")
 
 # How long SQLite waits on a lock held by another connection before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# A table or column the code needs and the database lacks: its schema is older than the code.
+# PostgreSQL's undefined_table and undefined_column, and the start of SQLite's message for each.
+PG_UNDEFINED = frozenset({"42P01", "42703"})
+SQLITE_UNDEFINED = ("no such table", "no such column")
 # A unique violation as each driver names it: PostgreSQL's SQLSTATE (psycopg2.errorcodes.UNIQUE_VIOLATION,
 # written out so that a SQLite process need not load libpq) and SQLite's extended result codes.
 PG_UNIQUE_VIOLATION = "23505"
@@ -58,14 +66,11 @@ def make_engine(config: DatabaseConfig, *, autocommit: bool = False) -> Engine:
         # SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URL; we ship psycopg2.
         url = url.set(drivername="postgresql+psycopg2")
     if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
-            hide_parameters=True,
-            **options,
-        )
+        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+        path = sqlite_file(url)
+        if path is not None:
+            options["creator"] = functools.partial(_open_existing_sqlite, path, connect_args)
+        engine = create_engine(url, connect_args=connect_args, hide_parameters=True, **options)
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     # Every connection the pool opens stays in it for reuse (no overflow): a
@@ -114,6 +119,44 @@ def _ping_if_idle(dialect: Any, dbapi_connection: Any, record: Any, _proxy: Any)
         raise exc.DisconnectionError("pooled connection is gone") from error
 
 
+def sqlite_file(url: URL) -> str | None:
+    """The file a SQLite URL names, or None (in memory, or a ``file:`` URI the URL spells itself)."""
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    if url.query.get("uri") or url.database.startswith("file:"):
+        return None
+    return url.database
+
+
+def _open_existing_sqlite(path: str, connect_args: dict[str, Any]) -> sqlite3.Connection:
+    """Open the SQLite file, never create it: only ``db upgrade`` does (``create_sqlite_file``).
+
+    Plain ``sqlite3.connect`` would make an empty file (and a command would then find no
+    tables in it); ``mode=rw`` fails instead, and a missing file is named as such.
+    """
+    import sqlite3
+
+    try:
+        return sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=rw", uri=True, **connect_args)
+    except sqlite3.OperationalError as error:
+        if os.path.exists(path):
+            raise
+        raise SchemaNotMigrated(
+            f"the database file {os.path.abspath(path)} does not exist: run smtp-proxy db upgrade"
+        ) from error
+
+
+def create_sqlite_file(engine: Engine) -> None:
+    """Make the engine's SQLite file (and its directory) when missing; the upgrade's first step."""
+    path = sqlite_file(engine.url)
+    if path is None or os.path.exists(path):
+        return
+    import sqlite3
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sqlite3.connect(path).close()
+
+
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -130,6 +173,8 @@ def safe_url(engine: Engine) -> str:
 
 def translate(error: exc.DBAPIError | exc.SQLAlchemyError) -> Exception:
     """Map a SQLAlchemy/driver error onto the project's own exceptions."""
+    if is_undefined_object(getattr(error, "orig", None)):
+        return SchemaNotMigrated("the database is not migrated: run smtp-proxy db upgrade")
     if isinstance(error, exc.IntegrityError):
         return Conflict("already exists") if is_unique_violation(error.orig) else error
     if isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)):
@@ -137,6 +182,15 @@ def translate(error: exc.DBAPIError | exc.SQLAlchemyError) -> Exception:
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return DatabaseUnavailable("the database connection was lost")
     return error
+
+
+def is_undefined_object(driver_error: BaseException | None) -> bool:
+    """Whether the driver says a table or column does not exist (an unmigrated database)."""
+    if getattr(driver_error, "pgcode", None) in PG_UNDEFINED:
+        return True
+    return getattr(driver_error, "sqlite_errorname", None) == "SQLITE_ERROR" and str(driver_error).startswith(
+        SQLITE_UNDEFINED
+    )
 
 
 def is_unique_violation(driver_error: BaseException | None) -> bool:
@@ -264,7 +318,15 @@ def translated_errors() -> Iterator[None]:
         translated = translate(error)
         if translated is error:
             raise
-        if isinstance(translated, DatabaseUnavailable):
+        if isinstance(translated, SchemaNotMigrated):
+            log.warning(
+                "database not migrated: run smtp-proxy db upgrade",
+                extra={
+                    "event": "db.not_migrated",
+                    "error_class": type(getattr(error, "orig", None) or error).__name__,
+                },
+            )
+        elif isinstance(translated, DatabaseUnavailable):
             log.warning(
                 "database unavailable",
                 extra={

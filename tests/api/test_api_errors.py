@@ -281,7 +281,7 @@ def test_a_database_outage_is_503_and_the_api_recovers(served_api: ApiServer, po
         wait_until_accepting(postgresql_server)
         stopped = False
 
-        assert anonymous.get("/readyz").json() == {"status": "ready", "database": "ok"}
+        assert anonymous.get("/readyz").json() == {"status": "ready", "database": "ok", "schema": "current"}
         assert cached.client.get("/api/v1/providers").status_code == 200
         assert uncached.client.get("/api/v1/providers").status_code == 200
         created = cached.client.post(
