@@ -7,25 +7,21 @@ revisions and the fix; nothing prints a traceback, and on SQLite nothing creates
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from smtp_proxy.db.migrate import head_revision, upgrade
-from tests.conftest import free_port
+from tests.console import SMTP_PROXY, clean_env, listener_config
 
-SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 OLDER = "0008"
 
 
 def smtp_proxy(*args: str, cwd: Path | None = None, key: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+    env = clean_env()
     if key:
         env["SMTP_PROXY_ENCRYPTION_KEY"] = key
     return subprocess.run(
@@ -37,22 +33,6 @@ def smtp_proxy(*args: str, cwd: Path | None = None, key: str | None = None) -> s
         timeout=60,
         stdin=subprocess.DEVNULL,
     )
-
-
-def write_config(tmp_path: Path, db_url: str, key: str, tls_files, **sections: dict) -> Path:
-    config: dict = {
-        "smtp": {"host": "127.0.0.1", "port": free_port(), "metrics_port": None},
-        "api": {"host": "127.0.0.1", "port": free_port()},
-        "database": {"url": db_url},
-        "tls": {"cert_file": str(tls_files[0]), "key_file": str(tls_files[1])},
-        "security": {"encryption_key": key, "bcrypt_cost": 4},
-        "delivery": {"metrics_host": "127.0.0.1", "metrics_port": None},
-    }
-    for name, values in sections.items():
-        config[name].update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def shown(url: str) -> str:
@@ -100,7 +80,7 @@ def test_an_admin_command_on_a_database_behind_is_one_line_and_exit_2(
     command: list[str],
 ) -> None:
     url = with_password(unmigrated_pg_url(revision))
-    config = write_config(tmp_path, url, encryption_key, tls_files)
+    config = listener_config(tmp_path, url, encryption_key, tls_files)
     result = smtp_proxy("--config", str(config), *command)
     assert_one_line(result, not_migrated(url, revision))
     assert "secretpw" not in result.stderr and result.stdout == ""
@@ -110,7 +90,7 @@ def test_db_current_names_both_revisions_and_db_upgrade_is_the_fix(
     tmp_path: Path, unmigrated_pg_url, encryption_key: str, tls_files
 ) -> None:
     url = unmigrated_pg_url(OLDER)
-    config = str(write_config(tmp_path, url, encryption_key, tls_files))
+    config = str(listener_config(tmp_path, url, encryption_key, tls_files))
     assert_one_line(smtp_proxy("--config", config, "accounts", "list"), not_migrated(url, OLDER))
     current = smtp_proxy("--config", config, "db", "current")
     assert (current.returncode, current.stdout) == (0, f"database: {OLDER}; code: {head_revision()}\n")
@@ -129,7 +109,7 @@ def test_a_missing_table_met_past_the_check_is_the_same_one_line(
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE accounts CASCADE"))
     engine.dispose()
-    config = write_config(tmp_path, url, encryption_key, tls_files)
+    config = listener_config(tmp_path, url, encryption_key, tls_files)
     result = smtp_proxy("--config", str(config), "accounts", "list")
     assert_one_line(
         result,
@@ -147,7 +127,7 @@ def test_a_database_ahead_of_the_code_is_a_warning_and_the_command_runs(
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     engine.dispose()
-    config = write_config(tmp_path, url, encryption_key, tls_files)
+    config = listener_config(tmp_path, url, encryption_key, tls_files)
     result = smtp_proxy("--config", str(config), "accounts", "list")
     assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr
     assert result.stderr == (
@@ -179,7 +159,7 @@ def test_a_listener_refuses_to_start_on_a_database_behind_with_exit_2(
     sections: dict,
 ) -> None:
     url = with_password(unmigrated_pg_url(revision))
-    config = write_config(tmp_path, url, encryption_key, tls_files, **sections)
+    config = listener_config(tmp_path, url, encryption_key, tls_files, **sections)
     result = smtp_proxy("--config", str(config), "serve", command)
     assert_one_line(result, not_migrated(url, revision))
     assert "secretpw" not in result.stdout + result.stderr
@@ -214,7 +194,7 @@ def test_without_a_sqlite_file_serve_all_refuses_to_start_and_creates_nothing(
     tmp_path: Path, encryption_key: str, tls_files
 ) -> None:
     path = tmp_path / "var" / "smtp-proxy.db"
-    config = write_config(tmp_path, f"sqlite:///{path}", encryption_key, tls_files)
+    config = listener_config(tmp_path, f"sqlite:///{path}", encryption_key, tls_files)
     result = smtp_proxy("--config", str(config), "serve", "all")
     assert_one_line(
         result, f"smtp-proxy: error: the database file {path} does not exist: run smtp-proxy db upgrade"
@@ -229,6 +209,6 @@ def test_a_sqlite_file_behind_is_one_line_for_commands_and_listeners(
     engine = create_engine(url)
     upgrade(engine, OLDER)
     engine.dispose()
-    config = str(write_config(tmp_path, url, encryption_key, tls_files))
+    config = str(listener_config(tmp_path, url, encryption_key, tls_files))
     assert_one_line(smtp_proxy("--config", config, "accounts", "list"), not_migrated(url, OLDER))
     assert_one_line(smtp_proxy("--config", config, "serve", "all"), not_migrated(url, OLDER))

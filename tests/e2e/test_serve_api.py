@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -18,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.console import SMTP_PROXY
 from tests.waiting import wait_for
-
-SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message, dict]:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import free_port
-
-SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
+from tests.console import SMTP_PROXY, clean_env, listener_config
 
 
 @pytest.fixture
@@ -29,22 +24,10 @@ def taken() -> Iterator[int]:
 def run(
     tmp_path: Path, pg_url: str, key: str, tls_files, command: str, **sections: dict
 ) -> subprocess.CompletedProcess:
-    config = {
-        "smtp": {"host": "127.0.0.1", "port": free_port(), "metrics_port": None},
-        "api": {"host": "127.0.0.1", "port": free_port()},
-        "database": {"url": pg_url},
-        "tls": {"cert_file": str(tls_files[0]), "key_file": str(tls_files[1])},
-        "security": {"encryption_key": key, "bcrypt_cost": 4},
-        "delivery": {"metrics_host": "127.0.0.1", "metrics_port": None},
-    }
-    for name, values in sections.items():
-        config[name].update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_PROXY_", "DATABASE_URL"))}
+    path = listener_config(tmp_path, pg_url, key, tls_files, **sections)
     return subprocess.run(
         [SMTP_PROXY, "--config", str(path), "serve", command],
-        env=env,
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,

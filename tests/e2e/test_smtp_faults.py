@@ -8,7 +8,6 @@ import signal
 import smtplib
 import socket
 import ssl
-import sys
 import threading
 import time
 import uuid
@@ -22,7 +21,6 @@ from tests.conftest import free_port, wait_until_accepting
 from tests.e2e.conftest import PASSWORD, Listener, RawClient, ServeProcess, create_tenant
 from tests.waiting import wait_for
 
-SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 MESSAGE = b"Subject: fault test\r\n\r\nbody\r\n"
 
 

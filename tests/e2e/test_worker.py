@@ -7,7 +7,6 @@ import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -43,13 +42,12 @@ from smtp_proxy.storage.messages import enqueue_message, message_body
 from smtp_proxy.webhooks import signature
 from tests import fake_esp
 from tests.conftest import free_port, wait_until_accepting
+from tests.console import SMTP_PROXY
 from tests.e2e.conftest import Listener, ServeProcess
 from tests.fake_esp import FakeEsp
 from tests.smtp_sink import SmtpSink
 from tests.waiting import wait_for
 from tests.webhook_receiver import Receiver
-
-SMTP_PROXY = str(Path(sys.executable).parent / "smtp-proxy")
 
 # Short enough for tests, long enough that a loaded 2-core machine does not time out by accident.
 DELIVERY = {
