@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from flask import Flask
@@ -40,6 +40,9 @@ from smtp_proxy.storage import accounts as account_store
 from smtp_proxy.storage import credentials as credential_store
 from smtp_proxy.storage import relay_networks
 from smtp_proxy.storage.audit import CLI
+
+if TYPE_CHECKING:  # alembic is loaded only by the commands that read the schema
+    from smtp_proxy.db.schema_check import SchemaStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,7 +78,7 @@ class Runtime:
         self.config_path = config_path
         self._config: Config | None = None
         self._database: Database | None = None
-        self._schema_checked = False
+        self.schema: SchemaStatus | None = None  # what the check found, once it passed
 
     @property
     def config(self) -> Config:
@@ -94,11 +97,10 @@ class Runtime:
         table that may not be there), DatabaseUnavailable when it does not answer.
         """
         database = self.unchecked_database
-        if not self._schema_checked:
+        if self.schema is None:
             from smtp_proxy.db.schema_check import AHEAD, require_migrated
 
-            status = require_migrated(database.engine)
-            self._schema_checked = True
+            status = self.schema = require_migrated(database.engine)
             if status.state == AHEAD:
                 click.echo(
                     f"smtp-proxy: warning: the database is at revision {status.revision}, which this "
@@ -146,23 +148,14 @@ def handle_errors(func: F) -> F:
 
 
 def _not_migrated(error: SchemaNotMigrated) -> str:
-    """The operator's line for a schema behind, with the revisions when the error came from a
-    query that met a missing table (``db.session.translate``) rather than from the check."""
+    """The operator's line for a schema behind: the check's own, or, when a query met a missing
+    table (``db.session.translate``) after the check passed, one naming the revision it found."""
     runtime = click.get_current_context().meta.get(_RUNTIME)
-    if runtime is None:
-        return str(error)
-    from smtp_proxy.db.schema_check import require_migrated
-
-    engine = runtime.unchecked_database.engine
-    try:
-        status = require_migrated(engine)
-    except SchemaNotMigrated as precise:
-        return str(precise)
-    except DatabaseUnavailable:
+    if runtime is None or runtime.schema is None:
         return str(error)
     return (
-        f"the database at {safe_url(engine)} lacks a table or column this version needs, "
-        f"though it is at revision {status.revision}"
+        f"the database at {safe_url(runtime.unchecked_database.engine)} lacks a table or column this "
+        f"version needs, though it is at revision {runtime.schema.revision}"
     )
 
 

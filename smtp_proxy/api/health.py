@@ -6,7 +6,8 @@ from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
 
 from smtp_proxy.api.context import database
-from smtp_proxy.db.schema_check import BEHIND, SchemaWatch, code_head
+from smtp_proxy.db.migrate import head_revision
+from smtp_proxy.db.schema_check import BEHIND, SchemaWatch
 from smtp_proxy.db.session import safe_url
 from smtp_proxy.errors import DatabaseUnavailable, SchemaNotMigrated
 
@@ -35,7 +36,7 @@ def readyz() -> ResponseReturnValue:
             return unavailable, 503, {"Retry-After": RETRY_AFTER_SECONDS}
         status = _schema_watch().status()
     except SchemaNotMigrated as error:  # the SQLite file does not exist
-        return _not_migrated(None, code_head(), str(error))
+        return _not_migrated(None, head_revision(), str(error))
     except DatabaseUnavailable:
         return unavailable, 503, {"Retry-After": RETRY_AFTER_SECONDS}
     if status.state == BEHIND:

@@ -7,6 +7,7 @@ instances started together (or an operator and a deploy script) can all run
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -41,8 +42,19 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
     return cfg
 
 
-def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+@functools.cache
+def code_revisions() -> tuple[str, frozenset[str]]:
+    """The code's head revision and every revision it knows, read once from alembic/versions."""
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations in {script.dir}")
+    return head, frozenset(revision.revision for revision in script.walk_revisions())
+
+
+def head_revision() -> str:
+    """The revision this code needs."""
+    return code_revisions()[0]
 
 
 def current_revision(engine: Engine) -> str | None:

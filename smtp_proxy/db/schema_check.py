@@ -9,14 +9,12 @@ so ahead is logged and allowed; behind is refused (``SchemaNotMigrated``).
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from smtp_proxy.db.migrate import alembic_config, current_revision
+from smtp_proxy.db.migrate import code_revisions, current_revision
 from smtp_proxy.db.session import safe_url
 from smtp_proxy.errors import SchemaNotMigrated
 
@@ -39,25 +37,10 @@ class SchemaStatus:
         )
 
 
-@functools.cache
-def _code_revisions() -> tuple[str, frozenset[str]]:
-    """The code's head and every revision it knows, read once from alembic/versions."""
-    script = ScriptDirectory.from_config(alembic_config())
-    head = script.get_current_head()
-    if head is None:
-        raise RuntimeError(f"no migrations in {script.dir}")
-    return head, frozenset(revision.revision for revision in script.walk_revisions())
-
-
-def code_head() -> str:
-    """The revision this code needs."""
-    return _code_revisions()[0]
-
-
 def schema_status(engine: Engine) -> SchemaStatus:
     """One query. Raises DatabaseUnavailable, or SchemaNotMigrated for a missing SQLite file."""
     revision = current_revision(engine)
-    head, known = _code_revisions()
+    head, known = code_revisions()
     if revision == head:
         state = CURRENT
     elif revision is None or revision in known:
