@@ -100,17 +100,23 @@ def test_db_current_names_both_revisions_and_db_upgrade_is_the_fix(
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "[]\n", "")
 
 
+def accounts_list_after(
+    tmp_path: Path, url: str, statement: str, key: str, tls_files
+) -> subprocess.CompletedProcess:
+    """``accounts list`` on the database at ``url`` once ``statement`` has changed it."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(statement))
+    engine.dispose()
+    return smtp_proxy("--config", str(listener_config(tmp_path, url, key, tls_files)), "accounts", "list")
+
+
 def test_a_missing_table_met_past_the_check_is_the_same_one_line(
     tmp_path: Path, unmigrated_pg_url, encryption_key: str, tls_files
 ) -> None:
     # At the code's revision, but a table is gone: the query's UndefinedTable, not a traceback.
     url = unmigrated_pg_url("head")
-    engine = create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text("DROP TABLE accounts CASCADE"))
-    engine.dispose()
-    config = listener_config(tmp_path, url, encryption_key, tls_files)
-    result = smtp_proxy("--config", str(config), "accounts", "list")
+    result = accounts_list_after(tmp_path, url, "DROP TABLE accounts CASCADE", encryption_key, tls_files)
     assert_one_line(
         result,
         f"smtp-proxy: error: the database at {shown(url)} lacks a table or column this version needs, "
@@ -123,12 +129,9 @@ def test_a_database_ahead_of_the_code_is_a_warning_and_the_command_runs(
 ) -> None:
     # Newer code migrated it (migrations only add): an older release still works on it.
     url = unmigrated_pg_url("head")
-    engine = create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
-    engine.dispose()
-    config = listener_config(tmp_path, url, encryption_key, tls_files)
-    result = smtp_proxy("--config", str(config), "accounts", "list")
+    result = accounts_list_after(
+        tmp_path, url, "UPDATE alembic_version SET version_num = '9999'", encryption_key, tls_files
+    )
     assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr
     assert result.stderr == (
         f"smtp-proxy: warning: the database is at revision 9999, which this version ({head_revision()}) "
